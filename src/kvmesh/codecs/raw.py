@@ -1,0 +1,30 @@
+"""The raw codec: the tensor's own bytes behind the checked header. Bit-exact."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from kvmesh.tensorbytes import tensor_bytes
+from kvmesh.codecs.base import CorruptEntry, checked_payload, pack_entry, read_header
+
+
+class RawCodec:
+    name = "raw"
+    codec_id = 1
+
+    def encode(self, chunk: torch.Tensor) -> bytes:
+        return pack_entry(self.codec_id, chunk.dtype, tuple(chunk.shape), tensor_bytes(chunk.cpu()))
+
+    def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
+               expected_dtype: torch.dtype | None = None) -> torch.Tensor:
+        header = read_header(data)
+        payload = checked_payload(data, header, self.codec_id, expected_shape, expected_dtype)
+        element = torch.empty((), dtype=header.dtype).element_size()
+        if len(payload) != math.prod(header.shape) * element:
+            raise CorruptEntry(f"payload of {len(payload)} bytes does not hold {header.shape} {header.dtype}")
+        out = torch.empty(header.shape, dtype=header.dtype)
+        out.view(-1).view(torch.uint8).numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
+        return out

@@ -1,0 +1,252 @@
+"""One frozen, validated configuration for kvmesh.
+
+Sources, later ones winning: built-in defaults, a YAML file named by
+``KVMESH_CONFIG``, ``KVMESH_<KEY>`` environment variables, and an explicit
+mapping (what vLLM passes as ``kv_connector_extra_config``).  An unknown key or
+a bad value raises :class:`ConfigError` at start-up, naming the key and what is
+allowed, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "KVMESH_"
+CONFIG_FILE_ENV = "KVMESH_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is not allowed."""
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: Any) -> int:
+    """Turn ``2GiB``, ``512MB``, ``1e9`` or an int into a byte count."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 2GiB or 536870912, not a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match and match.group(2).lower() in _SIZE_UNITS:
+            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+        try:
+            as_float = float(value)
+        except ValueError:
+            pass
+        else:
+            if as_float.is_integer():
+                return int(as_float)
+    raise ValueError(f"expected a size such as 2GiB, 512MB or 536870912, got {value!r}")
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"expected true/false (or 1/0, yes/no, on/off), got {value!r}")
+
+
+def parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def parse_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}; got {value!r}")
+        return value
+
+    parse.choices = allowed  # type: ignore[attr-defined]
+    return parse
+
+
+def _opt(default: Any, parse: Callable[[Any], Any], doc: str) -> Any:
+    return field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True, slots=True)
+class KVMeshConfig:
+    """Every setting of kvmesh.  Build with :meth:`load` or :meth:`from_mapping`."""
+
+    chunk_size: int = _opt(
+        256, parse_int,
+        "Tokens per cache chunk: the unit that is hashed, stored and looked up. "
+        "Smaller chunks hit more of a prompt; larger ones cost fewer lookups. "
+        "Must be a positive multiple of the engine's block size when used with vLLM.")
+    tenant_salt: str = _opt(
+        "", parse_str,
+        "Mixed into every chunk key, so tenants with different salts never share cache entries.")
+    save_partial_chunks: bool = _opt(
+        True, parse_bool,
+        "Also store the trailing chunk of a prompt that is shorter than chunk_size "
+        "(keyed by its exact tokens), so the same prompt repeated hits all of it.")
+    l1_size: int = _opt(
+        2 * 1024**3, parse_size,
+        "Byte budget of the shared-memory L1 tier owned by the node daemon (e.g. 2GiB, 512MB). "
+        "Never exceeded: least recently used entries are evicted first.")
+    l1_prefault: bool = _opt(
+        True, parse_bool,
+        "Touch every page of the L1 segment when the daemon starts, so the first stores "
+        "copy at memory speed instead of paying page faults.")
+    instance: str = _opt(
+        "default", parse_str,
+        "Name of the node daemon; engines that name the same instance share one L1. "
+        "Letters, digits, '-', '_' and '.' only.")
+    socket_dir: str = _opt(
+        "", parse_str,
+        "Directory for the daemon's Unix socket (empty: $XDG_RUNTIME_DIR/kvmesh, else /tmp/kvmesh-UID).")
+    autostart_daemon: bool = _opt(
+        True, parse_bool,
+        "Start a node daemon on first use when none answers on the socket (the embedded default).")
+    daemon_start_timeout: int = _opt(
+        60, parse_int, "Seconds to wait for an auto-started daemon to answer.")
+    codec: str = _opt(
+        "raw", _choice("raw"),
+        "How entries are encoded for tiers that hold bytes.")
+    model_dir: str = _opt(
+        "~/.cache/kvmesh/models", parse_str,
+        "Where `kvmesh model prepare` writes the demo model checkpoint.")
+    log_level: str = _opt(
+        "info", _choice("debug", "info", "warning", "error"), "Log level of kvmesh's own logger.")
+
+    def __post_init__(self) -> None:
+        _check(self.chunk_size >= 1, "chunk_size", f"must be at least 1, got {self.chunk_size}")
+        _check(self.l1_size >= 1024**2, "l1_size", f"must be at least 1MiB, got {self.l1_size} bytes")
+        _check(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.instance)), "instance",
+               f"may hold only letters, digits, '.', '_' and '-', got {self.instance!r}")
+        _check(self.daemon_start_timeout >= 1, "daemon_start_timeout",
+               f"must be at least 1 second, got {self.daemon_start_timeout}")
+
+    # ----------------------------------------------------------------- building
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config",
+                     base: KVMeshConfig | None = None) -> KVMeshConfig:
+        """Validate ``values`` (keys as in :meth:`keys`) over ``base`` (defaults if None)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        parsed: dict[str, Any] = {}
+        for key, raw in values.items():
+            if key not in fields:
+                raise ConfigError(
+                    f"{source}: unknown key {key!r}; allowed keys: {', '.join(sorted(fields))}")
+            try:
+                parsed[key] = fields[key].metadata["parse"](raw)
+            except ValueError as err:
+                raise ConfigError(f"{source}: bad value for {key!r}: {err}") from None
+        start = base if base is not None else cls()
+        try:
+            return dataclasses.replace(start, **parsed)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], base: KVMeshConfig | None = None) -> KVMeshConfig:
+        values = {}
+        for name, raw in env.items():
+            if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV:
+                continue
+            values[name[len(ENV_PREFIX):].lower()] = raw
+        return cls.from_mapping(values, source="environment (KVMESH_*)", base=base)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str], base: KVMeshConfig | None = None) -> KVMeshConfig:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+        return cls.from_mapping(data, source=f"config file {str(path)!r}", base=base)
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None,
+             env: Mapping[str, str] | None = None) -> KVMeshConfig:
+        """Defaults < YAML file ($KVMESH_CONFIG) < KVMESH_* variables < ``overrides``."""
+        env = os.environ if env is None else env
+        config = cls()
+        if env.get(CONFIG_FILE_ENV):
+            config = cls.from_yaml(env[CONFIG_FILE_ENV], base=config)
+        config = cls.from_env(env, base=config)
+        if overrides:
+            config = cls.from_mapping(overrides, source="kvmesh config", base=config)
+        return config
+
+    # ------------------------------------------------------------------ derived
+    def socket_path(self) -> Path:
+        base = Path(self.socket_dir) if self.socket_dir else _default_socket_dir()
+        return base / f"{self.instance}.sock"
+
+    def shm_name(self) -> str:
+        return f"kvmesh-{os.getuid()}-{self.instance}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _default_socket_dir() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "kvmesh"
+    return Path(f"/tmp/kvmesh-{os.getuid()}")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"bad value for {key!r}: {message}")
+
+
+def describe_keys() -> list[tuple[str, str, str, str]]:
+    """(key, environment variable, default, doc) for every key: the source of docs/configuration.md."""
+    rows = []
+    for f in dataclasses.fields(KVMeshConfig):
+        parse = f.metadata["parse"]
+        doc = f.metadata["doc"]
+        choices = getattr(parse, "choices", None)
+        if choices:
+            doc += f" One of: {', '.join(choices)}."
+        rows.append((f.name, ENV_PREFIX + f.name.upper(), repr(f.default), doc))
+    return rows
+
+
+__all__ = ["ConfigError", "KVMeshConfig", "describe_keys", "parse_size"]

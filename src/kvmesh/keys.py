@@ -1,0 +1,99 @@
+"""Token chunks and their chained content keys.
+
+A prompt's token ids are cut into chunks of ``chunk_size`` tokens.  Chunk ``i``
+is keyed by ``blake3(parent key || namespace || chunk length || token ids)``,
+where the parent is chunk ``i-1``'s key and the namespace folds in the model /
+KV-layout fingerprint and the tenant salt.  Because keys chain, a key names its
+whole prefix: finding chunk ``i`` means chunks ``0..i`` were the same tokens, so a
+hit is always a true prefix.  Keys depend only on these bytes (token ids as
+little-endian uint32): identical in every process and machine, whatever
+``PYTHONHASHSEED`` says.
+
+Trailing partial chunk policy: a prompt of ``n`` tokens yields ``n // chunk_size``
+full chunks; the remaining ``n % chunk_size`` tokens form a partial chunk that is
+keyed only when ``include_partial`` is true.  Its key covers exactly its tokens
+(the length is hashed), so it can never be mistaken for a full chunk that
+happens to start with the same tokens; it hits only a prompt that holds the same
+tokens at that place and is at least as long.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NewType
+
+import blake3
+import numpy as np
+
+KEY_BYTES = 16  # 128-bit keys: collisions are out of reach for any cache size
+ROOT = b"\x00" * KEY_BYTES
+HASH_VERSION = b"kvmesh-chunk-v1"
+
+Namespace = NewType("Namespace", bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkKey:
+    """The key of tokens ``start .. end`` (exclusive) of a prompt, with their prefix."""
+
+    digest: bytes
+    start: int
+    end: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+    @property
+    def hex(self) -> str:
+        return self.digest.hex()
+
+
+def namespace(model_fingerprint: str, salt: str = "") -> Namespace:
+    """Fold the model/layout fingerprint and the tenant salt into one fixed-size value."""
+    hasher = blake3.blake3(HASH_VERSION)
+    for part in (model_fingerprint, salt):
+        encoded = part.encode("utf-8")
+        hasher.update(len(encoded).to_bytes(8, "little"))
+        hasher.update(encoded)
+    return Namespace(hasher.digest(KEY_BYTES))
+
+
+def _token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
+    array = np.asarray(tokens)
+    if array.size and (array.min() < 0 or array.max() > 0xFFFFFFFF):
+        raise ValueError("token ids must lie in 0 .. 2**32-1")
+    return array.astype("<u4", copy=False).tobytes()
+
+
+def chunk_digest(parent: bytes, ns: Namespace, tokens: Sequence[int] | np.ndarray) -> bytes:
+    """The key of one chunk given its parent's key: a pure function of its arguments."""
+    data = _token_bytes(tokens)
+    hasher = blake3.blake3(parent)
+    hasher.update(ns)
+    hasher.update((len(data) // 4).to_bytes(4, "little"))
+    hasher.update(data)
+    return hasher.digest(KEY_BYTES)
+
+
+def chunk_keys(tokens: Sequence[int] | np.ndarray, ns: Namespace, chunk_size: int,
+               include_partial: bool = False) -> list[ChunkKey]:
+    """Keys of the chunks of ``tokens``, first to last (see the module docstring for the tail)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    array = np.asarray(tokens, dtype=np.int64)
+    keys: list[ChunkKey] = []
+    parent = ROOT
+    total = len(array)
+    stop = total if include_partial else total - total % chunk_size
+    for start in range(0, stop, chunk_size):
+        end = min(start + chunk_size, stop)
+        parent = chunk_digest(parent, ns, array[start:end])
+        keys.append(ChunkKey(parent, start, end))
+    return keys
+
+
+def model_namespace(model_id: str, layout_fingerprint: str, salt: str = "") -> Namespace:
+    """The namespace of a model served with a given KV layout (see ``KVLayout.fingerprint``)."""
+    return namespace(f"{model_id}|{layout_fingerprint}", salt)

@@ -1,0 +1,207 @@
+"""L1: entries in one byte arena (a shared-memory segment on a node), with a budget and LRU eviction.
+
+Writes are two-phase: :meth:`MemoryTier.reserve` hands out an extent that
+nobody else can see, the writer fills it (in another process, through shared
+memory), and :meth:`commit` makes it visible; :meth:`abort` gives it back.
+Readers :meth:`acquire` an entry, which pins it (a pinned entry is never evicted
+or reused) until they :meth:`release` it.  The tier only does bookkeeping on
+offsets; the bytes move in whichever process maps the arena.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvmesh.tiers.arena import ExtentAllocator
+from kvmesh.tiers.base import TierStats
+from kvmesh.tiers.eviction import LRUPolicy
+
+
+class ReserveStatus(enum.Enum):
+    OK = "ok"
+    EXISTS = "exists"  # committed or being written by someone else: nothing to do
+    NO_ROOM = "no_room"  # everything that could be evicted is pinned or being written
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    offset: int
+    nbytes: int
+    meta: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    status: ReserveStatus
+    extent: Extent | None = None
+
+
+@dataclass(slots=True)
+class _Entry:
+    extent: Extent
+    committed: bool = False
+    pins: int = 0
+
+
+@dataclass
+class MemoryTier:
+    """Bookkeeping of an arena of ``capacity`` bytes; ``buffer`` (if given) holds the bytes."""
+
+    capacity: int
+    buffer: memoryview | None = None
+    alignment: int = 4096
+    name: str = "l1"
+    _alloc: ExtentAllocator = field(init=False)
+    _entries: dict[bytes, _Entry] = field(init=False, default_factory=dict)
+    _policy: LRUPolicy = field(init=False, default_factory=LRUPolicy)
+    _stats: TierStats = field(init=False)
+    _lock: threading.RLock = field(init=False, default_factory=threading.RLock)
+    # copies deleted while readers still pin them: extent -> pins; freed at the last release
+    _orphans: dict[Extent, int] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._alloc = ExtentAllocator(self.capacity, self.alignment)
+        self._stats = TierStats(capacity=self._alloc.capacity)
+        if self.buffer is not None and len(self.buffer) < self._alloc.capacity:
+            raise ValueError(f"buffer of {len(self.buffer)} bytes is smaller than capacity {self.capacity}")
+
+    # ------------------------------------------------------------ two-phase write
+    def reserve(self, key: bytes, nbytes: int, meta: str = "") -> Reservation:
+        with self._lock:
+            if key in self._entries:
+                return Reservation(ReserveStatus.EXISTS)
+            if self._alloc.rounded(nbytes) > self._alloc.capacity:
+                self._stats.rejected_stores += 1
+                return Reservation(ReserveStatus.NO_ROOM)
+            offset = self._alloc.allocate(nbytes)
+            if offset is None:
+                for victim in self._policy.candidates():
+                    if self._entries[victim].pins == 0:
+                        self._drop(victim)
+                        self._stats.evictions += 1
+                        offset = self._alloc.allocate(nbytes)
+                        if offset is not None:
+                            break
+            if offset is None:
+                self._stats.rejected_stores += 1
+                return Reservation(ReserveStatus.NO_ROOM)
+            extent = Extent(offset, nbytes, meta)
+            self._entries[key] = _Entry(extent)
+            return Reservation(ReserveStatus.OK, extent)
+
+    def commit(self, key: bytes) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.committed:
+                raise KeyError(f"no reservation for key {key.hex()} to commit")
+            entry.committed = True
+            self._policy.add(key)
+            self._stats.stores += 1
+
+    def abort(self, key: bytes) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and not entry.committed:
+                del self._entries[key]
+                self._alloc.free(entry.extent.offset, entry.extent.nbytes)
+
+    # --------------------------------------------------------------------- reads
+    def contains(self, key: bytes) -> bool:
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry is not None and entry.committed
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        with self._lock:
+            count = 0
+            for key in keys:
+                if not self.contains(key):
+                    break
+                count += 1
+            self._stats.hits += count
+            self._stats.misses += int(count < len(keys))
+            return count
+
+    def acquire(self, key: bytes) -> Extent | None:
+        """Pin an entry and say where it lies; None when absent."""
+        with self._lock:
+            if not self.contains(key):
+                return None
+            entry = self._entries[key]
+            entry.pins += 1
+            self._policy.touch(key)
+            return entry.extent
+
+    def release(self, key: bytes, extent: Extent) -> None:
+        """Unpin the copy that ``acquire`` returned (it may have been deleted meanwhile)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.extent == extent and entry.pins > 0:
+                entry.pins -= 1
+                return
+            pins = self._orphans.get(extent)
+            if pins is None:
+                raise KeyError(f"key {key.hex()} at offset {extent.offset} is not pinned")
+            if pins > 1:
+                self._orphans[extent] = pins - 1
+            else:
+                del self._orphans[extent]
+                self._alloc.free(extent.offset, extent.nbytes)
+
+    def delete(self, key: bytes) -> bool:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or not entry.committed:
+                return False
+            if entry.pins:
+                del self._entries[key]
+                self._policy.remove(key)
+                self._orphans[entry.extent] = entry.pins
+            else:
+                self._drop(key)
+            return True
+
+    # ------------------------------------------------------- the byte Tier protocol
+    def put(self, key: bytes, data: bytes | memoryview, meta: str = "") -> bool:
+        assert self.buffer is not None, "put() needs a tier that holds its buffer"
+        reservation = self.reserve(key, len(data), meta)
+        if reservation.status is not ReserveStatus.OK:
+            return reservation.status is ReserveStatus.EXISTS
+        extent = reservation.extent
+        self.buffer[extent.offset:extent.offset + extent.nbytes] = data
+        self.commit(key)
+        return True
+
+    def get(self, key: bytes) -> bytes | None:
+        assert self.buffer is not None, "get() needs a tier that holds its buffer"
+        extent = self.acquire(key)
+        if extent is None:
+            with self._lock:
+                self._stats.misses += 1
+            return None
+        try:
+            return bytes(self.buffer[extent.offset:extent.offset + extent.nbytes])
+        finally:
+            with self._lock:
+                self._stats.hits += 1
+            self.release(key, extent)
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            self._stats.entries = sum(1 for e in self._entries.values() if e.committed)
+            self._stats.bytes_used = self._alloc.used
+            return TierStats(**self._stats.to_dict())
+
+    def extents(self) -> list[Extent]:
+        """Every extent currently allocated (entries, reservations, pinned deleted copies)."""
+        with self._lock:
+            return [e.extent for e in self._entries.values()] + list(self._orphans)
+
+    # ------------------------------------------------------------------ internals
+    def _drop(self, key: bytes) -> None:
+        entry = self._entries.pop(key)
+        self._policy.remove(key)
+        self._alloc.free(entry.extent.offset, entry.extent.nbytes)

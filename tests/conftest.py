@@ -1,0 +1,39 @@
+"""Shared fixtures: a private node daemon per test session on a temporary socket directory."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from kvmesh.client import KVMeshClient
+from kvmesh.config import KVMeshConfig
+
+
+def _daemon_config(tmp_dir: str, l1_size: str) -> KVMeshConfig:
+    return KVMeshConfig.from_mapping({
+        "instance": f"test-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+        "socket_dir": tmp_dir,
+        "l1_size": l1_size,
+        "l1_prefault": False,
+    })
+
+
+@pytest.fixture(scope="session")
+def daemon_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KVMeshConfig]:
+    """A config naming a fresh instance; the first client auto-starts its daemon."""
+    config = _daemon_config(str(tmp_path_factory.mktemp("kvmesh-sock")), "64MiB")
+    yield config
+    try:
+        with KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config)) as client:
+            client.shutdown_daemon()
+    except ConnectionError:
+        pass
+
+
+@pytest.fixture
+def client(daemon_config: KVMeshConfig) -> Iterator[KVMeshClient]:
+    with KVMeshClient(daemon_config) as kv_client:
+        yield kv_client

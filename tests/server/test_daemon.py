@@ -1,0 +1,98 @@
+"""The node daemon shares one L1 between processes."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kvmesh.client import DaemonUnavailable, KVMeshClient
+from kvmesh.config import KVMeshConfig
+from kvmesh.keys import chunk_keys, model_namespace
+from kvmesh.server.daemon import DaemonAlreadyRunning, NodeDaemon
+
+NS = model_namespace("test-model", "L4.H2.D32.bfloat16")
+
+
+def _chunks(keys, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 2, k.num_tokens, 2, 32, generator=generator).to(torch.bfloat16) for k in keys]
+
+
+def test_another_process_sees_what_this_one_stored(client: KVMeshClient, daemon_config: KVMeshConfig) -> None:
+    keys = chunk_keys(list(range(5000, 5300)), NS, 64, include_partial=True)
+    chunks = _chunks(keys)
+    assert client.put(keys, chunks) == len(keys)
+    code = f"""
+import json, sys, torch
+from kvmesh.client import KVMeshClient
+from kvmesh.config import KVMeshConfig
+from kvmesh.keys import chunk_keys, model_namespace
+config = KVMeshConfig.from_mapping(json.loads(sys.argv[1]))
+keys = chunk_keys(list(range(5000, 5300)), model_namespace("test-model", "L4.H2.D32.bfloat16"), 64, True)
+with KVMeshClient(config) as other:
+    print(other.lookup(keys))
+    for tensor in other.get(keys):
+        sys.stdout.write(tensor.view(torch.uint8).numpy().tobytes().hex()[:64] + "\\n")
+"""
+    import json
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(daemon_config.to_dict())],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) == len(keys)
+    assert out[1:] == [c.view(torch.uint8).numpy().tobytes().hex()[:64] for c in chunks]
+
+
+def test_loads_return_identical_bytes_and_stop_at_first_miss(client: KVMeshClient) -> None:
+    keys = chunk_keys(list(range(9000, 9256)), NS, 64)
+    chunks = _chunks(keys, seed=3)
+    client.put(keys[:2], chunks[:2])
+    assert client.lookup(keys) == 2
+    got = client.get(keys)
+    assert len(got) == 2
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got, chunks))
+    assert client.put(keys[:2], chunks[:2]) == 0  # already stored: a no-op
+
+
+def test_a_dead_clients_pins_and_reservations_are_given_back(client: KVMeshClient,
+                                                           daemon_config: KVMeshConfig) -> None:
+    keys = chunk_keys(list(range(7000, 7128)), NS, 64)
+    client.put(keys[:1], _chunks(keys[:1]))
+    code = """
+import json, os, sys
+from kvmesh.client import KVMeshClient
+from kvmesh.config import KVMeshConfig
+from kvmesh.keys import chunk_keys, model_namespace
+from kvmesh.store import TensorMeta
+config = KVMeshConfig.from_mapping(json.loads(sys.argv[1]))
+keys = chunk_keys(list(range(7000, 7128)), model_namespace("test-model", "L4.H2.D32.bfloat16"), 64)
+c = KVMeshClient(config)
+c._call({"op": "acquire", "keys": [keys[0].hex]})
+c.reserve(keys[1:], [TensorMeta("bfloat16", (4, 2, 64, 2, 32))])
+os._exit(0)  # die holding a pin and a reservation
+"""
+    import json
+    subprocess.run([sys.executable, "-c", code, json.dumps(daemon_config.to_dict())], check=True)
+    # the reservation was aborted: the chunk can be written now
+    assert client.put(keys[1:], _chunks(keys[1:])) == 1
+    assert client.delete(keys[:1]) == 1
+    assert client.lookup(keys) == 0
+
+
+def test_second_daemon_for_the_same_instance_is_refused(client: KVMeshClient,
+                                                        daemon_config: KVMeshConfig) -> None:
+    with pytest.raises(DaemonAlreadyRunning):
+        NodeDaemon(daemon_config)
+    assert client.lookup([]) == 0  # the first daemon still serves
+
+
+def test_no_daemon_and_no_autostart_says_what_to_do(tmp_path) -> None:
+    config = KVMeshConfig.from_mapping({"socket_dir": str(tmp_path), "instance": "absent",
+                                        "autostart_daemon": False})
+    with pytest.raises(DaemonUnavailable, match="kvmesh server"):
+        KVMeshClient(config)
+
+
+def test_daemon_reports_stats(client: KVMeshClient) -> None:
+    stats = client.stats()["l1"]
+    assert stats["capacity"] == 64 * 1024 * 1024
+    assert 0 <= stats["bytes_used"] <= stats["capacity"]

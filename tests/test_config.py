@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+
+from kvmesh.config import ConfigError, KVMeshConfig, describe_keys, parse_size
+
+
+def test_defaults_are_valid() -> None:
+    config = KVMeshConfig.load(env={})
+    assert config.chunk_size == 256
+    assert config.l1_size == 2 * 1024**3
+
+
+def test_unknown_key_is_named_with_the_allowed_ones() -> None:
+    with pytest.raises(ConfigError) as err:
+        KVMeshConfig.from_mapping({"chunk_sise": 128})
+    assert "'chunk_sise'" in str(err.value)
+    assert "chunk_size" in str(err.value)  # the allowed keys are listed
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("chunk_size", 0, "chunk_size"),
+    ("chunk_size", "many", "chunk_size"),
+    ("l1_size", "2 bananas", "l1_size"),
+    ("l1_size", "10KiB", "l1_size"),
+    ("codec", "zip", "raw"),
+    ("log_level", "loud", "debug"),
+    ("save_partial_chunks", "maybe", "save_partial_chunks"),
+    ("instance", "a/b", "instance"),
+])
+def test_bad_values_fail_naming_the_key(key: str, value: object, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        KVMeshConfig.from_mapping({key: value})
+    assert repr(key) in str(err.value)
+    assert fragment in str(err.value)
+
+
+def test_precedence_defaults_yaml_env_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "kvmesh.yaml"
+    path.write_text("chunk_size: 64\nl1_size: 512MiB\ntenant_salt: from-yaml\n")
+    env = {"KVMESH_CONFIG": str(path), "KVMESH_L1_SIZE": "1GiB", "KVMESH_TENANT_SALT": "from-env"}
+    config = KVMeshConfig.load({"tenant_salt": "from-dict"}, env=env)
+    assert config.chunk_size == 64
+    assert config.l1_size == 1024**3
+    assert config.tenant_salt == "from-dict"
+
+
+def test_env_error_names_the_source_and_key() -> None:
+    with pytest.raises(ConfigError) as err:
+        KVMeshConfig.load(env={"KVMESH_CHUNK_SIZE": "-3"})
+    assert "chunk_size" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        KVMeshConfig.load(env={"KVMESH_NOPE": "1"})
+    assert "environment" in str(err.value) and "'nope'" in str(err.value)
+
+
+def test_yaml_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        KVMeshConfig.load(env={"KVMESH_CONFIG": str(bad)})
+    with pytest.raises(ConfigError, match="cannot read"):
+        KVMeshConfig.load(env={"KVMESH_CONFIG": str(tmp_path / "missing.yaml")})
+
+
+def test_config_is_frozen() -> None:
+    config = KVMeshConfig()
+    with pytest.raises(AttributeError):
+        config.chunk_size = 1  # type: ignore[misc]
+
+
+def test_sizes() -> None:
+    assert parse_size("2GiB") == 2 * 1024**3
+    assert parse_size("512MB") == 512 * 1000**2
+    assert parse_size("1e9") == 10**9
+    assert parse_size(4096) == 4096
+
+
+def test_every_key_is_documented() -> None:
+    text = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    for key, env_name, _default, _doc in describe_keys():
+        assert f"`{key}`" in text, f"docs/configuration.md does not document {key}"
+        assert env_name in text
