@@ -18,6 +18,7 @@ def _daemon_config(tmp_dir: str, l1_size: str) -> KVMeshConfig:
         "socket_dir": tmp_dir,
         "l1_size": l1_size,
         "l1_prefault": False,
+        "http_port": 0,
     })
 
 

@@ -52,6 +52,21 @@ class WriteSlot:
 
 
 @dataclass(frozen=True, slots=True)
+class LookupResult:
+    hits: int  # consecutive chunks found, from the first
+    partials: list[tuple[bytes, int]]  # (key, tokens) of partial chunks stored after the last hit
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Entries pinned for another process: (offset, nbytes, meta) each, valid in daemon ``epoch``."""
+
+    lease_id: str
+    epoch: str
+    extents: list[tuple[int, int, str]]
+
+
+@dataclass(frozen=True, slots=True)
 class ReadSlot:
     """A pinned L1 entry; ``tensor`` views shared memory until the slot is released."""
 
@@ -65,12 +80,21 @@ class ReadSlot:
 class KVMeshClient:
     def __init__(self, config: KVMeshConfig | None = None) -> None:
         self.config = config or KVMeshConfig.load()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._sock: socket.socket | None = None
+        self.epoch = ""
+        self._open()
+
+    def _open(self) -> None:
+        """Connect (starting a daemon if allowed) and map the segment it names."""
         self._sock = self._connect()
-        hello = self._call({"op": "hello"})
+        send_message(self._sock, {"op": "hello"})
+        hello = receive_message(self._sock)
         self.daemon_pid: int = hello["pid"]
-        self.segment = SharedSegment.open(hello["shm_name"], hello["shm_size"])
-        self._buffer = self.segment.buffer
+        if hello["epoch"] != self.epoch:
+            self.segment = SharedSegment.open(hello["shm_name"], hello["shm_size"])
+            self._buffer = self.segment.buffer
+            self.epoch = hello["epoch"]
 
     # -------------------------------------------------------------- connection
     def _connect(self) -> socket.socket:
@@ -107,19 +131,35 @@ class KVMeshClient:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def _call(self, message: dict[str, Any]) -> dict[str, Any]:
+        """One request and its reply; after a lost connection, reconnect once and retry.
+
+        Every request is safe to repeat on a new connection: the daemon gave back
+        what the old connection held, so a retried commit or release finds nothing
+        and does nothing (a store lost this way is a later miss, never an error).
+        """
         with self._lock:
             try:
-                send_message(self._sock, message)
-                reply = receive_message(self._sock)
-            except (OSError, ProtocolError) as err:
-                raise DaemonUnavailable(f"lost the kvmesh daemon: {err}") from err
+                reply = self._exchange(message)
+            except (OSError, ProtocolError) as first:
+                log.warning("lost the kvmesh daemon (%s); reconnecting", first)
+                try:
+                    self._sock.close()
+                    self._open()
+                    reply = self._exchange(message)
+                except (OSError, ProtocolError) as err:
+                    raise DaemonUnavailable(f"lost the kvmesh daemon: {err}") from err
         if not reply.get("ok"):
             raise DaemonError(reply.get("error", "unknown error"))
         return reply
 
+    def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
+        send_message(self._sock, message)
+        return receive_message(self._sock)
+
     def close(self) -> None:
         try:
-            self._sock.close()
+            if self._sock is not None:
+                self._sock.close()
         finally:
             self._buffer = None  # type: ignore[assignment]
             self.segment.close()
@@ -133,23 +173,45 @@ class KVMeshClient:
     # ------------------------------------------------------------------ lookups
     def lookup(self, keys: Sequence[ChunkKey]) -> int:
         """How many of the chunks, from the first, the node's cache holds."""
+        return self.lookup_with_partials(keys, partials=False).hits
+
+    def lookup_with_partials(self, keys: Sequence[ChunkKey], partials: bool = True) -> LookupResult:
+        """Consecutive hits, plus the stored partial chunks that continue them (for the caller to match)."""
         if not keys:
-            return 0
-        return self._call({"op": "lookup", "keys": [k.hex for k in keys]})["hits"]
+            return LookupResult(0, [])
+        reply = self._call({"op": "lookup", "keys": [k.hex for k in keys], "partials": partials,
+                            "tokens": [k.num_tokens for k in keys]})
+        return LookupResult(reply["hits"], [(bytes.fromhex(h), n) for h, n in reply["partials"]])
 
     # ------------------------------------------------------------------- stores
-    def reserve(self, keys: Sequence[ChunkKey], metas: Sequence[TensorMeta]) -> list[WriteSlot | None]:
-        """Reserve an extent per chunk; None where the chunk is already stored or there is no room."""
-        reply = self._call({"op": "reserve",
-                            "items": [[k.hex, m.nbytes, m.encode()] for k, m in zip(keys, metas, strict=True)]})
+    def reserve(self, keys: Sequence[ChunkKey], metas: Sequence[TensorMeta],
+                parents: Sequence[bytes | None] | None = None) -> list[WriteSlot | None]:
+        """Reserve an extent per chunk; None where the chunk is already stored or there is no room.
+
+        ``parents`` names, for partial chunks, the key of the chunk before them, so
+        that a longer prompt continuing the same tokens can find them.
+        """
+        parents = parents or [None] * len(keys)
+        items = []
+        for key, meta, parent in zip(keys, metas, parents, strict=True):
+            item: list[Any] = [key.hex, meta.nbytes, meta.encode()]
+            if parent is not None:
+                item += [parent.hex(), key.num_tokens]
+            items.append(item)
+        reply = self._call({"op": "reserve", "items": items})
         slots: list[WriteSlot | None] = []
         for key, meta, (status, offset) in zip(keys, metas, reply["results"], strict=True):
             slots.append(None if status != "ok" else WriteSlot(key, offset, self._view(offset, meta)))
         return slots
 
-    def commit(self, slots: Sequence[WriteSlot]) -> None:
+    def commit(self, slots: Sequence[WriteSlot], seconds: float | None = None, tokens: int = 0) -> None:
+        """Make written slots visible; ``seconds`` (the copy time) feeds the store-latency metric."""
         if slots:
-            self._call({"op": "commit", "keys": [s.key.hex for s in slots]})
+            message: dict[str, Any] = {"op": "commit", "keys": [s.key.hex for s in slots]}
+            if seconds is not None:
+                message.update(seconds=seconds, tokens=tokens,
+                               bytes=sum(s.tensor.numel() * s.tensor.element_size() for s in slots))
+            self._call(message)
 
     def abort(self, slots: Sequence[WriteSlot]) -> None:
         if slots:
@@ -185,6 +247,30 @@ class KVMeshClient:
                 self._call({"op": "release",
                             "items": [[s.key.hex, s.offset, s.nbytes, s.meta] for s in slots]})
 
+    def acquire_lease(self, keys: Sequence[ChunkKey]) -> Lease:
+        """Pin the longest stored prefix of ``keys`` for another process to read (see ``release_lease``)."""
+        reply = self._call({"op": "acquire", "keys": [k.hex for k in keys], "lease": True})
+        return Lease(reply["lease"], self.epoch, [tuple(e) for e in reply["extents"]])
+
+    def release_lease(self, lease_id: str, seconds: float | None = None, nbytes: int = 0, tokens: int = 0,
+                      verified: int = 0, mismatches: int = 0) -> bool:
+        message: dict[str, Any] = {"op": "release_lease", "lease": lease_id, "verified": verified,
+                                   "mismatches": mismatches}
+        if seconds is not None:
+            message.update(seconds=seconds, bytes=nbytes, tokens=tokens)
+        return self._call(message)["known"]
+
+    def view(self, offset: int, meta: str, epoch: str) -> torch.Tensor:
+        """A tensor over an extent that another process pinned (its lease names the daemon's epoch)."""
+        if epoch != self.epoch:
+            self._call({"op": "hello"})  # reconnects and remaps if the daemon restarted
+            if epoch != self.epoch:
+                raise DaemonUnavailable(f"the lease belongs to daemon epoch {epoch}, now {self.epoch}")
+        return self._view(offset, TensorMeta.decode(meta))
+
+    def report_error(self, kind: str) -> None:
+        self._call({"op": "report_error", "kind": kind})
+
     def get(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor]:
         """Copies of the longest stored prefix of ``keys``."""
         with self.acquire(keys) as slots:
@@ -199,6 +285,9 @@ class KVMeshClient:
 
     def stats(self) -> dict[str, Any]:
         return self._call({"op": "stats"})["tiers"]
+
+    def metrics(self) -> dict[str, float]:
+        return self._call({"op": "stats"})["metrics"]
 
     def shutdown_daemon(self) -> None:
         self._call({"op": "shutdown"})

@@ -136,6 +136,20 @@ class KVMeshConfig:
         "Start a node daemon on first use when none answers on the socket (the embedded default).")
     daemon_start_timeout: int = _opt(
         60, parse_int, "Seconds to wait for an auto-started daemon to answer.")
+    http_port: int = _opt(
+        9477, parse_int,
+        "Port of the daemon's HTTP endpoint (/metrics for Prometheus, /health); 0 turns it off. "
+        "A port already in use is logged once and skipped.")
+    http_host: str = _opt(
+        "127.0.0.1", parse_str, "Address the daemon's HTTP endpoint listens on.")
+    lease_seconds: int = _opt(
+        120, parse_int,
+        "How long entries that a scheduler promised to a worker stay pinned if the worker never "
+        "releases them (a crashed engine).")
+    verify_loads: bool = _opt(
+        False, parse_bool,
+        "After loading KV into the engine, read it back and compare with the stored bytes "
+        "(a debugging aid; mismatches are counted in /metrics).")
     codec: str = _opt(
         "raw", _choice("raw"),
         "How entries are encoded for tiers that hold bytes.")
@@ -150,6 +164,8 @@ class KVMeshConfig:
         _check(self.l1_size >= 1024**2, "l1_size", f"must be at least 1MiB, got {self.l1_size} bytes")
         _check(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.instance)), "instance",
                f"may hold only letters, digits, '.', '_' and '-', got {self.instance!r}")
+        _check(0 <= self.http_port <= 65535, "http_port", f"must be 0..65535, got {self.http_port}")
+        _check(self.lease_seconds >= 1, "lease_seconds", f"must be at least 1, got {self.lease_seconds}")
         _check(self.daemon_start_timeout >= 1, "daemon_start_timeout",
                f"must be at least 1 second, got {self.daemon_start_timeout}")
 

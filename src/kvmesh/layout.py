@@ -165,3 +165,27 @@ def scatter_chunk(chunk: torch.Tensor, layers: Sequence[torch.Tensor], layout: K
     for index, layer in enumerate(layers):
         pages = canonical_pages(layer, layout, page_order)
         pages[:, blocks, offsets] = chunk[index].to(layer.device, non_blocking=True)
+
+
+# ---------------------------------------------------------------- engine pages
+# vLLM hands kvmesh one tensor per layer whose first dimension is the block
+# (page) index.  kvmesh's L1 keeps a chunk as the engine's own pages,
+# ``[layers, pages, *page_shape]``: saving and loading are then one
+# index_select / index_copy per layer, and the bytes are exactly the engine's.
+
+
+def pages_for_tokens(start: int, end: int, block_size: int) -> range:
+    """Indices (within a request's block table) of the blocks holding tokens ``start .. end-1``."""
+    return range(start // block_size, -(-end // block_size))
+
+
+def gather_pages(layers: Sequence[torch.Tensor], block_ids: torch.Tensor, out: torch.Tensor) -> None:
+    """Copy blocks ``block_ids`` of every layer into ``out[layer, page]`` (``out`` may view shared memory)."""
+    for index, layer in enumerate(layers):
+        torch.index_select(layer, 0, block_ids, out=out[index])
+
+
+def scatter_pages(pages: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: torch.Tensor) -> None:
+    """Copy ``pages[layer, i]`` into block ``block_ids[i]`` of every layer."""
+    for index, layer in enumerate(layers):
+        layer.index_copy_(0, block_ids, pages[index])

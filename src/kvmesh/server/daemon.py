@@ -4,7 +4,9 @@ One daemon per (user, instance) on a node.  Engines' scheduler and worker
 processes connect, map the segment it names, and move KV bytes through it
 directly; the daemon only keeps the books (what is where, who reads what).
 Whatever a connection reserved or pinned is given back when it closes, so a
-crashed engine leaks nothing.
+crashed engine leaks nothing; entries promised to another process (a *lease*:
+vLLM's scheduler pins what its worker will load) are freed by that process or
+when the lease expires.
 """
 
 from __future__ import annotations
@@ -12,16 +14,19 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import secrets
 import signal
 import socket
 import socketserver
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvmesh import __version__
 from kvmesh.config import KVMeshConfig
+from kvmesh.server.metrics import DaemonMetrics, start_http
 from kvmesh.server.protocol import ProtocolError, receive_message, send_message
 from kvmesh.server.shm import SharedSegment
 from kvmesh.store import TieredStore
@@ -42,9 +47,16 @@ class _Session:
     pinned: list[tuple[bytes, Extent]] = field(default_factory=list)
 
 
+@dataclass
+class _Lease:
+    deadline: float
+    pins: list[tuple[bytes, Extent]]
+
+
 class NodeDaemon:
     def __init__(self, config: KVMeshConfig) -> None:
         self.config = config
+        self.epoch = secrets.token_hex(8)  # changes at every start: offsets of an old segment mean nothing
         self.socket_path = config.socket_path()
         self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_file = open(self.socket_path.with_suffix(".lock"), "w")  # noqa: SIM115
@@ -55,11 +67,18 @@ class NodeDaemon:
             raise DaemonAlreadyRunning(f"a kvmesh daemon already serves {self.socket_path}") from None
         self.segment = SharedSegment.create(config.shm_name(), config.l1_size, prefault=config.l1_prefault)
         self.store = TieredStore(MemoryTier(config.l1_size, self.segment.buffer))
+        self.metrics = DaemonMetrics(self.store.stats)
         self._store_lock = threading.Lock()
+        self._leases: dict[str, _Lease] = {}
+        # partial (shorter than a chunk) entries by parent key, so a longer prompt can hit them
+        self._partials: dict[bytes, dict[bytes, int]] = {}
+        self._started = time.time()
         self.socket_path.unlink(missing_ok=True)
         self._server = _Server(str(self.socket_path), _Handler)
         self._server.daemon = self
         os.chmod(self.socket_path, 0o600)
+        self._http = (start_http(config.http_host, config.http_port, self.metrics, self.health)
+                      if config.http_port else None)
 
     def serve_forever(self) -> None:
         log.info("kvmesh daemon %s serving %s with L1 %d bytes (%s)", __version__, self.socket_path,
@@ -73,11 +92,21 @@ class NodeDaemon:
         threading.Thread(target=self._server.shutdown, daemon=True).start()
 
     def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
         self._server.server_close()
         self.socket_path.unlink(missing_ok=True)
         self.segment.unlink()
         self.segment.close()
         self._lock_file.close()
+
+    def health(self) -> dict[str, Any]:
+        with self._store_lock:
+            l1 = self.store.l1.stats()
+        return {"status": "ok", "version": __version__, "pid": os.getpid(), "instance": self.config.instance,
+                "uptime_seconds": round(time.time() - self._started, 1), "l1_bytes_used": l1.bytes_used,
+                "l1_capacity": l1.capacity, "l1_entries": l1.entries}
 
     # ----------------------------------------------------------------- requests
     def handle(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
@@ -86,24 +115,49 @@ class NodeDaemon:
         if handler is None:
             return {"ok": False, "error": f"unknown op {op!r}"}
         with self._store_lock:
+            self._expire_leases()
             return {"ok": True, **handler(request, session)}
 
     def _op_hello(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
-        return {"version": __version__, "pid": os.getpid(), "shm_name": self.segment.name,
-                "shm_size": self.segment.size}
+        return {"version": __version__, "pid": os.getpid(), "epoch": self.epoch,
+                "shm_name": self.segment.name, "shm_size": self.segment.size}
 
     def _op_lookup(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
-        return {"hits": self.store.lookup([bytes.fromhex(k) for k in request["keys"]])}
+        """Consecutive hits from the first key, and the partial entries that could extend them."""
+        keys = [bytes.fromhex(k) for k in request["keys"]]
+        hits = self.store.lookup(keys)
+        partials: list[list[Any]] = []
+        if hits < len(keys) and request.get("partials", False):
+            parent = keys[hits - 1] if hits else bytes(16)
+            children = self._partials.get(parent, {})
+            for child, tokens in list(children.items()):
+                if self.store.l1.contains(child):
+                    partials.append([child.hex(), tokens])
+                else:
+                    del children[child]
+            if not children:
+                self._partials.pop(parent, None)
+        tokens = request.get("tokens")
+        if tokens:
+            self.metrics.lookups.inc()
+            self.metrics.lookup_tokens.inc(sum(tokens))
+            self.metrics.hit_tokens.inc(sum(tokens[:hits]))
+        return {"hits": hits, "partials": partials}
 
     def _op_reserve(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
         results = []
-        for key_hex, nbytes, meta in request["items"]:
+        for item in request["items"]:
+            key_hex, nbytes, meta = item[:3]
             key = bytes.fromhex(key_hex)
             reservation = self.store.reserve(key, int(nbytes), meta)
             if reservation.status is ReserveStatus.OK:
                 session.reserved.add(key)
                 results.append(["ok", reservation.extent.offset])
+                if len(item) == 5 and item[3] is not None:  # a partial chunk: [.., parent, tokens]
+                    self._partials.setdefault(bytes.fromhex(item[3]), {})[key] = int(item[4])
             else:
+                if reservation.status is ReserveStatus.NO_ROOM:
+                    self.metrics.errors.labels("l1_no_room").inc()
                 results.append([reservation.status.value, None])
         return {"results": results}
 
@@ -113,6 +167,10 @@ class NodeDaemon:
             if key in session.reserved:
                 session.reserved.discard(key)
                 self.store.commit(key)
+        if "seconds" in request:
+            self.metrics.store_seconds.observe(request["seconds"])
+            self.metrics.stored_bytes.inc(request.get("bytes", 0))
+            self.metrics.stored_tokens.inc(request.get("tokens", 0))
         return {}
 
     def _op_abort(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
@@ -124,16 +182,22 @@ class NodeDaemon:
         return {}
 
     def _op_acquire(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
-        """Pin the longest available prefix of the keys."""
-        extents = []
+        """Pin the longest available prefix of the keys, for this connection or as a lease."""
+        pins = []
         for key_hex in request["keys"]:
             key = bytes.fromhex(key_hex)
             extent = self.store.acquire(key)
             if extent is None:
                 break
-            session.pinned.append((key, extent))
-            extents.append([extent.offset, extent.nbytes, extent.meta])
-        return {"extents": extents}
+            pins.append((key, extent))
+        reply: dict[str, Any] = {"extents": [[e.offset, e.nbytes, e.meta] for _, e in pins]}
+        if request.get("lease"):
+            lease_id = secrets.token_hex(8)
+            self._leases[lease_id] = _Lease(time.monotonic() + self.config.lease_seconds, pins)
+            reply["lease"] = lease_id
+        else:
+            session.pinned.extend(pins)
+        return reply
 
     def _op_release(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
         for key_hex, offset, nbytes, meta in request["items"]:
@@ -143,15 +207,40 @@ class NodeDaemon:
                 self.store.release(*pin)
         return {}
 
+    def _op_release_lease(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
+        lease = self._leases.pop(request["lease"], None)
+        if lease is not None:
+            for key, extent in lease.pins:
+                self.store.release(key, extent)
+        if "seconds" in request:
+            self.metrics.load_seconds.observe(request["seconds"])
+            self.metrics.loaded_bytes.inc(request.get("bytes", 0))
+            self.metrics.loaded_tokens.inc(request.get("tokens", 0))
+        self.metrics.verified_chunks.inc(request.get("verified", 0))
+        self.metrics.verify_mismatches.inc(request.get("mismatches", 0))
+        return {"known": lease is not None}
+
+    def _op_report_error(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
+        self.metrics.errors.labels(str(request.get("kind", "unknown"))[:64]).inc()
+        return {}
+
     def _op_delete(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
         return {"deleted": sum(self.store.delete(bytes.fromhex(k)) for k in request["keys"])}
 
     def _op_stats(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
-        return {"tiers": {name: stats.to_dict() for name, stats in self.store.stats().items()}}
+        return {"tiers": {name: stats.to_dict() for name, stats in self.store.stats().items()},
+                "metrics": self.metrics.snapshot(), "leases": len(self._leases)}
 
     def _op_shutdown(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
         self.shutdown()
         return {}
+
+    def _expire_leases(self) -> None:
+        now = time.monotonic()
+        for lease_id in [i for i, lease in self._leases.items() if lease.deadline < now]:
+            for key, extent in self._leases.pop(lease_id).pins:
+                self.store.release(key, extent)
+            self.metrics.errors.labels("lease_expired").inc()
 
     def end_session(self, session: _Session) -> None:
         with self._store_lock:

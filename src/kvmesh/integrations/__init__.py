@@ -1,0 +1,1 @@
+"""Adapters between serving engines and kvmesh's own API."""

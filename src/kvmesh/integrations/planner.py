@@ -1,0 +1,123 @@
+"""What to load and what to save for one request: pure bookkeeping, no engine, no daemon.
+
+The vLLM connector's scheduler side uses this to turn a lookup into a load
+plan (which stored chunks go into which engine blocks) and, step by step, to
+decide which chunks of a prompt have just been computed and should be saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvmesh.keys import ROOT, ChunkKey, Namespace, chunk_digest
+from kvmesh.layout import pages_for_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkTransfer:
+    """Move pages of one stored chunk to or from engine blocks.
+
+    ``block_ids[i]`` pairs with page ``first_page + i`` of the chunk's entry.
+    ``parent`` is set for a partial chunk (so the daemon can index it).
+    """
+
+    key: ChunkKey
+    block_ids: list[int]
+    first_page: int = 0
+    parent: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPlan:
+    req_id: str
+    lease_id: str
+    epoch: str
+    extents: list[tuple[int, int, str]]  # what the lease pinned, one per chunk (may be fewer than chunks)
+    chunks: list[ChunkTransfer]
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class SavePlan:
+    req_id: str
+    chunks: list[ChunkTransfer]
+
+
+@dataclass
+class RequestTracker:
+    """The scheduler's memory of one request."""
+
+    req_id: str
+    tokens: list[int]
+    chunk_size: int
+    keys: list[ChunkKey]  # full chunks of the prompt, then its partial tail chunk if any
+    hit_keys: list[ChunkKey] = field(default_factory=list)  # what the last lookup found
+    stored_chunks: int = 0  # leading chunks of ``keys`` known to be stored (hit or saved)
+    local_tokens: int = 0  # the engine's own hit, as last presented to the lookup
+
+    @property
+    def hit_tokens(self) -> int:
+        return self.hit_keys[-1].end if self.hit_keys else 0
+
+
+def match_prefix(tokens: Sequence[int], keys: Sequence[ChunkKey], hits: int,
+                 partials: Sequence[tuple[bytes, int]], ns: Namespace) -> list[ChunkKey]:
+    """The stored chunks that cover the longest prefix of ``tokens``.
+
+    ``hits`` leading chunks of ``keys`` are stored; ``partials`` are stored
+    partial chunks that follow the last hit.  A partial chunk counts only if it
+    holds exactly this prompt's next tokens (its key is recomputed from them).
+    """
+    found = list(keys[:hits])
+    if hits == len(keys):
+        return found
+    start = found[-1].end if found else 0
+    parent = found[-1].digest if found else ROOT
+    for digest, count in sorted(partials, key=lambda item: -item[1]):
+        end = start + count
+        if end > len(tokens):
+            continue
+        if chunk_digest(parent, ns, tokens[start:end]) == digest:
+            found.append(ChunkKey(digest, start, end))
+            break
+    return found
+
+
+def plan_load_chunks(hit_keys: Sequence[ChunkKey], first_token: int, last_token: int,
+                     block_ids: Sequence[int], block_size: int) -> list[ChunkTransfer]:
+    """Chunks and pages that bring tokens ``first_token .. last_token-1`` into the request's blocks.
+
+    ``first_token`` is block-aligned (the engine's own hit); pages before it are
+    already in the engine and are not touched.
+    """
+    transfers = []
+    wanted = pages_for_tokens(first_token, last_token, block_size)
+    for key in hit_keys:
+        if key.end <= first_token or key.start >= last_token:
+            continue
+        chunk_pages = pages_for_tokens(key.start, key.end, block_size)
+        pages = range(max(chunk_pages.start, wanted.start), min(chunk_pages.stop, wanted.stop))
+        if len(pages):
+            transfers.append(ChunkTransfer(key, [block_ids[p] for p in pages], pages.start - chunk_pages.start))
+    return transfers
+
+
+def plan_save_chunks(tracker: RequestTracker, computed_tokens: int, block_ids: Sequence[int],
+                     block_size: int) -> list[ChunkTransfer]:
+    """Chunks whose tokens are all computed now and not yet known to be stored; advances the tracker."""
+    transfers = []
+    while tracker.stored_chunks < len(tracker.keys):
+        key = tracker.keys[tracker.stored_chunks]
+        if key.end > computed_tokens:
+            break
+        pages = pages_for_tokens(key.start, key.end, block_size)
+        if pages.stop > len(block_ids):
+            break  # blocks not allocated (cannot happen for computed tokens, but never read past them)
+        parent = None
+        if key.num_tokens < tracker.chunk_size:  # the partial tail: index it under its parent
+            parent = tracker.keys[tracker.stored_chunks - 1].digest if tracker.stored_chunks else ROOT
+        transfers.append(ChunkTransfer(key, [block_ids[p] for p in pages], 0, parent))
+        tracker.stored_chunks += 1
+    return transfers
+

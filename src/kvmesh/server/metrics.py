@@ -1,0 +1,103 @@
+"""What the node daemon counts, and the HTTP endpoint that shows it (``/metrics``, ``/health``).
+
+Counters live in a registry of the daemon's own (nothing global), so several
+daemons in one test process never collide.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from kvmesh.tiers.base import TierStats
+
+log = logging.getLogger("kvmesh.daemon")
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class DaemonMetrics:
+    def __init__(self, tier_stats: Callable[[], dict[str, TierStats]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.lookups = Counter("kvmesh_lookups", "Lookup requests.", registry=r)
+        self.lookup_tokens = Counter("kvmesh_lookup_tokens", "Tokens asked for in lookups.", registry=r)
+        self.hit_tokens = Counter("kvmesh_hit_tokens", "Tokens found in lookups (prefix hits).", registry=r)
+        self.loaded_tokens = Counter("kvmesh_loaded_tokens", "Tokens loaded into engines.", registry=r)
+        self.loaded_bytes = Counter("kvmesh_loaded_bytes", "Bytes loaded into engines.", registry=r)
+        self.stored_tokens = Counter("kvmesh_stored_tokens", "Tokens stored from engines.", registry=r)
+        self.stored_bytes = Counter("kvmesh_stored_bytes", "Bytes stored from engines.", registry=r)
+        self.load_seconds = Histogram("kvmesh_load_seconds", "Engine-side time to load one request's KV.",
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.store_seconds = Histogram("kvmesh_store_seconds", "Engine-side time to store one batch of KV.",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.errors = Counter("kvmesh_errors", "Errors, by kind.", ["kind"], registry=r)
+        self.verified_chunks = Counter("kvmesh_load_verified_chunks",
+                                       "Loaded chunks read back from the engine and compared (verify_loads).",
+                                       registry=r)
+        self.verify_mismatches = Counter("kvmesh_load_verify_mismatches",
+                                         "Loaded chunks whose engine copy differed from the stored bytes.",
+                                         registry=r)
+        r.register(_TierCollector(tier_stats))
+
+    def snapshot(self) -> dict[str, float]:
+        """Every sample as ``name{labels}: value`` (what ``kvmesh stats`` and tests read)."""
+        values: dict[str, float] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return values
+
+
+class _TierCollector:
+    def __init__(self, tier_stats: Callable[[], dict[str, TierStats]]) -> None:
+        self._tier_stats = tier_stats
+
+    def collect(self):  # noqa: ANN201 - prometheus collector protocol
+        stats = self._tier_stats()
+        fields = list(TierStats.__dataclass_fields__)
+        for field in fields:
+            family = GaugeMetricFamily(f"kvmesh_tier_{field}", f"Tier {field.replace('_', ' ')}.",
+                                       labels=["tier"])
+            for name, tier in stats.items():
+                family.add_metric([name], getattr(tier, field))
+            yield family
+
+
+def start_http(host: str, port: int, metrics: DaemonMetrics,
+               health: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer | None:
+    """Serve /metrics and /health in a background thread; None (with a warning) if the port is taken."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path.startswith("/metrics"):
+                body, kind = generate_latest(metrics.registry), "text/plain; version=0.0.4"
+            elif self.path.startswith("/health"):
+                body, kind = json.dumps(health()).encode(), "application/json"
+            else:
+                self.send_error(404, "try /metrics or /health")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as err:
+        log.warning("metrics endpoint disabled: cannot listen on %s:%d (%s)", host, port, err.strerror)
+        return None
+    threading.Thread(target=server.serve_forever, name="kvmesh-http", daemon=True).start()
+    return server
