@@ -27,16 +27,20 @@ SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", help="Override a config key: --set l1_size=4GiB (repeatable).")]
 
 
-def _load_config(overrides: list[str] | None) -> KVMeshConfig:
+def _overrides(items: list[str] | None) -> dict[str, str]:
     values = {}
-    for item in overrides or []:
+    for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
             err_console.print(f"[red]--set expects KEY=VALUE, got {item!r}[/red]")
             raise typer.Exit(2)
         values[key.strip()] = value.strip()
+    return values
+
+
+def _load_config(overrides: list[str] | None) -> KVMeshConfig:
     try:
-        return KVMeshConfig.load(values)
+        return KVMeshConfig.load(_overrides(overrides))
     except ConfigError as err:
         err_console.print(f"[red]kvmesh: {err}[/red]")
         raise typer.Exit(2) from None
@@ -87,6 +91,31 @@ def server(set_: SetOption = None) -> None:
         raise typer.Exit(1) from None
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Model path or name (as for vLLM).")],
+    set_: SetOption = None,
+) -> None:
+    """Start vLLM's OpenAI-compatible server with kvmesh enabled; other arguments go to vLLM.
+
+    Example: kvmesh serve ~/.cache/kvmesh/models/SmolLM2-135M-Instruct --port 8000 --set l1_size=4GiB
+    """
+    import os
+
+    from kvmesh.serve import build_serve_command
+
+    config = _load_config(set_)
+    try:
+        command = build_serve_command(model, ctx.args, _overrides(set_))
+    except (ValueError, ConfigError) as err:
+        err_console.print(f"[red]kvmesh serve: {err}[/red]")
+        raise typer.Exit(2) from None
+    if config.http_port:
+        err_console.print(f"kvmesh: cache metrics on http://{config.http_host}:{config.http_port}/metrics")
+    os.execve(command.argv[0], command.argv, command.env)
+
+
 @app.command()
 def stats(set_: SetOption = None,
           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
@@ -115,11 +144,12 @@ def stats(set_: SetOption = None,
 
 @app.command()
 def demo(
-    tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 2048,
+    tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 3500,
+    engine: Annotated[str, typer.Option(help="vllm: serve with vLLM + kvmesh (the main demo); "
+                                             "transformers: the core cache alone.")] = "vllm",
     set_: SetOption = None,
 ) -> None:
-    """Prepare the demo model, cache a long document's KV in kvmesh, load it back, compare."""
-    from kvmesh.demo import run_core_demo
+    """Prepare the demo model, serve it with kvmesh, show cold vs warm time to first token."""
     from kvmesh.model import DemoModelError, prepare_demo_model
 
     config = _load_config(set_)
@@ -128,6 +158,35 @@ def demo(
     except DemoModelError as err:
         err_console.print(f"[red]kvmesh demo: {err}[/red]")
         raise typer.Exit(1) from None
+    if engine == "transformers":
+        _core_demo(path, config, tokens)
+    elif engine == "vllm":
+        _serving_demo(path, set_, tokens)
+    else:
+        err_console.print(f"[red]kvmesh demo: --engine must be vllm or transformers, got {engine!r}[/red]")
+        raise typer.Exit(2)
+
+
+def _serving_demo(path: Path, set_: list[str] | None, tokens: int) -> None:
+    from kvmesh.demo import run_serving_demo
+
+    result = run_serving_demo(path, _overrides(set_), tokens, say=lambda m: console.print(f"  {m}"))
+    table = Table(title="vLLM + kvmesh on the demo model (CPU): time to first token")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("prompt tokens", f"{result.prompt_tokens:,}")
+    table.add_row("cold (full prefill)", f"{result.cold_ttft:.3f} s")
+    table.add_row("vLLM's own prefix cache hit (reference)", f"{result.engine_hit_ttft:.3f} s")
+    table.add_row("warm: after vLLM evicted it, loaded from kvmesh", f"{result.warm_ttft:.3f} s")
+    table.add_row("speed-up, cold / warm", f"[bold]{result.speedup:.1f}x[/bold]")
+    table.add_row("tokens loaded from kvmesh", f"{result.loaded_tokens:,}")
+    table.add_row("answer equals vLLM's own cache-hit answer", "yes" if result.same_answer_as_engine_hit else "no")
+    console.print(table)
+
+
+def _core_demo(path: Path, config: KVMeshConfig, tokens: int) -> None:
+    from kvmesh.demo import run_core_demo
+
     result = run_core_demo(path, config, tokens, say=lambda m: console.print(f"  {m}"))
     table = Table(title="kvmesh core cache on the demo model (transformers, CPU)")
     table.add_column("what")

@@ -27,7 +27,7 @@ from kvmesh.tensorbytes import copy_tensor, tensor_bytes
 from kvmesh.config import KVMeshConfig
 from kvmesh.keys import ChunkKey
 from kvmesh.layout import DTYPES, dtype_name
-from kvmesh.server.protocol import ProtocolError, receive_message, send_message
+from kvmesh.server.protocol import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
 from kvmesh.server.shm import SharedSegment
 from kvmesh.store import TensorMeta
 
@@ -90,6 +90,11 @@ class KVMeshClient:
         self._sock = self._connect()
         send_message(self._sock, {"op": "hello"})
         hello = receive_message(self._sock)
+        if hello.get("protocol") != PROTOCOL_VERSION:
+            self._sock.close()
+            raise DaemonUnavailable(
+                f"the kvmesh daemon on {self.config.socket_path()} speaks protocol {hello.get('protocol')}, "
+                f"this client {PROTOCOL_VERSION}; stop it (pid {hello.get('pid')}) so a current one starts")
         self.daemon_pid: int = hello["pid"]
         if hello["epoch"] != self.epoch:
             self.segment = SharedSegment.open(hello["shm_name"], hello["shm_size"])
@@ -125,10 +130,12 @@ class KVMeshClient:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         log.info("starting kvmesh daemon for instance %s", self.config.instance)
         with open(self._daemon_log_path(), "ab") as out:
-            subprocess.Popen(
-                [sys.executable, "-m", "kvmesh.server", "--config-json", json.dumps(self.config.to_dict())],
+            launcher = subprocess.Popen(
+                [sys.executable, "-m", "kvmesh.server", "--detach",
+                 "--config-json", json.dumps(self.config.to_dict())],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        launcher.wait(timeout=30)  # returns as soon as the daemon has forked away
 
     def _call(self, message: dict[str, Any]) -> dict[str, Any]:
         """One request and its reply; after a lost connection, reconnect once and retry.

@@ -15,19 +15,19 @@ from pathlib import Path
 
 import torch
 
+from kvmesh.bench.texts import topic_texts
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
 from kvmesh.keys import chunk_keys, model_namespace
 from kvmesh.layout import KVLayout
+from kvmesh.server.daemon import socket_is_live
 
 
 def demo_document(min_chars: int) -> str:
     """Real English text, the same every run: Python's own bundled documentation topics."""
-    from pydoc_data.topics import topics
-
     parts: list[str] = []
-    for name in sorted(topics):
-        parts.append(topics[name])
+    for text in topic_texts():
+        parts.append(text)
         if sum(map(len, parts)) >= min_chars:
             break
     return "\n\n".join(parts)
@@ -95,6 +95,7 @@ def run_core_demo(model_path: Path, config: KVMeshConfig, prompt_tokens: int = 2
 
         ns = model_namespace(model_path.name, layout.fingerprint(), config.tenant_salt)
         keys = chunk_keys(ids[0, :-1].tolist(), ns, config.chunk_size)  # the last token is always recomputed
+        daemon_was_running = socket_is_live(config.socket_path())
         with KVMeshClient(config) as client:
             chunks = [_cache_to_chunk(cold.past_key_values, k.start, k.end) for k in keys]
             started = time.perf_counter()
@@ -110,8 +111,65 @@ def run_core_demo(model_path: Path, config: KVMeshConfig, prompt_tokens: int = 2
             cache = _chunks_to_cache(loaded) if loaded else None
             warm = model(input_ids=ids[:, hit_tokens:], past_key_values=cache, use_cache=True)
             warm_seconds = time.perf_counter() - started
+            if not daemon_was_running:
+                client.shutdown_daemon()  # leave the node as we found it
         identical = len(loaded) == len(chunks) and all(
             torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(loaded, chunks))
     return DemoResult(total, config.chunk_size, hit_tokens, sum(c.numel() * 2 for c in chunks), store_seconds,
                       load_seconds, cold_seconds, warm_seconds, int(warm.logits[0, -1].argmax()) == cold_next,
                       identical)
+
+
+@dataclass(frozen=True, slots=True)
+class ServingDemoResult:
+    prompt_tokens: int
+    cold_ttft: float
+    engine_hit_ttft: float
+    warm_ttft: float
+    loaded_tokens: int
+    same_answer_as_engine_hit: bool
+    same_answer_as_cold: bool
+
+    @property
+    def speedup(self) -> float:
+        return self.cold_ttft / self.warm_ttft
+
+
+def run_serving_demo(model_path: Path, overrides: dict[str, object], prompt_tokens: int = 3500,
+                     log_dir: Path | None = None, say: Callable[[str], None] = print) -> ServingDemoResult:
+    """vLLM with kvmesh on the demo model: a long-document question cold, then again after eviction."""
+    from transformers import AutoTokenizer
+
+    from kvmesh.bench.openai_client import stream_completion
+    from kvmesh.bench.servers import EngineServer, EngineSpec
+    from kvmesh.bench.texts import document_token_ids, question_prompt
+    config = KVMeshConfig.load(overrides)
+    daemon_was_running = socket_is_live(config.socket_path())
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    question = "What is this text about? Answer in two sentences."
+    prompts = [question_prompt(tokenizer, doc, question)
+               for doc in document_token_ids(tokenizer, 3, prompt_tokens - 20)]
+    log_dir = log_dir or Path(config.model_dir).expanduser().parent / "logs"
+    spec = EngineSpec(str(model_path), kvmesh=overrides, kv_cache_bytes=100_000_000, max_model_len=4096)
+    say(f"starting vLLM with kvmesh on {model_path.name} (KV pool of 100 MB, ~4,300 tokens; "
+        f"about 30-60 s); log: {log_dir / 'demo-vllm.log'}")
+    try:
+        with EngineServer(spec, log_dir / "demo-vllm.log") as server:
+            def ask(label: str, prompt: list[int]) -> tuple[float, str]:
+                result = stream_completion(server.base_url, server.model, prompt, max_tokens=32)
+                say(f"{label:<58} TTFT {result.ttft:6.3f} s")
+                return result.ttft, result.text
+
+            cold, cold_text = ask(f"document A ({len(prompts[0]):,} tokens), first time (cold)", prompts[0])
+            hit, hit_text = ask("document A again (vLLM's own prefix cache hit)", prompts[0])
+            ask(f"document B ({len(prompts[1]):,} tokens), pushes A out of vLLM's pool", prompts[1])
+            ask(f"document C ({len(prompts[2]):,} tokens)", prompts[2])
+            with KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config)) as client:
+                before = client.metrics().get("kvmesh_loaded_tokens_total", 0.0)
+                warm, warm_text = ask("document A after eviction (loaded from kvmesh)", prompts[0])
+                loaded = int(client.metrics().get("kvmesh_loaded_tokens_total", 0.0) - before)
+    finally:
+        if not daemon_was_running and socket_is_live(config.socket_path()):
+            with KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config)) as client:
+                client.shutdown_daemon()
+    return ServingDemoResult(len(prompts[0]), cold, hit, warm, loaded, warm_text == hit_text, warm_text == cold_text)

@@ -10,6 +10,7 @@ from kvmesh.client import DaemonUnavailable, KVMeshClient
 from kvmesh.config import KVMeshConfig
 from kvmesh.keys import chunk_keys, model_namespace
 from kvmesh.server.daemon import DaemonAlreadyRunning, NodeDaemon
+from kvmesh.store import TensorMeta
 
 NS = model_namespace("test-model", "L4.H2.D32.bfloat16")
 
@@ -96,3 +97,16 @@ def test_daemon_reports_stats(client: KVMeshClient) -> None:
     stats = client.stats()["l1"]
     assert stats["capacity"] == 64 * 1024 * 1024
     assert 0 <= stats["bytes_used"] <= stats["capacity"]
+
+
+def test_partial_chunks_are_offered_to_a_longer_prompt(client: KVMeshClient) -> None:
+    tokens = list(range(20000, 20300))
+    short = chunk_keys(tokens[:150], NS, 64, include_partial=True)  # 2 full + 22 tokens
+    metas = [TensorMeta("bfloat16", (4, 2, k.num_tokens, 2, 32)) for k in short]
+    slots = client.reserve(short, metas, [None, None, short[1].digest])
+    client.commit([s for s in slots if s is not None])
+    longer = chunk_keys(tokens, NS, 64, include_partial=True)
+    found = client.lookup_with_partials(longer)
+    assert found.hits == 2
+    assert found.partials == [(short[2].digest, 22)]
+    assert client.lookup_with_partials(longer, partials=False).partials == []

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -68,7 +69,9 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvmesh.vllm")
-_CLIENT_ERRORS = (DaemonUnavailable, DaemonError, OSError)
+# Anything that goes wrong while talking to the cache becomes a miss (or a reported load failure):
+# a cache must never take the engine down.  The first occurrence of each kind is logged with its cause.
+_CLIENT_ERRORS = (Exception,)
 
 
 @dataclass
@@ -150,7 +153,12 @@ class KVMeshConnector(KVConnectorBase_V1):
     def warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
-            log.warning(message)
+            log.warning(message, exc_info=not isinstance(sys.exc_info()[1], (DaemonUnavailable, DaemonError)))
+            if self._client is not None:
+                try:
+                    self._client.report_error(kind)
+                except Exception:  # noqa: BLE001 - reporting is best effort
+                    pass
 
     # ------------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:

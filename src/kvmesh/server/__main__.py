@@ -1,19 +1,31 @@
-"""``python -m kvmesh.server [--config-json JSON]``: run the node daemon (what clients auto-start)."""
+"""``python -m kvmesh.server [--config-json JSON] [--detach]``: run the node daemon.
+
+``--detach`` (what clients use to auto-start one) forks and lets the parent
+exit at once, so the daemon is nobody's child: an engine that kills its own
+process tree on shutdown (vLLM does) leaves the node's cache running.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-
-from kvmesh.config import ConfigError, KVMeshConfig
-from kvmesh.server.daemon import DaemonAlreadyRunning, run_daemon
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m kvmesh.server")
     parser.add_argument("--config-json", default="{}", help="kvmesh config keys as a JSON object")
+    parser.add_argument("--detach", action="store_true", help="fork into the background and return at once")
     args = parser.parse_args()
+    if args.detach:
+        if os.fork() > 0:
+            os._exit(0)
+        os.setsid()
+
+    from kvmesh.config import ConfigError, KVMeshConfig
+    from kvmesh.server.daemon import DaemonAlreadyRunning, run_daemon
+
     try:
         config = KVMeshConfig.load(json.loads(args.config_json))
         run_daemon(config)

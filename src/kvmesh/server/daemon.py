@@ -27,7 +27,7 @@ from typing import Any
 from kvmesh import __version__
 from kvmesh.config import KVMeshConfig
 from kvmesh.server.metrics import DaemonMetrics, start_http
-from kvmesh.server.protocol import ProtocolError, receive_message, send_message
+from kvmesh.server.protocol import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
 from kvmesh.server.shm import SharedSegment
 from kvmesh.store import TieredStore
 from kvmesh.tiers.memory import Extent, MemoryTier, ReserveStatus
@@ -119,7 +119,7 @@ class NodeDaemon:
             return {"ok": True, **handler(request, session)}
 
     def _op_hello(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
-        return {"version": __version__, "pid": os.getpid(), "epoch": self.epoch,
+        return {"version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(), "epoch": self.epoch,
                 "shm_name": self.segment.name, "shm_size": self.segment.size}
 
     def _op_lookup(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:

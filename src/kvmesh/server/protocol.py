@@ -11,6 +11,7 @@ import socket
 import struct
 from typing import Any
 
+PROTOCOL_VERSION = 2  # bump on any change a client of the previous version would misread
 _LENGTH = struct.Struct("<I")
 MAX_MESSAGE = 64 * 1024 * 1024
 

@@ -1,0 +1,1 @@
+"""Workloads, runners and reports for measuring engines with and without kvmesh."""

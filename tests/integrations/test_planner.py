@@ -1,0 +1,49 @@
+from kvmesh.integrations.planner import RequestTracker, match_prefix, plan_load_chunks, plan_save_chunks
+from kvmesh.keys import ROOT, chunk_keys, model_namespace
+
+NS = model_namespace("m", "L1")
+TOKENS = list(range(100, 100 + 700))
+
+
+def test_match_prefix_takes_full_hits_then_the_longest_matching_partial() -> None:
+    keys = chunk_keys(TOKENS, NS, 256, include_partial=True)  # 256, 256, 188
+    # an earlier, shorter prompt stored a partial chunk of 100 tokens after chunk 0
+    earlier = chunk_keys(TOKENS[:356], NS, 256, include_partial=True)[1]
+    unrelated = chunk_keys(list(range(5000, 5356)), NS, 256, include_partial=True)[1]
+    found = match_prefix(TOKENS, keys, 1, [(unrelated.digest, 100), (earlier.digest, 100)], NS)
+    assert [(k.start, k.end) for k in found] == [(0, 256), (256, 356)]
+    assert found[1].digest == earlier.digest
+    assert match_prefix(TOKENS, keys, 1, [(unrelated.digest, 100)], NS) == keys[:1]
+
+
+def test_match_prefix_ignores_partials_longer_than_the_prompt() -> None:
+    keys = chunk_keys(TOKENS[:300], NS, 256, include_partial=True)
+    longer = chunk_keys(TOKENS[:400], NS, 256, include_partial=True)[1]
+    assert match_prefix(TOKENS[:300], keys, 1, [(longer.digest, 144)], NS) == keys[:1]
+
+
+def test_load_plan_skips_pages_the_engine_already_holds() -> None:
+    keys = chunk_keys(TOKENS, NS, 256, include_partial=True)
+    block_ids = list(range(50, 56))  # 6 blocks of 128 tokens
+    plan = plan_load_chunks(keys, 128, 699, block_ids, 128)
+    assert [(t.key.start, t.first_page, t.block_ids) for t in plan] == [
+        (0, 1, [51]), (256, 0, [52, 53]), (512, 0, [54, 55])]
+
+
+def test_save_plan_follows_computed_tokens_and_indexes_the_partial_tail() -> None:
+    keys = chunk_keys(TOKENS, NS, 256, include_partial=True)
+    tracker = RequestTracker("r", TOKENS, 256, keys)
+    block_ids = list(range(10, 16))
+    assert plan_save_chunks(tracker, 200, block_ids, 128) == []
+    first = plan_save_chunks(tracker, 600, block_ids, 128)
+    assert [(t.key.start, t.block_ids, t.parent) for t in first] == [(0, [10, 11], None), (256, [12, 13], None)]
+    last = plan_save_chunks(tracker, 700, block_ids, 128)
+    assert [(t.key.start, t.key.end, t.block_ids, t.parent) for t in last] == [(512, 700, [14, 15], keys[1].digest)]
+    assert plan_save_chunks(tracker, 700, block_ids, 128) == []
+
+
+def test_a_prompt_shorter_than_a_chunk_is_a_partial_under_the_root() -> None:
+    keys = chunk_keys(TOKENS[:100], NS, 256, include_partial=True)
+    tracker = RequestTracker("r", TOKENS[:100], 256, keys)
+    [only] = plan_save_chunks(tracker, 100, [7], 128)
+    assert only.parent == ROOT and only.block_ids == [7]

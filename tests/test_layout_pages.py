@@ -1,0 +1,25 @@
+import torch
+
+from kvmesh.layout import gather_pages, pages_for_tokens, scatter_pages
+
+
+def test_pages_round_trip_bit_exact_in_the_cpu_backend_layout() -> None:
+    # vLLM-CPU: per layer [blocks, kv_heads, block_size, 2 * head_size]
+    generator = torch.Generator().manual_seed(1)
+    layers = [torch.randn(20, 3, 16, 8, generator=generator).to(torch.bfloat16) for _ in range(4)]
+    blocks = torch.tensor([7, 2, 11])
+    stored = torch.empty(4, 3, 3, 16, 8, dtype=torch.bfloat16)
+    gather_pages(layers, blocks, stored)
+    assert torch.equal(stored[2, 1], layers[2][2])
+    target = [torch.zeros_like(layer) for layer in layers]
+    other = torch.tensor([0, 5, 19])
+    scatter_pages(stored, target, other)
+    for layer, copy in zip(layers, target):
+        assert torch.equal(copy[other].view(torch.int16), layer[blocks].view(torch.int16))
+        assert not copy[1].any()  # nothing else touched
+
+
+def test_pages_for_tokens() -> None:
+    assert pages_for_tokens(0, 256, 128) == range(0, 2)
+    assert pages_for_tokens(256, 300, 128) == range(2, 3)
+    assert pages_for_tokens(128, 129, 128) == range(1, 2)

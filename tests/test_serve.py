@@ -1,0 +1,30 @@
+import json
+
+import pytest
+
+from kvmesh.config import ConfigError
+from kvmesh.serve import build_serve_command
+
+
+def test_serve_command_enables_the_connector_and_passes_other_arguments_through() -> None:
+    command = build_serve_command("/models/m", ["--port", "8001", "--enforce-eager"], {"l1_size": "1GiB"},
+                                  python="/usr/bin/python3")
+    assert command.argv[:5] == ["/usr/bin/python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/m"]
+    transfer = json.loads(command.argv[command.argv.index("--kv-transfer-config") + 1])
+    assert transfer["kv_connector"] == "KVMeshConnector"
+    assert transfer["kv_connector_module_path"] == "kvmesh.integrations.vllm"
+    assert transfer["kv_load_failure_policy"] == "recompute"
+    assert transfer["kv_connector_extra_config"] == {"l1_size": "1GiB"}
+    assert command.argv[-3:] == ["--port", "8001", "--enforce-eager"]
+    assert command.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+
+
+@pytest.mark.parametrize("overrides, fragment", [({"l1_size": "-5"}, "'l1_size'"), ({"chunksize": 1}, "'chunksize'")])
+def test_bad_settings_fail_before_vllm_starts(overrides: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        build_serve_command("m", [], overrides)
+
+
+def test_a_second_transfer_config_is_refused() -> None:
+    with pytest.raises(ValueError, match="--set"):
+        build_serve_command("m", ["--kv-transfer-config", "{}"], {})
