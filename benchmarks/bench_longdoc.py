@@ -45,6 +45,7 @@ class Row:
     engine_hit: float  # A again, from vLLM's own prefix cache
     cold_b: float  # B, first time (a second cold sample)
     warm: float  # A after B evicted it from the engine
+    error: str | None = None  # the system failed (its error, shortened); timings are NaN
     loaded_tokens: int | None = None
     load_gbps: float | None = None
     store_gbps: float | None = None
@@ -69,7 +70,8 @@ def lmcache_server(venv: Path, port: int, log: Path) -> subprocess.Popen:
 def engine_spec(system: str, model: str, length: int, work: Path, lmcache_port: int | None,
                 lmcache_python: str | None, kvmesh_settings: dict[str, object]) -> EngineSpec:
     max_len = min(8192, -(-(length + 64) // 128) * 128)
-    spec = EngineSpec(model, kv_cache_bytes=max_len * BYTES_PER_TOKEN, max_model_len=max_len)
+    # vLLM wants room for one max-length request plus a block; two spare blocks, no more, so B evicts A
+    spec = EngineSpec(model, kv_cache_bytes=(max_len + 2 * 128) * BYTES_PER_TOKEN, max_model_len=max_len)
     if system == "example":
         config = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
                   "kv_connector_extra_config": {"shared_storage_path": str(work / f"example-{length}")}}
@@ -124,6 +126,9 @@ def table(rows: list[Row]) -> str:
              "warm / own hit | cold / warm |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
+        if row.error:
+            lines.append(f"| {row.length:,} | {row.system} | failed: {row.error.splitlines()[0]} | | | | |")
+            continue
         lines.append(f"| {row.length:,} | {row.system} | {row.cold:.3f} / {row.cold_b:.3f} | {row.engine_hit:.3f} | "
                      f"{row.warm:.3f} | {row.warm / row.engine_hit:.2f}x | {row.cold / row.warm:.1f}x |")
     return "\n".join(lines)
@@ -158,7 +163,11 @@ def main() -> None:
             warmup, docs = docs[2][:256], docs[:2]
             for system in args.systems:
                 spec = engine_spec(system, model, length, work, lmcache_port, lmcache_python, kvmesh_settings)
-                row = run_one(system, spec, docs, warmup, args.out / f"{system}-{length}.log", kvmesh_settings)
+                try:
+                    row = run_one(system, spec, docs, warmup, args.out / f"{system}-{length}.log", kvmesh_settings)
+                except Exception as err:  # noqa: BLE001 - a crashing peer is a result, not the end of the run
+                    nan = float("nan")
+                    row = Row(system, length, nan, nan, nan, nan, error=f"{type(err).__name__}: {str(err)[:160]}")
                 rows.append(row)
                 print(json.dumps(asdict(row)), flush=True)
     finally:

@@ -2,5 +2,6 @@
 # The test suite (what CI runs): bootstrap, prepare the demo model, then pytest.
 set -euo pipefail
 source "$(dirname "$0")/bootstrap.sh"
+bash scripts/ensure_redis.sh   # the Redis tier's tests start real redis-server processes
 .venv/bin/kvmesh model prepare
 exec .venv/bin/python -m pytest "$@"

@@ -1,37 +1,54 @@
-"""TieredStore over a real L1 and a second in-memory tier standing in for a slower one."""
+"""TieredStore over a real L1 and real lower tiers (an in-memory arena and a disk directory)."""
+
+import time
+from pathlib import Path
 
 import torch
 
 from kvmesh.codecs import RawCodec
-from kvmesh.store import TieredStore
+from kvmesh.store import LowerTier, TieredStore
+from kvmesh.tiers.disk import DiskTier
 from kvmesh.tiers.memory import MemoryTier
 
 MiB = 1024 * 1024
 
 
-def _store(l1_bytes: int = 4 * MiB) -> tuple[TieredStore, MemoryTier]:
-    lower = MemoryTier(16 * MiB, memoryview(bytearray(16 * MiB)), name="l2")
-    return TieredStore(MemoryTier(l1_bytes, memoryview(bytearray(l1_bytes))), [lower]), lower
+def _l1(size: int = 4 * MiB) -> MemoryTier:
+    return MemoryTier(size, memoryview(bytearray(size)))
+
+
+def _lower(size: int = 16 * MiB) -> MemoryTier:
+    return MemoryTier(size, memoryview(bytearray(size)), name="l2")
 
 
 def _chunk(seed: int) -> torch.Tensor:
     return torch.randn(4, 2, 64, 2, 32, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
 
 
-def test_put_writes_through_and_get_returns_the_same_bits() -> None:
-    store, lower = _store()
+def test_put_writes_behind_and_get_returns_the_same_bits() -> None:
+    lower = _lower()
+    store = TieredStore(_l1(), [lower])
     chunk = _chunk(1)
     assert store.put(b"k" * 16, chunk)
+    assert store.flush()
     assert torch.equal(store.get(b"k" * 16).view(torch.uint8), chunk.view(torch.uint8))
-    encoded = lower.get(b"k" * 16)
-    assert torch.equal(RawCodec().decode(encoded), chunk)
+    assert torch.equal(RawCodec().decode(lower.get(b"k" * 16)), chunk)
+
+
+def test_write_through_is_done_when_commit_returns(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path, 64 * MiB)
+    store = TieredStore(_l1(), [LowerTier(disk, "write_through")])
+    store.put(b"t" * 16, _chunk(2))
+    assert disk.contains(b"t" * 16)  # no flush needed
 
 
 def test_lookup_spans_tiers_and_stops_at_first_miss() -> None:
-    store, lower = _store()
+    lower = _lower()
+    store = TieredStore(_l1(), [lower], prefetch=False)
     keys = [bytes([i]) * 16 for i in range(4)]
     for i, key in enumerate(keys[:3]):
         store.put(key, _chunk(i))
+    assert store.flush()
     store.l1.delete(keys[1])  # only the lower tier holds chunk 1 now
     assert store.lookup(keys) == 3
     lower.delete(keys[0])
@@ -40,21 +57,30 @@ def test_lookup_spans_tiers_and_stops_at_first_miss() -> None:
     assert store.lookup(keys) == 0
 
 
-def test_a_hit_in_the_lower_tier_is_promoted() -> None:
-    store, _ = _store(l1_bytes=1 * MiB)  # L1 holds only a couple of chunks (128 KiB each ... 8 fit)
+def test_a_hit_below_is_promoted_and_a_lookup_prefetches(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path, 64 * MiB)
+    store = TieredStore(_l1(1 * MiB), [disk])  # L1 holds a few 128 KiB chunks only
     chunks = {bytes([i]) * 16: _chunk(i) for i in range(20)}
     for key, chunk in chunks.items():
         store.put(key, chunk)
-    first = bytes([0]) * 16
-    assert not store.l1.contains(first)  # evicted from L1 ...
-    assert torch.equal(store.get(first), chunks[first])  # ... served from below ...
+        assert store.flush()  # at most half of L1 may wait to be written; let each one through
+    first, second = bytes([0]) * 16, bytes([1]) * 16
+    assert not store.l1.contains(first) and not store.l1.contains(second)
+    assert torch.equal(store.get(first), chunks[first])  # served from disk ...
     assert store.l1.contains(first)  # ... and promoted
+    assert store.lookup([first, second]) == 2  # the lookup starts moving chunk 1 up
+    deadline = time.monotonic() + 10
+    while not store.l1.contains(second):
+        assert time.monotonic() < deadline, "prefetch did not promote the chunk"
+        time.sleep(0.01)
 
 
 def test_a_corrupt_lower_entry_becomes_a_miss_and_is_deleted() -> None:
-    store, lower = _store()
+    lower = _lower()
+    store = TieredStore(_l1(), [lower])
     key = b"c" * 16
     store.put(key, _chunk(5))
+    assert store.flush()
     store.l1.delete(key)
     damaged = bytearray(lower.get(key))
     damaged[-1] ^= 1
@@ -62,3 +88,52 @@ def test_a_corrupt_lower_entry_becomes_a_miss_and_is_deleted() -> None:
     lower.put(key, bytes(damaged))
     assert store.get(key) is None
     assert not lower.contains(key)
+
+
+def test_a_full_write_queue_drops_stores_instead_of_waiting() -> None:
+    dropped: list[str] = []
+
+    class Observer:
+        def tier_read(self, *args: object) -> None: ...
+        def tier_write(self, *args: object) -> None: ...
+        def dropped_store(self, reason: str) -> None:
+            dropped.append(reason)
+
+    lower = _lower()
+    chunk_bytes = _chunk(0).numel() * 2
+    store = TieredStore(_l1(), [lower], observer=Observer(), write_queue_bytes=chunk_bytes - 1)
+    assert store.put(b"q" * 16, _chunk(0))  # L1 takes it at once ...
+    assert store.flush()
+    assert dropped == ["write_queue_full"] and not lower.contains(b"q" * 16)  # ... the lower tier never does
+
+
+def test_on_reuse_admission_writes_only_chunks_asked_for_twice() -> None:
+    lower = _lower()
+    store = TieredStore(_l1(), [LowerTier(lower, admission="on_reuse")], prefetch=False)
+    once, twice = b"1" * 16, b"2" * 16
+    store.lookup([once])
+    store.lookup([twice])
+    store.lookup([twice])
+    store.put(once, _chunk(1))
+    store.put(twice, _chunk(2))
+    assert store.flush()
+    assert not lower.contains(once) and lower.contains(twice)
+
+
+def test_a_failing_tier_is_a_miss_not_an_error() -> None:
+    class Broken:
+        name = "broken"
+
+        def contains(self, key): raise ConnectionError("down")  # noqa: E704
+        def lookup(self, keys): raise ConnectionError("down")  # noqa: E704
+        def get(self, key): raise ConnectionError("down")  # noqa: E704
+        def put(self, key, data): raise ConnectionError("down")  # noqa: E704
+        def delete(self, key): raise ConnectionError("down")  # noqa: E704
+        def stats(self): raise ConnectionError("down")  # noqa: E704
+
+    store = TieredStore(_l1(), [Broken()])
+    keys = [b"a" * 16, b"b" * 16]
+    assert store.put(keys[0], _chunk(0))
+    assert store.flush()
+    assert store.lookup(keys) == 1
+    assert store.get(keys[1]) is None

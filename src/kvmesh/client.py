@@ -8,6 +8,7 @@ and commits it, a load pins extents, copies out and releases them.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,7 +85,11 @@ class KVMeshClient:
         self._lock = threading.RLock()
         self._sock: socket.socket | None = None
         self.epoch = ""
-        self._open()
+        try:
+            self._open()
+        except (OSError, ProtocolError):  # reached a daemon that was just stopping: start or find the next
+            time.sleep(0.2)
+            self._open()
 
     def _open(self) -> None:
         """Connect (starting a daemon if allowed) and map the segment it names."""
@@ -112,11 +118,14 @@ class KVMeshClient:
                 f"no kvmesh daemon answers on {path}; start one with `kvmesh server` "
                 "or set autostart_daemon: true")
         self._spawn_daemon()
-        deadline = time.monotonic() + self.config.daemon_start_timeout
-        while time.monotonic() < deadline:
+        started = time.monotonic()
+        while time.monotonic() < started + self.config.daemon_start_timeout:
             sock = _try_connect(str(path))
             if sock is not None:
                 return sock
+            if time.monotonic() > started + 5 and not _daemon_holds_lock(path.with_suffix(".lock")):
+                raise DaemonUnavailable(f"the kvmesh daemon failed to start; last lines of "
+                                        f"{self._daemon_log_path()}:\n{_tail(self._daemon_log_path())}")
             time.sleep(0.05)
         raise DaemonUnavailable(
             f"started a kvmesh daemon but it did not answer on {path} within "
@@ -296,13 +305,43 @@ class KVMeshClient:
     def metrics(self) -> dict[str, float]:
         return self._call({"op": "stats"})["metrics"]
 
-    def shutdown_daemon(self) -> None:
+    def flush(self) -> dict[str, Any]:
+        """Wait for the daemon's write-behind queue to drain; returns tier stats."""
+        return self._call({"op": "stats", "flush": True})["tiers"]
+
+    def shutdown_daemon(self, timeout: float = 30.0) -> None:
+        """Stop the daemon and wait until it has let go of the instance (socket, segment, lock)."""
         self._call({"op": "shutdown"})
+        lock = self.config.socket_path().with_suffix(".lock")
+        deadline = time.monotonic() + timeout
+        while _daemon_holds_lock(lock) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     # ---------------------------------------------------------------- internals
     def _view(self, offset: int, meta: TensorMeta) -> torch.Tensor:
         raw = torch.frombuffer(self._buffer, dtype=torch.uint8, count=meta.nbytes, offset=offset)
         return raw.view(DTYPES[meta.dtype]).view(meta.shape)
+
+
+def _daemon_holds_lock(lock_path: Path) -> bool:
+    """True while some process (a starting or running daemon) holds the instance's lock."""
+    try:
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def _try_connect(path: str) -> socket.socket | None:

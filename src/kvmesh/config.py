@@ -86,6 +86,19 @@ def parse_str(value: Any) -> str:
     return value
 
 
+def parse_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"expected a number, got {value!r}")
+
+
 def _choice(*allowed: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in allowed:
@@ -124,6 +137,36 @@ class KVMeshConfig:
         True, parse_bool,
         "Touch every page of the L1 segment when the daemon starts, so the first stores "
         "copy at memory speed instead of paying page faults.")
+    disk_path: str = _opt(
+        "", parse_str,
+        "Directory of the L2 disk tier; empty turns it off. Entries survive daemon and engine restarts.")
+    disk_size: int = _opt(
+        20 * 1024**3, parse_size, "Byte budget of the disk tier (never exceeded; least recently used first out).")
+    disk_write_policy: str = _opt(
+        "write_behind", _choice("write_behind", "write_through"),
+        "write_behind: stored after the request, from a bounded queue; write_through: before the store "
+        "returns to the engine.")
+    redis_url: str = _opt(
+        "", parse_str,
+        "URL of the shared L3 tier, e.g. redis://host:6379/0, rediss://user:password@host:6380 (TLS), "
+        "or a Valkey server; empty turns it off.")
+    redis_cluster: bool = _opt(False, parse_bool, "The URL names a Redis Cluster node.")
+    redis_namespace: str = _opt(
+        "kvmesh", parse_str, "Prefix of every Redis key, so several deployments share one Redis.")
+    redis_ttl_seconds: int = _opt(0, parse_int, "Expire Redis entries after this many seconds; 0 keeps them.")
+    redis_timeout_seconds: float = _opt(
+        2.0, parse_float, "Socket timeout of Redis calls; a slower call is a miss.")
+    redis_write_policy: str = _opt(
+        "write_behind", _choice("write_behind", "write_through"), "As disk_write_policy, for Redis.")
+    redis_admission: str = _opt(
+        "all", _choice("all", "on_reuse"),
+        "all: every stored chunk goes to Redis; on_reuse: only chunks that two or more lookups asked for.")
+    write_queue_size: int = _opt(
+        1024**3, parse_size,
+        "Bytes of stores waiting to be written behind; when full, new ones are dropped and counted, "
+        "never waited for.")
+    prefetch: bool = _opt(
+        True, parse_bool, "Start moving chunks found on disk or in Redis into L1 as soon as a lookup finds them.")
     instance: str = _opt(
         "default", parse_str,
         "Name of the node daemon; engines that name the same instance share one L1. "
@@ -165,6 +208,13 @@ class KVMeshConfig:
         _check(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.instance)), "instance",
                f"may hold only letters, digits, '.', '_' and '-', got {self.instance!r}")
         _check(0 <= self.http_port <= 65535, "http_port", f"must be 0..65535, got {self.http_port}")
+        _check(self.disk_size >= 1024**2, "disk_size", f"must be at least 1MiB, got {self.disk_size} bytes")
+        _check(self.redis_ttl_seconds >= 0, "redis_ttl_seconds", f"must be 0 or more, got {self.redis_ttl_seconds}")
+        _check(self.redis_timeout_seconds > 0, "redis_timeout_seconds",
+               f"must be positive, got {self.redis_timeout_seconds}")
+        _check(not self.redis_url or self.redis_url.split("://")[0] in ("redis", "rediss", "unix"), "redis_url",
+               f"must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+        _check(self.write_queue_size >= 0, "write_queue_size", f"must be 0 or more, got {self.write_queue_size}")
         _check(self.lease_seconds >= 1, "lease_seconds", f"must be at least 1, got {self.lease_seconds}")
         _check(self.daemon_start_timeout >= 1, "daemon_start_timeout",
                f"must be at least 1 second, got {self.daemon_start_timeout}")

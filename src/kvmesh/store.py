@@ -1,28 +1,42 @@
-"""TieredStore: L1 in shared memory in front of slower tiers that hold encoded bytes.
+"""TieredStore: L1 in shared memory in front of slower tiers (disk, Redis) that hold encoded bytes.
 
-Lookup walks L1 then the lower tiers key by key and stops at the first chunk
-found nowhere (a hit is always a prefix).  An entry enters through L1's
-two-phase write and, once committed, is written through to the lower tiers in
-their codec.  Acquiring an entry that only a lower tier holds promotes it into
-L1 first, so readers always copy from shared memory.
+Lookup walks L1 then the lower tiers and stops at the first chunk found
+nowhere (a hit is always a prefix).  An entry enters through L1's two-phase
+write; once committed it is encoded and written to each lower tier, behind the
+request (a bounded queue: when it is full the write is dropped and counted,
+never waited for) or through (before the commit returns), per tier.  Acquiring
+an entry that only a lower tier holds promotes it into L1 first, so readers
+always copy from shared memory; a lookup that finds chunks below L1 starts
+promoting them at once (prefetch), so the engine's load rarely waits for a disk.
+
+Every method is safe to call from several threads.  A lower tier that fails is
+a miss (and a count), never an error for the caller.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import queue
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
 
 from kvmesh.codecs import Codec, CorruptEntry, RawCodec, decode_any
-from kvmesh.tensorbytes import tensor_bytes
 from kvmesh.layout import DTYPES, dtype_name
+from kvmesh.tensorbytes import tensor_bytes
 from kvmesh.tiers.base import Tier, TierStats
 from kvmesh.tiers.memory import Extent, MemoryTier, Reservation, ReserveStatus
 
 log = logging.getLogger(__name__)
+
+WritePolicy = Literal["write_behind", "write_through"]
+Admission = Literal["all", "on_reuse"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,22 +61,80 @@ class TensorMeta:
         return math.prod(self.shape) * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
 
 
+@dataclass(frozen=True, slots=True)
+class LowerTier:
+    """A tier below L1 and how entries reach it."""
+
+    tier: Tier
+    write_policy: WritePolicy = "write_behind"
+    admission: Admission = "all"  # on_reuse: only chunks that two or more lookups asked for
+
+
+class StoreObserver(Protocol):
+    """Where the store reports what it did (the daemon's metrics)."""
+
+    def tier_read(self, tier: str, nbytes: int, seconds: float) -> None: ...
+
+    def tier_write(self, tier: str, nbytes: int, seconds: float) -> None: ...
+
+    def dropped_store(self, reason: str) -> None: ...
+
+
+class _NullObserver:
+    def tier_read(self, tier: str, nbytes: int, seconds: float) -> None:
+        pass
+
+    def tier_write(self, tier: str, nbytes: int, seconds: float) -> None:
+        pass
+
+    def dropped_store(self, reason: str) -> None:
+        pass
+
+
 class TieredStore:
-    def __init__(self, l1: MemoryTier, lower: Sequence[Tier] = (), codec: Codec | None = None) -> None:
+    def __init__(self, l1: MemoryTier, lower: Sequence[LowerTier | Tier] = (), codec: Codec | None = None,
+                 observer: StoreObserver | None = None, write_queue_bytes: int = 1 << 30,
+                 prefetch: bool = True) -> None:
         if l1.buffer is None:
             raise ValueError("the store's L1 tier must hold its buffer")
         self.l1 = l1
-        self.lower = list(lower)
+        self.lower = [t if isinstance(t, LowerTier) else LowerTier(t) for t in lower]
         self.codec = codec or RawCodec()
+        self.observer = observer or _NullObserver()
+        self.prefetch_enabled = prefetch
+        self._write_queue_bytes = write_queue_bytes
+        self._pending_bytes = 0
+        self._pending_lock = threading.Lock()
+        self._writes: queue.Queue[tuple[bytes, Extent] | None] = queue.Queue()
+        self._warned: set[tuple[str, str]] = set()
+        self._prefetches: queue.Queue[bytes | None] = queue.Queue()
+        self._prefetching: set[bytes] = set()
+        self._asked: OrderedDict[bytes, int] = OrderedDict()  # lookups per missed key, for on_reuse admission
+        self._threads: list[threading.Thread] = []
+        if self.lower:
+            for name, target in (("writer", self._write_loop), ("prefetcher", self._prefetch_loop)):
+                thread = threading.Thread(target=target, name=f"kvmesh-{name}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
 
     # ------------------------------------------------------------------ lookups
     def lookup(self, keys: Sequence[bytes]) -> int:
         count = self.l1.lookup(keys)
-        for key in keys[count:]:
-            if not any(tier.contains(key) for tier in self.lower):
+        if not self.lower or count == len(keys):
+            return count
+        self._note_asked(keys[count:])
+        position = count
+        while position < len(keys):
+            step = 0
+            for lower in self.lower:
+                step = max(step, self._guard(lower.tier, "lookup", lambda t=lower.tier: t.lookup(keys[position:]), 0))
+            if step == 0:
                 break
-            count += 1
-        return count
+            position += step
+        if self.prefetch_enabled:
+            for key in keys[count:position]:
+                self._start_prefetch(key)
+        return position
 
     # ------------------------------------------------------------------- writes
     def reserve(self, key: bytes, nbytes: int, meta: str = "") -> Reservation:
@@ -72,8 +144,13 @@ class TieredStore:
 
     def commit(self, key: bytes) -> None:
         self.l1.commit(key)
-        if self.lower:
-            self._write_through(key)
+        if not self.lower:
+            return
+        through = [t for t in self.lower if t.write_policy == "write_through" and self._admits(t, key)]
+        if through:
+            self._write_through(key, through)
+        if any(t.write_policy == "write_behind" for t in self.lower):
+            self._enqueue_write(key)
 
     def abort(self, key: bytes) -> None:
         self.l1.abort(key)
@@ -88,6 +165,16 @@ class TieredStore:
         self.l1.buffer[extent.offset:extent.offset + extent.nbytes] = tensor_bytes(chunk)
         self.commit(key)
         return True
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until queued write-behind stores are done (tests, shutdown); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._pending_lock:
+                if self._pending_bytes == 0 and self._writes.unfinished_tasks == 0:
+                    return True
+            time.sleep(0.01)
+        return False
 
     # -------------------------------------------------------------------- reads
     def acquire(self, key: bytes) -> Extent | None:
@@ -116,38 +203,117 @@ class TieredStore:
 
     def delete(self, key: bytes) -> bool:
         removed = self.l1.delete(key)
-        for tier in self.lower:
-            removed = tier.delete(key) or removed
+        for lower in self.lower:
+            removed = self._guard(lower.tier, "delete", lambda t=lower.tier: t.delete(key), False) or removed
         return removed
 
     def stats(self) -> dict[str, TierStats]:
-        return {tier.name: tier.stats() for tier in [self.l1, *self.lower]}
+        return {tier.name: tier.stats() for tier in [self.l1, *(t.tier for t in self.lower)]}
 
-    # ---------------------------------------------------------------- internals
-    def _write_through(self, key: bytes) -> None:
+    def close(self) -> None:
+        for _ in self._threads:
+            self._writes.put(None)
+            self._prefetches.put(None)
+
+    # ------------------------------------------------------------ write behind
+    def _enqueue_write(self, key: bytes) -> None:
+        """Queue a committed entry for the lower tiers, pinned so L1 cannot evict it before it is written."""
+        extent = self.l1.acquire(key)
+        if extent is None:
+            return
+        with self._pending_lock:
+            # at most half of L1 may wait pinned, so stores into L1 always find room
+            limit = min(self._write_queue_bytes, self.l1.capacity // 2)
+            if self._pending_bytes + extent.nbytes > limit:
+                self.l1.release(key, extent)
+                self.observer.dropped_store("write_queue_full")
+                return
+            self._pending_bytes += extent.nbytes
+        self._writes.put((key, extent))
+
+    def _write_loop(self) -> None:
+        while (item := self._writes.get()) is not None:
+            key, extent = item
+            try:
+                self._write_lower(key, extent, [t for t in self.lower
+                                                if t.write_policy == "write_behind" and self._admits(t, key)])
+            except Exception:  # noqa: BLE001 - the writer thread must survive anything
+                log.warning("write-behind of %s failed", key.hex(), exc_info=True)
+            finally:
+                self.l1.release(key, extent)
+                with self._pending_lock:
+                    self._pending_bytes -= extent.nbytes
+                self._writes.task_done()
+
+    def _write_through(self, key: bytes, targets: list[LowerTier]) -> None:
         extent = self.l1.acquire(key)
         if extent is None:
             return
         try:
-            encoded = self.codec.encode(self.tensor_at(extent))
+            self._write_lower(key, extent, targets)
         finally:
             self.l1.release(key, extent)
-        for tier in self.lower:
+
+    def _write_lower(self, key: bytes, extent: Extent, targets: list[LowerTier]) -> None:
+        """Encode a pinned L1 entry once and put it into each target tier."""
+        if not targets:
+            return
+        encoded = self.codec.encode(self.tensor_at(extent))
+        for target in targets:
+            started = time.perf_counter()
+            if self._guard(target.tier, "put", lambda t=target.tier: t.put(key, encoded), False):
+                self.observer.tier_write(target.tier.name, len(encoded), time.perf_counter() - started)
+
+    def _note_asked(self, keys: Sequence[bytes]) -> None:
+        if not any(t.admission == "on_reuse" for t in self.lower):
+            return
+        with self._pending_lock:
+            for key in keys:
+                self._asked[key] = self._asked.get(key, 0) + 1
+                self._asked.move_to_end(key)
+            while len(self._asked) > 1_000_000:
+                self._asked.popitem(last=False)
+
+    def _admits(self, target: LowerTier, key: bytes) -> bool:
+        if target.admission == "all":
+            return True
+        with self._pending_lock:
+            return self._asked.get(key, 0) >= 2
+
+    # ------------------------------------------------------- promotion, prefetch
+    def _start_prefetch(self, key: bytes) -> None:
+        with self._pending_lock:
+            if key in self._prefetching or self.l1.contains(key):
+                return
+            self._prefetching.add(key)
+        self._prefetches.put(key)
+
+    def _prefetch_loop(self) -> None:
+        while (key := self._prefetches.get()) is not None:
             try:
-                tier.put(key, encoded)
-            except Exception:  # a failing lower tier must never fail a store
-                log.warning("store to tier %s failed", tier.name, exc_info=True)
+                self._promote(key)
+            except Exception:  # noqa: BLE001 - a failed prefetch is a later miss
+                log.warning("prefetch of %s failed", key.hex(), exc_info=True)
+            finally:
+                with self._pending_lock:
+                    self._prefetching.discard(key)
 
     def _promote(self, key: bytes) -> bool:
-        for tier in self.lower:
-            data = tier.get(key)
+        if self.l1.contains(key):
+            return True
+        for lower in self.lower:
+            tier = lower.tier
+            started = time.perf_counter()
+            data = self._guard(tier, "get", lambda t=tier: t.get(key), None)
             if data is None:
                 continue
+            self.observer.tier_read(tier.name, len(data), time.perf_counter() - started)
             try:
                 chunk = decode_any(data)
             except CorruptEntry as err:
                 log.warning("tier %s: dropping corrupt entry %s: %s", tier.name, key.hex(), err)
-                tier.delete(key)
+                self._guard(tier, "delete", lambda t=tier: t.delete(key), False)
+                self.observer.dropped_store(f"corrupt_{tier.name}")
                 continue
             meta = TensorMeta(dtype_name(chunk.dtype), tuple(chunk.shape))
             reservation = self.l1.reserve(key, meta.nbytes, meta.encode())
@@ -161,3 +327,14 @@ class TieredStore:
             return True
         return False
 
+    def _guard(self, tier: Tier, action: str, call, default):  # noqa: ANN001, ANN202
+        """Run a tier call; anything it raises is logged once per (tier, action) and becomes ``default``."""
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - a failing tier is a miss, never an error for the caller
+            marker = (tier.name, action)
+            if marker not in self._warned:
+                self._warned.add(marker)
+                log.warning("tier %s: %s failed (%s); treating as a miss", tier.name, action, err)
+            self.observer.dropped_store(f"{tier.name}_{action}_error")
+            return default

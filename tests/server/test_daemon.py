@@ -110,3 +110,26 @@ def test_partial_chunks_are_offered_to_a_longer_prompt(client: KVMeshClient) -> 
     assert found.hits == 2
     assert found.partials == [(short[2].digest, 22)]
     assert client.lookup_with_partials(longer, partials=False).partials == []
+
+
+def test_http_endpoint_serves_metrics_and_health(tmp_path) -> None:
+    import json as json_module
+    import urllib.request
+
+    from kvmesh.bench.servers import free_port
+
+    port = free_port()
+    config = KVMeshConfig.from_mapping({"socket_dir": str(tmp_path), "instance": "http-test", "l1_size": "16MiB",
+                                        "l1_prefault": False, "http_port": port})
+    with KVMeshClient(config) as http_client:
+        try:
+            keys = chunk_keys(list(range(300)), NS, 64)
+            http_client.put(keys, _chunks(keys))
+            http_client.lookup_with_partials(keys)
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            assert "kvmesh_hit_tokens_total 256.0" in metrics
+            assert 'kvmesh_tier_entries{tier="l1"} 4.0' in metrics
+            health = json_module.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())
+            assert health["status"] == "ok" and health["l1_entries"] == 4
+        finally:
+            http_client.shutdown_daemon()

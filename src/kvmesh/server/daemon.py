@@ -29,7 +29,8 @@ from kvmesh.config import KVMeshConfig
 from kvmesh.server.metrics import DaemonMetrics, start_http
 from kvmesh.server.protocol import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
 from kvmesh.server.shm import SharedSegment
-from kvmesh.store import TieredStore
+from kvmesh.codecs import get_codec
+from kvmesh.store import LowerTier, TieredStore
 from kvmesh.tiers.memory import Extent, MemoryTier, ReserveStatus
 
 log = logging.getLogger("kvmesh.daemon")
@@ -66,9 +67,10 @@ class NodeDaemon:
             self._lock_file.close()
             raise DaemonAlreadyRunning(f"a kvmesh daemon already serves {self.socket_path}") from None
         self.segment = SharedSegment.create(config.shm_name(), config.l1_size, prefault=config.l1_prefault)
-        self.store = TieredStore(MemoryTier(config.l1_size, self.segment.buffer))
-        self.metrics = DaemonMetrics(self.store.stats)
-        self._store_lock = threading.Lock()
+        self.metrics = DaemonMetrics(lambda: self.store.stats())
+        self.store = TieredStore(MemoryTier(config.l1_size, self.segment.buffer), build_lower_tiers(config),
+                                 get_codec(config.codec), self.metrics, config.write_queue_size, config.prefetch)
+        self._store_lock = threading.Lock()  # guards leases and the partial-chunk index; the store locks itself
         self._leases: dict[str, _Lease] = {}
         # partial (shorter than a chunk) entries by parent key, so a longer prompt can hit them
         self._partials: dict[bytes, dict[bytes, int]] = {}
@@ -92,6 +94,8 @@ class NodeDaemon:
         threading.Thread(target=self._server.shutdown, daemon=True).start()
 
     def close(self) -> None:
+        self.store.flush(timeout=30)  # finish writing behind what was stored before stopping
+        self.store.close()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
@@ -102,8 +106,7 @@ class NodeDaemon:
         self._lock_file.close()
 
     def health(self) -> dict[str, Any]:
-        with self._store_lock:
-            l1 = self.store.l1.stats()
+        l1 = self.store.l1.stats()
         return {"status": "ok", "version": __version__, "pid": os.getpid(), "instance": self.config.instance,
                 "uptime_seconds": round(time.time() - self._started, 1), "l1_bytes_used": l1.bytes_used,
                 "l1_capacity": l1.capacity, "l1_entries": l1.entries}
@@ -114,9 +117,8 @@ class NodeDaemon:
         handler = getattr(self, f"_op_{op}", None)
         if handler is None:
             return {"ok": False, "error": f"unknown op {op!r}"}
-        with self._store_lock:
-            self._expire_leases()
-            return {"ok": True, **handler(request, session)}
+        self._expire_leases()
+        return {"ok": True, **handler(request, session)}
 
     def _op_hello(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
         return {"version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(), "epoch": self.epoch,
@@ -129,14 +131,15 @@ class NodeDaemon:
         partials: list[list[Any]] = []
         if hits < len(keys) and request.get("partials", False):
             parent = keys[hits - 1] if hits else bytes(16)
-            children = self._partials.get(parent, {})
-            for child, tokens in list(children.items()):
-                if self.store.l1.contains(child):
-                    partials.append([child.hex(), tokens])
-                else:
-                    del children[child]
-            if not children:
-                self._partials.pop(parent, None)
+            with self._store_lock:
+                children = self._partials.get(parent, {})
+                for child, tokens in list(children.items()):
+                    if self.store.l1.contains(child):
+                        partials.append([child.hex(), tokens])
+                    else:
+                        del children[child]
+                if not children:
+                    self._partials.pop(parent, None)
         tokens = request.get("tokens")
         if tokens:
             self.metrics.lookups.inc()
@@ -154,7 +157,8 @@ class NodeDaemon:
                 session.reserved.add(key)
                 results.append(["ok", reservation.extent.offset])
                 if len(item) == 5 and item[3] is not None:  # a partial chunk: [.., parent, tokens]
-                    self._partials.setdefault(bytes.fromhex(item[3]), {})[key] = int(item[4])
+                    with self._store_lock:
+                        self._partials.setdefault(bytes.fromhex(item[3]), {})[key] = int(item[4])
             else:
                 if reservation.status is ReserveStatus.NO_ROOM:
                     self.metrics.errors.labels("l1_no_room").inc()
@@ -193,7 +197,8 @@ class NodeDaemon:
         reply: dict[str, Any] = {"extents": [[e.offset, e.nbytes, e.meta] for _, e in pins]}
         if request.get("lease"):
             lease_id = secrets.token_hex(8)
-            self._leases[lease_id] = _Lease(time.monotonic() + self.config.lease_seconds, pins)
+            with self._store_lock:
+                self._leases[lease_id] = _Lease(time.monotonic() + self.config.lease_seconds, pins)
             reply["lease"] = lease_id
         else:
             session.pinned.extend(pins)
@@ -208,7 +213,8 @@ class NodeDaemon:
         return {}
 
     def _op_release_lease(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
-        lease = self._leases.pop(request["lease"], None)
+        with self._store_lock:
+            lease = self._leases.pop(request["lease"], None)
         if lease is not None:
             for key, extent in lease.pins:
                 self.store.release(key, extent)
@@ -228,6 +234,8 @@ class NodeDaemon:
         return {"deleted": sum(self.store.delete(bytes.fromhex(k)) for k in request["keys"])}
 
     def _op_stats(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
+        if request.get("flush"):
+            self.store.flush()
         return {"tiers": {name: stats.to_dict() for name, stats in self.store.stats().items()},
                 "metrics": self.metrics.snapshot(), "leases": len(self._leases)}
 
@@ -237,17 +245,18 @@ class NodeDaemon:
 
     def _expire_leases(self) -> None:
         now = time.monotonic()
-        for lease_id in [i for i, lease in self._leases.items() if lease.deadline < now]:
-            for key, extent in self._leases.pop(lease_id).pins:
+        with self._store_lock:
+            expired = [self._leases.pop(i) for i, lease in list(self._leases.items()) if lease.deadline < now]
+        for lease in expired:
+            for key, extent in lease.pins:
                 self.store.release(key, extent)
             self.metrics.errors.labels("lease_expired").inc()
 
     def end_session(self, session: _Session) -> None:
-        with self._store_lock:
-            for key in session.reserved:
-                self.store.abort(key)
-            for key, extent in session.pinned:
-                self.store.release(key, extent)
+        for key in session.reserved:
+            self.store.abort(key)
+        for key, extent in session.pinned:
+            self.store.release(key, extent)
         session.reserved.clear()
         session.pinned.clear()
 
@@ -276,6 +285,24 @@ class _Handler(socketserver.BaseRequestHandler):
                 send_message(sock, reply)
         finally:
             daemon.end_session(session)
+
+
+def build_lower_tiers(config: KVMeshConfig) -> list[LowerTier]:
+    """The configured tiers below L1, each imported only when configured."""
+    tiers: list[LowerTier] = []
+    if config.disk_path:
+        from kvmesh.tiers.disk import DiskTier
+
+        directory = Path(config.disk_path).expanduser()
+        tiers.append(LowerTier(DiskTier(directory, config.disk_size), config.disk_write_policy))  # type: ignore[arg-type]
+    if config.redis_url:
+        from kvmesh.tiers.redis import RedisTier
+
+        tier = RedisTier(config.redis_url, namespace=config.redis_namespace,
+                         ttl_seconds=config.redis_ttl_seconds or None,
+                         timeout_seconds=config.redis_timeout_seconds, cluster=config.redis_cluster)
+        tiers.append(LowerTier(tier, config.redis_write_policy, config.redis_admission))  # type: ignore[arg-type]
+    return tiers
 
 
 def run_daemon(config: KVMeshConfig) -> None:

@@ -45,7 +45,27 @@ class DaemonMetrics:
         self.verify_mismatches = Counter("kvmesh_load_verify_mismatches",
                                          "Loaded chunks whose engine copy differed from the stored bytes.",
                                          registry=r)
+        self.tier_bytes_read = Counter("kvmesh_tier_read_bytes", "Bytes read from a lower tier.", ["tier"], registry=r)
+        self.tier_bytes_written = Counter("kvmesh_tier_written_bytes", "Bytes written to a lower tier.", ["tier"],
+                                          registry=r)
+        self.tier_read_seconds = Histogram("kvmesh_tier_read_seconds", "Latency of one read from a lower tier.",
+                                           ["tier"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.tier_write_seconds = Histogram("kvmesh_tier_write_seconds", "Latency of one write to a lower tier.",
+                                            ["tier"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.dropped_stores = Counter("kvmesh_dropped_stores", "Stores not done, by reason.", ["reason"], registry=r)
         r.register(_TierCollector(tier_stats))
+
+    # StoreObserver
+    def tier_read(self, tier: str, nbytes: int, seconds: float) -> None:
+        self.tier_bytes_read.labels(tier).inc(nbytes)
+        self.tier_read_seconds.labels(tier).observe(seconds)
+
+    def tier_write(self, tier: str, nbytes: int, seconds: float) -> None:
+        self.tier_bytes_written.labels(tier).inc(nbytes)
+        self.tier_write_seconds.labels(tier).observe(seconds)
+
+    def dropped_store(self, reason: str) -> None:
+        self.dropped_stores.labels(reason).inc()
 
     def snapshot(self) -> dict[str, float]:
         """Every sample as ``name{labels}: value`` (what ``kvmesh stats`` and tests read)."""
@@ -60,6 +80,9 @@ class DaemonMetrics:
 class _TierCollector:
     def __init__(self, tier_stats: Callable[[], dict[str, TierStats]]) -> None:
         self._tier_stats = tier_stats
+
+    def describe(self) -> list:  # noqa: D102 - keeps the registry from collecting at registration
+        return []
 
     def collect(self):  # noqa: ANN201 - prometheus collector protocol
         stats = self._tier_stats()

@@ -1,0 +1,363 @@
+"""L2 on a local disk: one checksummed file per entry, under a byte budget with LRU eviction.
+
+Why this shape:
+
+* **One file per entry** (``<dir>/<first hex byte>/<hex key>.kv``): the file
+  system is the index that survives a restart; a new :class:`DiskTier` lists the
+  files (no payload is read) and orders them by modification time, which a hit
+  refreshes, so least recently used survives a restart too.
+* **Invisible until complete**: a writer fills a temp file beside the target
+  and renames it into place.  Rename is atomic, so a reader (or a second process
+  writing the same content-addressed key) never sees half an entry, even after
+  ``kill -9``.  Temp files of writers that are gone are removed at start-up.
+* **Checked on every read**: each file starts with a small header (magic,
+  format version, key, payload length, xxh3-64 of the payload).  A file that is
+  truncated, damaged or not ours is a miss; it is deleted and counted in
+  ``stats().errors`` (the first one is logged, the rest only counted).
+* **Budget counted in file bytes**, header included, and never exceeded:
+  room is reserved, and victims deleted, before the new file is written.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import xxhash
+
+from kvmesh.tiers.base import TierStats
+from kvmesh.tiers.eviction import LRUPolicy
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"KVMD"
+FORMAT_VERSION = 1
+# magic, format version, key length, payload length, xxh3-64 of the payload; the key follows
+_HEADER = struct.Struct("<4sHHQQ")
+SUFFIX = ".kv"
+TEMP_SUFFIX = ".tmp"
+# a temp file whose writer's pid is alive is left alone unless it is older than this (pid reuse)
+STALE_TEMP_SECONDS = 3600.0
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+MAX_KEY_BYTES = 64  # its hex is the file name, which must stay short
+
+
+def header_size(key: bytes) -> int:
+    return _HEADER.size + len(key)
+
+
+def entry_size(key: bytes, payload_length: int) -> int:
+    """Bytes an entry occupies in the budget: its whole file."""
+    return header_size(key) + payload_length
+
+
+class DiskTier:
+    """Entries as files under ``directory``, at most ``capacity_bytes`` of them in all."""
+
+    def __init__(self, directory: Path | str, capacity_bytes: int, name: str = "disk",
+                 fsync: bool = False) -> None:
+        if capacity_bytes < 1:
+            raise ValueError(f"capacity_bytes must be at least 1, got {capacity_bytes}")
+        self.name = name
+        self.directory = Path(directory)
+        self.capacity = capacity_bytes
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._sizes: dict[bytes, int] = {}  # committed entries: key -> file size
+        self._writing: dict[bytes, int] = {}  # puts in flight: key -> reserved bytes
+        self._policy = LRUPolicy()
+        self._used = 0  # file bytes of committed entries plus reservations
+        self._stats = TierStats(capacity=capacity_bytes)
+        self._warned: set[str] = set()
+        self._made_dirs: set[str] = set()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._load_index()
+
+    # --------------------------------------------------------------------- reads
+    def contains(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._sizes
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        with self._lock:
+            count = 0
+            for key in keys:
+                if key not in self._sizes:
+                    break
+                count += 1
+            self._stats.hits += count
+            self._stats.misses += int(count < len(keys))
+            return count
+
+    def get(self, key: bytes) -> bytes | None:
+        with self._lock:
+            if key not in self._sizes:
+                self._stats.misses += 1
+                return None
+            self._policy.touch(key)
+        try:
+            payload = self._read(key)
+        except FileNotFoundError:  # evicted or deleted since we looked
+            payload, fault = None, None
+        except _Corrupt as err:
+            payload, fault = None, f"corrupt entry {key.hex()}: {err}"
+        except OSError as err:
+            payload, fault = None, f"cannot read entry {key.hex()}: {err}"
+        with self._lock:
+            if payload is not None:
+                self._stats.hits += 1
+                return payload
+            self._stats.misses += 1
+            if fault is not None:
+                self._stats.errors += 1
+                self._drop(key)
+            elif key in self._sizes and not self._path(key).exists():
+                self._forget(key)  # removed behind our back (another process, a person)
+        if fault is not None:
+            self._warn_once("read", "disk tier %s: dropped %s (further read faults are only counted)",
+                            self.name, fault)
+        return None
+
+    # -------------------------------------------------------------------- writes
+    def put(self, key: bytes, data: bytes | memoryview) -> bool:
+        if not 1 <= len(key) <= MAX_KEY_BYTES:
+            raise ValueError(f"a key is a digest of 1..{MAX_KEY_BYTES} bytes, got {len(key)} bytes")
+        payload = memoryview(data).cast("B")
+        size = entry_size(key, payload.nbytes)
+        with self._lock:
+            if key in self._sizes:
+                self._policy.touch(key)
+                return True
+            if key in self._writing:  # the same content is on its way
+                return True
+            if sum(self._writing.values()) + size > self.capacity:  # too big, or no evictable room
+                self._stats.rejected_stores += 1
+                return False
+            self._make_room(size)
+            self._writing[key] = size
+            self._used += size
+        fault = self._write(key, payload)
+        with self._lock:
+            del self._writing[key]
+            if fault is None:
+                self._sizes[key] = size
+                self._policy.add(key)
+                self._stats.stores += 1
+                return True
+            self._used -= size
+            no_room = fault.errno in _NO_ROOM
+            if no_room:
+                self._stats.rejected_stores += 1
+            else:
+                self._stats.errors += 1
+        self._warn_once("full" if no_room else "write",
+                        "disk tier %s: cannot store %s: %s (further such faults are only counted)",
+                        self.name, key.hex(), fault)
+        return False
+
+    def delete(self, key: bytes) -> bool:
+        with self._lock:
+            if key not in self._sizes:
+                return False
+            self._drop(key)
+            return True
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            self._stats.entries = len(self._sizes)
+            self._stats.bytes_used = self._used
+            return TierStats(**self._stats.to_dict())
+
+    # ----------------------------------------------------------------- file I/O
+    def _path(self, key: bytes) -> Path:
+        hexkey = key.hex()
+        return self.directory / hexkey[:2] / (hexkey + SUFFIX)
+
+    def _read(self, key: bytes) -> bytes:
+        """The payload of ``key``'s file after checking its header and checksum.
+
+        Two reads: the header, then the whole payload straight into a new
+        ``bytes`` object (``os.pread`` allocates it and the kernel fills it), so
+        a 40 MB entry costs one large read and no extra copy.
+        """
+        fd = os.open(self._path(key), os.O_RDONLY)
+        try:
+            file_size = os.fstat(fd).st_size
+            head = os.pread(fd, header_size(key), 0)
+            if len(head) < header_size(key):
+                raise _Corrupt(f"file of {file_size} bytes is shorter than a header")
+            magic, version, key_length, length, checksum = _HEADER.unpack_from(head)
+            if magic != MAGIC:
+                raise _Corrupt(f"bad magic {magic!r}: not a kvmesh disk entry")
+            if version != FORMAT_VERSION:
+                raise _Corrupt(f"format version {version}, this kvmesh reads {FORMAT_VERSION}")
+            if key_length != len(key) or head[_HEADER.size:] != key:
+                raise _Corrupt("the file holds another key")
+            if file_size != header_size(key) + length:
+                raise _Corrupt(f"file is {file_size} bytes, header says {header_size(key) + length}")
+            payload = os.pread(fd, length, header_size(key))
+            if len(payload) != length:
+                raise _Corrupt(f"read {len(payload)} payload bytes of {length}")
+            if xxhash.xxh3_64_intdigest(payload) != checksum:
+                raise _Corrupt("payload checksum mismatch")
+            try:  # a hit refreshes the mtime, which orders LRU after a restart
+                os.utime(fd)
+            except OSError:
+                pass
+            return payload
+        finally:
+            os.close(fd)
+
+    def _write(self, key: bytes, payload: memoryview) -> OSError | None:
+        """Write ``key``'s file through a temp file and a rename; the error if it failed."""
+        path = self._path(key)
+        temp = path.parent / f".{path.stem}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}"
+        header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(key), payload.nbytes,
+                              xxhash.xxh3_64_intdigest(payload)) + key
+        try:
+            self._ensure_dir(path.parent)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _write_all(fd, memoryview(header))
+                _write_all(fd, payload)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temp, path)
+            if self.fsync:
+                _fsync_dir(path.parent)
+        except OSError as err:
+            self._unlink(temp)
+            return err
+        return None
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory.name not in self._made_dirs:
+            directory.mkdir(exist_ok=True)
+            self._made_dirs.add(directory.name)
+
+    def _unlink(self, path: Path) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            self._warn_once("unlink", "disk tier %s: cannot remove %s: %s", self.name, path, err)
+
+    # ------------------------------------------------------------------- index
+    def _load_index(self) -> None:
+        """Rebuild the index from the file names and sizes; remove temp files of dead writers."""
+        found: list[tuple[int, bytes, int]] = []  # (mtime, key, size)
+        now = time.time()
+        for sub in os.scandir(self.directory):
+            if not sub.is_dir(follow_symlinks=False):
+                continue
+            self._made_dirs.add(sub.name)
+            for item in os.scandir(sub.path):
+                if item.name.endswith(TEMP_SUFFIX):
+                    self._remove_stale_temp(item, now)
+                    continue
+                key = _key_of(item.name)
+                if key is None or not item.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    st = item.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                found.append((st.st_mtime_ns, key, st.st_size))
+        found.sort()
+        for _, key, size in found:
+            self._sizes[key] = size
+            self._policy.add(key)
+            self._used += size
+        self._make_room(0)  # the budget may be smaller than last time
+        if found:
+            log.info("disk tier %s: found %d entries (%d bytes) in %s", self.name, len(self._sizes),
+                     self._used, self.directory)
+
+    def _remove_stale_temp(self, item: os.DirEntry[str], now: float) -> None:
+        parts = item.name.split(".")  # "", hexkey, pid, thread id, "tmp"
+        try:
+            pid = int(parts[2])
+            age = now - item.stat(follow_symlinks=False).st_mtime
+        except (IndexError, ValueError, OSError):
+            pid, age = -1, float("inf")
+        if pid == os.getpid() or (age < STALE_TEMP_SECONDS and _alive(pid)):
+            return  # a writer in this process or a live one elsewhere may still rename it
+        self._unlink(Path(item.path))
+
+    def _make_room(self, size: int) -> None:
+        """Evict least recently used entries until ``size`` more bytes fit (lock held).
+
+        Victims' files are deleted here, under the lock, so the bytes on disk
+        never exceed what the index counts, even while other puts are writing.
+        """
+        for victim in self._policy.candidates():
+            if self._used + size <= self.capacity:
+                break
+            self._drop(victim)
+            self._stats.evictions += 1
+
+    def _drop(self, key: bytes) -> None:
+        """Forget an entry and delete its file (lock held: unlinking is quick, a metadata change)."""
+        self._forget(key)
+        self._unlink(self._path(key))
+
+    def _forget(self, key: bytes) -> None:
+        size = self._sizes.pop(key, None)
+        if size is not None:
+            self._policy.remove(key)
+            self._used -= size
+
+    def _warn_once(self, kind: str, message: str, *args: object) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning(message, *args)
+        else:
+            log.debug(message, *args)
+
+
+class _Corrupt(ValueError):
+    """A file that is not a whole, intact entry of the key it is named after."""
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _key_of(filename: str) -> bytes | None:
+    if filename.startswith(".") or not filename.endswith(SUFFIX):
+        return None
+    try:
+        return bytes.fromhex(filename[:-len(SUFFIX)])
+    except ValueError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

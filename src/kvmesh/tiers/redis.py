@@ -1,0 +1,404 @@
+"""L3 in Redis (one server or a Redis Cluster), shared by every node of a deployment.
+
+Why this shape:
+
+* **Namespaced keys**: an entry lives under ``<namespace>:<hex key>`` so several
+  models or deployments can share one Redis.  In cluster mode the hex key is a
+  hash tag (``<namespace>:{<hex key>}``) so an entry's parts land on one shard
+  and come back from one node in one pipelined round trip.
+* **Checked values**: the head value starts with a small header (magic, format
+  version, part count, payload length, xxh3-64 of the payload).  A value that is
+  damaged, truncated or missing a part is a miss; the entry is deleted and
+  counted in ``stats().errors``.
+* **Big values in parts**: a payload that does not fit in ``max_value_bytes``
+  goes to ``<head>:0``, ``<head>:1``, ... written before the head in one
+  pipeline, so a reader never finds a head whose parts are not there yet.
+* **A cache, never a dependency**: connection refused, timeouts and any other
+  Redis or socket error make the call a miss (``get`` None, ``put`` False),
+  counted in ``stats().errors`` and logged once per kind.  A
+  :class:`~kvmesh.tiers.breaker.CircuitBreaker` stops calling a server that
+  keeps failing, so an outage costs nothing per request until a probe succeeds.
+
+While the breaker is open, refused reads count as ``misses`` and refused writes
+as ``rejected_stores``; only calls that reached the network and failed count as
+``errors``.  ``entries``/``bytes_used``/``capacity`` stay 0: the server is shared
+and its memory is Redis's to manage.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import xxhash
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
+from redis.retry import Retry
+
+from kvmesh.tiers.base import TierStats
+from kvmesh.tiers.breaker import BreakerState, CircuitBreaker
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"KVMR"
+FORMAT_VERSION = 1
+# magic, format version, part count (0: the payload follows the header), payload length, xxh3-64
+_HEADER = struct.Struct("<4sHIQQ")
+# parts outlive their head by this much, so a head never outlives its parts under a TTL
+PART_TTL_SLACK_SECONDS = 10
+MIN_VALUE_BYTES = 1024
+MAX_PARTS = 65536  # a bound that keeps a damaged part count from asking for millions of keys
+# what a failed call may raise: server errors, socket errors, cluster topology errors
+_FAULTS = (RedisError, OSError, RedisClusterException)
+
+
+class _Corrupt(ValueError):
+    """A stored value that is not a whole, intact entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class ValueHeader:
+    parts: int  # 0: the payload is inline after the header
+    length: int
+    checksum: int
+
+    def pack(self) -> bytes:
+        return _HEADER.pack(MAGIC, FORMAT_VERSION, self.parts, self.length, self.checksum)
+
+    @classmethod
+    def unpack(cls, value: bytes) -> ValueHeader:
+        if len(value) < _HEADER.size:
+            raise _Corrupt(f"value of {len(value)} bytes is shorter than a header")
+        magic, version, parts, length, checksum = _HEADER.unpack_from(value)
+        if magic != MAGIC:
+            raise _Corrupt(f"bad magic {magic!r}: not a kvmesh value")
+        if version != FORMAT_VERSION:
+            raise _Corrupt(f"format version {version}, this kvmesh reads {FORMAT_VERSION}")
+        if parts > MAX_PARTS:
+            raise _Corrupt(f"part count {parts} is over {MAX_PARTS}")
+        return cls(parts, length, checksum)
+
+
+class RedisTier:
+    """Entries in Redis at ``url`` (``redis://``, ``rediss://``, ``redis://user:password@host:port/db``)."""
+
+    def __init__(self, url: str, name: str = "redis", namespace: str = "kvmesh",
+                 ttl_seconds: int | None = None, max_value_bytes: int = 64 * 1024 * 1024,
+                 timeout_seconds: float = 2.0, cluster: bool = False,
+                 breaker: CircuitBreaker | None = None) -> None:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"a Redis URL starts with redis://, rediss:// or unix://, got {url!r}")
+        if cluster and url.startswith("unix://"):
+            raise ValueError("a Redis Cluster is reached over TCP: use a redis:// or rediss:// URL")
+        if not namespace or any(c in namespace for c in "{}"):
+            raise ValueError(f"namespace must be non-empty and free of braces, got {namespace!r}")
+        if ttl_seconds is not None and ttl_seconds < 1:
+            raise ValueError(f"ttl_seconds must be at least 1 (or None for no expiry), got {ttl_seconds}")
+        if max_value_bytes < MIN_VALUE_BYTES:
+            raise ValueError(f"max_value_bytes must be at least {MIN_VALUE_BYTES}, got {max_value_bytes}")
+        self.name = name
+        self.url = url
+        self.namespace = namespace
+        self.ttl_seconds = ttl_seconds
+        self.max_value_bytes = max_value_bytes
+        self.timeout_seconds = timeout_seconds
+        self.cluster = cluster
+        self.breaker = breaker or CircuitBreaker()
+        self._lock = threading.Lock()  # guards the counters
+        self._connect_lock = threading.Lock()
+        self._stats = TierStats()
+        self._warned: set[str] = set()
+        self._client_obj: Any = None if cluster else self._connect()
+
+    # ------------------------------------------------------------------ keys
+    def redis_key(self, key: bytes) -> str:
+        """The Redis key of an entry's head (its parts add ``:<i>``)."""
+        hexkey = key.hex()
+        return f"{self.namespace}:{{{hexkey}}}" if self.cluster else f"{self.namespace}:{hexkey}"
+
+    def part_keys(self, key: bytes, parts: int) -> list[str]:
+        head = self.redis_key(key)
+        return [f"{head}:{i}" for i in range(parts)]
+
+    # ------------------------------------------------------------------ reads
+    def contains(self, key: bytes) -> bool:
+        if not self.breaker.allow():
+            return False
+        try:
+            found = bool(self._client.exists(self.redis_key(key)))
+        except _FAULTS as err:
+            self._fault(err)
+            return False
+        self._ok()
+        return found
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """How many of ``keys``, from the first, are present: one pipelined EXISTS batch."""
+        if not keys:
+            return 0
+        count = 0
+        if self.breaker.allow():
+            try:
+                pipe = self._client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.exists(self.redis_key(key))
+                found = pipe.execute()
+            except _FAULTS as err:
+                self._fault(err)
+            else:
+                self._ok()
+                while count < len(keys) and found[count]:
+                    count += 1
+        with self._lock:
+            self._stats.hits += count
+            self._stats.misses += int(count < len(keys))
+        return count
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Entries for ``keys`` (None where absent or bad) in two round trips at most.
+
+        The first pipeline reads every head; the second reads the parts of the
+        entries that were split.  Parts are read with one GET each (a cluster
+        pipeline refuses MGET); in a cluster the hash tag keeps all of them on
+        their head's shard.
+        """
+        results: list[bytes | None] = [None] * len(keys)
+        if not keys:
+            return results
+        if not self.breaker.allow():
+            self._count(misses=len(keys))
+            return results
+        corrupt: dict[int, tuple[str, ValueHeader | None]] = {}
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(self.redis_key(key))
+            heads = pipe.execute()
+            split: dict[int, ValueHeader] = {}
+            for i, value in enumerate(heads):
+                if value is None:
+                    continue
+                try:
+                    header = ValueHeader.unpack(value)
+                    if header.parts == 0:
+                        results[i] = _checked(header, value[_HEADER.size:])
+                    else:
+                        split[i] = header
+                except _Corrupt as err:
+                    corrupt[i] = (str(err), None)
+            if split:
+                pipe = self._client.pipeline(transaction=False)
+                for i, header in split.items():
+                    for part_key in self.part_keys(keys[i], header.parts):
+                        pipe.get(part_key)
+                replies = iter(pipe.execute())
+                for i, header in split.items():
+                    parts = [next(replies) for _ in range(header.parts)]
+                    try:
+                        missing = sum(part is None for part in parts)
+                        if missing:
+                            raise _Corrupt(f"{missing} of {header.parts} parts missing")
+                        results[i] = _checked(header, b"".join(parts))
+                    except _Corrupt as err:
+                        corrupt[i] = (str(err), header)
+            if corrupt:
+                self._drop_corrupt([(keys[i], header) for i, (_, header) in corrupt.items()])
+        except _FAULTS as err:
+            self._fault(err)
+            results = [None] * len(keys)
+            corrupt = {}
+        else:
+            self._ok()
+        if corrupt:
+            i, (reason, _) = next(iter(corrupt.items()))
+            self._warn_once("corrupt", "redis tier %s: dropped %d bad entries, e.g. %s: %s "
+                            "(further bad entries are only counted)", self.name, len(corrupt),
+                            keys[i].hex(), reason)
+        hits = sum(r is not None for r in results)
+        self._count(hits=hits, misses=len(keys) - hits, errors=len(corrupt))
+        return results
+
+    # ----------------------------------------------------------------- writes
+    def put(self, key: bytes, data: bytes | memoryview) -> bool:
+        return self.put_many([(key, data)]) == 1
+
+    def put_many(self, items: Iterable[tuple[bytes, bytes | memoryview]]) -> int:
+        """Store entries in one pipeline (plus one EXISTS batch if any is split); how many are now stored.
+
+        Parts go first and each head last, with SET NX, so an entry that is
+        already there is left as it is (content-addressed: same key, same bytes).
+        """
+        entries = []
+        for key, data in items:
+            payload = memoryview(data).cast("B")
+            if self._parts_for(payload.nbytes) > MAX_PARTS:  # would need more keys than a reader accepts
+                self._count(rejected_stores=1)
+            else:
+                entries.append((key, payload))
+        if not entries:
+            return 0
+        if not self.breaker.allow():
+            self._count(rejected_stores=len(entries))
+            return 0
+        try:
+            split = [i for i, (_, payload) in enumerate(entries) if self._parts_for(payload.nbytes)]
+            present: set[int] = set()
+            if split:  # skip writing the parts of entries that are already whole
+                pipe = self._client.pipeline(transaction=False)
+                for i in split:
+                    pipe.exists(self.redis_key(entries[i][0]))
+                present = {i for i, found in zip(split, pipe.execute()) if found}
+            pipe = self._client.pipeline(transaction=False)
+            head_replies: list[int] = []  # where each head's SET NX reply lies among the replies
+            queued = 0
+            for i, (key, payload) in enumerate(entries):
+                if i not in present:
+                    queued += self._queue_writes(pipe, key, payload)
+                    head_replies.append(queued - 1)
+            replies = pipe.execute() if queued else []
+        except _FAULTS as err:
+            self._fault(err)
+            return 0
+        self._ok()
+        # SET NX replies True only for a head that was not there: a new entry
+        self._count(stores=sum(1 for at in head_replies if replies[at] is True))
+        return len(entries)
+
+    def delete(self, key: bytes) -> bool:
+        if not self.breaker.allow():
+            return False
+        head = self.redis_key(key)
+        try:
+            header_bytes = self._client.getrange(head, 0, _HEADER.size - 1)
+            try:
+                parts = ValueHeader.unpack(header_bytes).parts
+            except _Corrupt:
+                parts = 0
+            removed = self._delete_keys([head, *self.part_keys(key, parts)])[0]
+        except _FAULTS as err:
+            self._fault(err)
+            return False
+        self._ok()
+        return bool(removed)
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            return TierStats(**self._stats.to_dict())
+
+    def close(self) -> None:
+        if self._client_obj is not None:
+            self._client_obj.close()
+            self._client_obj = None
+
+    # -------------------------------------------------------------- internals
+    @property
+    def _client(self) -> Any:
+        # A cluster client reads the topology when it is built, so it is built on first use:
+        # a cluster that is down at start-up is then a miss like any other outage.
+        if self._client_obj is None:
+            with self._connect_lock:
+                if self._client_obj is None:
+                    self._client_obj = self._connect()
+        return self._client_obj
+
+    def _connect(self) -> Any:
+        options: dict[str, Any] = {
+            "socket_timeout": self.timeout_seconds,
+            "socket_connect_timeout": self.timeout_seconds,
+            # one immediate retry of connection errors: it replaces a pooled socket that a server
+            # restart closed; longer outages are the breaker's business
+            "retry": Retry(NoBackoff(), 1),
+        }
+        if self.cluster:
+            return RedisCluster.from_url(self.url, **options)
+        return redis.Redis.from_url(self.url, **options)
+
+    def _parts_for(self, length: int) -> int:
+        """How many parts a payload of ``length`` bytes is split into (0: it fits in the head)."""
+        if _HEADER.size + length <= self.max_value_bytes:
+            return 0
+        return -(-length // self.max_value_bytes)
+
+    def _queue_writes(self, pipe: Any, key: bytes, payload: memoryview) -> int:
+        """Queue an entry's SETs, parts first and the head last; how many commands were queued."""
+        parts = self._parts_for(payload.nbytes)
+        header = ValueHeader(parts, payload.nbytes, xxhash.xxh3_64_intdigest(payload)).pack()
+        part_ttl = None if self.ttl_seconds is None else self.ttl_seconds + PART_TTL_SLACK_SECONDS
+        step = self.max_value_bytes
+        for i, part_key in enumerate(self.part_keys(key, parts)):
+            pipe.set(part_key, payload[i * step:(i + 1) * step], ex=part_ttl)
+        head = header if parts else header + payload
+        pipe.set(self.redis_key(key), head, ex=self.ttl_seconds, nx=True)
+        return parts + 1
+
+    def _drop_corrupt(self, bad: list[tuple[bytes, ValueHeader | None]]) -> None:
+        """Delete bad entries: the head, and the parts its header names (if it could be read)."""
+        doomed = []
+        for key, header in bad:
+            doomed += [self.redis_key(key), *self.part_keys(key, header.parts if header else 0)]
+        self._delete_keys(doomed)
+
+    def _delete_keys(self, redis_keys: list[str]) -> list[int]:
+        """DEL each key, in order, in one pipeline (a cluster pipeline takes one key per DEL)."""
+        pipe = self._client.pipeline(transaction=False)
+        for redis_key in redis_keys:
+            pipe.delete(redis_key)
+        return pipe.execute()
+
+    def _ok(self) -> None:
+        state = self.breaker.state
+        self.breaker.record_success()
+        if state is not BreakerState.CLOSED:
+            log.info("redis tier %s: %s answers again", self.name, _safe_url(self.url))
+
+    def _fault(self, err: BaseException) -> None:
+        was_closed = self.breaker.state is BreakerState.CLOSED
+        self.breaker.record_failure()
+        self._count(errors=1)
+        kind = type(err).__name__
+        self._warn_once(kind, "redis tier %s: %s at %s; calls are misses while it lasts "
+                        "(further %s faults are only counted)", self.name, kind,
+                        _safe_url(self.url), kind)
+        log.debug("redis tier %s: %s", self.name, err)
+        if was_closed and self.breaker.state is BreakerState.OPEN:
+            log.warning("redis tier %s: %d failures in a row; not calling %s for %.1f s",
+                        self.name, self.breaker.failure_threshold, _safe_url(self.url),
+                        self.breaker.reset_seconds)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for field, delta in deltas.items():
+                setattr(self._stats, field, getattr(self._stats, field) + delta)
+
+    def _warn_once(self, kind: str, message: str, *args: object) -> None:
+        with self._lock:
+            first = kind not in self._warned
+            self._warned.add(kind)
+        (log.warning if first else log.debug)(message, *args)
+
+
+def _checked(header: ValueHeader, payload: bytes) -> bytes:
+    if len(payload) != header.length:
+        raise _Corrupt(f"payload is {len(payload)} bytes, header says {header.length}")
+    if xxhash.xxh3_64_intdigest(payload) != header.checksum:
+        raise _Corrupt("payload checksum mismatch")
+    return payload
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}{sep}{user + '@' if user else ''}{hostpart}"

@@ -1,0 +1,362 @@
+import errno
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmesh.tiers import disk
+from kvmesh.tiers.base import Tier
+from kvmesh.tiers.disk import DiskTier, entry_size
+
+
+def _key(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def _payload(i: int, size: int) -> bytes:
+    return random.Random(i).randbytes(size)
+
+
+def _files(directory: Path) -> list[Path]:
+    return [p for p in directory.rglob("*") if p.is_file()]
+
+
+def _disk_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in _files(directory))
+
+
+def _entry_file(directory: Path, key: bytes) -> Path:
+    (path,) = [p for p in _files(directory) if p.name == key.hex() + disk.SUFFIX]
+    return path
+
+
+def test_implements_the_tier_protocol(tmp_path: Path) -> None:
+    assert isinstance(DiskTier(tmp_path, 1 << 20), Tier)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 1 << 20, 3 * 1024 * 1024 + 7])
+def test_round_trip(tmp_path: Path, size: int) -> None:
+    tier = DiskTier(tmp_path, 16 << 20)
+    data = _payload(size, size)
+    assert tier.put(_key(1), data)
+    assert tier.contains(_key(1))
+    assert tier.get(_key(1)) == data
+    assert _disk_bytes(tmp_path) == entry_size(_key(1), size) == tier.stats().bytes_used
+    stats = tier.stats()
+    assert (stats.entries, stats.stores, stats.hits, stats.errors) == (1, 1, 1, 0)
+
+
+def test_memoryview_put_and_repeated_put_is_a_no_op(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 1 << 20)
+    data = _payload(1, 1000)
+    assert tier.put(_key(1), memoryview(data))
+    mtime = _entry_file(tmp_path, _key(1)).stat().st_mtime_ns
+    assert tier.put(_key(1), data)
+    assert tier.stats().stores == 1
+    assert _entry_file(tmp_path, _key(1)).stat().st_mtime_ns == mtime  # not rewritten
+    assert tier.get(_key(1)) == data
+
+
+def test_lookup_counts_consecutive_hits_and_delete(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 1 << 20)
+    for i in range(3):
+        tier.put(_key(i), _payload(i, 100))
+    assert tier.lookup([_key(0), _key(1), _key(2), _key(3), _key(0)]) == 3
+    assert tier.lookup([_key(3), _key(0)]) == 0
+    assert tier.lookup([]) == 0
+    assert tier.get(_key(9)) is None
+    assert tier.delete(_key(1))
+    assert not tier.delete(_key(1))
+    assert not tier.contains(_key(1))
+    assert tier.lookup([_key(0), _key(1), _key(2)]) == 1
+    assert len(_files(tmp_path)) == 2
+    assert tier.stats().bytes_used == _disk_bytes(tmp_path)
+
+
+def test_budget_is_never_exceeded_and_lru_goes_first(tmp_path: Path) -> None:
+    capacity = 350_000
+    tier = DiskTier(tmp_path, capacity)
+    rng = random.Random(7)
+    for i in range(40):
+        assert tier.put(_key(i), _payload(i, rng.randrange(10_000, 150_000)))
+        on_disk = _disk_bytes(tmp_path)
+        assert on_disk <= capacity
+        assert on_disk == tier.stats().bytes_used
+    assert tier.stats().evictions > 0
+    # LRU by access: reading the oldest entry keeps it while younger unread ones go
+    present = [i for i in range(40) if tier.contains(_key(i))]
+    oldest, younger = present[0], present[1:]
+    assert tier.get(_key(oldest)) is not None
+    for i in range(100, 110):  # small puts until the first younger entry goes
+        tier.put(_key(i), _payload(i, 20_000))
+        if not tier.contains(_key(younger[0])):
+            break
+    assert not tier.contains(_key(younger[0]))
+    assert tier.contains(_key(oldest))
+
+
+def test_entry_larger_than_the_budget_is_rejected(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 10_000)
+    tier.put(_key(1), b"x" * 100)
+    assert not tier.put(_key(2), b"x" * 10_000)
+    assert tier.stats().rejected_stores == 1
+    assert tier.contains(_key(1))  # nothing was evicted for a put that cannot fit
+
+
+def test_warm_restart_rebuilds_index_and_lru_order(tmp_path: Path) -> None:
+    size = 50_000
+    capacity = 5 * entry_size(_key(0), size)
+    tier = DiskTier(tmp_path, capacity)
+    for i in range(5):
+        tier.put(_key(i), _payload(i, size))
+    # last access order 3, 0, 4, 1, 2 (oldest first), as recorded in the files' mtimes
+    for rank, i in enumerate([3, 0, 4, 1, 2]):
+        stamp = time.time() - 1000 + rank
+        os.utime(_entry_file(tmp_path, _key(i)), (stamp, stamp))
+    (tmp_path / "README").write_text("not an entry")
+    (tmp_path / "ab").mkdir(exist_ok=True)
+    (tmp_path / "ab" / "zz-not-hex.kv").write_bytes(b"junk")
+    stray = _disk_bytes(tmp_path) - 5 * entry_size(_key(0), size)
+
+    restarted = DiskTier(tmp_path, capacity + stray)
+    stats = restarted.stats()
+    assert (stats.entries, stats.bytes_used) == (5, 5 * entry_size(_key(0), size))
+    assert restarted.lookup([_key(i) for i in range(5)]) == 5
+    assert restarted.get(_key(2)) == _payload(2, size)
+    restarted.put(_key(9), _payload(9, size))  # evicts the least recently used: 3
+    assert not restarted.contains(_key(3))
+    assert all(restarted.contains(_key(i)) for i in (0, 1, 2, 4, 9))
+
+    smaller = DiskTier(tmp_path, 2 * entry_size(_key(0), size))  # keeps the two most recent
+    assert [i for i in (0, 1, 2, 4, 9) if smaller.contains(_key(i))] == [2, 9]
+    assert smaller.stats().bytes_used == _disk_bytes(tmp_path) - stray
+
+
+def test_restart_is_quick_and_reads_no_payload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = DiskTier(tmp_path, 1 << 30)
+    for i in range(200):
+        tier.put(_key(i), b"p" * 1000)
+    monkeypatch.setattr(DiskTier, "_read", lambda self, key: pytest.fail("payload read at start-up"))
+    started = time.perf_counter()
+    restarted = DiskTier(tmp_path, 1 << 30)
+    assert time.perf_counter() - started < 1.0
+    assert restarted.stats().entries == 200
+
+
+@pytest.mark.parametrize("damage", ["flip_payload_byte", "truncate", "foreign", "other_key", "empty"])
+def test_damaged_file_is_a_miss_deleted_and_counted(tmp_path: Path, damage: str) -> None:
+    tier = DiskTier(tmp_path, 1 << 20)
+    data = _payload(1, 10_000)
+    tier.put(_key(1), data)
+    tier.put(_key(2), _payload(2, 10_000))
+    path = _entry_file(tmp_path, _key(1))
+    raw = bytearray(path.read_bytes())
+    if damage == "flip_payload_byte":
+        raw[-5000] ^= 0x01
+    elif damage == "truncate":
+        raw = raw[:len(raw) // 2]
+    elif damage == "foreign":
+        raw = bytearray(os.urandom(len(raw)))
+    elif damage == "other_key":
+        raw = bytearray(_entry_file(tmp_path, _key(2)).read_bytes())
+    else:
+        raw = bytearray()
+    path.write_bytes(bytes(raw))
+
+    assert tier.get(_key(1)) is None
+    assert not path.exists()
+    assert not tier.contains(_key(1))
+    stats = tier.stats()
+    assert (stats.errors, stats.misses, stats.entries) == (1, 1, 1)
+    assert stats.bytes_used == _disk_bytes(tmp_path)
+    assert tier.get(_key(2)) == _payload(2, 10_000)
+    assert tier.put(_key(1), data) and tier.get(_key(1)) == data  # can be stored again
+
+
+def test_corruption_is_logged_once_and_counted_always(tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    tier = DiskTier(tmp_path, 1 << 20)
+    for i in range(3):
+        tier.put(_key(i), _payload(i, 1000))
+        _entry_file(tmp_path, _key(i)).write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="kvmesh.tiers.disk"):
+        assert [tier.get(_key(i)) for i in range(3)] == [None, None, None]
+    assert tier.stats().errors == 3
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+def test_file_removed_behind_the_tiers_back_is_a_plain_miss(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 1 << 20)
+    tier.put(_key(1), b"abc")
+    _entry_file(tmp_path, _key(1)).unlink()
+    assert tier.get(_key(1)) is None
+    stats = tier.stats()
+    assert (stats.errors, stats.entries, stats.bytes_used) == (0, 0, 0)
+
+
+_KILLED_WRITER = """
+import os, sys, time
+from kvmesh.tiers import disk
+tier = disk.DiskTier(sys.argv[1], 1 << 30)
+tier.put(bytes(16), b"whole" * 1000)
+write_all = disk._write_all
+def slow_write_all(fd, view):
+    if len(view) > 1_000_000:  # the big payload: write half, say so, then hang
+        os.write(fd, view[: len(view) // 2])
+        open(sys.argv[2], "w").close()
+        time.sleep(60)
+    write_all(fd, view)
+disk._write_all = slow_write_all
+tier.put(b"\\xff" * 16, os.urandom(8 << 20))
+"""
+
+
+def test_kill_9_mid_write_leaves_no_readable_partial_entry(tmp_path: Path) -> None:
+    store, ready = tmp_path / "store", tmp_path / "writing"
+    writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(store), str(ready)])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert writer.poll() is None, "the writer exited before it started writing"
+            assert time.monotonic() < deadline, "the writer never started writing"
+            time.sleep(0.02)
+        temps = [p for p in _files(store) if p.name.endswith(disk.TEMP_SUFFIX)]
+        assert len(temps) == 1 and temps[0].stat().st_size > 1_000_000  # half written, invisible
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+
+    tier = DiskTier(store, 1 << 30)
+    assert not tier.contains(b"\xff" * 16)
+    assert tier.get(b"\xff" * 16) is None
+    assert tier.get(bytes(16)) == b"whole" * 1000
+    assert not temps[0].exists()
+    assert [p.name for p in _files(store)] == [bytes(16).hex() + disk.SUFFIX]
+
+
+def test_temp_file_of_a_live_writer_is_left_alone(tmp_path: Path) -> None:
+    sub = tmp_path / "ff"
+    sub.mkdir()
+    mine = sub / f".{'ff' * 16}.{os.getpid()}.1{disk.TEMP_SUFFIX}"
+    dead = sub / f".{'ff' * 16}.999999999.1{disk.TEMP_SUFFIX}"
+    mine.write_bytes(b"partial")
+    dead.write_bytes(b"partial")
+    tier = DiskTier(tmp_path, 1 << 20)
+    assert mine.exists() and not dead.exists()
+    assert tier.stats().entries == 0
+
+
+def test_disk_full_is_a_rejected_store_without_leftovers(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = DiskTier(tmp_path, 1 << 30)
+    assert tier.put(_key(1), b"a" * 1000)
+
+    def full(fd: int, view: memoryview) -> None:
+        os.write(fd, view[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(disk, "_write_all", full)
+    assert tier.put(_key(2), b"b" * 1000) is False
+    stats = tier.stats()
+    assert (stats.rejected_stores, stats.errors, stats.entries) == (1, 0, 1)
+    assert stats.bytes_used == _disk_bytes(tmp_path)
+    assert [p.name for p in _files(tmp_path)] == [_key(1).hex() + disk.SUFFIX]
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (needs root, as on CI); skipped where it cannot be mounted."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_really_full_disk_rejects_the_store(tiny_filesystem: Path) -> None:
+    tier = DiskTier(tiny_filesystem, 100 << 20)  # the budget is larger than the file system
+    assert tier.put(_key(1), _payload(1, 600_000))
+    assert tier.put(_key(2), _payload(2, 600_000)) is False
+    stats = tier.stats()
+    assert (stats.rejected_stores, stats.errors, stats.entries) == (1, 0, 1)
+    assert not [p for p in _files(tiny_filesystem) if p.name.endswith(disk.TEMP_SUFFIX)]
+    assert tier.get(_key(1)) == _payload(1, 600_000)
+
+
+def test_threads_keep_the_budget_and_the_bytes(tmp_path: Path) -> None:
+    size = 40_000
+    capacity = 6 * entry_size(_key(0), size)
+    tier = DiskTier(tmp_path, capacity)
+    failures: list[str] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(40):
+            i = rng.randrange(12)
+            if rng.random() < 0.5:
+                tier.put(_key(i), _payload(i, size))
+            else:
+                got = tier.get(_key(i))
+                if got is not None and got != _payload(i, size):
+                    failures.append(f"wrong bytes for {i}")
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    assert _disk_bytes(tmp_path) == tier.stats().bytes_used <= capacity
+    assert tier.stats().errors == 0
+
+
+def test_two_tiers_writing_the_same_key_at_once(tmp_path: Path) -> None:
+    tiers = [DiskTier(tmp_path, 1 << 30), DiskTier(tmp_path, 1 << 30)]
+    data = _payload(5, 2 << 20)
+    barrier = threading.Barrier(2)
+    results: list[bool] = []
+
+    def write(tier: DiskTier) -> None:
+        barrier.wait()
+        results.append(tier.put(_key(5), data))
+
+    threads = [threading.Thread(target=write, args=(tier,)) for tier in tiers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [True, True]
+    assert DiskTier(tmp_path, 1 << 30).get(_key(5)) == data
+    assert [p.name for p in _files(tmp_path)] == [_key(5).hex() + disk.SUFFIX]
+
+
+def test_fsync_mode_round_trip(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 1 << 20, fsync=True)
+    assert tier.put(_key(1), b"durable")
+    assert DiskTier(tmp_path, 1 << 20).get(_key(1)) == b"durable"
+
+
+def test_bad_keys_and_budgets_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        DiskTier(tmp_path, 0)
+    tier = DiskTier(tmp_path, 1 << 20)
+    with pytest.raises(ValueError):
+        tier.put(b"", b"x")
+    with pytest.raises(ValueError):
+        tier.put(b"k" * 200, b"x")

@@ -1,0 +1,280 @@
+import logging
+import random
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from kvmesh.tiers.base import Tier
+from kvmesh.tiers.breaker import BreakerState, CircuitBreaker
+from kvmesh.tiers.redis import RedisTier
+from redis_servers import (  # noqa: F401  (pytest finds the fixtures by these names)
+    RedisClusterServers,
+    RedisServer,
+    free_port,
+    redis_cluster,
+    redis_server,
+    redis_server_factory,
+)
+
+SMALL_VALUES = 100_000  # max_value_bytes that splits a 1 MB value into 11 parts
+
+
+def _key(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def _payload(i: int, size: int) -> bytes:
+    return random.Random(i).randbytes(size)
+
+
+def _namespace() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def _tier(server: RedisServer, **options: object) -> RedisTier:
+    options.setdefault("namespace", _namespace())
+    return RedisTier(server.url, **options)  # type: ignore[arg-type]
+
+
+def test_implements_the_tier_protocol(redis_server: RedisServer) -> None:
+    assert isinstance(_tier(redis_server), Tier)
+
+
+@pytest.mark.parametrize("size", [0, 1, 5000, 99_000, 1_000_000])
+def test_round_trip_inline_and_in_parts(redis_server: RedisServer, size: int) -> None:
+    tier = _tier(redis_server, max_value_bytes=SMALL_VALUES)
+    data = _payload(size, size)
+    assert tier.put(_key(1), data)
+    assert tier.contains(_key(1))
+    assert tier.get(_key(1)) == data
+    raw = redis_server.client()
+    parts = -(-size // SMALL_VALUES) if size + 64 > SMALL_VALUES else 0
+    head = f"{tier.namespace}:{_key(1).hex()}"
+    assert raw.exists(head) == 1
+    assert sorted(k.decode() for k in raw.keys(f"{tier.namespace}:*")) == sorted(
+        [head] + [f"{head}:{i}" for i in range(parts)])
+    assert all(len(raw.get(f"{head}:{i}")) <= SMALL_VALUES for i in range(parts))
+    stats = tier.stats()
+    assert (stats.stores, stats.hits, stats.misses, stats.errors) == (1, 1, 0, 0)
+
+
+def test_repeated_put_is_a_no_op(redis_server: RedisServer) -> None:
+    tier = _tier(redis_server, max_value_bytes=SMALL_VALUES)
+    for size in (10, 300_000):
+        key = _key(size)
+        assert tier.put(key, memoryview(_payload(size, size)))
+        assert tier.put(key, _payload(size, size))
+        assert tier.get(key) == _payload(size, size)
+    assert tier.stats().stores == 2
+
+
+def test_get_many_put_many_lookup_delete(redis_server: RedisServer) -> None:
+    tier = _tier(redis_server, max_value_bytes=SMALL_VALUES)
+    items = [(_key(i), _payload(i, size)) for i, size in enumerate([10, 250_000, 0, 1_000_000])]
+    assert tier.put_many(items) == 4
+    assert tier.put_many(items[:2]) == 2  # already there: no-ops
+    assert tier.stats().stores == 4
+    keys = [_key(i) for i in range(6)]
+    assert tier.get_many(keys) == [data for _, data in items] + [None, None]
+    assert tier.lookup(keys) == 4
+    assert tier.lookup([_key(9), _key(0)]) == 0
+    assert tier.delete(_key(1))
+    assert not tier.delete(_key(1))
+    assert tier.lookup(keys) == 1
+    assert redis_server.client().keys(f"{tier.namespace}:{_key(1).hex()}*") == []  # parts gone too
+    assert tier.get(_key(3)) == items[3][1]
+
+
+@pytest.mark.parametrize("damage", ["garbage_head", "truncated_head", "short_part", "missing_part",
+                                    "flipped_part_byte"])
+def test_damaged_value_is_a_miss_deleted_and_counted(redis_server: RedisServer, damage: str) -> None:
+    tier = _tier(redis_server, max_value_bytes=SMALL_VALUES)
+    raw = redis_server.client()
+    inline, split = _payload(1, 5000), _payload(2, 1_000_000)
+    tier.put(_key(1), inline)
+    tier.put(_key(2), split)
+    head = f"{tier.namespace}:{_key(1 if 'head' in damage else 2).hex()}"
+    if damage == "garbage_head":
+        raw.set(head, b"this is not a kvmesh value at all")
+    elif damage == "truncated_head":
+        raw.set(head, raw.get(head)[:-100])
+    elif damage == "short_part":
+        raw.set(f"{head}:3", raw.get(f"{head}:3")[:1000])
+    elif damage == "missing_part":
+        raw.delete(f"{head}:5")
+    else:
+        part = bytearray(raw.get(f"{head}:7"))
+        part[123] ^= 0x40
+        raw.set(f"{head}:7", bytes(part))
+    damaged = _key(1 if "head" in damage else 2)
+
+    assert tier.get(damaged) is None
+    assert raw.keys(f"{head}*") == []  # the head and all its parts are deleted
+    stats = tier.stats()
+    assert (stats.errors, stats.misses) == (1, 1)
+    intact = _key(2 if "head" in damage else 1)
+    assert tier.get(intact) == (split if intact == _key(2) else inline)
+    assert tier.put(damaged, split if damaged == _key(2) else inline)  # can be stored again
+    assert tier.get(damaged) is not None
+    assert tier.breaker.state is BreakerState.CLOSED  # bad data is not a sick server
+
+
+def test_corruption_is_logged_once(redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    tier = _tier(redis_server)
+    raw = redis_server.client()
+    for i in range(3):
+        tier.put(_key(i), b"x" * 100)
+        raw.set(f"{tier.namespace}:{_key(i).hex()}", b"junk")
+    with caplog.at_level(logging.WARNING, logger="kvmesh.tiers.redis"):
+        assert tier.get(_key(0)) is None
+        assert tier.get_many([_key(1), _key(2)]) == [None, None]
+    assert tier.stats().errors == 3
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+def test_namespaces_are_isolated(redis_server: RedisServer) -> None:
+    first, second = _tier(redis_server), _tier(redis_server)
+    first.put(_key(1), b"first")
+    assert not second.contains(_key(1))
+    assert second.get(_key(1)) is None
+    assert second.lookup([_key(1)]) == 0
+    assert not second.delete(_key(1))
+    second.put(_key(1), b"second")
+    assert first.get(_key(1)) == b"first"
+    assert second.get(_key(1)) == b"second"
+    assert redis_server.client().keys(f"{first.namespace}:*") == [
+        f"{first.namespace}:{_key(1).hex()}".encode()]
+
+
+def test_ttl_is_set_on_every_key_of_an_entry(redis_server: RedisServer) -> None:
+    tier = _tier(redis_server, ttl_seconds=100, max_value_bytes=SMALL_VALUES)
+    tier.put(_key(1), _payload(1, 300_000))
+    raw = redis_server.client()
+    head = f"{tier.namespace}:{_key(1).hex()}"
+    assert 90 < raw.ttl(head) <= 100
+    part_ttls = [raw.ttl(f"{head}:{i}") for i in range(3)]
+    assert all(raw.ttl(head) <= t <= 110 for t in part_ttls)  # parts never expire before their head
+    untimed = _tier(redis_server)
+    untimed.put(_key(1), b"forever")
+    assert raw.ttl(f"{untimed.namespace}:{_key(1).hex()}") == -1
+
+
+def test_unreachable_server_is_a_miss_and_opens_the_breaker(caplog: pytest.LogCaptureFixture) -> None:
+    breaker = CircuitBreaker(failure_threshold=2, reset_seconds=60)
+    tier = RedisTier(f"redis://127.0.0.1:{free_port()}", timeout_seconds=0.5, breaker=breaker)
+    with caplog.at_level(logging.WARNING, logger="kvmesh.tiers.redis"):
+        assert tier.get(_key(1)) is None
+        assert tier.put(_key(1), b"x") is False
+    assert breaker.state is BreakerState.OPEN
+    assert tier.stats().errors == 2
+    # open: no network, no errors; reads are misses, writes are rejected
+    started = time.perf_counter()
+    assert not tier.contains(_key(1))
+    assert tier.lookup([_key(1), _key(2)]) == 0
+    assert tier.get_many([_key(1), _key(2)]) == [None, None]
+    assert tier.put_many([(_key(1), b"x"), (_key(2), b"y")]) == 0
+    assert not tier.delete(_key(1))
+    assert time.perf_counter() - started < 0.1
+    stats = tier.stats()
+    assert (stats.errors, stats.misses, stats.rejected_stores) == (2, 4, 2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([w for w in warnings if "ConnectionError" in w]) == 1  # one per kind of fault
+    assert any("failures in a row" in w for w in warnings)
+
+
+def test_server_stopped_and_restarted(redis_server_factory) -> None:  # noqa: F811
+    server = redis_server_factory()
+    breaker = CircuitBreaker(failure_threshold=3, reset_seconds=0.5)
+    tier = RedisTier(server.url, namespace=_namespace(), timeout_seconds=0.5, breaker=breaker)
+    assert tier.put(_key(1), b"before")
+    assert tier.get(_key(1)) == b"before"
+
+    server.stop()
+    assert tier.get(_key(1)) is None
+    assert tier.put(_key(2), b"down") is False
+    assert tier.lookup([_key(1)]) == 0
+    assert breaker.state is BreakerState.OPEN
+    errors = tier.stats().errors
+    assert errors == 3
+    assert tier.get(_key(1)) is None  # refused by the breaker: not counted as an error
+    assert tier.stats().errors == errors
+    assert tier.stats().misses >= 3
+
+    server.start()  # same port; the data is gone (no persistence)
+    time.sleep(0.6)
+    assert tier.put(_key(2), b"after")
+    assert breaker.state is BreakerState.CLOSED
+    assert tier.get(_key(2)) == b"after"
+    assert tier.lookup([_key(2)]) == 1
+
+
+def test_acl_user_and_password_in_the_url(redis_server_factory) -> None:  # noqa: F811
+    server = redis_server_factory(extra_args=(
+        "--user", "default", "off",
+        "--user", "kvuser", "on", ">s3cret", "~*", "+@all"))
+    tier = RedisTier(f"redis://kvuser:s3cret@127.0.0.1:{server.port}/3", namespace="acl")
+    assert tier.put(_key(1), b"secret data")
+    assert tier.get(_key(1)) == b"secret data"
+    raw = redis.Redis(host="127.0.0.1", port=server.port, username="kvuser", password="s3cret", db=3)
+    assert raw.exists(f"acl:{_key(1).hex()}") == 1  # in the database the URL names
+
+    for url in (f"redis://kvuser:wrong@127.0.0.1:{server.port}/3", server.url):
+        refused = RedisTier(url, namespace="acl")
+        assert refused.get(_key(1)) is None
+        assert refused.put(_key(2), b"x") is False
+        assert refused.stats().errors == 2
+
+
+def test_tls_url(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    server = RedisServer(tmp_path / "tls")
+    server.extra_args = ("--port", "0", "--tls-port", str(server.port), "--tls-cert-file", str(cert),
+                         "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                         "--tls-auth-clients", "no")
+    server.start()
+    try:
+        tier = RedisTier(f"rediss://127.0.0.1:{server.port}?ssl_ca_certs={cert}", namespace="tls")
+        assert tier.put(_key(1), b"over tls")
+        assert tier.get(_key(1)) == b"over tls"
+        plain = RedisTier(f"redis://127.0.0.1:{server.port}", namespace="tls", timeout_seconds=0.5)
+        assert plain.get(_key(1)) is None  # the port speaks only TLS
+        assert plain.stats().errors == 1
+    finally:
+        server.stop()
+
+
+def test_bad_settings_are_refused() -> None:
+    for options in ({"url": "http://localhost"}, {"ttl_seconds": 0}, {"max_value_bytes": 10},
+                    {"namespace": ""}, {"namespace": "a{b}"}):
+        with pytest.raises(ValueError):
+            RedisTier(**{"url": "redis://127.0.0.1:1", **options})  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_cluster_spreads_and_serves_entries(redis_cluster: RedisClusterServers) -> None:  # noqa: F811
+    tier = RedisTier(redis_cluster.url, namespace="cl", cluster=True, max_value_bytes=4096)
+    items = [(_key(i), _payload(i, 1000 + 600 * i)) for i in range(30)]  # from inline to 5 parts
+    for key, data in items[:15]:
+        assert tier.put(key, data)
+    assert tier.put_many(items[15:]) == 15
+    assert tier.lookup([key for key, _ in items]) == 30
+    for key, data in items:
+        assert tier.get(key) == data
+    assert tier.get_many([key for key, _ in items] + [_key(99)]) == [data for _, data in items] + [None]
+    per_node = [node.client().dbsize() for node in redis_cluster.nodes]
+    assert sum(per_node) > 30  # heads plus parts
+    assert sum(1 for count in per_node if count) >= 2
+    assert tier.delete(_key(29))
+    assert tier.get(_key(29)) is None
+    assert tier.stats().errors == 0
+    tier.close()
