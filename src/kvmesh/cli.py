@@ -207,6 +207,117 @@ def _core_demo(path: Path, config: KVMeshConfig, tokens: int) -> None:
         raise typer.Exit(1)
 
 
+bench_app = typer.Typer(help="Benchmarks: workloads against vLLM with and without kvmesh, and its peers.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("systems")
+def bench_systems() -> None:
+    """List the systems `kvmesh bench run` can start and compare."""
+    from kvmesh.bench.systems import SYSTEMS
+
+    for name, description in SYSTEMS.items():
+        console.print(f"[bold]{name:<14}[/bold] {description}")
+
+
+@bench_app.command("run")
+def bench_run(
+    workload: Annotated[str, typer.Option(help="multi-round, long-doc or rag.")] = "multi-round",
+    systems: Annotated[str, typer.Option(help="Comma-separated (see `kvmesh bench systems`).")] = "vllm,kvmesh",
+    users: Annotated[int, typer.Option(help="multi-round: users; long-doc: documents.")] = 20,
+    rounds: Annotated[int, typer.Option(help="multi-round: rounds per user; long-doc: visits per document.")] = 4,
+    context: Annotated[int, typer.Option(help="Tokens of each user's document / each long document.")] = 1500,
+    answer_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 32,
+    qps: Annotated[Optional[list[float]], typer.Option(help="Offered load (Poisson); repeat to sweep. "
+                                                           "Omitted: one request at a time.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Most requests in flight.")] = 1,
+    pool_tokens: Annotated[int, typer.Option(help="The engine's own KV pool, in tokens (at least one "
+                                                  "longest request).")] = 4224,
+    ttft_objective: Annotated[float, typer.Option(help="p90 TTFT objective (s) for sustained throughput.")] = 2.0,
+    seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
+    out: Annotated[Path, typer.Option(help="Report directory.")] = Path("results/bench"),
+    lmcache_venv: Annotated[Optional[Path], typer.Option(help="LMCache's virtual environment.")] = None,
+) -> None:
+    """Run a workload against each system in turn (one engine each) and write JSON, markdown, plots and HTML."""
+    import shlex
+    import tempfile
+
+    from kvmesh.bench.report import summarize, sustained_throughput, write_report
+    from kvmesh.bench.runner import run_workload
+    from kvmesh.bench.servers import EngineServer
+    from kvmesh.bench.systems import SYSTEMS, prepare_system
+    from kvmesh.bench.workloads import LongDocSpec, MultiRoundSpec, RagSpec, long_doc, multi_round, rag
+    from kvmesh.model import default_model_dir, prepare_demo_model
+
+    names = [n.strip() for n in systems.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown:
+        err_console.print(f"[red]unknown systems {unknown}; known: {', '.join(SYSTEMS)}[/red]")
+        raise typer.Exit(2)
+    from transformers import AutoTokenizer
+
+    model = str(prepare_demo_model(default_model_dir()))
+    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    if workload == "multi-round":
+        requests = multi_round(tokenizer, MultiRoundSpec(users=users, rounds=rounds, context_tokens=context,
+                                                         seed=seed))
+    elif workload == "long-doc":
+        requests = long_doc(tokenizer, LongDocSpec(documents=users, document_tokens=context, visits=rounds,
+                                                   seed=seed))
+    elif workload == "rag":
+        requests = rag(tokenizer, RagSpec(requests=users * rounds, seed=seed))
+    else:
+        err_console.print(f"[red]--workload must be multi-round, long-doc or rag, got {workload!r}[/red]")
+        raise typer.Exit(2)
+    total_context = sum(len(r.prompt) for r in requests if r.round == max(q.round for q in requests if q.user == r.user))
+    console.print(f"{workload}: {len(requests)} requests, prompts {min(len(r.prompt) for r in requests):,}.."
+                  f"{max(len(r.prompt) for r in requests):,} tokens; distinct context ~{total_context:,} tokens "
+                  f"vs an engine pool of {pool_tokens:,} ({total_context / pool_tokens:.1f}x)")
+    bytes_per_token = 23_040
+    longest = max(len(r.prompt) for r in requests) + answer_tokens
+    max_model_len = min(8192, -(-longest // 128) * 128)
+    if longest > max_model_len:
+        err_console.print(f"[red]prompts reach {longest:,} tokens; the demo model reads at most 8,192[/red]")
+        raise typer.Exit(2)
+    if pool_tokens < max_model_len + 128:
+        console.print(f"engine pool raised from {pool_tokens:,} to {max_model_len + 128:,} tokens "
+                      "(vLLM needs room for one longest request)")
+        pool_tokens = max_model_len + 128
+    work = Path(tempfile.mkdtemp(prefix="kvmesh-bench-"))
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for name in names:
+        system = prepare_system(name, model, pool_tokens * bytes_per_token, max_model_len, work,
+                                big_pool_bytes=max(pool_tokens, total_context + max_model_len) * bytes_per_token,
+                                lmcache_venv=lmcache_venv)
+        try:
+            with EngineServer(system.spec, out / f"{name}.log") as server:
+                for rate in qps or [None]:
+                    label = name + (f"@{rate:g}qps" if rate else "")
+                    sampler = system.sample_metrics if system.kvmesh is not None else None
+                    run = run_workload(server.base_url, server.model, requests, answer_tokens, rate, concurrency,
+                                       seed, label=label, sample=sampler)
+                    run.system = name
+                    runs.append(run)
+        finally:
+            system.cleanup()
+    references = {r.system: r for r in runs if r.system in ("vllm-nocache", "vllm-big") and r.qps is None}
+    summaries = [summarize(r, references, ttft_objective) for r in runs]
+    notes = [f"systems: {', '.join(f'{n} = {SYSTEMS[n]}' for n in names)}",
+             f"TTFT objective for sustained throughput: p90 of returning rounds <= {ttft_objective} s"]
+    for name in names:
+        rate = sustained_throughput(summaries, name)
+        if rate is not None:
+            notes.append(f"{name}: sustained {rate:.3f} returning req/s within the objective")
+    command = "kvmesh bench run " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    files = write_report(runs, summaries, out, f"kvmesh bench: {workload}", command, notes)
+    from kvmesh.bench.report import markdown_table
+
+    console.print(markdown_table(summaries))
+    console.print(f"report: {files['html']}")
+
+
 @config_app.command("show")
 def config_show(set_: SetOption = None) -> None:
     """Print the effective configuration (defaults < $KVMESH_CONFIG < KVMESH_* < --set)."""

@@ -150,7 +150,8 @@ def run_serving_demo(model_path: Path, overrides: dict[str, object], prompt_toke
     prompts = [question_prompt(tokenizer, doc, question)
                for doc in document_token_ids(tokenizer, 3, prompt_tokens - 20)]
     log_dir = log_dir or Path(config.model_dir).expanduser().parent / "logs"
-    spec = EngineSpec(str(model_path), kvmesh=overrides, kv_cache_bytes=100_000_000, max_model_len=4096)
+    spec = EngineSpec(str(model_path), kvmesh=overrides, kv_cache_bytes=100_000_000, max_model_len=4096,
+                      embedded_defaults=True)
     say(f"starting vLLM with kvmesh on {model_path.name} (KV pool of 100 MB, ~4,300 tokens; "
         f"about 30-60 s); log: {log_dir / 'demo-vllm.log'}")
     try:

@@ -18,10 +18,25 @@ CONNECTOR = {"kv_connector": "KVMeshConnector", "kv_connector_module_path": "kvm
              "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
 
 
-def kv_transfer_config(overrides: dict[str, object]) -> dict[str, object]:
-    """The value of vLLM's ``--kv-transfer-config`` for kvmesh with these config keys (validated here)."""
-    KVMeshConfig.load(overrides)  # a bad key fails now, with kvmesh's message, not deep inside vLLM
-    return {**CONNECTOR, "kv_connector_extra_config": dict(overrides)}
+DEFAULT_DISK_DIR = "~/.cache/kvmesh/disk"
+
+
+def serve_settings(overrides: dict[str, object]) -> dict[str, object]:
+    """The user's settings plus the embedded defaults of ``kvmesh serve``: a disk tier, unless configured.
+
+    A bad key fails here, with kvmesh's message, before vLLM starts.
+    """
+    config = KVMeshConfig.load(overrides)
+    settings = dict(overrides)
+    if not config.disk_path and "disk_path" not in overrides:
+        settings["disk_path"] = os.path.join(os.path.expanduser(DEFAULT_DISK_DIR), config.instance)
+    return settings
+
+
+def kv_transfer_config(settings: dict[str, object]) -> dict[str, object]:
+    """The value of vLLM's ``--kv-transfer-config`` for kvmesh with these config keys."""
+    KVMeshConfig.load(settings)
+    return {**CONNECTOR, "kv_connector_extra_config": dict(settings)}
 
 
 @dataclass(frozen=True)
@@ -31,11 +46,13 @@ class ServeCommand:
 
 
 def build_serve_command(model: str, vllm_args: Sequence[str], overrides: dict[str, object],
-                        python: str = sys.executable) -> ServeCommand:
+                        python: str = sys.executable, embedded_defaults: bool = True) -> ServeCommand:
     if any(arg.startswith("--kv-transfer-config") for arg in vllm_args):
         raise ValueError("kvmesh serve sets --kv-transfer-config itself; pass kvmesh settings with --set KEY=VALUE")
     argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-            "--kv-transfer-config", json.dumps(kv_transfer_config(overrides)), *vllm_args]
+            "--kv-transfer-config",
+            json.dumps(kv_transfer_config(serve_settings(overrides) if embedded_defaults else overrides)),
+            *vllm_args]
     env = dict(os.environ)
     # vLLM-CPU keeps a core for its scheduler unless told otherwise; kvmesh wants both for prefill.
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")

@@ -28,6 +28,7 @@ from kvmesh.bench.texts import document_token_ids, question_prompt
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
 from kvmesh.model import default_model_dir, prepare_demo_model
+from redis_servers import RedisServer, redis_server  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -71,11 +72,13 @@ def reference(model: str, prompts: dict[str, list[int]], tmp_path_factory: pytes
 
 
 @pytest.fixture(scope="module")
-def kvmesh_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+def kvmesh_settings(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
+                    ) -> Iterator[dict[str, object]]:
     settings: dict[str, object] = {
         "instance": f"vllm-test-{uuid.uuid4().hex[:8]}", "socket_dir": str(tmp_path_factory.mktemp("sock")),
         "l1_size": "256MiB", "l1_prefault": False, "http_port": 0, "chunk_size": BLOCK,
         "save_partial_chunks": False, "verify_loads": True,
+        "redis_url": redis_server.url, "redis_namespace": f"vllm-{uuid.uuid4().hex[:6]}",
     }
     yield settings
     _shutdown_daemon(settings)
@@ -181,6 +184,25 @@ def test_concurrent_requests_with_shared_and_distinct_prefixes(
         assert _metric(kvmesh_settings, "kvmesh_loaded_tokens_total") - loaded >= BLOCK, name
         assert answer == engine_hit, name
     assert _metric(kvmesh_settings, "kvmesh_load_verify_mismatches_total") == 0
+
+
+def test_a_second_engine_on_another_node_is_served_through_redis(
+        engine: EngineServer, prompts: dict[str, list[int]], reference: dict[str, tuple[str, str]],
+        kvmesh_settings: dict[str, object], tmp_path: Path) -> None:
+    """Engine B has its own daemon (its own L1, as on another node) and shares only Redis with engine A."""
+    _ask(engine, prompts["F"])
+    with _client(kvmesh_settings) as client:
+        client.flush()  # A's write-behind to Redis is done
+    other = {**kvmesh_settings, "instance": f"{kvmesh_settings['instance']}-b", "socket_dir": str(tmp_path)}
+    spec = EngineSpec(engine.model, kvmesh=other, kv_cache_bytes=POOL_BYTES, max_model_len=MAX_LEN)
+    try:
+        with EngineServer(spec, tmp_path / "engine-b.log") as engine_b:
+            answer = _ask(engine_b, prompts["F"]).text
+            assert _metric(other, "kvmesh_loaded_tokens_total") >= BLOCK
+            assert _metric(other, "kvmesh_tier_read_bytes_total{tier=redis}") > 0
+            assert answer == reference["F"][1]
+    finally:
+        _shutdown_daemon(other)
 
 
 def test_daemon_killed_mid_run_turns_into_misses_and_the_cache_comes_back(

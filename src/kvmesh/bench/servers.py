@@ -33,6 +33,7 @@ class EngineSpec:
     extra_args: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
     python: str = sys.executable  # another virtual environment's interpreter runs a peer system
+    embedded_defaults: bool = False  # True: kvmesh serve's defaults (a disk tier) where kvmesh names none
 
     def vllm_args(self, port: int) -> list[str]:
         args = ["--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--gpu-memory-utilization", "0.4",
@@ -65,7 +66,8 @@ class EngineServer:
     def start(self) -> EngineServer:
         args = self.spec.vllm_args(self.port)
         if self.spec.kvmesh is not None:
-            command = build_serve_command(self.spec.model, args, self.spec.kvmesh, python=self.spec.python)
+            command = build_serve_command(self.spec.model, args, self.spec.kvmesh, python=self.spec.python,
+                                          embedded_defaults=self.spec.embedded_defaults)
             argv, env = command.argv, command.env
         else:
             argv = [self.spec.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.spec.model, *args]

@@ -60,3 +60,66 @@ def _sentences(seed: int) -> list[str]:
         pieces += [s.strip() for s in text.replace("\n", " ").split(". ") if 30 < len(s.strip()) < 160]
     random.Random(seed).shuffle(pieces)
     return pieces[:2000]
+
+
+@dataclass(frozen=True, slots=True)
+class LongDocSpec:
+    documents: int = 8
+    document_tokens: int = 3000
+    visits: int = 3  # how many times each document is asked about
+    order: str = "round_robin"  # or "random": revisits in a shuffled order
+    seed: int = 0
+
+
+def long_doc(tokenizer: Tokenizer, spec: LongDocSpec) -> list[Request]:
+    """Questions about N documents, revisiting each ``visits`` times (the working set can exceed the pool)."""
+    from kvmesh.bench.texts import question_prompt
+
+    docs = document_token_ids(tokenizer, spec.documents, spec.document_tokens, seed=spec.seed)
+    sentences = _sentences(spec.seed)
+    rng = random.Random(spec.seed)
+    visits = [(doc, visit) for visit in range(spec.visits) for doc in range(spec.documents)]
+    if spec.order == "random":
+        rng.shuffle(visits)
+    elif spec.order != "round_robin":
+        raise ValueError(f"order must be round_robin or random, got {spec.order!r}")
+    seen: dict[int, int] = {}
+    requests = []
+    for doc, _ in visits:
+        round_index = seen.get(doc, 0)
+        seen[doc] = round_index + 1
+        requests.append(Request(doc, round_index, question_prompt(tokenizer, docs[doc], rng.choice(sentences))))
+    return requests
+
+
+@dataclass(frozen=True, slots=True)
+class RagSpec:
+    passages: int = 24
+    passage_tokens: int = 400
+    per_request: int = 4  # k passages per request, in varying order
+    requests: int = 40
+    seed: int = 0
+
+
+def rag(tokenizer: Tokenizer, spec: RagSpec) -> list[Request]:
+    """Each request: k passages from a pool, in varying order, then a question.
+
+    ``user`` is the request's first passage and ``round`` how many earlier
+    requests began with it, so "returning" requests are those whose prefix was
+    seen before.
+    """
+    pool = document_token_ids(tokenizer, spec.passages, spec.passage_tokens, seed=spec.seed)
+    sentences = _sentences(spec.seed)
+    rng = random.Random(spec.seed)
+    seen: dict[int, int] = {}
+    requests = []
+    for _ in range(spec.requests):
+        chosen = rng.sample(range(spec.passages), spec.per_request)
+        prompt = tokenizer.encode("Answer from these passages.\n\n", add_special_tokens=False)
+        for index in chosen:
+            prompt += pool[index] + tokenizer.encode("\n\n", add_special_tokens=False)
+        prompt += tokenizer.encode(f"Question: {rng.choice(sentences)}\nAnswer:", add_special_tokens=False)
+        round_index = seen.get(chosen[0], 0)
+        seen[chosen[0]] = round_index + 1
+        requests.append(Request(chosen[0], round_index, prompt))
+    return requests
