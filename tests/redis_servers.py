@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from kvmesh.bench.servers import free_port
+
 ENSURE_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ensure_redis.sh"
 
 
@@ -29,13 +31,6 @@ def ensure_redis_binaries() -> None:
     if done.returncode != 0 or not shutil.which("redis-server"):
         pytest.fail(f"redis-server is not on PATH and {ENSURE_SCRIPT} could not install it:\n"
                     f"{done.stdout}{done.stderr}")
-
-
-def free_port() -> int:
-    """A loopback port that nothing listens on now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -23,3 +23,23 @@ def test_pages_for_tokens() -> None:
     assert pages_for_tokens(0, 256, 128) == range(0, 2)
     assert pages_for_tokens(256, 300, 128) == range(2, 3)
     assert pages_for_tokens(128, 129, 128) == range(1, 2)
+
+
+def test_threaded_page_moves_equal_the_plain_ones() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvmesh.layout import move_pages
+
+    generator = torch.Generator().manual_seed(2)
+    layers = [torch.randn(30, 3, 16, 8, generator=generator).to(torch.bfloat16) for _ in range(5)]
+    jobs = [(torch.empty(5, 2, 3, 16, 8, dtype=torch.bfloat16), torch.tensor(ids)) for ids in ([3, 9], [0, 29])]
+    with ThreadPoolExecutor(2) as pool:
+        move_pages(jobs, layers, into_engine=False, pool=pool, workers=2)
+        for pages, blocks in jobs:
+            for index, layer in enumerate(layers):
+                assert torch.equal(pages[index], layer[blocks])
+        target = [torch.zeros_like(layer) for layer in layers]
+        move_pages(jobs, target, into_engine=True, pool=pool, workers=3)
+        for pages, blocks in jobs:
+            for index, layer in enumerate(target):
+                assert torch.equal(layer[blocks], pages[index])

@@ -137,3 +137,29 @@ def test_a_failing_tier_is_a_miss_not_an_error() -> None:
     assert store.flush()
     assert store.lookup(keys) == 1
     assert store.get(keys[1]) is None
+
+
+def test_concurrent_promotions_of_one_key_all_see_it(tmp_path: Path) -> None:
+    """The prefetcher and a reader promoting the same chunk: both must end with it pinned, never a miss."""
+    import threading
+
+    disk = DiskTier(tmp_path, 64 * MiB)
+    keys = [bytes([i]) * 16 for i in range(12)]
+    for key in keys:
+        disk.put(key, RawCodec().encode(_chunk(key[0])))
+    for attempt in range(5):
+        store = TieredStore(_l1(), [disk])
+        results: list[int] = []
+
+        def read_all() -> None:
+            extents = [store.acquire(key) for key in keys]
+            results.append(sum(e is not None for e in extents))
+
+        assert store.lookup(keys) == len(keys)  # starts the prefetcher on every key
+        readers = [threading.Thread(target=read_all) for _ in range(2)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join()
+        assert results == [len(keys), len(keys)], attempt
+        store.close()

@@ -238,6 +238,9 @@ def bench_run(
     seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("results/bench"),
     lmcache_venv: Annotated[Optional[Path], typer.Option(help="LMCache's virtual environment.")] = None,
+    kvmesh_set: Annotated[Optional[list[str]], typer.Option(
+        "--kvmesh-set", help="A kvmesh setting for the kvmesh systems, KEY=VALUE (repeatable); e.g. "
+                             "disk_path=DIR twice in a row measures a restart that starts warm.")] = None,
 ) -> None:
     """Run a workload against each system in turn (one engine each) and write JSON, markdown, plots and HTML."""
     import shlex
@@ -290,7 +293,7 @@ def bench_run(
     for name in names:
         system = prepare_system(name, model, pool_tokens * bytes_per_token, max_model_len, work,
                                 big_pool_bytes=max(pool_tokens, total_context + max_model_len) * bytes_per_token,
-                                lmcache_venv=lmcache_venv)
+                                lmcache_venv=lmcache_venv, kvmesh_overrides=_overrides(kvmesh_set))
         try:
             with EngineServer(system.spec, out / f"{name}.log") as server:
                 for rate in qps or [None]:

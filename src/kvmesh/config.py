@@ -189,6 +189,9 @@ class KVMeshConfig:
         120, parse_int,
         "How long entries that a scheduler promised to a worker stay pinned if the worker never "
         "releases them (a crashed engine).")
+    copy_threads: int = _opt(
+        2, parse_int,
+        "Threads that copy KV pages between the engine and shared memory (layers split among them).")
     verify_loads: bool = _opt(
         False, parse_bool,
         "After loading KV into the engine, read it back and compare with the stored bytes "
@@ -215,6 +218,7 @@ class KVMeshConfig:
         _check(not self.redis_url or self.redis_url.split("://")[0] in ("redis", "rediss", "unix"), "redis_url",
                f"must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
         _check(self.write_queue_size >= 0, "write_queue_size", f"must be 0 or more, got {self.write_queue_size}")
+        _check(1 <= self.copy_threads <= 64, "copy_threads", f"must be 1..64, got {self.copy_threads}")
         _check(self.lease_seconds >= 1, "lease_seconds", f"must be at least 1, got {self.lease_seconds}")
         _check(self.daemon_start_timeout >= 1, "daemon_start_timeout",
                f"must be at least 1 second, got {self.daemon_start_timeout}")

@@ -15,6 +15,7 @@ names the ones we know, each as the permutation that turns it into the canonical
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -131,19 +132,24 @@ def canonical_pages(layer: torch.Tensor, layout: KVLayout, page_order: str) -> t
     return view
 
 
+def _token_slots(layers: Sequence[torch.Tensor], layout: KVLayout, block_ids: Sequence[int] | torch.Tensor,
+                 start: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the layer count and give (block, offset) per token on the layers' device."""
+    if len(layers) != layout.num_layers:
+        raise LayoutMismatch(f"got {len(layers)} layer tensors, layout has {layout.num_layers}")
+    blocks, offsets = slot_mapping(block_ids, start, num_tokens, layout.block_size)
+    return blocks.to(layers[0].device), offsets.to(layers[0].device)
+
+
 def gather_chunk(layers: Sequence[torch.Tensor], layout: KVLayout, block_ids: Sequence[int] | torch.Tensor,
                  start: int, num_tokens: int, out: torch.Tensor | None = None,
                  page_order: str = "kv_block_slot_head") -> torch.Tensor:
     """Copy tokens ``start .. start+num_tokens`` of a request out of the engine's pages."""
-    if len(layers) != layout.num_layers:
-        raise LayoutMismatch(f"got {len(layers)} layer tensors, layout has {layout.num_layers}")
     if out is None:
         out = torch.empty(layout.chunk_shape(num_tokens), dtype=layout.torch_dtype)
     elif tuple(out.shape) != layout.chunk_shape(num_tokens) or out.dtype != layout.torch_dtype:
         raise LayoutMismatch(f"out tensor {tuple(out.shape)} {out.dtype} does not fit {num_tokens} tokens")
-    blocks, offsets = slot_mapping(block_ids, start, num_tokens, layout.block_size)
-    blocks = blocks.to(layers[0].device)
-    offsets = offsets.to(layers[0].device)
+    blocks, offsets = _token_slots(layers, layout, block_ids, start, num_tokens)
     for index, layer in enumerate(layers):
         pages = canonical_pages(layer, layout, page_order)
         out[index].copy_(pages[:, blocks, offsets])
@@ -154,14 +160,10 @@ def scatter_chunk(chunk: torch.Tensor, layers: Sequence[torch.Tensor], layout: K
                   block_ids: Sequence[int] | torch.Tensor, start: int,
                   page_order: str = "kv_block_slot_head") -> None:
     """Copy a chunk tensor into the engine's pages at tokens ``start ..`` of a request."""
-    if len(layers) != layout.num_layers:
-        raise LayoutMismatch(f"got {len(layers)} layer tensors, layout has {layout.num_layers}")
     num_tokens = chunk.shape[2]
     if tuple(chunk.shape) != layout.chunk_shape(num_tokens) or chunk.dtype != layout.torch_dtype:
         raise LayoutMismatch(f"chunk {tuple(chunk.shape)} {chunk.dtype} does not match {layout}")
-    blocks, offsets = slot_mapping(block_ids, start, num_tokens, layout.block_size)
-    blocks = blocks.to(layers[0].device)
-    offsets = offsets.to(layers[0].device)
+    blocks, offsets = _token_slots(layers, layout, block_ids, start, num_tokens)
     for index, layer in enumerate(layers):
         pages = canonical_pages(layer, layout, page_order)
         pages[:, blocks, offsets] = chunk[index].to(layer.device, non_blocking=True)
@@ -189,3 +191,32 @@ def scatter_pages(pages: torch.Tensor, layers: Sequence[torch.Tensor], block_ids
     """Copy ``pages[layer, i]`` into block ``block_ids[i]`` of every layer."""
     for index, layer in enumerate(layers):
         layer.index_copy_(0, block_ids, pages[index])
+
+
+PageJob = tuple[torch.Tensor, torch.Tensor]  # (stored pages [layers, n, *page], engine block ids [n])
+
+
+def move_pages(jobs: Sequence[PageJob], layers: Sequence[torch.Tensor], into_engine: bool,
+               pool: Executor | None = None, workers: int = 1) -> None:
+    """Run many page copies, the layers split over ``workers`` threads of ``pool``.
+
+    Each thread takes every job for its own layers, so two threads never touch
+    one tensor; torch releases the GIL while it copies, and the engine's cores
+    sit idle during a load anyway.
+    """
+    def run(layer_indices: range) -> None:
+        for pages, blocks in jobs:
+            for index in layer_indices:
+                if into_engine:
+                    layers[index].index_copy_(0, blocks, pages[index])
+                else:
+                    torch.index_select(layers[index], 0, blocks, out=pages[index])
+
+    if pool is None or workers <= 1 or not jobs:
+        run(range(len(layers)))
+        return
+    step = -(-len(layers) // workers)
+    futures = [pool.submit(run, range(start, min(start + step, len(layers))))
+               for start in range(0, len(layers), step)]
+    for future in futures:
+        future.result()

@@ -109,6 +109,7 @@ class TieredStore:
         self._warned: set[tuple[str, str]] = set()
         self._prefetches: queue.Queue[bytes | None] = queue.Queue()
         self._prefetching: set[bytes] = set()
+        self._promoting: dict[bytes, threading.Event] = {}
         self._asked: OrderedDict[bytes, int] = OrderedDict()  # lookups per missed key, for on_reuse admission
         self._threads: list[threading.Thread] = []
         if self.lower:
@@ -299,8 +300,23 @@ class TieredStore:
                     self._prefetching.discard(key)
 
     def _promote(self, key: bytes) -> bool:
-        if self.l1.contains(key):
-            return True
+        """Bring ``key`` into L1 from the first lower tier that has it; one thread per key does the work."""
+        with self._pending_lock:
+            if self.l1.contains(key):
+                return True
+            running = self._promoting.get(key)
+            if running is None:
+                self._promoting[key] = threading.Event()
+        if running is not None:  # another thread (the prefetcher, say) is bringing it up: wait for it
+            running.wait(timeout=30)
+            return self.l1.contains(key)
+        try:
+            return self._promote_now(key)
+        finally:
+            with self._pending_lock:
+                self._promoting.pop(key).set()
+
+    def _promote_now(self, key: bytes) -> bool:
         for lower in self.lower:
             tier = lower.tier
             started = time.perf_counter()

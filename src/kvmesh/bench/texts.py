@@ -19,7 +19,11 @@ def topic_texts() -> list[str]:
 
 
 def document_token_ids(tokenizer: Tokenizer, count: int, tokens_each: int, seed: int = 0) -> list[list[int]]:
-    """``count`` documents of exactly ``tokens_each`` tokens, sharing no text (topics taken in a shuffled order)."""
+    """``count`` documents of exactly ``tokens_each`` tokens, sharing no text (topics taken in a shuffled order).
+
+    Each document starts at a topic where the text allows; for many long documents they are consecutive
+    slices of one stream of topics.
+    """
     texts = topic_texts()
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
@@ -32,7 +36,11 @@ def document_token_ids(tokenizer: Tokenizer, count: int, tokens_each: int, seed:
             current = []
         if len(documents) == count:
             return documents
-    raise ValueError(f"Python's documentation holds fewer than {count} x {tokens_each} tokens")
+    # Not enough when every document starts at a topic: cut one continuous stream instead (still disjoint).
+    stream = [t for index in order for t in tokenizer.encode(texts[index] + "\n\n", add_special_tokens=False)]
+    if len(stream) < count * tokens_each:
+        raise ValueError(f"Python's documentation holds fewer than {count} x {tokens_each} tokens")
+    return [stream[i * tokens_each:(i + 1) * tokens_each] for i in range(count)]
 
 
 def question_prompt(tokenizer: Tokenizer, document: Sequence[int], question: str) -> list[int]:

@@ -35,6 +35,7 @@ import os
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +57,7 @@ from kvmesh.integrations.planner import (
     plan_save_chunks,
 )
 from kvmesh.keys import Namespace, chunk_keys, model_namespace
-from kvmesh.layout import DTYPES, dtype_name, gather_pages, scatter_pages
+from kvmesh.layout import DTYPES, PageJob, dtype_name, move_pages
 from kvmesh.store import TensorMeta
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ log = logging.getLogger("kvmesh.vllm")
 # Anything that goes wrong while talking to the cache becomes a miss (or a reported load failure):
 # a cache must never take the engine down.  The first occurrence of each kind is logged with its cause.
 _CLIENT_ERRORS = (Exception,)
+RECONNECT_SECONDS = 10.0  # after a failed connection, how long requests run without cache before the next try
 
 
 @dataclass
@@ -133,19 +135,24 @@ class KVMeshConnector(KVConnectorBase_V1):
                              f"block_size={self.shape.block_size}; set chunk_size to e.g. "
                              f"{max(1, self.config.chunk_size // self.shape.block_size) * self.shape.block_size}")
         self._client: KVMeshClient | None = None
+        self._retry_at = 0.0
         self._warned: set[str] = set()
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = _SchedulerSide(self)
         else:
             self._worker = _WorkerSide(self)
+        self.client()  # start or reach the daemon while vLLM starts, not inside the first request
 
     # ------------------------------------------------------------- shared plumbing
     def client(self) -> KVMeshClient | None:
         """The daemon connection, opened on first use; None (a miss) while no daemon can be had."""
         if self._client is None:
+            if time.monotonic() < self._retry_at:
+                return None  # a recent attempt failed: requests go on without cache until the next try
             try:
                 self._client = KVMeshClient(self.config)
             except _CLIENT_ERRORS as err:
+                self._retry_at = time.monotonic() + RECONNECT_SECONDS
                 self.warn_once("connect", f"kvmesh daemon unavailable, serving without cache: {err}")
                 return None
         return self._client
@@ -297,6 +304,11 @@ class _WorkerSide:
         self.layers: list[torch.Tensor] = []
         self.page_shape: tuple[int, ...] = ()
         self.failed_blocks: set[int] = set()
+        self.pool = ThreadPoolExecutor(self.config.copy_threads, thread_name_prefix="kvmesh-copy") \
+            if self.config.copy_threads > 1 else None
+
+    def _move(self, jobs: list[PageJob], into_engine: bool) -> None:
+        move_pages(jobs, self.layers, into_engine, self.pool, self.config.copy_threads)
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         ordered = sorted(kv_caches.items(), key=lambda item: [int(n) for n in re.findall(r"\d+", item[0])])
@@ -326,7 +338,7 @@ class _WorkerSide:
     def _load_one(self, plan: LoadPlan) -> None:
         started = time.perf_counter()
         client = self.connector.client()
-        loaded_bytes = verified = mismatches = 0
+        jobs: list[PageJob] = []
         for index, chunk in enumerate(plan.chunks):
             try:
                 if client is None or index >= len(plan.extents):
@@ -336,16 +348,23 @@ class _WorkerSide:
                 if entry.shape[0] != len(self.layers) or tuple(entry.shape[2:]) != self.page_shape:
                     raise DaemonError(f"stored pages {tuple(entry.shape)} do not fit this engine")
                 pages = entry[:, chunk.first_page:chunk.first_page + len(chunk.block_ids)]
-                blocks = torch.tensor(chunk.block_ids, dtype=torch.long)
-                scatter_pages(pages, self.layers, blocks)
-                loaded_bytes += pages.numel() * pages.element_size()
-                if self.config.verify_loads:
-                    verified += 1
-                    mismatches += int(not all(torch.equal(layer.index_select(0, blocks), pages[i])
-                                              for i, layer in enumerate(self.layers)))
+                jobs.append((pages, torch.tensor(chunk.block_ids, dtype=torch.long)))
             except _CLIENT_ERRORS as err:
                 self.connector.warn_once("load", f"kvmesh load failed, vLLM will recompute: {err}")
                 self.failed_blocks.update(chunk.block_ids)
+        loaded_bytes = verified = mismatches = 0
+        try:
+            self._move(jobs, into_engine=True)
+            loaded_bytes = sum(pages.numel() * pages.element_size() for pages, _ in jobs)
+            if self.config.verify_loads:
+                for pages, blocks in jobs:
+                    verified += 1
+                    mismatches += int(not all(torch.equal(layer.index_select(0, blocks), pages[i])
+                                              for i, layer in enumerate(self.layers)))
+        except _CLIENT_ERRORS as err:
+            self.connector.warn_once("load", f"kvmesh load failed, vLLM will recompute: {err}")
+            for _, blocks in jobs:
+                self.failed_blocks.update(blocks.tolist())
         if client is not None and plan.lease_id:
             try:
                 client.release_lease(plan.lease_id, time.perf_counter() - started, loaded_bytes,
@@ -368,8 +387,8 @@ class _WorkerSide:
                 continue
             written = [(slot, chunk) for slot, chunk in zip(slots, plan.chunks) if slot is not None]
             try:
-                for slot, chunk in written:
-                    gather_pages(self.layers, torch.tensor(chunk.block_ids, dtype=torch.long), slot.tensor)
+                self._move([(slot.tensor, torch.tensor(chunk.block_ids, dtype=torch.long))
+                            for slot, chunk in written], into_engine=False)
                 client.commit([slot for slot, _ in written], time.perf_counter() - started,
                               sum(chunk.key.num_tokens for _, chunk in written))
             except Exception as err:  # never fail the request for a store

@@ -160,10 +160,10 @@ class RedisTier:
             self._stats.misses += int(count < len(keys))
         return count
 
-    def get(self, key: bytes) -> bytes | None:
+    def get(self, key: bytes) -> bytes | memoryview | None:
         return self.get_many([key])[0]
 
-    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | memoryview | None]:
         """Entries for ``keys`` (None where absent or bad) in two round trips at most.
 
         The first pipeline reads every head; the second reads the parts of the
@@ -171,7 +171,7 @@ class RedisTier:
         pipeline refuses MGET); in a cluster the hash tag keeps all of them on
         their head's shard.
         """
-        results: list[bytes | None] = [None] * len(keys)
+        results: list[bytes | memoryview | None] = [None] * len(keys)
         if not keys:
             return results
         if not self.breaker.allow():
@@ -190,7 +190,7 @@ class RedisTier:
                 try:
                     header = ValueHeader.unpack(value)
                     if header.parts == 0:
-                        results[i] = _checked(header, value[_HEADER.size:])
+                        results[i] = _checked(header, memoryview(value)[_HEADER.size:])  # no copy
                     else:
                         split[i] = header
                 except _Corrupt as err:
@@ -386,7 +386,7 @@ class RedisTier:
         (log.warning if first else log.debug)(message, *args)
 
 
-def _checked(header: ValueHeader, payload: bytes) -> bytes:
+def _checked(header: ValueHeader, payload: bytes | memoryview) -> bytes | memoryview:
     if len(payload) != header.length:
         raise _Corrupt(f"payload is {len(payload)} bytes, header says {header.length}")
     if xxhash.xxh3_64_intdigest(payload) != header.checksum:
