@@ -31,14 +31,16 @@ def test_threaded_page_moves_equal_the_plain_ones() -> None:
     from kvmesh.layout import move_pages
 
     generator = torch.Generator().manual_seed(2)
-    layers = [torch.randn(30, 3, 16, 8, generator=generator).to(torch.bfloat16) for _ in range(5)]
+    with torch.inference_mode():  # as vLLM allocates its KV cache: updates only allowed in inference mode
+        layers = [torch.randn(30, 3, 16, 8, generator=generator).to(torch.bfloat16) for _ in range(5)]
     jobs = [(torch.empty(5, 2, 3, 16, 8, dtype=torch.bfloat16), torch.tensor(ids)) for ids in ([3, 9], [0, 29])]
     with ThreadPoolExecutor(2) as pool:
         move_pages(jobs, layers, into_engine=False, pool=pool, workers=2)
         for pages, blocks in jobs:
             for index, layer in enumerate(layers):
                 assert torch.equal(pages[index], layer[blocks])
-        target = [torch.zeros_like(layer) for layer in layers]
+        with torch.inference_mode():
+            target = [torch.zeros_like(layer) for layer in layers]
         move_pages(jobs, target, into_engine=True, pool=pool, workers=3)
         for pages, blocks in jobs:
             for index, layer in enumerate(target):

@@ -205,12 +205,14 @@ def move_pages(jobs: Sequence[PageJob], layers: Sequence[torch.Tensor], into_eng
     sit idle during a load anyway.
     """
     def run(layer_indices: range) -> None:
-        for pages, blocks in jobs:
-            for index in layer_indices:
-                if into_engine:
-                    layers[index].index_copy_(0, blocks, pages[index])
-                else:
-                    torch.index_select(layers[index], 0, blocks, out=pages[index])
+        # inference mode is per thread: engines keep KV in inference tensors, which only it may update
+        with torch.inference_mode():
+            for pages, blocks in jobs:
+                for index in layer_indices:
+                    if into_engine:
+                        layers[index].index_copy_(0, blocks, pages[index])
+                    else:
+                        torch.index_select(layers[index], 0, blocks, out=pages[index])
 
     if pool is None or workers <= 1 or not jobs:
         run(range(len(layers)))
