@@ -45,3 +45,14 @@ def test_threaded_page_moves_equal_the_plain_ones() -> None:
         for pages, blocks in jobs:
             for index, layer in enumerate(target):
                 assert torch.equal(layer[blocks], pages[index])
+
+
+def test_page_moves_without_a_pool_match_indexing() -> None:
+    from kvmesh.layout import move_pages
+
+    with torch.inference_mode():
+        layers = [torch.randn(8, 2, 4, 4).to(torch.bfloat16) for _ in range(3)]
+    pages = torch.empty(3, 2, 2, 4, 4, dtype=torch.bfloat16)
+    blocks = torch.tensor([6, 1])
+    move_pages([(pages, blocks)], layers, into_engine=False)
+    assert all(torch.equal(pages[i], layer[blocks]) for i, layer in enumerate(layers))

@@ -190,8 +190,10 @@ class KVMeshConfig:
         "How long entries that a scheduler promised to a worker stay pinned if the worker never "
         "releases them (a crashed engine).")
     copy_threads: int = _opt(
-        2, parse_int,
-        "Threads that copy KV pages between the engine and shared memory (layers split among them).")
+        1, parse_int,
+        "Threads that copy KV pages between the engine and shared memory (layers split among them). "
+        "Keep 1 on vLLM's CPU backend: extra threads compete with its compute threads (cold prefill ran "
+        "70% slower with 2 in bench_longdoc).")
     verify_loads: bool = _opt(
         False, parse_bool,
         "After loading KV into the engine, read it back and compare with the stored bytes "

@@ -9,6 +9,7 @@ prefill that loads it picks the same next token as a full prefill.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,8 @@ def run_serving_demo(model_path: Path, overrides: dict[str, object], prompt_toke
     from kvmesh.bench.openai_client import stream_completion
     from kvmesh.bench.servers import EngineServer, EngineSpec
     from kvmesh.bench.texts import document_token_ids, question_prompt
+    # a fresh salt per run: the embedded disk tier keeps entries across runs, and "cold" must be cold
+    overrides = {"tenant_salt": f"demo-{uuid.uuid4().hex[:8]}", **overrides}
     config = KVMeshConfig.load(overrides)
     daemon_was_running = socket_is_live(config.socket_path())
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
