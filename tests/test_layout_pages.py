@@ -1,6 +1,6 @@
 import torch
 
-from kvmesh.layout import gather_pages, pages_for_tokens, scatter_pages
+from kvmesh.layout import move_pages, pages_for_tokens
 
 
 def test_pages_round_trip_bit_exact_in_the_cpu_backend_layout() -> None:
@@ -9,11 +9,11 @@ def test_pages_round_trip_bit_exact_in_the_cpu_backend_layout() -> None:
     layers = [torch.randn(20, 3, 16, 8, generator=generator).to(torch.bfloat16) for _ in range(4)]
     blocks = torch.tensor([7, 2, 11])
     stored = torch.empty(4, 3, 3, 16, 8, dtype=torch.bfloat16)
-    gather_pages(layers, blocks, stored)
+    move_pages([(stored, blocks)], layers, into_engine=False)
     assert torch.equal(stored[2, 1], layers[2][2])
     target = [torch.zeros_like(layer) for layer in layers]
     other = torch.tensor([0, 5, 19])
-    scatter_pages(stored, target, other)
+    move_pages([(stored, other)], target, into_engine=True)
     for layer, copy in zip(layers, target):
         assert torch.equal(copy[other].view(torch.int16), layer[blocks].view(torch.int16))
         assert not copy[1].any()  # nothing else touched

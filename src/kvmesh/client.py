@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from kvmesh.tensorbytes import copy_tensor, tensor_bytes
+from kvmesh.tensorbytes import copy_tensor
 from kvmesh.config import KVMeshConfig
 from kvmesh.keys import ChunkKey
 from kvmesh.layout import DTYPES, dtype_name
@@ -292,9 +292,6 @@ class KVMeshClient:
         with self.acquire(keys) as slots:
             return [slot.tensor.clone() for slot in slots]  # clone is a memcpy
 
-    def get_bytes(self, key: ChunkKey) -> bytes | None:
-        with self.acquire([key]) as slots:
-            return bytes(tensor_bytes(slots[0].tensor)) if slots else None
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         return self._call({"op": "delete", "keys": [k.hex for k in keys]})["deleted"]
@@ -342,6 +339,15 @@ def _tail(path: str, lines: int = 15) -> str:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def socket_is_live(path: Path) -> bool:
+    """True when a daemon answers on ``path``."""
+    sock = _try_connect(str(path))
+    if sock is None:
+        return False
+    sock.close()
+    return True
 
 
 def _try_connect(path: str) -> socket.socket | None:

@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from kvmesh.bench.texts import topic_texts
-from kvmesh.client import KVMeshClient
+from kvmesh.client import KVMeshClient, socket_is_live
 from kvmesh.config import KVMeshConfig
 from kvmesh.keys import chunk_keys, model_namespace
 from kvmesh.layout import KVLayout
-from kvmesh.server.daemon import socket_is_live
 
 
 def demo_document(min_chars: int) -> str:

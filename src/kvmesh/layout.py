@@ -181,18 +181,6 @@ def pages_for_tokens(start: int, end: int, block_size: int) -> range:
     return range(start // block_size, -(-end // block_size))
 
 
-def gather_pages(layers: Sequence[torch.Tensor], block_ids: torch.Tensor, out: torch.Tensor) -> None:
-    """Copy blocks ``block_ids`` of every layer into ``out[layer, page]`` (``out`` may view shared memory)."""
-    for index, layer in enumerate(layers):
-        torch.index_select(layer, 0, block_ids, out=out[index])
-
-
-def scatter_pages(pages: torch.Tensor, layers: Sequence[torch.Tensor], block_ids: torch.Tensor) -> None:
-    """Copy ``pages[layer, i]`` into block ``block_ids[i]`` of every layer."""
-    for index, layer in enumerate(layers):
-        layer.index_copy_(0, block_ids, pages[index])
-
-
 PageJob = tuple[torch.Tensor, torch.Tensor]  # (stored pages [layers, n, *page], engine block ids [n])
 
 

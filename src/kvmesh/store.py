@@ -145,6 +145,10 @@ class TieredStore:
 
     def commit(self, key: bytes) -> None:
         self.l1.commit(key)
+        self._write_down(key)
+
+    def _write_down(self, key: bytes) -> None:
+        """Send a newly committed L1 entry to the lower tiers, through or behind, as each is configured."""
         if not self.lower:
             return
         through = [t for t in self.lower if t.write_policy == "write_through" and self._admits(t, key)]
@@ -158,14 +162,20 @@ class TieredStore:
 
     def put(self, key: bytes, chunk: torch.Tensor) -> bool:
         """Store a tensor (a convenience for tests and tools; engines write into L1 directly)."""
+        status = self._fill_l1(key, chunk)
+        if status is ReserveStatus.OK:
+            self._write_down(key)
+        return status is not ReserveStatus.NO_ROOM
+
+    def _fill_l1(self, key: bytes, chunk: torch.Tensor) -> ReserveStatus:
+        """Copy a tensor into a new L1 entry and commit it (EXISTS: already there; NO_ROOM: not stored)."""
         meta = TensorMeta(dtype_name(chunk.dtype), tuple(chunk.shape))
-        reservation = self.reserve(key, meta.nbytes, meta.encode())
-        if reservation.status is not ReserveStatus.OK:
-            return reservation.status is ReserveStatus.EXISTS
-        extent = reservation.extent
-        self.l1.buffer[extent.offset:extent.offset + extent.nbytes] = tensor_bytes(chunk)
-        self.commit(key)
-        return True
+        reservation = self.l1.reserve(key, meta.nbytes, meta.encode())
+        if reservation.status is ReserveStatus.OK:
+            extent = reservation.extent
+            self.l1.buffer[extent.offset:extent.offset + extent.nbytes] = tensor_bytes(chunk)
+            self.l1.commit(key)
+        return reservation.status
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until queued write-behind stores are done (tests, shutdown); False on timeout."""
@@ -331,16 +341,7 @@ class TieredStore:
                 self._guard(tier, "delete", lambda t=tier: t.delete(key), False)
                 self.observer.dropped_store(f"corrupt_{tier.name}")
                 continue
-            meta = TensorMeta(dtype_name(chunk.dtype), tuple(chunk.shape))
-            reservation = self.l1.reserve(key, meta.nbytes, meta.encode())
-            if reservation.status is ReserveStatus.EXISTS:
-                return True
-            if reservation.status is not ReserveStatus.OK:
-                return False
-            extent = reservation.extent
-            self.l1.buffer[extent.offset:extent.offset + extent.nbytes] = tensor_bytes(chunk)
-            self.l1.commit(key)
-            return True
+            return self._fill_l1(key, chunk) is not ReserveStatus.NO_ROOM
         return False
 
     def _guard(self, tier: Tier, action: str, call, default):  # noqa: ANN001, ANN202

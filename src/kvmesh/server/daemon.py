@@ -313,13 +313,3 @@ def run_daemon(config: KVMeshConfig) -> None:
     signal.signal(signal.SIGINT, lambda *_: daemon.shutdown())
     daemon.serve_forever()
 
-
-def socket_is_live(path: Path) -> bool:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
