@@ -24,6 +24,8 @@ def test_unknown_key_is_named_with_the_allowed_ones() -> None:
     ("l1_size", "2 bananas", "l1_size"),
     ("l1_size", "10KiB", "l1_size"),
     ("codec", "zip", "raw"),
+    ("disk_codec", "kivi:bits=3", "2, 4 or 8"),
+    ("redis_codec", "cachegen:level=x", "level"),
     ("log_level", "loud", "debug"),
     ("save_partial_chunks", "maybe", "save_partial_chunks"),
     ("instance", "a/b", "instance"),
@@ -81,3 +83,9 @@ def test_every_key_is_documented() -> None:
     for key, env_name, _default, _doc in describe_keys():
         assert f"`{key}`" in text, f"docs/configuration.md does not document {key}"
         assert env_name in text
+
+
+def test_tier_codecs_inherit_the_default_codec() -> None:
+    config = KVMeshConfig.from_mapping({"codec": "lossless", "redis_codec": "cachegen:key_bits=6"})
+    assert config.tier_codec("disk") == "lossless"
+    assert config.tier_codec("redis") == "cachegen:key_bits=6"

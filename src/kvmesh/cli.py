@@ -262,17 +262,19 @@ def bench_run(
 
     model = str(prepare_demo_model(default_model_dir()))
     tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
-    if workload == "multi-round":
-        requests = multi_round(tokenizer, MultiRoundSpec(users=users, rounds=rounds, context_tokens=context,
-                                                         seed=seed))
-    elif workload == "long-doc":
-        requests = long_doc(tokenizer, LongDocSpec(documents=users, document_tokens=context, visits=rounds,
-                                                   seed=seed))
-    elif workload == "rag":
-        requests = rag(tokenizer, RagSpec(requests=users * rounds, seed=seed))
-    else:
+    def build(workload_seed: int) -> list:  # noqa: ANN202
+        if workload == "multi-round":
+            return multi_round(tokenizer, MultiRoundSpec(users=users, rounds=rounds, context_tokens=context,
+                                                         seed=workload_seed))
+        if workload == "long-doc":
+            return long_doc(tokenizer, LongDocSpec(documents=users, document_tokens=context, visits=rounds,
+                                                   seed=workload_seed))
+        return rag(tokenizer, RagSpec(requests=users * rounds, seed=workload_seed))
+
+    if workload not in ("multi-round", "long-doc", "rag"):
         err_console.print(f"[red]--workload must be multi-round, long-doc or rag, got {workload!r}[/red]")
         raise typer.Exit(2)
+    requests = build(seed)
     total_context = sum(len(r.prompt) for r in requests if r.round == max(q.round for q in requests if q.user == r.user))
     console.print(f"{workload}: {len(requests)} requests, prompts {min(len(r.prompt) for r in requests):,}.."
                   f"{max(len(r.prompt) for r in requests):,} tokens; distinct context ~{total_context:,} tokens "
@@ -296,11 +298,13 @@ def bench_run(
                                 lmcache_venv=lmcache_venv, kvmesh_overrides=_overrides(kvmesh_set))
         try:
             with EngineServer(system.spec, out / f"{name}.log") as server:
-                for rate in qps or [None]:
+                for point, rate in enumerate(qps or [None]):
                     label = name + (f"@{rate:g}qps" if rate else "")
                     sampler = system.sample_metrics if system.kvmesh is not None else None
-                    run = run_workload(server.base_url, server.model, requests, answer_tokens, rate, concurrency,
-                                       seed, label=label, sample=sampler)
+                    # each point of a sweep gets its own documents, so no point is warmed by the one before
+                    point_requests = requests if point == 0 else build(seed + 1000 * point)
+                    run = run_workload(server.base_url, server.model, point_requests, answer_tokens, rate,
+                                       concurrency, seed, label=label, sample=sampler)
                     run.system = name
                     runs.append(run)
         finally:

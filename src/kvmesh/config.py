@@ -99,6 +99,19 @@ def parse_float(value: Any) -> float:
     raise ValueError(f"expected a number, got {value!r}")
 
 
+def _codec_spec(value: Any) -> str:
+    from kvmesh.codecs import get_codec
+
+    spec = parse_str(value).strip()
+    get_codec(spec)  # raises ValueError naming the bad name, parameter or value
+    return spec
+
+
+def _codec_spec_or_inherit(value: Any) -> str:
+    text = parse_str(value).strip()
+    return _codec_spec(text) if text else ""
+
+
 def _choice(*allowed: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in allowed:
@@ -199,13 +212,24 @@ class KVMeshConfig:
         "After loading KV into the engine, read it back and compare with the stored bytes "
         "(a debugging aid; mismatches are counted in /metrics).")
     codec: str = _opt(
-        "raw", _choice("raw"),
-        "How entries are encoded for tiers that hold bytes.")
+        "raw", _codec_spec,
+        "How entries are encoded for the tiers below L1 (L1 always holds the engine's raw pages): raw, "
+        "lossless[:compressor=zstd or lz4], fp8, kivi[:bits=8, 4 or 2], cachegen[:key_bits=6-6-6,value_bits=5-5-5]. "
+        "Lossy codecs change answers slightly; docs/benchmarks.md has each one's measured quality and size. "
+        "Entries written with another codec stay readable.")
+    disk_codec: str = _opt(
+        "", _codec_spec_or_inherit, "The disk tier's codec; empty: use `codec`.")
+    redis_codec: str = _opt(
+        "", _codec_spec_or_inherit, "The Redis tier's codec; empty: use `codec`.")
     model_dir: str = _opt(
         "~/.cache/kvmesh/models", parse_str,
         "Where `kvmesh model prepare` writes the demo model checkpoint.")
     log_level: str = _opt(
         "info", _choice("debug", "info", "warning", "error"), "Log level of kvmesh's own logger.")
+
+    def tier_codec(self, tier: str) -> str:
+        """The codec spec for a tier below L1 ('disk' or 'redis')."""
+        return {"disk": self.disk_codec, "redis": self.redis_codec}[tier] or self.codec
 
     def __post_init__(self) -> None:
         _check(self.chunk_size >= 1, "chunk_size", f"must be at least 1, got {self.chunk_size}")

@@ -56,14 +56,14 @@ def layout_of(model_config) -> KVLayout:  # noqa: ANN001 - a transformers Pretra
     return KVLayout(model_config.num_hidden_layers, model_config.num_key_value_heads, head_size, "bfloat16")
 
 
-def _cache_to_chunk(cache, start: int, end: int) -> torch.Tensor:  # noqa: ANN001 - a DynamicCache
+def cache_to_chunk(cache, start: int, end: int) -> torch.Tensor:  # noqa: ANN001 - a DynamicCache
     """[layers, 2, tokens, kv_heads, head_size] from a transformers cache ([batch, heads, tokens, dim])."""
     return torch.stack([
         torch.stack([layer.keys[0, :, start:end].transpose(0, 1), layer.values[0, :, start:end].transpose(0, 1)])
         for layer in cache.layers])
 
 
-def _chunks_to_cache(chunks: list[torch.Tensor]):  # noqa: ANN202
+def chunks_to_cache(chunks: list[torch.Tensor]):  # noqa: ANN202
     from transformers import DynamicCache
 
     whole = torch.cat(chunks, dim=2)  # [layers, 2, tokens, heads, dim]
@@ -97,7 +97,7 @@ def run_core_demo(model_path: Path, config: KVMeshConfig, prompt_tokens: int = 2
         keys = chunk_keys(ids[0, :-1].tolist(), ns, config.chunk_size)  # the last token is always recomputed
         daemon_was_running = socket_is_live(config.socket_path())
         with KVMeshClient(config) as client:
-            chunks = [_cache_to_chunk(cold.past_key_values, k.start, k.end) for k in keys]
+            chunks = [cache_to_chunk(cold.past_key_values, k.start, k.end) for k in keys]
             started = time.perf_counter()
             client.put(keys, chunks)
             store_seconds = time.perf_counter() - started
@@ -108,7 +108,7 @@ def run_core_demo(model_path: Path, config: KVMeshConfig, prompt_tokens: int = 2
             loaded = client.get(keys[:hits])
             load_seconds = time.perf_counter() - started
             hit_tokens = keys[hits - 1].end if hits else 0
-            cache = _chunks_to_cache(loaded) if loaded else None
+            cache = chunks_to_cache(loaded) if loaded else None
             warm = model(input_ids=ids[:, hit_tokens:], past_key_values=cache, use_cache=True)
             warm_seconds = time.perf_counter() - started
             if not daemon_was_running:

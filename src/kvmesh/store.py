@@ -22,12 +22,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import torch
 
-from kvmesh.codecs import Codec, CorruptEntry, RawCodec, decode_any
+from kvmesh.codecs import Codec, CorruptEntry, RawCodec, decode_any, encode_for_tier, entry_view
+from kvmesh.codecs.kvview import VIEWS
 from kvmesh.layout import DTYPES, dtype_name
 from kvmesh.tensorbytes import tensor_bytes
 from kvmesh.tiers.base import Tier, TierStats
@@ -41,20 +42,23 @@ Admission = Literal["all", "on_reuse"]
 
 @dataclass(frozen=True, slots=True)
 class TensorMeta:
-    """dtype and shape of an L1 entry, kept beside it as a short string."""
+    """dtype, shape and KV view (``codecs.kvview``) of an L1 entry, kept beside it as a short string."""
 
     dtype: str
     shape: tuple[int, ...]
+    view: str = "chunk"
 
     def encode(self) -> str:
-        return f"{self.dtype}:{','.join(map(str, self.shape))}"
+        text = f"{self.dtype}:{','.join(map(str, self.shape))}"
+        return text if self.view == "chunk" else f"{text}:{self.view}"
 
     @classmethod
     def decode(cls, text: str) -> TensorMeta:
-        dtype, _, shape = text.partition(":")
-        if dtype not in DTYPES or not shape:
+        dtype, _, rest = text.partition(":")
+        shape, _, view = rest.partition(":")
+        if dtype not in DTYPES or not shape or (view and view not in VIEWS):
             raise ValueError(f"not a tensor description: {text!r}")
-        return cls(dtype, tuple(int(part) for part in shape.split(",")))
+        return cls(dtype, tuple(int(part) for part in shape.split(",")), view or "chunk")
 
     @property
     def nbytes(self) -> int:
@@ -68,6 +72,7 @@ class LowerTier:
     tier: Tier
     write_policy: WritePolicy = "write_behind"
     admission: Admission = "all"  # on_reuse: only chunks that two or more lookups asked for
+    codec: Codec | None = None  # None: the store's codec
 
 
 class StoreObserver(Protocol):
@@ -78,6 +83,10 @@ class StoreObserver(Protocol):
     def tier_write(self, tier: str, nbytes: int, seconds: float) -> None: ...
 
     def dropped_store(self, reason: str) -> None: ...
+
+    def encoded(self, codec: str, raw_bytes: int, encoded_bytes: int, seconds: float) -> None: ...
+
+    def decoded(self, raw_bytes: int, seconds: float) -> None: ...
 
 
 class _NullObserver:
@@ -90,6 +99,12 @@ class _NullObserver:
     def dropped_store(self, reason: str) -> None:
         pass
 
+    def encoded(self, codec: str, raw_bytes: int, encoded_bytes: int, seconds: float) -> None:
+        pass
+
+    def decoded(self, raw_bytes: int, seconds: float) -> None:
+        pass
+
 
 class TieredStore:
     def __init__(self, l1: MemoryTier, lower: Sequence[LowerTier | Tier] = (), codec: Codec | None = None,
@@ -98,8 +113,9 @@ class TieredStore:
         if l1.buffer is None:
             raise ValueError("the store's L1 tier must hold its buffer")
         self.l1 = l1
-        self.lower = [t if isinstance(t, LowerTier) else LowerTier(t) for t in lower]
         self.codec = codec or RawCodec()
+        self.lower = [t if isinstance(t, LowerTier) else LowerTier(t) for t in lower]
+        self.lower = [t if t.codec is not None else replace(t, codec=self.codec) for t in self.lower]
         self.observer = observer or _NullObserver()
         self.prefetch_enabled = prefetch
         self._write_queue_bytes = write_queue_bytes
@@ -160,16 +176,16 @@ class TieredStore:
     def abort(self, key: bytes) -> None:
         self.l1.abort(key)
 
-    def put(self, key: bytes, chunk: torch.Tensor) -> bool:
+    def put(self, key: bytes, chunk: torch.Tensor, view: str = "chunk") -> bool:
         """Store a tensor (a convenience for tests and tools; engines write into L1 directly)."""
-        status = self._fill_l1(key, chunk)
+        status = self._fill_l1(key, chunk, view)
         if status is ReserveStatus.OK:
             self._write_down(key)
         return status is not ReserveStatus.NO_ROOM
 
-    def _fill_l1(self, key: bytes, chunk: torch.Tensor) -> ReserveStatus:
+    def _fill_l1(self, key: bytes, chunk: torch.Tensor, view: str = "chunk") -> ReserveStatus:
         """Copy a tensor into a new L1 entry and commit it (EXISTS: already there; NO_ROOM: not stored)."""
-        meta = TensorMeta(dtype_name(chunk.dtype), tuple(chunk.shape))
+        meta = TensorMeta(dtype_name(chunk.dtype), tuple(chunk.shape), view)
         reservation = self.l1.reserve(key, meta.nbytes, meta.encode())
         if reservation.status is ReserveStatus.OK:
             extent = reservation.extent
@@ -266,14 +282,22 @@ class TieredStore:
             self.l1.release(key, extent)
 
     def _write_lower(self, key: bytes, extent: Extent, targets: list[LowerTier]) -> None:
-        """Encode a pinned L1 entry once and put it into each target tier."""
+        """Encode a pinned L1 entry once per distinct codec and put it into each target tier."""
         if not targets:
             return
-        encoded = self.codec.encode(self.tensor_at(extent))
+        meta = TensorMeta.decode(extent.meta)
+        encoded: dict[int, bytes] = {}
         for target in targets:
+            codec = target.codec or self.codec
+            if id(codec) not in encoded:
+                started = time.perf_counter()
+                result = encode_for_tier(codec, self.tensor_at(extent), meta.view)
+                encoded[id(codec)] = result.data
+                self.observer.encoded(result.codec, meta.nbytes, len(result.data), time.perf_counter() - started)
+            data = encoded[id(codec)]
             started = time.perf_counter()
-            if self._guard(target.tier, "put", lambda t=target.tier: t.put(key, encoded), False):
-                self.observer.tier_write(target.tier.name, len(encoded), time.perf_counter() - started)
+            if self._guard(target.tier, "put", lambda t=target.tier, d=data: t.put(key, d), False):
+                self.observer.tier_write(target.tier.name, len(data), time.perf_counter() - started)
 
     def _note_asked(self, keys: Sequence[bytes]) -> None:
         if not any(t.admission == "on_reuse" for t in self.lower):
@@ -335,13 +359,16 @@ class TieredStore:
                 continue
             self.observer.tier_read(tier.name, len(data), time.perf_counter() - started)
             try:
+                started = time.perf_counter()
                 chunk = decode_any(data)
+                view = entry_view(data)
+                self.observer.decoded(chunk.numel() * chunk.element_size(), time.perf_counter() - started)
             except CorruptEntry as err:
                 log.warning("tier %s: dropping corrupt entry %s: %s", tier.name, key.hex(), err)
                 self._guard(tier, "delete", lambda t=tier: t.delete(key), False)
                 self.observer.dropped_store(f"corrupt_{tier.name}")
                 continue
-            return self._fill_l1(key, chunk) is not ReserveStatus.NO_ROOM
+            return self._fill_l1(key, chunk, view) is not ReserveStatus.NO_ROOM
         return False
 
     def _guard(self, tier: Tier, action: str, call, default):  # noqa: ANN001, ANN202

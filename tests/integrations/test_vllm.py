@@ -253,3 +253,43 @@ def test_unreachable_daemon_falls_back_to_compute(model: str, prompts: dict[str,
         assert answer.completion_tokens == ANSWER
         assert answer.text == reference["E"][0]  # computed from scratch, like vLLM without cache
     assert "kvmesh daemon unavailable" in server.log_path.read_text()
+
+
+def test_served_from_lossy_disk_entries_mostly_answers_the_same(
+        model: str, prompts: dict[str, list[int]], reference: dict[str, tuple[str, str]], tmp_path: Path) -> None:
+    """The default lossy codec on the disk tier: requests served from decoded disk entries, answers compared.
+
+    L1 holds about two prompts, so most second asks are promoted from disk (decoded). Lossy KV may change
+    greedy answers, so the rate is reported and only a majority is required.
+    """
+    from kvmesh.codecs import DEFAULT_LOSSY, get_codec
+
+    codec_name = get_codec(DEFAULT_LOSSY).name
+
+    settings: dict[str, object] = {
+        "instance": f"vllm-codec-{uuid.uuid4().hex[:8]}", "socket_dir": str(tmp_path / "sock"),
+        "l1_size": "24MiB", "l1_prefault": False, "http_port": 0, "chunk_size": BLOCK,
+        "save_partial_chunks": False, "disk_path": str(tmp_path / "disk"), "disk_codec": DEFAULT_LOSSY,
+    }
+    names = ["A", "B", "C", "D", "E"]
+    spec = EngineSpec(model, kvmesh=settings, kv_cache_bytes=POOL_BYTES, max_model_len=MAX_LEN)
+    try:
+        with EngineServer(spec, tmp_path / "engine-codec.log") as server:
+            for name in names:
+                _ask(server, prompts[name])
+            with _client(settings) as client:
+                client.flush()
+            answers = {name: _ask(server, prompts[name]).text for name in names}
+            disk_reads = _metric(settings, "kvmesh_tier_read_bytes_total{tier=disk}")
+            loaded = _metric(settings, "kvmesh_loaded_tokens_total")
+            ratio = _metric(settings, f"kvmesh_codec_input_bytes_total{{codec={codec_name}}}") / max(
+                1.0, _metric(settings, f"kvmesh_codec_output_bytes_total{{codec={codec_name}}}"))
+    finally:
+        _shutdown_daemon(settings)
+    same_as_no_cache = sum(answers[n] == reference[n][0] for n in names)
+    same_as_own_hit = sum(answers[n] == reference[n][1] for n in names)
+    print(f"{DEFAULT_LOSSY} on disk ({ratio:.2f}x smaller): answers equal to no-cache {same_as_no_cache}/{len(names)},"
+          f" to vLLM's own cache hit {same_as_own_hit}/{len(names)}")
+    assert disk_reads > 0 and loaded >= 3 * BLOCK
+    assert ratio > 1.5
+    assert max(same_as_no_cache, same_as_own_hit) >= 3

@@ -1,29 +1,105 @@
-"""Codecs turn chunk tensors into self-describing bytes (see ``base``); ``get_codec`` picks one by name."""
+"""Codecs turn entry tensors into self-describing bytes (see ``base``); ``get_codec`` builds one from a spec.
+
+A spec is a name with optional parameters, ``name[:key=value,...]``:
+
+* ``raw`` - the bytes as they are;
+* ``lossless[:compressor=zstd|lz4,level=N]`` - bit-exact, exponent/byte planes + zstd or lz4;
+* ``fp8`` - e4m3 with a scale per (token, head);
+* ``kivi[:bits=8|4|2,key_group=N,value_group=N]`` - KIVI-style min/max quantization;
+* ``cachegen[:key_bits=A-B-C,value_bits=A-B-C,key_group=N,value_group=N,level=N]`` - widths per layer third
+  for keys and values, then entropy coding.
+
+Every entry names the codec (and parameters) that wrote it, so :func:`decode_any`
+reads entries of any codec: changing the configured codec loses nothing.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from kvmesh.codecs.base import Codec, CorruptEntry, read_header
+from kvmesh.codecs.cachegen import CacheGenCodec
+from kvmesh.codecs.fp8 import Fp8Codec
+from kvmesh.codecs.kivi import KiviCodec
+from kvmesh.codecs.kvview import ViewError, view_name
+from kvmesh.codecs.lossless import LosslessCodec
 from kvmesh.codecs.raw import RawCodec
 
-_CODECS: dict[str, type] = {"raw": RawCodec}
+def _widths(text: str) -> tuple[int, ...]:
+    """``6`` or ``6-6-5``: the widths for the first, middle and last third of the layers."""
+    parts = tuple(int(part) for part in text.split("-"))
+    return parts * 3 if len(parts) == 1 else parts
 
 
-def get_codec(name: str) -> Codec:
+_CODECS: dict[str, type] = {c.name: c for c in (RawCodec, LosslessCodec, Fp8Codec, KiviCodec, CacheGenCodec)}
+_BY_ID: dict[int, type] = {c.codec_id: c for c in _CODECS.values()}
+# parameter name -> how to read its value, per codec
+_PARAMETERS: dict[str, dict[str, object]] = {
+    "raw": {},
+    "lossless": {"compressor": str, "level": int},
+    "fp8": {},
+    "kivi": {"bits": int, "key_group": int, "value_group": int},
+    "cachegen": {"key_bits": _widths, "value_bits": _widths, "key_group": int, "value_group": int, "level": int},
+}
+DEFAULT_LOSSY = "cachegen"
+
+
+def get_codec(spec: str) -> Codec:
+    """Build a codec from ``name[:key=value,...]``; a bad name, key or value raises ValueError naming it."""
+    name, _, arguments = spec.strip().partition(":")
     if name not in _CODECS:
-        raise ValueError(f"unknown codec {name!r}; known: {', '.join(sorted(_CODECS))}")
-    return _CODECS[name]()
+        raise ValueError(f"unknown codec {name!r}; known: {', '.join(_CODECS)}")
+    allowed = _PARAMETERS[name]
+    kwargs: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in arguments.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in allowed:
+            known = ", ".join(allowed) or "none"
+            raise ValueError(f"codec {name!r} has no parameter {key!r} (in {spec!r}); parameters: {known}")
+        try:
+            kwargs[key] = allowed[key](value)  # type: ignore[operator]
+        except ValueError:
+            raise ValueError(f"codec {name!r}: bad value {value!r} for {key!r} (in {spec!r})") from None
+    return _CODECS[name](**kwargs)
 
 
 def decode_any(data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Decode an entry with whichever codec wrote it, so changing the configured codec loses nothing."""
     header = read_header(data)
-    for codec_type in _CODECS.values():
-        if codec_type.codec_id == header.codec_id:
-            return codec_type().decode(data, expected_shape, expected_dtype)
-    raise CorruptEntry(f"entry was written by unknown codec id {header.codec_id}")
+    codec_type = _BY_ID.get(header.codec_id)
+    if codec_type is None:
+        raise CorruptEntry(f"entry was written by unknown codec id {header.codec_id}")
+    return codec_type().decode(data, expected_shape, expected_dtype)
 
 
-__all__ = ["Codec", "CorruptEntry", "RawCodec", "decode_any", "get_codec"]
+def entry_view(data: bytes | memoryview) -> str:
+    """The KV view an entry was encoded with (every codec's parameters start with it; none = ``chunk``)."""
+    header = read_header(data)
+    if not header.params:
+        return "chunk"
+    try:
+        return view_name(header.params[0])
+    except ViewError as err:
+        raise CorruptEntry(str(err)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    data: bytes
+    codec: str  # the codec that wrote it (a lossy codec falls back to lossless for an opaque entry)
+
+
+def encode_for_tier(codec: Codec, chunk: torch.Tensor, view: str) -> Encoded:
+    """Encode with ``codec``; an entry whose K/V axes are unknown is stored bit-exact instead of lossy."""
+    try:
+        return Encoded(codec.encode(chunk, view), codec.name)
+    except ViewError:
+        fallback = LosslessCodec()
+        return Encoded(fallback.encode(chunk, view), fallback.name)
+
+
+__all__ = ["CacheGenCodec", "Codec", "CorruptEntry", "DEFAULT_LOSSY", "Encoded", "Fp8Codec", "KiviCodec",
+           "LosslessCodec", "RawCodec", "decode_any", "encode_for_tier", "entry_view", "get_codec"]

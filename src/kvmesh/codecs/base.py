@@ -46,12 +46,18 @@ class EntryHeader:
 
 @runtime_checkable
 class Codec(Protocol):
-    """Turns a chunk tensor ``[layers, 2, tokens, kv_heads, head_size]`` into bytes and back."""
+    """Turns an entry tensor into bytes and back.
+
+    ``view`` says where its K/V, token, head and channel axes are (``kvview``);
+    lossy codecs need it, bit-exact ones record it so a later re-encode knows it.
+    ``decode`` reads its parameters from the entry, never from the instance.
+    """
 
     name: str
     codec_id: int
+    lossless: bool
 
-    def encode(self, chunk: torch.Tensor) -> bytes: ...
+    def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes: ...
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None) -> torch.Tensor: ...

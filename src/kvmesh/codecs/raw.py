@@ -9,14 +9,17 @@ import torch
 
 from kvmesh.tensorbytes import tensor_bytes
 from kvmesh.codecs.base import CorruptEntry, checked_payload, pack_entry, read_header
+from kvmesh.codecs.kvview import view_code
 
 
 class RawCodec:
     name = "raw"
     codec_id = 1
+    lossless = True
 
-    def encode(self, chunk: torch.Tensor) -> bytes:
-        return pack_entry(self.codec_id, chunk.dtype, tuple(chunk.shape), tensor_bytes(chunk.cpu()))
+    def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
+        params = b"" if view == "chunk" else bytes([view_code(view)])  # entries of chunk view predate views
+        return pack_entry(self.codec_id, chunk.dtype, tuple(chunk.shape), tensor_bytes(chunk.cpu()), params)
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -303,6 +303,7 @@ class _WorkerSide:
         self.shape = connector.shape
         self.layers: list[torch.Tensor] = []
         self.page_shape: tuple[int, ...] = ()
+        self.view = "opaque"
         self.failed_blocks: set[int] = set()
         self.pool = ThreadPoolExecutor(self.config.copy_threads, thread_name_prefix="kvmesh-copy") \
             if self.config.copy_threads > 1 else None
@@ -326,10 +327,14 @@ class _WorkerSide:
             views.append(tensor)
         self.layers = views
         self.page_shape = tuple(views[0].shape[1:])
-        log.info("kvmesh: %d KV layers, pages of %s %s", len(views), self.page_shape, views[0].dtype)
+        # vLLM-CPU pages are [heads, block, 2 * head_size] (K then V along the token axis): lossy codecs can
+        # find the K/V axes; any other page layout is stored bit-exact only
+        cpu_pages = (self.shape.num_kv_heads, self.shape.block_size, 2 * self.shape.head_size)
+        self.view = "cpu-pages" if self.page_shape == cpu_pages else "opaque"
+        log.info("kvmesh: %d KV layers, pages of %s %s (%s)", len(views), self.page_shape, views[0].dtype, self.view)
 
     def _meta(self, pages: int) -> TensorMeta:
-        return TensorMeta(self.shape.dtype, (len(self.layers), pages, *self.page_shape))
+        return TensorMeta(self.shape.dtype, (len(self.layers), pages, *self.page_shape), self.view)
 
     def load(self, plans: list[LoadPlan]) -> None:
         for plan in plans:

@@ -69,7 +69,7 @@ class NodeDaemon:
         self.segment = SharedSegment.create(config.shm_name(), config.l1_size, prefault=config.l1_prefault)
         self.metrics = DaemonMetrics(lambda: self.store.stats())
         self.store = TieredStore(MemoryTier(config.l1_size, self.segment.buffer), build_lower_tiers(config),
-                                 get_codec(config.codec), self.metrics, config.write_queue_size, config.prefetch)
+                                 None, self.metrics, config.write_queue_size, config.prefetch)
         self._store_lock = threading.Lock()  # guards leases and the partial-chunk index; the store locks itself
         self._leases: dict[str, _Lease] = {}
         # partial (shorter than a chunk) entries by parent key, so a longer prompt can hit them
@@ -294,14 +294,16 @@ def build_lower_tiers(config: KVMeshConfig) -> list[LowerTier]:
         from kvmesh.tiers.disk import DiskTier
 
         directory = Path(config.disk_path).expanduser()
-        tiers.append(LowerTier(DiskTier(directory, config.disk_size), config.disk_write_policy))  # type: ignore[arg-type]
+        tiers.append(LowerTier(DiskTier(directory, config.disk_size), config.disk_write_policy,  # type: ignore[arg-type]
+                               codec=get_codec(config.tier_codec("disk"))))
     if config.redis_url:
         from kvmesh.tiers.redis import RedisTier
 
         tier = RedisTier(config.redis_url, namespace=config.redis_namespace,
                          ttl_seconds=config.redis_ttl_seconds or None,
                          timeout_seconds=config.redis_timeout_seconds, cluster=config.redis_cluster)
-        tiers.append(LowerTier(tier, config.redis_write_policy, config.redis_admission))  # type: ignore[arg-type]
+        tiers.append(LowerTier(tier, config.redis_write_policy, config.redis_admission,  # type: ignore[arg-type]
+                               codec=get_codec(config.tier_codec("redis"))))
     return tiers
 
 

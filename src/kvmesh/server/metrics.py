@@ -53,6 +53,12 @@ class DaemonMetrics:
         self.tier_write_seconds = Histogram("kvmesh_tier_write_seconds", "Latency of one write to a lower tier.",
                                             ["tier"], buckets=_LATENCY_BUCKETS, registry=r)
         self.dropped_stores = Counter("kvmesh_dropped_stores", "Stores not done, by reason.", ["reason"], registry=r)
+        self.codec_raw_bytes = Counter("kvmesh_codec_input_bytes", "Entry bytes encoded for lower tiers, by codec.",
+                                       ["codec"], registry=r)
+        self.codec_encoded_bytes = Counter("kvmesh_codec_output_bytes", "Encoded bytes written, by codec "
+                                           "(input / output = compression ratio).", ["codec"], registry=r)
+        self.codec_seconds = Counter("kvmesh_codec_seconds", "Time spent encoding and decoding entries.",
+                                     ["direction"], registry=r)
         r.register(_TierCollector(tier_stats))
 
     # StoreObserver
@@ -66,6 +72,14 @@ class DaemonMetrics:
 
     def dropped_store(self, reason: str) -> None:
         self.dropped_stores.labels(reason).inc()
+
+    def encoded(self, codec: str, raw_bytes: int, encoded_bytes: int, seconds: float) -> None:
+        self.codec_raw_bytes.labels(codec).inc(raw_bytes)
+        self.codec_encoded_bytes.labels(codec).inc(encoded_bytes)
+        self.codec_seconds.labels("encode").inc(seconds)
+
+    def decoded(self, raw_bytes: int, seconds: float) -> None:
+        self.codec_seconds.labels("decode").inc(seconds)
 
     def snapshot(self) -> dict[str, float]:
         """Every sample as ``name{labels}: value`` (what ``kvmesh stats`` and tests read)."""

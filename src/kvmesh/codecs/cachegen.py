@@ -1,0 +1,134 @@
+"""CacheGen-style codec: layer-dependent quantization, then entropy coding with a model per (layer, K/V, head).
+
+After CacheGen (SIGCOMM'24): layers differ in how much their KV errors cost,
+so the quantization width is chosen per layer third, separately for keys and
+values (``key_bits`` / ``value_bits``: first, middle and last third of the
+layers).  CacheGen gives shallow layers finer bins; on the demo model we
+measured the opposite (deep layers and keys cost most, see docs/benchmarks.md),
+so the defaults follow the measurement.  Quantization is KIVI's (keys per
+channel in groups of tokens, values per token in groups of channels).  The
+symbols of each (layer, K/V, head) are then entropy coded on their own by
+zstd (its Huffman stage; LZ matching finds little in quantized KV), so each
+stream gets its own probability table; 2..4-bit symbols are paired into one
+byte first, so the coder models pairs and gets below one bit per symbol where
+the distribution is narrow.  Decoding is zstd's table-driven Huffman plus one
+fused dequantization pass.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import torch
+import zstandard
+
+from kvmesh.codecs import quant
+from kvmesh.codecs.base import CorruptEntry, checked_payload, pack_entry, read_header
+from kvmesh.codecs.kvview import block_view, view_code, view_name
+
+_PARAMS = struct.Struct("<BHHbH")  # view, key group, value group, zstd level, layers; then key bits, value bits per layer
+_LENGTH = struct.Struct("<I")
+
+
+def layer_bits(num_layers: int, bits: tuple[int, int, int]) -> np.ndarray:
+    """Quantization width per layer: ``bits[0]`` for the first third of the layers, ``bits[1]``, ``bits[2]``."""
+    return np.array([bits[min(2, 3 * layer // num_layers)] for layer in range(num_layers)], dtype=np.int64)
+
+
+def container_bits(bits: np.ndarray) -> np.ndarray:
+    """How each layer's symbols are stored before entropy coding: two per byte up to 4 bits, else one."""
+    return np.where(bits <= 4, 4, 8).astype(np.int64)
+
+
+class CacheGenCodec:
+    name = "cachegen"
+    codec_id = 5
+    lossless = False
+
+    def __init__(self, key_bits: tuple[int, int, int] = (6, 6, 6), value_bits: tuple[int, int, int] = (5, 5, 5),
+                 key_group: int = 128, value_group: int = 64, level: int = 1) -> None:
+        key_bits, value_bits = tuple(key_bits), tuple(value_bits)
+        for name, bits in (("key_bits", key_bits), ("value_bits", value_bits)):
+            if len(bits) != 3 or not all(2 <= b <= 8 for b in bits):
+                raise ValueError(f"cachegen {name} must be three widths in 2..8 (first, middle, last third of the "
+                                 f"layers, e.g. 6-6-6), got {'-'.join(map(str, bits))}")
+        if not 1 <= key_group <= 65535 or not 1 <= value_group <= 65535:
+            raise ValueError(f"cachegen groups must be 1..65535, got {key_group}/{value_group}")
+        if not -7 <= level <= 19:
+            raise ValueError(f"cachegen zstd level must be -7..19, got {level}")
+        self.key_bits, self.value_bits = key_bits, value_bits
+        self.key_group, self.value_group, self.level = key_group, value_group, level
+
+    @staticmethod
+    def _groupings(key_group: int, value_group: int) -> tuple[quant.Grouping, quant.Grouping]:
+        return quant.Grouping(tokens=key_group, channels=1), quant.Grouping(tokens=1, channels=value_group)
+
+    def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
+        blocks = block_view(chunk, view)
+        num_layers, heads, head_size = blocks.shape[0], blocks.shape[3], blocks.shape[-1]
+        if head_size % 2:
+            raise ValueError(f"cachegen needs an even head_size, got {head_size}")
+        all_bits = [layer_bits(num_layers, self.key_bits), layer_bits(num_layers, self.value_bits)]
+        compressor = zstandard.ZstdCompressor(level=self.level, write_content_size=False, write_checksum=False)
+        stats, lengths, frames = [], [], []
+        groupings = self._groupings(self.key_group, self.value_group)
+        for part, grouping, bits in zip((blocks[:, 0], blocks[:, 1]), groupings, all_bits):
+            widths = container_bits(bits)
+            q = quant.quantize(quant.as_float32(part), grouping, (1 << bits) - 1)
+            stats += [q.low.tobytes(), q.step.tobytes()]
+            for layer in range(num_layers):
+                packed = quant.pack(q.symbols[layer], int(widths[layer]))  # [blocks, heads, tokens, bytes]
+                for head in range(heads):
+                    frame = compressor.compress(np.ascontiguousarray(packed[:, head]).tobytes())
+                    lengths.append(len(frame))
+                    frames.append(frame)
+        params = _PARAMS.pack(view_code(view), self.key_group, self.value_group, self.level, num_layers) + \
+            np.concatenate(all_bits).astype(np.uint8).tobytes()
+        table = np.array(lengths, dtype="<u4").tobytes()
+        return pack_entry(self.codec_id, chunk.dtype, tuple(chunk.shape), b"".join(stats + [table] + frames), params)
+
+    def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
+               expected_dtype: torch.dtype | None = None) -> torch.Tensor:
+        header = read_header(data)
+        payload = checked_payload(data, header, self.codec_id, expected_shape, expected_dtype)
+        if len(header.params) < _PARAMS.size:
+            raise CorruptEntry(f"cachegen parameters are {len(header.params)} bytes, expected {_PARAMS.size}+")
+        code, key_group, value_group, _, num_layers = _PARAMS.unpack_from(header.params)
+        bits = np.frombuffer(header.params[_PARAMS.size:], dtype=np.uint8).astype(np.int64)
+        if len(bits) != 2 * num_layers or key_group < 1 or value_group < 1 or not ((bits >= 2) & (bits <= 8)).all():
+            raise CorruptEntry("cachegen parameters out of range")
+        all_widths = (container_bits(bits[:num_layers]), container_bits(bits[num_layers:]))
+        out = torch.empty(header.shape, dtype=header.dtype)
+        blocks = block_view(out, view_name(code))
+        if blocks.shape[0] != num_layers:
+            raise CorruptEntry(f"cachegen entry names {num_layers} layers, its shape has {blocks.shape[0]}")
+        parts = (blocks[:, 0], blocks[:, 1])
+        groupings = self._groupings(key_group, value_group)
+        reader = quant.Reader(payload)
+        stats = []
+        for part, grouping in zip(parts, groupings):
+            shape = grouping.stats_shape(tuple(part.shape))
+            stats.append((reader.array(np.float16, shape), reader.array(np.float16, shape)))
+        heads = blocks.shape[3]
+        lengths = reader.array(np.dtype("<u4"), (2, num_layers, heads))
+        decompressor = zstandard.ZstdDecompressor()
+        _, num_blocks, _, tokens, head_size = parts[0].shape
+        for kv, (part, grouping, (low, step), widths) in enumerate(zip(parts, groupings, stats, all_widths)):
+            symbols = np.empty((num_layers, heads, num_blocks, tokens, head_size), dtype=np.uint8)
+            for layer in range(num_layers):
+                row_bytes = head_size * int(widths[layer]) // 8
+                expected = num_blocks * tokens * row_bytes
+                for head in range(heads):
+                    frame = reader.take(int(lengths[kv, layer, head]))
+                    try:
+                        plain = decompressor.decompress(frame, max_output_size=expected)
+                    except zstandard.ZstdError as err:
+                        raise CorruptEntry(f"cachegen stream does not decode: {err}") from err
+                    if len(plain) != expected:
+                        raise CorruptEntry(f"cachegen stream holds {len(plain)} bytes, expected {expected}")
+                    symbols[layer, head, :, :, :row_bytes] = np.frombuffer(plain, dtype=np.uint8).reshape(
+                        num_blocks, tokens, row_bytes)
+            quant.dequantize_into(symbols.transpose(0, 2, 1, 3, 4), widths, low, step, grouping, part)
+        reader.finish()
+        return out

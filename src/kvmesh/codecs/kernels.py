@@ -1,0 +1,180 @@
+"""Numba kernels for the lossy codecs: group statistics, quantization, and fused dequantize-to-bf16.
+
+Decoding is the hot path (a disk or Redis hit waits for it), so dequantization
+is one pass that reads the symbols, scales them and writes bf16 bits straight
+into the entry's final layout (a strided view); numpy/torch would need five
+passes.  Arrays are 5-D ``[layers, blocks, heads, tokens, head_size]`` (one of
+K or V of the block view, see ``kvview``); statistics are kept per group of
+``group_tokens`` tokens x ``group_channels`` channels, so keys (per channel,
+grouped over tokens) and values (per token, grouped over channels) share them.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_JIT = {"cache": True, "nogil": True, "boundscheck": False}
+
+
+@numba.njit(**_JIT)
+def _to_bf16_bits(row: np.ndarray, out: np.ndarray) -> None:
+    """Round a float32 row to bf16 (round to nearest even) and store its bits."""
+    bits = row.view(np.uint32)
+    for i in range(row.shape[0]):
+        value = bits[i]
+        out[i] = np.uint16((value + np.uint32(0x7FFF) + ((value >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@numba.njit(**_JIT)
+def group_min_max(x: np.ndarray, group_tokens: int, group_channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group minimum and maximum of a 5-D float32 array."""
+    layers, blocks, heads, tokens, channels = x.shape
+    shape = (layers, blocks, heads, (tokens + group_tokens - 1) // group_tokens,
+             (channels + group_channels - 1) // group_channels)
+    low = np.full(shape, np.inf, dtype=np.float32)
+    high = np.full(shape, -np.inf, dtype=np.float32)
+    for l in range(layers):
+        for b in range(blocks):
+            for h in range(heads):
+                for t in range(tokens):
+                    tg = t // group_tokens
+                    for c in range(channels):
+                        cg = c // group_channels
+                        value = x[l, b, h, t, c]
+                        if value < low[l, b, h, tg, cg]:
+                            low[l, b, h, tg, cg] = value
+                        if value > high[l, b, h, tg, cg]:
+                            high[l, b, h, tg, cg] = value
+    return low, high
+
+
+@numba.njit(**_JIT)
+def quantize(x: np.ndarray, low: np.ndarray, scale: np.ndarray, levels: np.ndarray, group_tokens: int,
+             group_channels: int, out: np.ndarray) -> None:
+    """``out = clip(round((x - low) / scale), 0, levels[layer])`` as uint8 symbols (one per value)."""
+    layers, blocks, heads, tokens, channels = x.shape
+    for l in range(layers):
+        top = levels[l]
+        for b in range(blocks):
+            for h in range(heads):
+                for t in range(tokens):
+                    tg = t // group_tokens
+                    for c in range(channels):
+                        cg = c // group_channels
+                        step = scale[l, b, h, tg, cg]
+                        q = 0.0
+                        if step > 0:
+                            q = np.floor((x[l, b, h, t, c] - low[l, b, h, tg, cg]) / step + 0.5)
+                        if q < 0:
+                            q = 0.0
+                        if q > top:
+                            q = top
+                        out[l, b, h, t, c] = np.uint8(q)
+
+
+@numba.njit(**_JIT)
+def _expand_row(stats: np.ndarray, group_channels: int, out: np.ndarray) -> None:
+    """Spread one row of per-group statistics over the channels of its groups."""
+    channels = out.shape[0]
+    for group in range(stats.shape[0]):
+        value = stats[group]
+        for c in range(group * group_channels, min((group + 1) * group_channels, channels)):
+            out[c] = value
+
+
+@numba.njit(**_JIT)
+def _dequantize_rows(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray, scale: np.ndarray,
+                     group_tokens: int, group_channels: int, out: np.ndarray, as_bf16: bool) -> None:
+    """Row by row: unpack symbols, scale and shift them (vectorizable), store as bf16 bits or float32.
+
+    ``layer_bits[layer]`` is the width symbols are packed with in that layer (8, 4 or 2).
+    """
+    layers, blocks, heads, tokens, channels = out.shape
+    row = np.empty(channels, dtype=np.float32)
+    row_bits = row.view(np.uint32)
+    step_row = np.empty(channels, dtype=np.float32)
+    low_row = np.empty(channels, dtype=np.float32)
+    for l in range(layers):
+        bits = layer_bits[l]
+        per_byte = 8 // bits
+        mask = (1 << bits) - 1
+        for b in range(blocks):
+            for h in range(heads):
+                cached_group = -1
+                for t in range(tokens):
+                    tg = t // group_tokens
+                    if tg != cached_group:
+                        _expand_row(scale[l, b, h, tg], group_channels, step_row)
+                        _expand_row(low[l, b, h, tg], group_channels, low_row)
+                        cached_group = tg
+                    packed = symbols[l, b, h, t]
+                    if per_byte == 1:
+                        for c in range(channels):
+                            row[c] = packed[c]
+                    else:
+                        for i in range(channels // per_byte):
+                            byte = packed[i]
+                            for j in range(per_byte):
+                                row[i * per_byte + j] = (byte >> (bits * j)) & mask
+                    for c in range(channels):
+                        row[c] = row[c] * step_row[c] + low_row[c]
+                    target = out[l, b, h, t]
+                    if as_bf16:
+                        for c in range(channels):
+                            value = row_bits[c]
+                            target[c] = (value + np.uint32(0x7FFF) + ((value >> np.uint32(16)) & np.uint32(1))) \
+                                >> np.uint32(16)
+                    else:
+                        for c in range(channels):
+                            target[c] = row[c]
+
+
+def dequantize_bf16(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray, scale: np.ndarray,
+                    group_tokens: int, group_channels: int, out: np.ndarray) -> None:
+    """bf16 bits of ``symbol * scale + low`` into ``out``; symbols packed ``8 // bits`` per byte along channels."""
+    _dequantize_rows(symbols, layer_bits, low, scale, group_tokens, group_channels, out, True)
+
+
+def dequantize_f32(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray, scale: np.ndarray,
+                   group_tokens: int, group_channels: int, out: np.ndarray) -> None:
+    """As :func:`dequantize_bf16`, writing float32 (for float16 / float32 models)."""
+    _dequantize_rows(symbols, layer_bits, low, scale, group_tokens, group_channels, out, False)
+
+
+@numba.njit(**_JIT)
+def lookup_scale_bf16(codes: np.ndarray, table: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
+    """bf16 bits of ``table[code] * scale[..., token]`` (fp8 decode: one scale per token and head)."""
+    layers, blocks, heads, tokens, channels = out.shape
+    row = np.empty(channels, dtype=np.float32)
+    row_bits = row.view(np.uint32)
+    for l in range(layers):
+        for b in range(blocks):
+            for h in range(heads):
+                for t in range(tokens):
+                    s = scale[l, b, h, t]
+                    source = codes[l, b, h, t]
+                    for c in range(channels):
+                        row[c] = table[source[c]] * s
+                    target = out[l, b, h, t]
+                    for c in range(channels):
+                        value = row_bits[c]
+                        target[c] = (value + np.uint32(0x7FFF) + ((value >> np.uint32(16)) & np.uint32(1))) \
+                            >> np.uint32(16)
+
+
+@numba.njit(**_JIT)
+def split_bf16(bits: np.ndarray, exponents: np.ndarray, sign_mantissas: np.ndarray) -> None:
+    """Split bf16 bit patterns into an exponent plane and a sign+mantissa plane (lossless codec)."""
+    for i in range(bits.shape[0]):
+        value = bits[i]
+        exponents[i] = np.uint8((value >> 7) & 0xFF)
+        sign_mantissas[i] = np.uint8(((value >> 8) & 0x80) | (value & 0x7F))
+
+
+@numba.njit(**_JIT)
+def join_bf16(exponents: np.ndarray, sign_mantissas: np.ndarray, bits: np.ndarray) -> None:
+    """Inverse of :func:`split_bf16`."""
+    for i in range(bits.shape[0]):
+        sm = np.uint16(sign_mantissas[i])
+        bits[i] = np.uint16(((sm & 0x80) << 8) | (np.uint16(exponents[i]) << 7) | (sm & 0x7F))

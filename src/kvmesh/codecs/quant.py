@@ -1,0 +1,112 @@
+"""Group-wise min/max quantization shared by the KIVI and CacheGen-style codecs.
+
+One of K or V of an entry is a 5-D ``[layers, blocks, heads, tokens, head_size]``
+array.  Each group (``group_tokens`` x ``group_channels`` values) keeps its
+minimum and step as float16; values become ``round((x - min) / step)`` in
+``0 .. levels[layer]``.  Keys use groups along tokens, one channel wide (KIVI:
+keys have per-channel outliers); values use groups along channels, one token
+wide.  The float16-rounded min and step are the ones quantized against, so the
+error of every value is at most half a step (plus bf16's own rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvmesh.codecs import kernels
+from kvmesh.codecs.base import CorruptEntry
+
+
+@dataclass(frozen=True, slots=True)
+class Grouping:
+    tokens: int
+    channels: int
+
+    def stats_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        layers, blocks, heads, tokens, channels = shape
+        return (layers, blocks, heads, math.ceil(tokens / self.tokens), math.ceil(channels / self.channels))
+
+
+@dataclass(slots=True)
+class Quantized:
+    low: np.ndarray  # float16, stats shape
+    step: np.ndarray  # float16, stats shape
+    symbols: np.ndarray  # uint8, one per value, [layers, blocks, heads, tokens, head_size]
+
+
+def as_float32(part: torch.Tensor) -> np.ndarray:
+    """One of K/V of a block view as a contiguous float32 numpy array (the encoder's input)."""
+    return part.to(torch.float32).contiguous().numpy()
+
+
+def quantize(values: np.ndarray, grouping: Grouping, levels: np.ndarray) -> Quantized:
+    low, high = kernels.group_min_max(values, grouping.tokens, grouping.channels)
+    top = levels.astype(np.float32).reshape(-1, 1, 1, 1, 1)
+    low16 = low.astype(np.float16)
+    step16 = ((high - low16.astype(np.float32)) / top).astype(np.float16)
+    # a step that float16 rounds down could push the group's max above the top symbol: round up instead
+    step32 = step16.astype(np.float32)
+    short = low16.astype(np.float32) + step32 * top < high
+    step16[short] = np.nextafter(step16[short], np.float16(np.inf))
+    symbols = np.empty(values.shape, dtype=np.uint8)
+    kernels.quantize(values, low16.astype(np.float32), step16.astype(np.float32), levels.astype(np.float32),
+                     grouping.tokens, grouping.channels, symbols)
+    return Quantized(low16, step16, symbols)
+
+
+def pack(symbols: np.ndarray, bits: int) -> np.ndarray:
+    """Pack ``8 // bits`` symbols per byte along the last axis (low bits first)."""
+    if bits == 8:
+        return symbols
+    if symbols.shape[-1] % (8 // bits):
+        raise ValueError(f"head_size {symbols.shape[-1]} is not a multiple of {8 // bits} ({bits}-bit symbols)")
+    per_byte = 8 // bits
+    grouped = symbols.reshape(*symbols.shape[:-1], symbols.shape[-1] // per_byte, per_byte)
+    packed = np.zeros(grouped.shape[:-1], dtype=np.uint8)
+    for index in range(per_byte):
+        packed |= grouped[..., index] << np.uint8(bits * index)
+    return packed
+
+
+def dequantize_into(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray, step: np.ndarray,
+                    grouping: Grouping, out: torch.Tensor) -> None:
+    """Write ``symbol * step + low`` into ``out`` (a strided 5-D view of the decoded entry).
+
+    ``layer_bits[layer]`` is the width the layer's symbols are packed with (see :func:`pack`).
+    """
+    low32, step32 = low.astype(np.float32), step.astype(np.float32)
+    if out.dtype == torch.bfloat16:
+        kernels.dequantize_bf16(symbols, layer_bits, low32, step32, grouping.tokens, grouping.channels,
+                                out.view(torch.int16).numpy().view(np.uint16))
+        return
+    buffer = np.empty(tuple(out.shape), dtype=np.float32)
+    kernels.dequantize_f32(symbols, layer_bits, low32, step32, grouping.tokens, grouping.channels, buffer)
+    out.copy_(torch.from_numpy(buffer))
+
+
+class Reader:
+    """Takes consecutive sections out of a payload, refusing to run past its end."""
+
+    def __init__(self, payload: memoryview) -> None:
+        self.payload = payload
+        self.position = 0
+
+    def take(self, nbytes: int) -> memoryview:
+        end = self.position + nbytes
+        if end > len(self.payload):
+            raise CorruptEntry(f"payload ends at {len(self.payload)} bytes, a section needs {end}")
+        section = self.payload[self.position:end]
+        self.position = end
+        return section
+
+    def array(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        count = math.prod(shape)
+        return np.frombuffer(self.take(count * np.dtype(dtype).itemsize), dtype=dtype).reshape(shape)
+
+    def finish(self) -> None:
+        if self.position != len(self.payload):
+            raise CorruptEntry(f"payload has {len(self.payload) - self.position} bytes past its last section")
