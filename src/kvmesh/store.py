@@ -28,6 +28,7 @@ from typing import Literal, Protocol
 import torch
 
 from kvmesh.codecs import Codec, CorruptEntry, RawCodec, decode_any, encode_for_tier, entry_view
+from kvmesh.codecs.base import read_header
 from kvmesh.codecs.kvview import VIEWS
 from kvmesh.layout import DTYPES, dtype_name
 from kvmesh.tensorbytes import tensor_bytes
@@ -359,17 +360,33 @@ class TieredStore:
                 continue
             self.observer.tier_read(tier.name, len(data), time.perf_counter() - started)
             try:
-                started = time.perf_counter()
-                chunk = decode_any(data)
-                view = entry_view(data)
-                self.observer.decoded(chunk.numel() * chunk.element_size(), time.perf_counter() - started)
-            except CorruptEntry as err:
-                log.warning("tier %s: dropping corrupt entry %s: %s", tier.name, key.hex(), err)
-                self._guard(tier, "delete", lambda t=tier: t.delete(key), False)
-                self.observer.dropped_store(f"corrupt_{tier.name}")
+                header = read_header(data)
+                meta = TensorMeta(dtype_name(header.dtype), header.shape, entry_view(data))
+            except (CorruptEntry, ValueError) as err:
+                self._drop_corrupt(tier, key, err)
                 continue
-            return self._fill_l1(key, chunk, view) is not ReserveStatus.NO_ROOM
+            reservation = self.l1.reserve(key, meta.nbytes, meta.encode())
+            if reservation.status is not ReserveStatus.OK:
+                return reservation.status is ReserveStatus.EXISTS
+            try:  # decode straight into the L1 extent: no temporary tensor, no second copy
+                started = time.perf_counter()
+                decode_any(data, out=self.tensor_at(reservation.extent))
+                self.observer.decoded(meta.nbytes, time.perf_counter() - started)
+            except CorruptEntry as err:
+                self.l1.abort(key)
+                self._drop_corrupt(tier, key, err)
+                continue
+            except BaseException:
+                self.l1.abort(key)
+                raise
+            self.l1.commit(key)
+            return True
         return False
+
+    def _drop_corrupt(self, tier: Tier, key: bytes, err: Exception) -> None:
+        log.warning("tier %s: dropping corrupt entry %s: %s", tier.name, key.hex(), err)
+        self._guard(tier, "delete", lambda: tier.delete(key), False)
+        self.observer.dropped_store(f"corrupt_{tier.name}")
 
     def _guard(self, tier: Tier, action: str, call, default):  # noqa: ANN001, ANN202
         """Run a tier call; anything it raises is logged once per (tier, action) and becomes ``default``."""

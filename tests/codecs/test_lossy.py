@@ -70,22 +70,23 @@ def _check_kivi_bound(chunk: torch.Tensor, view: str, bits: tuple[np.ndarray, np
         assert bool((error <= bound).all()), f"kv={kv}: worst excess {float((error - bound).max())}"
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("key_bits, value_bits", [(8, 8), (7, 3), (6, 5), (4, 4), (2, 2)])
 @pytest.mark.parametrize("view", ["chunk", "cpu-pages"])
-def test_kivi_error_is_within_half_a_step(bits: int, view: str) -> None:
+def test_kivi_error_is_within_half_a_step(key_bits: int, value_bits: int, view: str) -> None:
     chunk = _chunk() if view == "chunk" else _pages()
-    codec = KiviCodec(bits=bits, key_group=32, value_group=8)
+    codec = KiviCodec(key_bits=key_bits, value_bits=value_bits, key_group=32, value_group=8)
     back = decode_any(codec.encode(chunk, view))
     assert back.shape == chunk.shape and back.dtype == chunk.dtype
-    layers = np.full(chunk.shape[0], bits)
-    _check_kivi_bound(chunk, view, (layers, layers), 32, 8, back)
+    layers = chunk.shape[0]
+    _check_kivi_bound(chunk, view, (np.full(layers, key_bits), np.full(layers, value_bits)), 32, 8, back)
 
 
 def test_kivi_sizes() -> None:
     chunk = _chunk(tokens=256)
     raw = chunk.numel() * 2
-    ratios = {bits: raw / len(KiviCodec(bits, key_group=128, value_group=16).encode(chunk)) for bits in (8, 4, 2)}
-    assert 1.7 < ratios[8] < 2 < ratios[4] < 4 < ratios[2] < 8
+    ratios = {bits: raw / len(KiviCodec(bits, key_group=128, value_group=16).encode(chunk))
+              for bits in (8, 6, 5, 4, 3, 2)}
+    assert 1.7 < ratios[8] < 2 < ratios[6] < ratios[5] < ratios[4] < ratios[3] < ratios[2] < 8
 
 
 @pytest.mark.parametrize("view", ["chunk", "cpu-pages"])
@@ -97,12 +98,13 @@ def test_cachegen_error_follows_its_per_layer_widths(view: str) -> None:
     _check_kivi_bound(chunk, view, (layer_bits(layers, (8, 5, 3)), layer_bits(layers, (4, 3, 2))), 32, 16, back)
 
 
-def test_cachegen_entropy_coding_beats_bit_packing_on_real_kv(real_kv: torch.Tensor) -> None:
-    packed = len(KiviCodec(bits=4).encode(real_kv))
-    coded = CacheGenCodec(key_bits=(4, 4, 4), value_bits=(4, 4, 4)).encode(real_kv)
-    assert len(coded) < packed
-    kivi_back = decode_any(KiviCodec(bits=4).encode(real_kv)).float()
-    assert torch.equal(decode_any(coded).float(), kivi_back)  # the same quantization, coded differently
+@pytest.mark.parametrize("key_bits, value_bits", [(4, 4), (6, 5)])
+def test_cachegen_entropy_coding_beats_bit_packing_on_real_kv(key_bits: int, value_bits: int,
+                                                              real_kv: torch.Tensor) -> None:
+    kivi = KiviCodec(key_bits=key_bits, value_bits=value_bits).encode(real_kv)
+    coded = CacheGenCodec(key_bits=(key_bits,) * 3, value_bits=(value_bits,) * 3).encode(real_kv)
+    assert len(coded) < len(kivi)
+    assert torch.equal(decode_any(coded), decode_any(kivi))  # the same quantization, coded differently
 
 
 @pytest.mark.parametrize("view", ["chunk", "cpu-pages"])
@@ -177,7 +179,8 @@ def test_a_shape_that_does_not_fit_its_view_is_refused() -> None:
 
 @pytest.mark.parametrize("spec, message", [
     ("gzip", "unknown codec 'gzip'"),
-    ("kivi:bits=3", "bits must be 2, 4 or 8, got 3"),
+    ("kivi:bits=9", "bits must be 2..8, got 9"),
+    ("kivi:value_bits=1", "value_bits must be 2..8, got 1"),
     ("kivi:bitz=4", "no parameter 'bitz'"),
     ("cachegen:key_bits=9", "key_bits must be three widths"),
     ("cachegen:value_bits=x", "bad value 'x' for 'value_bits'"),

@@ -15,6 +15,8 @@ from kvmesh.bench.servers import EngineSpec, free_port
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
 
+CACHE_GIB = 4  # the CPU-memory cache every caching system gets (kvmesh's L1, LMCache's L1)
+
 SYSTEMS: dict[str, str] = {
     "vllm-nocache": "vLLM, prefix caching off",
     "vllm": "vLLM, its own prefix cache (the engine's pool)",
@@ -44,7 +46,8 @@ class LMCacheServer:
 
     def start(self) -> LMCacheServer:
         argv = [str(self.venv / "bin" / "lmcache"), "server", "--host", "localhost", "--port", str(self.port),
-                "--chunk-size", "256", "--l1-size-gb", "2", "--eviction-policy", "LRU", "--max-workers", "1",
+                "--chunk-size", "256", "--l1-size-gb", str(CACHE_GIB), "--eviction-policy", "LRU",
+                "--max-workers", "1",
                 "--supported-transfer-mode", "auto"]
         if self.disk_dir is not None:
             self.disk_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +121,7 @@ def prepare_system(name: str, model: str, pool_bytes: int, max_model_len: int, w
         spec.kv_cache_bytes = big_pool_bytes
     elif name.startswith("kvmesh"):
         settings: dict[str, object] = {"instance": f"bench-{name}-{uuid.uuid4().hex[:6]}",
-                                       "socket_dir": str(work / "sock"), "l1_size": "4GiB", "http_port": 0,
+                                       "socket_dir": str(work / "sock"), "l1_size": f"{CACHE_GIB}GiB", "http_port": 0,
                                        "save_partial_chunks": name != "kvmesh-full"}
         if name == "kvmesh-disk":
             settings["disk_path"] = str(work / f"disk-{uuid.uuid4().hex[:6]}")

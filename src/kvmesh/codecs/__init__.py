@@ -5,7 +5,8 @@ A spec is a name with optional parameters, ``name[:key=value,...]``:
 * ``raw`` - the bytes as they are;
 * ``lossless[:compressor=zstd|lz4,level=N]`` - bit-exact, exponent/byte planes + zstd or lz4;
 * ``fp8`` - e4m3 with a scale per (token, head);
-* ``kivi[:bits=8|4|2,key_group=N,value_group=N]`` - KIVI-style min/max quantization;
+* ``kivi[:bits=N,key_bits=N,value_bits=N,key_group=N,value_group=N]`` - KIVI-style min/max quantization,
+  2..8 bits, keys and values separately if wanted;
 * ``cachegen[:key_bits=A-B-C,value_bits=A-B-C,key_group=N,value_group=N,level=N]`` - widths per layer third
   for keys and values, then entropy coding.
 
@@ -40,7 +41,7 @@ _PARAMETERS: dict[str, dict[str, object]] = {
     "raw": {},
     "lossless": {"compressor": str, "level": int},
     "fp8": {},
-    "kivi": {"bits": int, "key_group": int, "value_group": int},
+    "kivi": {"bits": int, "key_bits": int, "value_bits": int, "key_group": int, "value_group": int},
     "cachegen": {"key_bits": _widths, "value_bits": _widths, "key_group": int, "value_group": int, "level": int},
 }
 DEFAULT_LOSSY = "cachegen"
@@ -66,13 +67,13 @@ def get_codec(spec: str) -> Codec:
 
 
 def decode_any(data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
-               expected_dtype: torch.dtype | None = None) -> torch.Tensor:
+               expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode an entry with whichever codec wrote it, so changing the configured codec loses nothing."""
     header = read_header(data)
     codec_type = _BY_ID.get(header.codec_id)
     if codec_type is None:
         raise CorruptEntry(f"entry was written by unknown codec id {header.codec_id}")
-    return codec_type().decode(data, expected_shape, expected_dtype)
+    return codec_type().decode(data, expected_shape, expected_dtype, out)
 
 
 def entry_view(data: bytes | memoryview) -> str:

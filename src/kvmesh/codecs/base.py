@@ -50,7 +50,9 @@ class Codec(Protocol):
 
     ``view`` says where its K/V, token, head and channel axes are (``kvview``);
     lossy codecs need it, bit-exact ones record it so a later re-encode knows it.
-    ``decode`` reads its parameters from the entry, never from the instance.
+    ``decode`` reads its parameters from the entry, never from the instance, and writes into ``out``
+    when given (a contiguous tensor of the entry's shape and dtype: an L1 extent, so a promotion from
+    disk or Redis decodes straight into shared memory with no further copy).
     """
 
     name: str
@@ -60,7 +62,7 @@ class Codec(Protocol):
     def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes: ...
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
-               expected_dtype: torch.dtype | None = None) -> torch.Tensor: ...
+               expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def pack_entry(codec_id: int, dtype: torch.dtype, shape: tuple[int, ...], payload: bytes | memoryview,
@@ -115,3 +117,12 @@ def checked_payload(data: bytes | memoryview, header: EntryHeader, codec_id: int
     if xxhash.xxh3_64_intdigest(payload) != header.payload_checksum:
         raise CorruptEntry("payload checksum mismatch")
     return payload
+
+
+def output_for(header: EntryHeader, out: torch.Tensor | None) -> torch.Tensor:
+    """The tensor a decode writes into: ``out`` if it fits the entry, else a new one."""
+    if out is None:
+        return torch.empty(header.shape, dtype=header.dtype)
+    if tuple(out.shape) != header.shape or out.dtype != header.dtype or not out.is_contiguous():
+        raise ValueError(f"decode target is {tuple(out.shape)} {out.dtype}, the entry is {header.shape} {header.dtype}")
+    return out

@@ -24,7 +24,7 @@ import torch
 import zstandard
 
 from kvmesh.codecs import quant
-from kvmesh.codecs.base import CorruptEntry, checked_payload, pack_entry, read_header
+from kvmesh.codecs.base import CorruptEntry, checked_payload, output_for, pack_entry, read_header
 from kvmesh.codecs.kvview import block_view, view_code, view_name
 
 _PARAMS = struct.Struct("<BHHbH")  # view, key group, value group, zstd level, layers; then key bits, value bits per layer
@@ -89,7 +89,7 @@ class CacheGenCodec:
         return pack_entry(self.codec_id, chunk.dtype, tuple(chunk.shape), b"".join(stats + [table] + frames), params)
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
-               expected_dtype: torch.dtype | None = None) -> torch.Tensor:
+               expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         header = read_header(data)
         payload = checked_payload(data, header, self.codec_id, expected_shape, expected_dtype)
         if len(header.params) < _PARAMS.size:
@@ -99,7 +99,7 @@ class CacheGenCodec:
         if len(bits) != 2 * num_layers or key_group < 1 or value_group < 1 or not ((bits >= 2) & (bits <= 8)).all():
             raise CorruptEntry("cachegen parameters out of range")
         all_widths = (container_bits(bits[:num_layers]), container_bits(bits[num_layers:]))
-        out = torch.empty(header.shape, dtype=header.dtype)
+        out = output_for(header, out)
         blocks = block_view(out, view_name(code))
         if blocks.shape[0] != num_layers:
             raise CorruptEntry(f"cachegen entry names {num_layers} layers, its shape has {blocks.shape[0]}")
@@ -115,7 +115,7 @@ class CacheGenCodec:
         decompressor = zstandard.ZstdDecompressor()
         _, num_blocks, _, tokens, head_size = parts[0].shape
         for kv, (part, grouping, (low, step), widths) in enumerate(zip(parts, groupings, stats, all_widths)):
-            symbols = np.empty((num_layers, heads, num_blocks, tokens, head_size), dtype=np.uint8)
+            symbols = np.empty((num_layers, num_blocks, heads, tokens, head_size), dtype=np.uint8)
             for layer in range(num_layers):
                 row_bytes = head_size * int(widths[layer]) // 8
                 expected = num_blocks * tokens * row_bytes
@@ -127,8 +127,8 @@ class CacheGenCodec:
                         raise CorruptEntry(f"cachegen stream does not decode: {err}") from err
                     if len(plain) != expected:
                         raise CorruptEntry(f"cachegen stream holds {len(plain)} bytes, expected {expected}")
-                    symbols[layer, head, :, :, :row_bytes] = np.frombuffer(plain, dtype=np.uint8).reshape(
+                    symbols[layer, :, head, :, :row_bytes] = np.frombuffer(plain, dtype=np.uint8).reshape(
                         num_blocks, tokens, row_bytes)
-            quant.dequantize_into(symbols.transpose(0, 2, 1, 3, 4), widths, low, step, grouping, part)
+            quant.dequantize_into(symbols, widths, low, step, grouping, part)
         reader.finish()
         return out

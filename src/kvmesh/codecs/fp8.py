@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kvmesh.codecs import kernels, quant
-from kvmesh.codecs.base import CorruptEntry, checked_payload, pack_entry, read_header
+from kvmesh.codecs.base import CorruptEntry, checked_payload, output_for, pack_entry, read_header
 from kvmesh.codecs.kvview import block_view, view_code, view_name
 
 _PARAMS = struct.Struct("<B")  # view
@@ -41,12 +41,12 @@ class Fp8Codec:
                           _PARAMS.pack(view_code(view)))
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
-               expected_dtype: torch.dtype | None = None) -> torch.Tensor:
+               expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         header = read_header(data)
         payload = checked_payload(data, header, self.codec_id, expected_shape, expected_dtype)
         if len(header.params) != _PARAMS.size:
             raise CorruptEntry(f"fp8 parameters are {len(header.params)} bytes, expected {_PARAMS.size}")
-        out = torch.empty(header.shape, dtype=header.dtype)
+        out = output_for(header, out)
         blocks = block_view(out, view_name(header.params[0]))
         parts = (blocks[:, 0], blocks[:, 1])
         reader = quant.Reader(payload)

@@ -83,51 +83,70 @@ def _expand_row(stats: np.ndarray, group_channels: int, out: np.ndarray) -> None
             out[c] = value
 
 
-@numba.njit(**_JIT)
+@numba.njit(fastmath=True, **_JIT)
 def _dequantize_rows(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray, scale: np.ndarray,
                      group_tokens: int, group_channels: int, out: np.ndarray, as_bf16: bool) -> None:
     """Row by row: unpack symbols, scale and shift them (vectorizable), store as bf16 bits or float32.
 
-    ``layer_bits[layer]`` is the width symbols are packed with in that layer (8, 4 or 2).
+    ``layer_bits[layer]`` is the width symbols are packed with in that layer: 8, 4 or 2 (whole symbols per
+    byte) or 3, 5, 6, 7 (dense: each 8 symbols in ``bits`` bytes).  Per (layer,
+    block, head) the work is on 2-D ``[tokens, channels]`` planes, so no array is sliced per row.
     """
     layers, blocks, heads, tokens, channels = out.shape
     row = np.empty(channels, dtype=np.float32)
     row_bits = row.view(np.uint32)
     step_row = np.empty(channels, dtype=np.float32)
     low_row = np.empty(channels, dtype=np.float32)
+    one_group_per_row = group_channels >= channels
     for l in range(layers):
         bits = layer_bits[l]
         per_byte = 8 // bits
+        dense = bits not in (1, 2, 4, 8)
         mask = (1 << bits) - 1
         for b in range(blocks):
             for h in range(heads):
+                plane = symbols[l, b, h]
+                target = out[l, b, h]
+                steps = scale[l, b, h]
+                lows = low[l, b, h]
                 cached_group = -1
                 for t in range(tokens):
                     tg = t // group_tokens
-                    if tg != cached_group:
-                        _expand_row(scale[l, b, h, tg], group_channels, step_row)
-                        _expand_row(low[l, b, h, tg], group_channels, low_row)
-                        cached_group = tg
-                    packed = symbols[l, b, h, t]
-                    if per_byte == 1:
+                    if bits == 8:
                         for c in range(channels):
-                            row[c] = packed[c]
+                            row[c] = plane[t, c]
+                    elif dense:  # groups of 8 symbols in ``bits`` bytes, little-endian
+                        for g in range(channels // 8):
+                            word = np.uint64(0)
+                            for k in range(bits):
+                                word |= np.uint64(plane[t, g * bits + k]) << np.uint64(8 * k)
+                            for j in range(8):
+                                row[g * 8 + j] = (word >> np.uint64(bits * j)) & np.uint64(mask)
                     else:
                         for i in range(channels // per_byte):
-                            byte = packed[i]
+                            byte = plane[t, i]
                             for j in range(per_byte):
                                 row[i * per_byte + j] = (byte >> (bits * j)) & mask
-                    for c in range(channels):
-                        row[c] = row[c] * step_row[c] + low_row[c]
-                    target = out[l, b, h, t]
+                    if one_group_per_row:
+                        step = steps[tg, 0]
+                        base = lows[tg, 0]
+                        for c in range(channels):
+                            row[c] = row[c] * step + base
+                    else:
+                        if tg != cached_group:
+                            _expand_row(steps[tg], group_channels, step_row)
+                            _expand_row(lows[tg], group_channels, low_row)
+                            cached_group = tg if group_tokens > 1 else -1
+                        for c in range(channels):
+                            row[c] = row[c] * step_row[c] + low_row[c]
                     if as_bf16:
                         for c in range(channels):
                             value = row_bits[c]
-                            target[c] = (value + np.uint32(0x7FFF) + ((value >> np.uint32(16)) & np.uint32(1))) \
+                            target[t, c] = (value + np.uint32(0x7FFF) + ((value >> np.uint32(16)) & np.uint32(1))) \
                                 >> np.uint32(16)
                     else:
                         for c in range(channels):
-                            target[c] = row[c]
+                            target[t, c] = row[c]
 
 
 def dequantize_bf16(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray, scale: np.ndarray,

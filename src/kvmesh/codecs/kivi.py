@@ -1,8 +1,11 @@
 """KIVI-style codec: keys quantized per channel (groups along tokens), values per token (groups along channels).
 
-``bits`` is 8, 4 or 2; symbols are packed ``8 // bits`` to a byte, and every
-group stores its float16 minimum and step.  With 4 bits, key groups of 128
-tokens and value groups of 64 channels an entry is ~3.6x smaller than bf16.
+Widths are 2..8 bits, separately for keys and values (``bits`` sets both;
+``key_bits`` / ``value_bits`` override): keys cost the demo model 8x more
+quality per bit than values (docs/benchmarks.md).  Symbols are packed densely
+(2 and 4 bits whole per byte, 3/5/6/7 bits as 8 symbols in ``bits`` bytes);
+every group stores its float16 minimum and step.  Key groups of 128 tokens and
+value groups of 64 channels cost 0.25 and 0.5 bits per value.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ import numpy as np
 import torch
 
 from kvmesh.codecs import quant
-from kvmesh.codecs.base import CorruptEntry, checked_payload, pack_entry, read_header
+from kvmesh.codecs.base import CorruptEntry, checked_payload, output_for, pack_entry, read_header
 from kvmesh.codecs.kvview import block_view, view_code, view_name
 
-_PARAMS = struct.Struct("<BBHH")  # view, bits, key group (tokens), value group (channels)
+_PARAMS = struct.Struct("<BBHHB")  # view, key bits, key group (tokens), value group (channels), value bits
+
+
+def packed_bytes(channels: int, bits: int) -> int:
+    return channels * bits // 8
 
 
 class KiviCodec:
@@ -24,40 +31,45 @@ class KiviCodec:
     codec_id = 4
     lossless = False
 
-    def __init__(self, bits: int = 4, key_group: int = 128, value_group: int = 64) -> None:
-        if bits not in (2, 4, 8):
-            raise ValueError(f"kivi bits must be 2, 4 or 8, got {bits}")
+    def __init__(self, bits: int = 4, key_group: int = 128, value_group: int = 64, key_bits: int | None = None,
+                 value_bits: int | None = None) -> None:
+        self.key_bits = bits if key_bits is None else key_bits
+        self.value_bits = bits if value_bits is None else value_bits
+        for name, width in (("bits" if key_bits is None else "key_bits", self.key_bits),
+                            ("bits" if value_bits is None else "value_bits", self.value_bits)):
+            if not 2 <= width <= 8:
+                raise ValueError(f"kivi {name} must be 2..8, got {width}")
         if not 1 <= key_group <= 65535 or not 1 <= value_group <= 65535:
             raise ValueError(f"kivi groups must be 1..65535, got key_group={key_group}, value_group={value_group}")
-        self.bits, self.key_group, self.value_group = bits, key_group, value_group
+        self.key_group, self.value_group = key_group, value_group
 
-    def _groupings(self, key_group: int, value_group: int) -> tuple[quant.Grouping, quant.Grouping]:
+    @staticmethod
+    def _groupings(key_group: int, value_group: int) -> tuple[quant.Grouping, quant.Grouping]:
         return quant.Grouping(tokens=key_group, channels=1), quant.Grouping(tokens=1, channels=value_group)
 
     def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
         blocks = block_view(chunk, view)
-        if blocks.shape[-1] % (8 // self.bits):
-            raise ValueError(f"head_size {blocks.shape[-1]} is not a multiple of {8 // self.bits} ({self.bits} bits)")
-        levels = np.full(blocks.shape[0], (1 << self.bits) - 1, dtype=np.uint8)
-        sections = []
-        packed = []
-        for part, grouping in zip((blocks[:, 0], blocks[:, 1]), self._groupings(self.key_group, self.value_group)):
+        sections, packed = [], []
+        groupings = self._groupings(self.key_group, self.value_group)
+        for part, grouping, bits in zip((blocks[:, 0], blocks[:, 1]), groupings, (self.key_bits, self.value_bits)):
+            levels = np.full(blocks.shape[0], (1 << bits) - 1, dtype=np.int64)
             q = quant.quantize(quant.as_float32(part), grouping, levels)
             sections += [q.low.tobytes(), q.step.tobytes()]
-            packed.append(quant.pack(q.symbols, self.bits).tobytes())
-        params = _PARAMS.pack(view_code(view), self.bits, self.key_group, self.value_group)
+            packed.append(quant.pack(q.symbols, bits).tobytes())
+        params = _PARAMS.pack(view_code(view), self.key_bits, self.key_group, self.value_group, self.value_bits)
         return pack_entry(self.codec_id, chunk.dtype, tuple(chunk.shape), b"".join(sections + packed), params)
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
-               expected_dtype: torch.dtype | None = None) -> torch.Tensor:
+               expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         header = read_header(data)
         payload = checked_payload(data, header, self.codec_id, expected_shape, expected_dtype)
         if len(header.params) != _PARAMS.size:
             raise CorruptEntry(f"kivi parameters are {len(header.params)} bytes, expected {_PARAMS.size}")
-        code, bits, key_group, value_group = _PARAMS.unpack(header.params)
-        if bits not in (2, 4, 8) or key_group < 1 or value_group < 1:
-            raise CorruptEntry(f"kivi parameters out of range: bits={bits}, groups={key_group}/{value_group}")
-        out = torch.empty(header.shape, dtype=header.dtype)
+        code, key_bits, key_group, value_group, value_bits = _PARAMS.unpack(header.params)
+        if not (2 <= key_bits <= 8 and 2 <= value_bits <= 8) or key_group < 1 or value_group < 1:
+            raise CorruptEntry(f"kivi parameters out of range: bits={key_bits}/{value_bits}, "
+                               f"groups={key_group}/{value_group}")
+        out = output_for(header, out)
         blocks = block_view(out, view_name(code))
         reader = quant.Reader(payload)
         parts = (blocks[:, 0], blocks[:, 1])
@@ -66,8 +78,8 @@ class KiviCodec:
         for part, grouping in zip(parts, groupings):
             shape = grouping.stats_shape(tuple(part.shape))
             stats.append((reader.array(np.float16, shape), reader.array(np.float16, shape)))
-        for part, grouping, (low, step) in zip(parts, groupings, stats):
-            packed_shape = (*part.shape[:-1], part.shape[-1] * bits // 8)
+        for part, grouping, (low, step), bits in zip(parts, groupings, stats, (key_bits, value_bits)):
+            packed_shape = (*part.shape[:-1], packed_bytes(part.shape[-1], bits))
             layer_bits = np.full(part.shape[0], bits, dtype=np.int64)
             quant.dequantize_into(reader.array(np.uint8, packed_shape), layer_bits, low, step, grouping, part)
         reader.finish()

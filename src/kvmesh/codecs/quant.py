@@ -59,17 +59,30 @@ def quantize(values: np.ndarray, grouping: Grouping, levels: np.ndarray) -> Quan
 
 
 def pack(symbols: np.ndarray, bits: int) -> np.ndarray:
-    """Pack ``8 // bits`` symbols per byte along the last axis (low bits first)."""
+    """Pack symbols along the last axis: ``8 // bits`` per byte (low bits first) for 2 and 4 bits; for 3, 5, 6
+    and 7 bits densely, each 8 symbols in ``bits`` bytes (a little-endian bit stream)."""
     if bits == 8:
         return symbols
-    if symbols.shape[-1] % (8 // bits):
-        raise ValueError(f"head_size {symbols.shape[-1]} is not a multiple of {8 // bits} ({bits}-bit symbols)")
-    per_byte = 8 // bits
-    grouped = symbols.reshape(*symbols.shape[:-1], symbols.shape[-1] // per_byte, per_byte)
-    packed = np.zeros(grouped.shape[:-1], dtype=np.uint8)
-    for index in range(per_byte):
-        packed |= grouped[..., index] << np.uint8(bits * index)
-    return packed
+    channels = symbols.shape[-1]
+    if bits in (2, 4):
+        per_byte = 8 // bits
+        if channels % per_byte:
+            raise ValueError(f"head_size {channels} is not a multiple of {per_byte} ({bits}-bit symbols)")
+        grouped = symbols.reshape(*symbols.shape[:-1], channels // per_byte, per_byte)
+        packed = np.zeros(grouped.shape[:-1], dtype=np.uint8)
+        for index in range(per_byte):
+            packed |= grouped[..., index] << np.uint8(bits * index)
+        return packed
+    if channels % 8:
+        raise ValueError(f"head_size {channels} is not a multiple of 8 ({bits}-bit symbols are packed 8 at a time)")
+    grouped = symbols.reshape(*symbols.shape[:-1], channels // 8, 8).astype(np.uint64)
+    words = np.zeros(grouped.shape[:-1], dtype=np.uint64)
+    for index in range(8):
+        words |= grouped[..., index] << np.uint64(bits * index)
+    packed = np.empty((*grouped.shape[:-1], bits), dtype=np.uint8)
+    for index in range(bits):
+        packed[..., index] = (words >> np.uint64(8 * index)) & np.uint64(0xFF)
+    return packed.reshape(*symbols.shape[:-1], channels // 8 * bits)
 
 
 def dequantize_into(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray, step: np.ndarray,

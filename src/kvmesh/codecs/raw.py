@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from kvmesh.tensorbytes import tensor_bytes
-from kvmesh.codecs.base import CorruptEntry, checked_payload, pack_entry, read_header
+from kvmesh.codecs.base import CorruptEntry, checked_payload, output_for, pack_entry, read_header
 from kvmesh.codecs.kvview import view_code
 
 
@@ -22,12 +22,12 @@ class RawCodec:
         return pack_entry(self.codec_id, chunk.dtype, tuple(chunk.shape), tensor_bytes(chunk.cpu()), params)
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
-               expected_dtype: torch.dtype | None = None) -> torch.Tensor:
+               expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         header = read_header(data)
         payload = checked_payload(data, header, self.codec_id, expected_shape, expected_dtype)
         element = torch.empty((), dtype=header.dtype).element_size()
         if len(payload) != math.prod(header.shape) * element:
             raise CorruptEntry(f"payload of {len(payload)} bytes does not hold {header.shape} {header.dtype}")
-        out = torch.empty(header.shape, dtype=header.dtype)
-        out.view(-1).view(torch.uint8).numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
+        out = output_for(header, out)
+        out.view(-1).view(torch.uint8).numpy()[:] = np.frombuffer(payload, dtype=np.uint8)  # one memcpy
         return out

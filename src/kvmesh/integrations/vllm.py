@@ -327,10 +327,11 @@ class _WorkerSide:
             views.append(tensor)
         self.layers = views
         self.page_shape = tuple(views[0].shape[1:])
-        # vLLM-CPU pages are [heads, block, 2 * head_size] (K then V along the token axis): lossy codecs can
-        # find the K/V axes; any other page layout is stored bit-exact only
-        cpu_pages = (self.shape.num_kv_heads, self.shape.block_size, 2 * self.shape.head_size)
-        self.view = "cpu-pages" if self.page_shape == cpu_pages else "opaque"
+        # Pages are "opaque" to lossy codecs: vLLM-CPU's attention kernels (vec, vec16, AMX, NEON) may keep
+        # tokens and channels inside a page in their own packed order, and lossy codecs that assumed
+        # [heads, 2, block, head_size] changed every greedy answer in our end-to-end check (docs/benchmarks.md).
+        # Lower tiers configured with a lossy codec store these pages lossless instead.
+        self.view = "opaque"
         log.info("kvmesh: %d KV layers, pages of %s %s (%s)", len(views), self.page_shape, views[0].dtype, self.view)
 
     def _meta(self, pages: int) -> TensorMeta:
