@@ -4,9 +4,11 @@ Lossy codecs quantize keys per channel and values per token (KIVI), which
 needs to know which axis is which.  kvmesh stores two kinds of entries:
 
 * ``chunk``: the canonical chunk ``[layers, 2 (K,V), tokens, heads, head_size]``;
-* ``cpu-pages``: vLLM-CPU's page-native entries ``[layers, pages, heads, block_size, 2 * head_size]``,
-  whose page memory is really ``[heads, 2 (K,V), block_size, head_size]`` (the CPU attention kernel
-  splits the token axis into K then V).
+* ``cpu-pages``: page-native entries ``[layers, pages, heads, block_size, 2 * head_size]`` whose page
+  memory is ``[heads, 2 (K,V), block_size, head_size]`` (how vLLM-CPU's Python code views its pages).
+  The vLLM connector does not claim it: the CPU attention kernels may order tokens and channels inside
+  a page their own way, and lossy decoding of pages read this way changed every answer in our
+  end-to-end check, so vLLM pages are ``opaque``.
 
 Both are seen by the codecs as one 6-D *block view* ``[layers, 2, blocks, heads, tokens, head_size]``
 (a chunk is one block) without copying; the head_size axis stays innermost and contiguous.
