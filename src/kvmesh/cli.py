@@ -232,6 +232,8 @@ def bench_run(
     qps: Annotated[Optional[list[float]], typer.Option(help="Offered load (Poisson); repeat to sweep. "
                                                            "Omitted: one request at a time.")] = None,
     concurrency: Annotated[int, typer.Option(help="Most requests in flight.")] = 1,
+    warmup_rounds: Annotated[int, typer.Option(help="With --qps: rounds sent one at a time before the Poisson "
+                                                    "arrivals (1 = measure returning users only).")] = 0,
     pool_tokens: Annotated[int, typer.Option(help="The engine's own KV pool, in tokens (at least one "
                                                   "longest request).")] = 4224,
     ttft_objective: Annotated[float, typer.Option(help="p90 TTFT objective (s) for sustained throughput.")] = 2.0,
@@ -304,7 +306,7 @@ def bench_run(
                     # each point of a sweep gets its own documents, so no point is warmed by the one before
                     point_requests = requests if point == 0 else build(seed + 1000 * point)
                     run = run_workload(server.base_url, server.model, point_requests, answer_tokens, rate,
-                                       concurrency, seed, label=label, sample=sampler)
+                                       concurrency, seed, label=label, sample=sampler, warmup_rounds=warmup_rounds)
                     run.system = name
                     runs.append(run)
         finally:

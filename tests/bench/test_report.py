@@ -50,6 +50,18 @@ def test_poisson_run_respects_the_concurrency_bound_and_user_order(server_url: s
         assert second.sent_at >= first.sent_at + first.latency - 0.01
 
 
+def test_warmup_rounds_go_first_one_at_a_time(server_url: str) -> None:
+    run = run_workload(server_url, "m", REQUESTS, answer_tokens=2, qps=50.0, concurrency=3, seed=1,
+                       show_progress=False, warmup_rounds=1)
+    first = sorted((r for r in run.requests if r.round == 0), key=lambda r: r.sent_at)
+    later = [r for r in run.requests if r.round == 1]
+    assert len(first) == 3 and len(later) == 3
+    for previous, current in zip(first, first[1:]):
+        assert current.sent_at >= previous.sent_at + previous.latency - 0.01
+    last_warm_done = max(r.sent_at + r.latency for r in first)
+    assert all(r.sent_at >= last_warm_done - 0.01 for r in later)
+
+
 def test_report_files_and_html(server_url: str, tmp_path: Path) -> None:
     runs = [run_workload(server_url, "m", REQUESTS, 2, label=name, show_progress=False,
                          sample=lambda: {"kvmesh_lookup_tokens_total": 100.0, "kvmesh_hit_tokens_total": 40.0,

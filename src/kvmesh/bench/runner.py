@@ -48,8 +48,14 @@ class RunRecord:
 
 def run_workload(base_url: str, model: str, requests: Sequence[Request], answer_tokens: int,
                  qps: float | None = None, concurrency: int = 1, seed: int = 0, label: str = "",
-                 sample: Callable[[], dict[str, float]] | None = None, show_progress: bool = True) -> RunRecord:
-    """Run ``requests`` in order of arrival; returns every request's timing and the sampled metrics."""
+                 sample: Callable[[], dict[str, float]] | None = None, show_progress: bool = True,
+                 warmup_rounds: int = 0) -> RunRecord:
+    """Run ``requests`` in order of arrival; returns every request's timing and the sampled metrics.
+
+    With ``qps`` and ``warmup_rounds``, rounds below ``warmup_rounds`` go first, one at a time, and only
+    the later rounds arrive as a Poisson process: throughput and TTFT at a rate then describe the steady
+    state (returning users), not a mix with every user's cold first request.
+    """
     rng = random.Random(seed)
     done_events = {}
     previous_of: dict[int, int] = {}
@@ -90,6 +96,10 @@ def run_workload(base_url: str, model: str, requests: Sequence[Request], answer_
     with Progress(*columns, disable=not show_progress, transient=False) as progress:
         task = progress.add_task("requests", total=len(requests))
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            warm = [i for i, r in enumerate(requests) if qps is not None and r.round < warmup_rounds]
+            for index in warm:  # first rounds one at a time: the sweep then measures the steady state
+                pool.submit(send, index).result()
+                progress.advance(task)
             if qps is None:
                 for index in range(len(requests)):
                     pool.submit(send, index).result()
@@ -97,8 +107,9 @@ def run_workload(base_url: str, model: str, requests: Sequence[Request], answer_
             else:
                 slots = threading.Semaphore(max(1, concurrency))
                 futures = []
-                arrival = 0.0
-                for index in range(len(requests)):
+                arrival = time.perf_counter() - started
+                warm_set = set(warm)
+                for index in (i for i in range(len(requests)) if i not in warm_set):
                     arrival += rng.expovariate(qps)
                     delay = arrival - (time.perf_counter() - started)
                     if delay > 0:
