@@ -10,7 +10,7 @@ with :class:`CorruptEntry`, so bad bytes are never turned into a wrong tensor.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -126,3 +126,25 @@ def output_for(header: EntryHeader, out: torch.Tensor | None) -> torch.Tensor:
     if tuple(out.shape) != header.shape or out.dtype != header.dtype or not out.is_contiguous():
         raise ValueError(f"decode target is {tuple(out.shape)} {out.dtype}, the entry is {header.shape} {header.dtype}")
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedEntry:
+    header: EntryHeader
+    payload: memoryview
+    params: tuple = field(default=())  # the codec's fixed parameters, unpacked
+
+
+def open_entry(data: bytes | memoryview, codec_id: int, name: str, params: struct.Struct,
+               expected_shape: tuple[int, ...] | None, expected_dtype: torch.dtype | None,
+               variable_params: bool = False) -> OpenedEntry:
+    """Check an entry's header and payload and unpack the codec's fixed parameters (corrupt: CorruptEntry).
+
+    ``variable_params``: the fixed parameters may be followed by more bytes (read from ``header.params``).
+    """
+    header = read_header(data)
+    payload = checked_payload(data, header, codec_id, expected_shape, expected_dtype)
+    size = len(header.params)
+    if size < params.size or (size != params.size and not variable_params):
+        raise CorruptEntry(f"{name} parameters are {size} bytes, expected {params.size}")
+    return OpenedEntry(header, payload, params.unpack_from(header.params))

@@ -24,7 +24,7 @@ import torch
 import zstandard
 
 from kvmesh.codecs import quant
-from kvmesh.codecs.base import CorruptEntry, checked_payload, output_for, pack_entry, read_header
+from kvmesh.codecs.base import CorruptEntry, open_entry, output_for, pack_entry
 from kvmesh.codecs.kvview import block_view, view_code, view_name
 
 _PARAMS = struct.Struct("<BHHbH")  # view, key group, value group, zstd level, layers; then key bits, value bits per layer
@@ -90,11 +90,10 @@ class CacheGenCodec:
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        header = read_header(data)
-        payload = checked_payload(data, header, self.codec_id, expected_shape, expected_dtype)
-        if len(header.params) < _PARAMS.size:
-            raise CorruptEntry(f"cachegen parameters are {len(header.params)} bytes, expected {_PARAMS.size}+")
-        code, key_group, value_group, _, num_layers = _PARAMS.unpack_from(header.params)
+        entry = open_entry(data, self.codec_id, self.name, _PARAMS, expected_shape, expected_dtype,
+                           variable_params=True)
+        payload, header = entry.payload, entry.header
+        code, key_group, value_group, _, num_layers = entry.params
         bits = np.frombuffer(header.params[_PARAMS.size:], dtype=np.uint8).astype(np.int64)
         if len(bits) != 2 * num_layers or key_group < 1 or value_group < 1 or not ((bits >= 2) & (bits <= 8)).all():
             raise CorruptEntry("cachegen parameters out of range")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kvmesh.codecs import kernels, quant
-from kvmesh.codecs.base import CorruptEntry, checked_payload, output_for, pack_entry, read_header
+from kvmesh.codecs.base import open_entry, output_for, pack_entry
 from kvmesh.codecs.kvview import block_view, view_code, view_name
 
 _PARAMS = struct.Struct("<B")  # view
@@ -42,12 +42,10 @@ class Fp8Codec:
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        header = read_header(data)
-        payload = checked_payload(data, header, self.codec_id, expected_shape, expected_dtype)
-        if len(header.params) != _PARAMS.size:
-            raise CorruptEntry(f"fp8 parameters are {len(header.params)} bytes, expected {_PARAMS.size}")
-        out = output_for(header, out)
-        blocks = block_view(out, view_name(header.params[0]))
+        entry = open_entry(data, self.codec_id, self.name, _PARAMS, expected_shape, expected_dtype)
+        payload = entry.payload
+        out = output_for(entry.header, out)
+        blocks = block_view(out, view_name(entry.params[0]))
         parts = (blocks[:, 0], blocks[:, 1])
         reader = quant.Reader(payload)
         scales = [reader.array(np.float16, tuple(p.shape[:-1])).astype(np.float32) for p in parts]

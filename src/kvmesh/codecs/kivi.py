@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kvmesh.codecs import quant
-from kvmesh.codecs.base import CorruptEntry, checked_payload, output_for, pack_entry, read_header
+from kvmesh.codecs.base import CorruptEntry, open_entry, output_for, pack_entry
 from kvmesh.codecs.kvview import block_view, view_code, view_name
 
 _PARAMS = struct.Struct("<BBHHB")  # view, key bits, key group (tokens), value group (channels), value bits
@@ -61,11 +61,9 @@ class KiviCodec:
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        header = read_header(data)
-        payload = checked_payload(data, header, self.codec_id, expected_shape, expected_dtype)
-        if len(header.params) != _PARAMS.size:
-            raise CorruptEntry(f"kivi parameters are {len(header.params)} bytes, expected {_PARAMS.size}")
-        code, key_bits, key_group, value_group, value_bits = _PARAMS.unpack(header.params)
+        entry = open_entry(data, self.codec_id, self.name, _PARAMS, expected_shape, expected_dtype)
+        payload, header = entry.payload, entry.header
+        code, key_bits, key_group, value_group, value_bits = entry.params
         if not (2 <= key_bits <= 8 and 2 <= value_bits <= 8) or key_group < 1 or value_group < 1:
             raise CorruptEntry(f"kivi parameters out of range: bits={key_bits}/{value_bits}, "
                                f"groups={key_group}/{value_group}")

@@ -16,7 +16,7 @@ import torch
 import zstandard
 
 from kvmesh.codecs import kernels
-from kvmesh.codecs.base import CorruptEntry, checked_payload, output_for, pack_entry, read_header
+from kvmesh.codecs.base import CorruptEntry, open_entry, output_for, pack_entry
 from kvmesh.codecs.kvview import view_code
 from kvmesh.tensorbytes import tensor_bytes
 
@@ -50,12 +50,10 @@ class LosslessCodec:
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        header = read_header(data)
-        payload = checked_payload(data, header, self.codec_id, expected_shape, expected_dtype)
-        if len(header.params) != _PARAMS.size:
-            raise CorruptEntry(f"lossless parameters are {len(header.params)} bytes, expected {_PARAMS.size}")
-        _, compressor, _ = _PARAMS.unpack(header.params)
-        out = output_for(header, out)
+        entry = open_entry(data, self.codec_id, self.name, _PARAMS, expected_shape, expected_dtype)
+        payload = entry.payload
+        _, compressor, _ = entry.params
+        out = output_for(entry.header, out)
         element = out.element_size()
         count = out.numel()
         planes_wanted = 2 if out.dtype == torch.bfloat16 else element
