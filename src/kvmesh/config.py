@@ -214,9 +214,11 @@ class KVMeshConfig:
     codec: str = _opt(
         "raw", _codec_spec,
         "How entries are encoded for the tiers below L1 (L1 always holds the engine's raw pages): raw, "
-        "lossless[:compressor=zstd or lz4], fp8, kivi[:bits=8, 4 or 2], cachegen[:key_bits=6-6-6,value_bits=5-5-5]. "
-        "Lossy codecs change answers slightly; docs/benchmarks.md has each one's measured quality and size. "
-        "Entries written with another codec stay readable.")
+        "lossless[:compressor=zstd or lz4], fp8, kivi[:bits=2..8,key_bits=N,value_bits=N], "
+        "cachegen[:key_bits=6-6-6,value_bits=5-5-5]. Lossy codecs change answers slightly "
+        "(docs/benchmarks.md has each one's measured quality and size) and apply only to entries whose "
+        "K/V axes are known; vLLM's pages are stored lossless by a lossy tier. Entries written with "
+        "another codec stay readable.")
     disk_codec: str = _opt(
         "", _codec_spec_or_inherit, "The disk tier's codec; empty: use `codec`.")
     redis_codec: str = _opt(
