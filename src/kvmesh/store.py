@@ -27,7 +27,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from kvmesh.codecs import Codec, CorruptEntry, RawCodec, decode_any, encode_for_tier, entry_view
+from kvmesh.codecs import Codec, CorruptEntry, RawCodec, decode_any, encode_for_tier, header_view
 from kvmesh.codecs.base import read_header
 from kvmesh.codecs.kvview import VIEWS
 from kvmesh.layout import DTYPES, dtype_name
@@ -115,8 +115,8 @@ class TieredStore:
             raise ValueError("the store's L1 tier must hold its buffer")
         self.l1 = l1
         self.codec = codec or RawCodec()
-        self.lower = [t if isinstance(t, LowerTier) else LowerTier(t) for t in lower]
-        self.lower = [t if t.codec is not None else replace(t, codec=self.codec) for t in self.lower]
+        self.lower = [replace(t, codec=t.codec or self.codec) if isinstance(t, LowerTier)
+                      else LowerTier(t, codec=self.codec) for t in lower]
         self.observer = observer or _NullObserver()
         self.prefetch_enabled = prefetch
         self._write_queue_bytes = write_queue_bytes
@@ -289,7 +289,7 @@ class TieredStore:
         meta = TensorMeta.decode(extent.meta)
         encoded: dict[int, bytes] = {}
         for target in targets:
-            codec = target.codec or self.codec
+            codec = target.codec  # set for every tier in __init__
             if id(codec) not in encoded:
                 started = time.perf_counter()
                 result = encode_for_tier(codec, self.tensor_at(extent), meta.view)
@@ -361,7 +361,7 @@ class TieredStore:
             self.observer.tier_read(tier.name, len(data), time.perf_counter() - started)
             try:
                 header = read_header(data)
-                meta = TensorMeta(dtype_name(header.dtype), header.shape, entry_view(data))
+                meta = TensorMeta(dtype_name(header.dtype), header.shape, header_view(header))
             except (CorruptEntry, ValueError) as err:
                 self._drop_corrupt(tier, key, err)
                 continue

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmesh.codecs.base import Codec, CorruptEntry, read_header
+from kvmesh.codecs.base import Codec, CorruptEntry, EntryHeader, read_header
 from kvmesh.codecs.cachegen import CacheGenCodec
 from kvmesh.codecs.fp8 import Fp8Codec
 from kvmesh.codecs.kivi import KiviCodec
@@ -78,7 +78,11 @@ def decode_any(data: bytes | memoryview, expected_shape: tuple[int, ...] | None 
 
 def entry_view(data: bytes | memoryview) -> str:
     """The KV view an entry was encoded with (every codec's parameters start with it; none = ``chunk``)."""
-    header = read_header(data)
+    return header_view(read_header(data))
+
+
+def header_view(header: EntryHeader) -> str:
+    """:func:`entry_view` for a header already read."""
     if not header.params:
         return "chunk"
     try:
@@ -103,4 +107,4 @@ def encode_for_tier(codec: Codec, chunk: torch.Tensor, view: str) -> Encoded:
 
 
 __all__ = ["CacheGenCodec", "Codec", "CorruptEntry", "DEFAULT_LOSSY", "Encoded", "Fp8Codec", "KiviCodec",
-           "LosslessCodec", "RawCodec", "decode_any", "encode_for_tier", "entry_view", "get_codec"]
+           "LosslessCodec", "RawCodec", "decode_any", "encode_for_tier", "entry_view", "get_codec", "header_view"]

@@ -60,10 +60,6 @@ class CacheGenCodec:
         self.key_bits, self.value_bits = key_bits, value_bits
         self.key_group, self.value_group, self.level = key_group, value_group, level
 
-    @staticmethod
-    def _groupings(key_group: int, value_group: int) -> tuple[quant.Grouping, quant.Grouping]:
-        return quant.Grouping(tokens=key_group, channels=1), quant.Grouping(tokens=1, channels=value_group)
-
     def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
         blocks = block_view(chunk, view)
         num_layers, heads, head_size = blocks.shape[0], blocks.shape[3], blocks.shape[-1]
@@ -72,7 +68,7 @@ class CacheGenCodec:
         all_bits = [layer_bits(num_layers, self.key_bits), layer_bits(num_layers, self.value_bits)]
         compressor = zstandard.ZstdCompressor(level=self.level, write_content_size=False, write_checksum=False)
         stats, lengths, frames = [], [], []
-        groupings = self._groupings(self.key_group, self.value_group)
+        groupings = quant.kv_groupings(self.key_group, self.value_group)
         for part, grouping, bits in zip((blocks[:, 0], blocks[:, 1]), groupings, all_bits):
             widths = container_bits(bits)
             q = quant.quantize(quant.as_float32(part), grouping, (1 << bits) - 1)
@@ -103,12 +99,9 @@ class CacheGenCodec:
         if blocks.shape[0] != num_layers:
             raise CorruptEntry(f"cachegen entry names {num_layers} layers, its shape has {blocks.shape[0]}")
         parts = (blocks[:, 0], blocks[:, 1])
-        groupings = self._groupings(key_group, value_group)
+        groupings = quant.kv_groupings(key_group, value_group)
         reader = quant.Reader(payload)
-        stats = []
-        for part, grouping in zip(parts, groupings):
-            shape = grouping.stats_shape(tuple(part.shape))
-            stats.append((reader.array(np.float16, shape), reader.array(np.float16, shape)))
+        stats = reader.group_stats(parts, groupings)
         heads = blocks.shape[3]
         lengths = reader.array(np.dtype("<u4"), (2, num_layers, heads))
         decompressor = zstandard.ZstdDecompressor()

@@ -17,13 +17,10 @@ import numpy as np
 _JIT = {"cache": True, "nogil": True, "boundscheck": False}
 
 
-@numba.njit(**_JIT)
-def _to_bf16_bits(row: np.ndarray, out: np.ndarray) -> None:
-    """Round a float32 row to bf16 (round to nearest even) and store its bits."""
-    bits = row.view(np.uint32)
-    for i in range(row.shape[0]):
-        value = bits[i]
-        out[i] = np.uint16((value + np.uint32(0x7FFF) + ((value >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+@numba.njit(inline="always", **_JIT)
+def _bf16_bits(value: np.uint32) -> np.uint16:
+    """The bits of a float32 (given as its uint32 bits) rounded to bf16, round to nearest even."""
+    return np.uint16((value + np.uint32(0x7FFF) + ((value >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
 @numba.njit(**_JIT)
@@ -141,9 +138,7 @@ def _dequantize_rows(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarra
                             row[c] = row[c] * step_row[c] + low_row[c]
                     if as_bf16:
                         for c in range(channels):
-                            value = row_bits[c]
-                            target[t, c] = (value + np.uint32(0x7FFF) + ((value >> np.uint32(16)) & np.uint32(1))) \
-                                >> np.uint32(16)
+                            target[t, c] = _bf16_bits(row_bits[c])
                     else:
                         for c in range(channels):
                             target[t, c] = row[c]
@@ -151,7 +146,7 @@ def _dequantize_rows(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarra
 
 def dequantize_bf16(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray, scale: np.ndarray,
                     group_tokens: int, group_channels: int, out: np.ndarray) -> None:
-    """bf16 bits of ``symbol * scale + low`` into ``out``; symbols packed ``8 // bits`` per byte along channels."""
+    """bf16 bits of ``symbol * scale + low`` into ``out`` (symbols packed as ``layer_bits`` says)."""
     _dequantize_rows(symbols, layer_bits, low, scale, group_tokens, group_channels, out, True)
 
 
@@ -177,9 +172,7 @@ def lookup_scale_bf16(codes: np.ndarray, table: np.ndarray, scale: np.ndarray, o
                         row[c] = table[source[c]] * s
                     target = out[l, b, h, t]
                     for c in range(channels):
-                        value = row_bits[c]
-                        target[c] = (value + np.uint32(0x7FFF) + ((value >> np.uint32(16)) & np.uint32(1))) \
-                            >> np.uint32(16)
+                        target[c] = _bf16_bits(row_bits[c])
 
 
 @numba.njit(**_JIT)

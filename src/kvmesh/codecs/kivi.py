@@ -43,14 +43,10 @@ class KiviCodec:
             raise ValueError(f"kivi groups must be 1..65535, got key_group={key_group}, value_group={value_group}")
         self.key_group, self.value_group = key_group, value_group
 
-    @staticmethod
-    def _groupings(key_group: int, value_group: int) -> tuple[quant.Grouping, quant.Grouping]:
-        return quant.Grouping(tokens=key_group, channels=1), quant.Grouping(tokens=1, channels=value_group)
-
     def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
         blocks = block_view(chunk, view)
         sections, packed = [], []
-        groupings = self._groupings(self.key_group, self.value_group)
+        groupings = quant.kv_groupings(self.key_group, self.value_group)
         for part, grouping, bits in zip((blocks[:, 0], blocks[:, 1]), groupings, (self.key_bits, self.value_bits)):
             levels = np.full(blocks.shape[0], (1 << bits) - 1, dtype=np.int64)
             q = quant.quantize(quant.as_float32(part), grouping, levels)
@@ -71,11 +67,8 @@ class KiviCodec:
         blocks = block_view(out, view_name(code))
         reader = quant.Reader(payload)
         parts = (blocks[:, 0], blocks[:, 1])
-        groupings = self._groupings(key_group, value_group)
-        stats = []
-        for part, grouping in zip(parts, groupings):
-            shape = grouping.stats_shape(tuple(part.shape))
-            stats.append((reader.array(np.float16, shape), reader.array(np.float16, shape)))
+        groupings = quant.kv_groupings(key_group, value_group)
+        stats = reader.group_stats(parts, groupings)
         for part, grouping, (low, step), bits in zip(parts, groupings, stats, (key_bits, value_bits)):
             packed_shape = (*part.shape[:-1], packed_bytes(part.shape[-1], bits))
             layer_bits = np.full(part.shape[0], bits, dtype=np.int64)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import zstandard
 
-from kvmesh.codecs import kernels
+from kvmesh.codecs import kernels, quant
 from kvmesh.codecs.base import CorruptEntry, open_entry, output_for, pack_entry
 from kvmesh.codecs.kvview import view_code
 from kvmesh.tensorbytes import tensor_bytes
@@ -51,21 +51,16 @@ class LosslessCodec:
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         entry = open_entry(data, self.codec_id, self.name, _PARAMS, expected_shape, expected_dtype)
-        payload = entry.payload
         _, compressor, _ = entry.params
         out = output_for(entry.header, out)
         element = out.element_size()
         count = out.numel()
         planes_wanted = 2 if out.dtype == torch.bfloat16 else element
-        planes, position = [], 0
+        reader = quant.Reader(entry.payload)
+        planes = []
         for _ in range(planes_wanted):
-            if position + _LENGTH.size > len(payload):
-                raise CorruptEntry("lossless payload ends inside a plane length")
-            (length,) = _LENGTH.unpack_from(payload, position)
-            blob = payload[position + _LENGTH.size:position + _LENGTH.size + length]
-            position += _LENGTH.size + length
-            if len(blob) != length:
-                raise CorruptEntry("lossless payload ends inside a plane")
+            (length,) = _LENGTH.unpack(reader.take(_LENGTH.size))
+            blob = reader.take(length)
             try:
                 if compressor == COMPRESSORS["zstd"]:
                     plane = zstandard.ZstdDecompressor().decompress(blob, max_output_size=count)
@@ -78,8 +73,7 @@ class LosslessCodec:
             if len(plane) != count:
                 raise CorruptEntry(f"lossless plane holds {len(plane)} bytes, expected {count}")
             planes.append(np.frombuffer(plane, dtype=np.uint8))
-        if position != len(payload):
-            raise CorruptEntry(f"lossless payload has {len(payload) - position} bytes past its planes")
+        reader.finish()
         flat = out.view(-1)
         if out.dtype == torch.bfloat16:
             kernels.join_bf16(planes[0], planes[1], flat.view(torch.int16).numpy().view(np.uint16))

@@ -31,6 +31,11 @@ class Grouping:
         return (layers, blocks, heads, math.ceil(tokens / self.tokens), math.ceil(channels / self.channels))
 
 
+def kv_groupings(key_group: int, value_group: int) -> tuple[Grouping, Grouping]:
+    """KIVI's groups: keys per channel over ``key_group`` tokens, values per token over ``value_group`` channels."""
+    return Grouping(tokens=key_group, channels=1), Grouping(tokens=1, channels=value_group)
+
+
 @dataclass(slots=True)
 class Quantized:
     low: np.ndarray  # float16, stats shape
@@ -119,6 +124,15 @@ class Reader:
     def array(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         count = math.prod(shape)
         return np.frombuffer(self.take(count * np.dtype(dtype).itemsize), dtype=dtype).reshape(shape)
+
+    def group_stats(self, parts: tuple[torch.Tensor, ...], groupings: tuple[Grouping, ...]
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The (min, step) float16 arrays written for each part, in the order ``quantize`` wrote them."""
+        stats = []
+        for part, grouping in zip(parts, groupings):
+            shape = grouping.stats_shape(tuple(part.shape))
+            stats.append((self.array(np.float16, shape), self.array(np.float16, shape)))
+        return stats
 
     def finish(self) -> None:
         if self.position != len(self.payload):
