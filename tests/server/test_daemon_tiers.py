@@ -91,3 +91,14 @@ def test_redis_down_then_back_never_fails_a_request(tmp_path: Path, redis_server
             assert client.lookup(keys[2:]) == 2
         finally:
             client.shutdown_daemon()
+
+
+def test_tiers_with_one_codec_spec_share_the_codec_so_entries_are_encoded_once(tmp_path: Path) -> None:
+    from kvmesh.server.daemon import build_lower_tiers
+
+    shared = build_lower_tiers(KVMeshConfig.from_mapping(
+        {"disk_path": str(tmp_path / "a"), "redis_url": "redis://127.0.0.1:1/0", "codec": "lossless"}))
+    assert shared[0].codec is shared[1].codec
+    apart = build_lower_tiers(KVMeshConfig.from_mapping(
+        {"disk_path": str(tmp_path / "b"), "redis_url": "redis://127.0.0.1:1/0", "disk_codec": "fp8"}))
+    assert (apart[0].codec.name, apart[1].codec.name) == ("fp8", "raw")

@@ -73,6 +73,11 @@ log = logging.getLogger("kvmesh.vllm")
 # Anything that goes wrong while talking to the cache becomes a miss (or a reported load failure):
 # a cache must never take the engine down.  The first occurrence of each kind is logged with its cause.
 _CLIENT_ERRORS = (Exception,)
+# Pages are "opaque" to lossy codecs: vLLM-CPU's attention kernel packs tokens and channels inside a page
+# (keys as [block/16, head/2, 16, 2] tiles; benchmarks/probe_vllm_page_layout.py), so lossy codecs that
+# assumed [heads, 2, block, head_size] changed every greedy answer (docs/benchmarks.md). Lower tiers
+# configured with a lossy codec store these pages lossless instead.
+PAGE_VIEW = "opaque"
 RECONNECT_SECONDS = 10.0  # after a failed connection, how long requests run without cache before the next try
 
 
@@ -303,7 +308,6 @@ class _WorkerSide:
         self.shape = connector.shape
         self.layers: list[torch.Tensor] = []
         self.page_shape: tuple[int, ...] = ()
-        self.view = "opaque"
         self.failed_blocks: set[int] = set()
         self.pool = ThreadPoolExecutor(self.config.copy_threads, thread_name_prefix="kvmesh-copy") \
             if self.config.copy_threads > 1 else None
@@ -327,15 +331,10 @@ class _WorkerSide:
             views.append(tensor)
         self.layers = views
         self.page_shape = tuple(views[0].shape[1:])
-        # Pages are "opaque" to lossy codecs: vLLM-CPU's attention kernels (vec, vec16, AMX, NEON) may keep
-        # tokens and channels inside a page in their own packed order, and lossy codecs that assumed
-        # [heads, 2, block, head_size] changed every greedy answer in our end-to-end check (docs/benchmarks.md).
-        # Lower tiers configured with a lossy codec store these pages lossless instead.
-        self.view = "opaque"
-        log.info("kvmesh: %d KV layers, pages of %s %s (%s)", len(views), self.page_shape, views[0].dtype, self.view)
+        log.info("kvmesh: %d KV layers, pages of %s %s", len(views), self.page_shape, views[0].dtype)
 
     def _meta(self, pages: int) -> TensorMeta:
-        return TensorMeta(self.shape.dtype, (len(self.layers), pages, *self.page_shape), self.view)
+        return TensorMeta(self.shape.dtype, (len(self.layers), pages, *self.page_shape), PAGE_VIEW)
 
     def load(self, plans: list[LoadPlan]) -> None:
         for plan in plans:

@@ -29,7 +29,7 @@ from kvmesh.config import KVMeshConfig
 from kvmesh.server.metrics import DaemonMetrics, start_http
 from kvmesh.server.protocol import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
 from kvmesh.server.shm import SharedSegment
-from kvmesh.codecs import get_codec
+from kvmesh.codecs import Codec, get_codec
 from kvmesh.store import LowerTier, TieredStore
 from kvmesh.tiers.memory import Extent, MemoryTier, ReserveStatus
 
@@ -288,14 +288,23 @@ class _Handler(socketserver.BaseRequestHandler):
 
 
 def build_lower_tiers(config: KVMeshConfig) -> list[LowerTier]:
-    """The configured tiers below L1, each imported only when configured."""
+    """The configured tiers below L1, each imported only when configured.
+
+    Tiers with the same codec spec share one codec object, so the store encodes an entry once for both.
+    """
     tiers: list[LowerTier] = []
+    codecs: dict[str, Codec] = {}
+
+    def codec_for(tier: str) -> Codec:
+        spec = config.tier_codec(tier)
+        return codecs.setdefault(spec, get_codec(spec))
+
     if config.disk_path:
         from kvmesh.tiers.disk import DiskTier
 
         directory = Path(config.disk_path).expanduser()
         tiers.append(LowerTier(DiskTier(directory, config.disk_size), config.disk_write_policy,  # type: ignore[arg-type]
-                               codec=get_codec(config.tier_codec("disk"))))
+                               codec=codec_for("disk")))
     if config.redis_url:
         from kvmesh.tiers.redis import RedisTier
 
@@ -303,7 +312,7 @@ def build_lower_tiers(config: KVMeshConfig) -> list[LowerTier]:
                          ttl_seconds=config.redis_ttl_seconds or None,
                          timeout_seconds=config.redis_timeout_seconds, cluster=config.redis_cluster)
         tiers.append(LowerTier(tier, config.redis_write_policy, config.redis_admission,  # type: ignore[arg-type]
-                               codec=get_codec(config.tier_codec("redis"))))
+                               codec=codec_for("redis")))
     return tiers
 
 
