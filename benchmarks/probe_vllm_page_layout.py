@@ -5,10 +5,11 @@ Usage: .venv/bin/python benchmarks/probe_vllm_page_layout.py
 Serves one 300-token prompt through vLLM + kvmesh (L1 only, 128-token chunks),
 reads the first stored chunk (tokens 0-127, one page per layer) straight from
 the daemon's shared-memory segment, computes the same tokens' KV with
-transformers, and prints the correlation of each candidate page order with the
-real keys and values (1.0 = that order; the two engines' bf16 numerics differ
-slightly, so values are compared by correlation, not equality).  Lossy codecs
-need this order to find K/V channels and tokens (docs/benchmarks.md).
+transformers, and prints the correlation of the page read through each page
+view of ``kvmesh.codecs.kvview`` with the real keys and values (1.0 = that
+order; the two engines' bf16 numerics differ slightly, so values are compared
+by correlation, not equality), and the view the connector chose for this
+machine.  Lossy codecs need this order to find K/V channels and tokens.
 """
 
 from __future__ import annotations
@@ -24,26 +25,12 @@ from kvmesh.bench.openai_client import stream_completion
 from kvmesh.bench.servers import EngineServer, EngineSpec
 from kvmesh.bench.texts import document_token_ids
 from kvmesh.client import KVMeshClient
+from kvmesh.codecs.kvview import PAGE_VIEWS, kv_parts
 from kvmesh.config import KVMeshConfig
+from kvmesh.integrations.vllm import cpu_page_view
 from kvmesh.model import default_model_dir
 
 LAYERS, HEADS, BLOCK, HEAD = 30, 3, 128, 64
-
-
-def candidates(half: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Orders of one half-page ``[LAYERS, HEADS, BLOCK * HEAD]``, each viewed as ``[.., BLOCK, HEAD]``."""
-    shape = (LAYERS, HEADS, BLOCK, HEAD)
-    return {
-        "[block, head] (plain)": half.reshape(shape),
-        "[head, block]": half.reshape(LAYERS, HEADS, HEAD, BLOCK).transpose(-1, -2),
-        "[block/16, head/2, 16, 2]": half.reshape(LAYERS, HEADS, BLOCK // 16, HEAD // 2, 16, 2)
-        .permute(0, 1, 2, 4, 3, 5).reshape(shape),
-        "[block/2, head, 2]": half.reshape(LAYERS, HEADS, BLOCK // 2, HEAD, 2).permute(0, 1, 2, 4, 3).reshape(shape),
-        "[block/16, head, 16]": half.reshape(LAYERS, HEADS, BLOCK // 16, HEAD, 16).permute(0, 1, 2, 4, 3)
-        .reshape(shape),
-        "[head/16, block, 16]": half.reshape(LAYERS, HEADS, HEAD // 16, BLOCK, 16).permute(0, 1, 3, 2, 4)
-        .reshape(shape),
-    }
 
 
 def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,18 +56,17 @@ def main() -> None:
             # the first extent of a fresh arena is the first chunk stored: tokens 0-127
             raw = np.fromfile(f"/dev/shm/{config.shm_name()}", dtype=np.int16, count=LAYERS * HEADS * BLOCK * 2 * HEAD)
             client.shutdown_daemon()
-    page = torch.from_numpy(raw).view(torch.bfloat16).float().reshape(LAYERS, HEADS, 2, BLOCK * HEAD)
+    entry = torch.from_numpy(raw).view(torch.bfloat16).reshape(LAYERS, 1, HEADS, BLOCK, 2 * HEAD)
     reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, local_files_only=True).eval()
     with torch.inference_mode():
         cache = reference(input_ids=torch.tensor([ids[:BLOCK]]), use_cache=True).past_key_values
-    real = {"keys": torch.stack([layer.keys[0] for layer in cache.layers]).float(),
-            "values": torch.stack([layer.values[0] for layer in cache.layers]).float()}
-    for index, (name, truth) in enumerate(real.items()):
-        half = page[:, :, index]
-        print(f"{name}: sorted-value correlation {correlation(half.flatten().sort().values, truth.flatten().sort().values):.4f}"
-              " (1.0: this half holds them)")
-        for order, view in candidates(half).items():
-            print(f"  {order:28s} {correlation(view, truth):.4f}")
+    # transformers' KV as [layers, 1 block, heads, tokens, head_size]
+    real = (torch.stack([layer.keys[0] for layer in cache.layers]).float().unsqueeze(1),
+            torch.stack([layer.values[0] for layer in cache.layers]).float().unsqueeze(1))
+    print(f"connector's view on this machine: {cpu_page_view(torch.bfloat16, BLOCK, HEAD)}")
+    for view in PAGE_VIEWS:
+        keys, values = (part.float() for part in kv_parts(entry, view))
+        print(f"  {view:14s} keys {correlation(keys, real[0]):.4f}  values {correlation(values, real[1]):.4f}")
 
 
 if __name__ == "__main__":

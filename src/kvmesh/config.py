@@ -217,7 +217,8 @@ class KVMeshConfig:
         "lossless[:compressor=zstd or lz4], fp8, kivi[:bits=2..8,key_bits=N,value_bits=N], "
         "cachegen[:key_bits=6-6-6,value_bits=5-5-5]. Lossy codecs change answers slightly "
         "(docs/benchmarks.md has each one's measured quality and size) and apply only to entries whose "
-        "K/V axes are known; vLLM's pages are stored lossless by a lossy tier. Entries written with "
+        "K/V axes are known (vLLM-CPU's amx and vec page layouts are; pages of other kernels are stored "
+        "lossless by a lossy tier). Entries written with "
         "another codec stay readable.")
     disk_codec: str = _opt(
         "", _codec_spec_or_inherit, "The disk tier's codec; empty: use `codec`.")

@@ -10,7 +10,7 @@ from kvmesh.codecs import (CacheGenCodec, CorruptEntry, Fp8Codec, KiviCodec, Los
                            encode_for_tier, entry_view, get_codec)
 from kvmesh.codecs.base import pack_entry, read_header
 from kvmesh.codecs.cachegen import layer_bits
-from kvmesh.codecs.kvview import ViewError, block_view
+from kvmesh.codecs.kvview import PAGE_VIEWS, ViewError, block_view
 
 @pytest.fixture(scope="module")
 def real_kv() -> torch.Tensor:
@@ -89,7 +89,7 @@ def _check_kivi_bound(chunk: torch.Tensor, view: str, bits: tuple[np.ndarray, np
 
 
 @pytest.mark.parametrize("key_bits, value_bits", [(8, 8), (7, 3), (6, 5), (4, 4), (2, 2)])
-@pytest.mark.parametrize("view", ["chunk", "cpu-pages"])
+@pytest.mark.parametrize("view", ["chunk", *PAGE_VIEWS])
 def test_kivi_error_is_within_half_a_step(key_bits: int, value_bits: int, view: str) -> None:
     chunk = _chunk() if view == "chunk" else _pages()
     codec = KiviCodec(key_bits=key_bits, value_bits=value_bits, key_group=32, value_group=8)
@@ -107,7 +107,7 @@ def test_kivi_sizes() -> None:
     assert 1.7 < ratios[8] < 2 < ratios[6] < ratios[5] < ratios[4] < ratios[3] < ratios[2] < 8
 
 
-@pytest.mark.parametrize("view", ["chunk", "cpu-pages"])
+@pytest.mark.parametrize("view", ["chunk", *PAGE_VIEWS])
 def test_cachegen_error_follows_its_per_layer_widths(view: str) -> None:
     chunk = _chunk() if view == "chunk" else _pages()
     codec = CacheGenCodec(key_bits=(8, 5, 3), value_bits=(4, 3, 2), key_group=32, value_group=16)
@@ -125,7 +125,7 @@ def test_cachegen_entropy_coding_beats_bit_packing_on_real_kv(key_bits: int, val
     assert torch.equal(decode_any(coded), decode_any(kivi))  # the same quantization, coded differently
 
 
-@pytest.mark.parametrize("view", ["chunk", "cpu-pages"])
+@pytest.mark.parametrize("view", ["chunk", *PAGE_VIEWS])
 def test_fp8_error_is_within_e4m3_precision(view: str) -> None:
     chunk = _chunk() if view == "chunk" else _pages()
     back = decode_any(Fp8Codec().encode(chunk, view))

@@ -255,24 +255,29 @@ def test_unreachable_daemon_falls_back_to_compute(model: str, prompts: dict[str,
     assert "kvmesh daemon unavailable" in server.log_path.read_text()
 
 
-def test_a_lossy_disk_codec_stores_vllm_pages_lossless_and_answers_stay_exact(
+def test_the_default_lossy_codec_serves_vllm_pages_from_disk(
         model: str, prompts: dict[str, list[int]], reference: dict[str, tuple[str, str]], tmp_path: Path) -> None:
     """The default lossy codec on the disk tier, requests served from decoded disk entries.
 
-    vLLM-CPU's page layout is opaque to lossy codecs (its attention kernels may pack tokens and channels),
-    so a lossy tier stores its pages with the lossless codec: after a daemon restart (empty L1) the second
-    asks are promoted from disk and decoded bit-exact. How many answers equal vLLM's own cache hit is
-    printed (one changed answer was seen where the reconnect left a request with fewer chunks loaded,
-    another valid numerical path); the exactness of a full load is asserted by the first test above.
+    The connector names the in-page order of vLLM-CPU's attention kernel (``amx`` or ``vec``), so the
+    lossy codec groups real keys and values.  After a daemon restart (empty L1) and two filler prompts
+    (the engine's own pool then holds none of the asked prompts) each prompt is promoted from disk and
+    decoded.  The issue asks for the rate of greedy answers equal to the no-cache answers, not for 100%:
+    it is printed; at least half must agree (a codec reading the pages in the wrong order answered
+    0 of 4 like either reference).
     """
     from kvmesh.codecs import DEFAULT_LOSSY
+    from kvmesh.integrations.vllm import cpu_page_view
+    from kvmesh.layout import DTYPES
 
+    if cpu_page_view(DTYPES["bfloat16"], BLOCK, 64) == "opaque":
+        pytest.skip("this machine's vLLM-CPU attention kernel packs pages in an order kvmesh does not know")
     settings: dict[str, object] = {
         "instance": f"vllm-codec-{uuid.uuid4().hex[:8]}", "socket_dir": str(tmp_path / "sock"),
         "l1_size": "128MiB", "l1_prefault": False, "http_port": 0, "chunk_size": BLOCK,
         "save_partial_chunks": False, "disk_path": str(tmp_path / "disk"), "disk_codec": DEFAULT_LOSSY,
     }
-    names = ["A", "B", "C", "D"]
+    names, fillers = ["A", "B", "C", "D", "E", "F"], ["G", "H"]
     spec = EngineSpec(model, kvmesh=settings, kv_cache_bytes=POOL_BYTES, max_model_len=MAX_LEN)
     try:
         with EngineServer(spec, tmp_path / "engine-codec.log") as server:
@@ -284,25 +289,25 @@ def test_a_lossy_disk_codec_stores_vllm_pages_lossless_and_answers_stay_exact(
                 client.shutdown_daemon()
             deadline = time.monotonic() + 60
             while True:  # the connector reconnects and starts a new daemon (empty L1, same disk)
-                _ask(server, prompts["E"])
+                _ask(server, prompts[fillers[0]])
                 try:
                     _metric(settings, "kvmesh_lookups_total")
                     break
                 except ConnectionError:
                     assert time.monotonic() < deadline, "no daemon came back"
                     time.sleep(1)
+            _evict(server, prompts, *fillers)
             answers = {name: _ask(server, prompts[name]).text for name in names}
             disk_reads = _metric(settings, "kvmesh_tier_read_bytes_total{tier=disk}")
             loaded = _metric(settings, "kvmesh_loaded_tokens_total")
     finally:
         _shutdown_daemon(settings)
-    lossless_in = metrics.get("kvmesh_codec_input_bytes_total{codec=lossless}", 0.0)
-    lossless_out = metrics.get("kvmesh_codec_output_bytes_total{codec=lossless}", 0.0)
-    assert lossless_in > 0 and lossless_in / lossless_out > 1.2  # stored compressed, bit-exact
-    assert not any(key.startswith("kvmesh_codec_input_bytes_total") and "lossless" not in key and value > 0
-                   for key, value in metrics.items())
-    assert disk_reads > 0 and loaded >= 3 * BLOCK
-    same = sum(answers[n] == reference[n][1] for n in names)
-    print(f"{DEFAULT_LOSSY} on disk, pages stored lossless ({lossless_in / lossless_out:.2f}x): "
-          f"{same}/{len(names)} answers equal vLLM's own cache hit")
-    assert same >= 1
+    coded_in = metrics.get(f"kvmesh_codec_input_bytes_total{{codec={DEFAULT_LOSSY}}}", 0.0)
+    coded_out = metrics.get(f"kvmesh_codec_output_bytes_total{{codec={DEFAULT_LOSSY}}}", 0.0)
+    assert coded_in > 0 and coded_in / coded_out > 2.5  # the lossy codec took the pages, not a lossless fallback
+    assert disk_reads > 0 and loaded >= len(names) * 4 * BLOCK  # every prompt's four whole chunks from disk
+    same_as_cold = sum(answers[n] == reference[n][0] for n in names)
+    same_as_either = sum(answers[n] in reference[n] for n in names)
+    print(f"{DEFAULT_LOSSY} on disk ({coded_in / coded_out:.2f}x): {same_as_cold}/{len(names)} greedy answers "
+          f"equal the no-cache answer, {same_as_either}/{len(names)} equal it or vLLM's own cache hit")
+    assert same_as_either >= len(names) / 2

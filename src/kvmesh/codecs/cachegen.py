@@ -25,7 +25,7 @@ import zstandard
 
 from kvmesh.codecs import quant
 from kvmesh.codecs.base import CorruptEntry, open_entry, output_for, pack_entry
-from kvmesh.codecs.kvview import block_view, view_code, view_name
+from kvmesh.codecs.kvview import kv_parts, kv_targets, view_code, view_name
 
 _PARAMS = struct.Struct("<BHHbH")  # view, key group, value group, zstd level, layers; then key bits, value bits per layer
 _LENGTH = struct.Struct("<I")
@@ -61,15 +61,15 @@ class CacheGenCodec:
         self.key_group, self.value_group, self.level = key_group, value_group, level
 
     def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
-        blocks = block_view(chunk, view)
-        num_layers, heads, head_size = blocks.shape[0], blocks.shape[3], blocks.shape[-1]
+        parts = kv_parts(chunk, view)
+        num_layers, heads, head_size = parts[0].shape[0], parts[0].shape[2], parts[0].shape[-1]
         if head_size % 2:
             raise ValueError(f"cachegen needs an even head_size, got {head_size}")
         all_bits = [layer_bits(num_layers, self.key_bits), layer_bits(num_layers, self.value_bits)]
         compressor = zstandard.ZstdCompressor(level=self.level, write_content_size=False, write_checksum=False)
         stats, lengths, frames = [], [], []
         groupings = quant.kv_groupings(self.key_group, self.value_group)
-        for part, grouping, bits in zip((blocks[:, 0], blocks[:, 1]), groupings, all_bits):
+        for part, grouping, bits in zip(parts, groupings, all_bits):
             widths = container_bits(bits)
             q = quant.quantize(quant.as_float32(part), grouping, (1 << bits) - 1)
             stats += [q.low.tobytes(), q.step.tobytes()]
@@ -88,24 +88,28 @@ class CacheGenCodec:
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         entry = open_entry(data, self.codec_id, self.name, _PARAMS, expected_shape, expected_dtype,
                            variable_params=True)
-        payload, header = entry.payload, entry.header
+        header = entry.header
         code, key_group, value_group, _, num_layers = entry.params
         bits = np.frombuffer(header.params[_PARAMS.size:], dtype=np.uint8).astype(np.int64)
         if len(bits) != 2 * num_layers or key_group < 1 or value_group < 1 or not ((bits >= 2) & (bits <= 8)).all():
             raise CorruptEntry("cachegen parameters out of range")
         all_widths = (container_bits(bits[:num_layers]), container_bits(bits[num_layers:]))
         out = output_for(header, out)
-        blocks = block_view(out, view_name(code))
-        if blocks.shape[0] != num_layers:
-            raise CorruptEntry(f"cachegen entry names {num_layers} layers, its shape has {blocks.shape[0]}")
-        parts = (blocks[:, 0], blocks[:, 1])
-        groupings = quant.kv_groupings(key_group, value_group)
+        with kv_targets(out, view_name(code)) as parts:
+            self._decode_parts(entry.payload, parts, num_layers, (key_group, value_group), all_widths)
+        return out
+
+    @staticmethod
+    def _decode_parts(payload: memoryview, parts: tuple[torch.Tensor, torch.Tensor], num_layers: int,
+                      groups: tuple[int, int], all_widths: tuple[np.ndarray, np.ndarray]) -> None:
+        if parts[0].shape[0] != num_layers:
+            raise CorruptEntry(f"cachegen entry names {num_layers} layers, its shape has {parts[0].shape[0]}")
+        groupings = quant.kv_groupings(*groups)
         reader = quant.Reader(payload)
         stats = reader.group_stats(parts, groupings)
-        heads = blocks.shape[3]
+        _, num_blocks, heads, tokens, head_size = parts[0].shape
         lengths = reader.array(np.dtype("<u4"), (2, num_layers, heads))
         decompressor = zstandard.ZstdDecompressor()
-        _, num_blocks, _, tokens, head_size = parts[0].shape
         for kv, (part, grouping, (low, step), widths) in enumerate(zip(parts, groupings, stats, all_widths)):
             symbols = np.empty((num_layers, num_blocks, heads, tokens, head_size), dtype=np.uint8)
             for layer in range(num_layers):
@@ -123,4 +127,3 @@ class CacheGenCodec:
                         num_blocks, tokens, row_bytes)
             quant.dequantize_into(symbols, widths, low, step, grouping, part)
         reader.finish()
-        return out

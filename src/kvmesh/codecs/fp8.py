@@ -14,7 +14,7 @@ import torch
 
 from kvmesh.codecs import kernels, quant
 from kvmesh.codecs.base import open_entry, output_for, pack_entry
-from kvmesh.codecs.kvview import block_view, view_code, view_name
+from kvmesh.codecs.kvview import kv_parts, kv_targets, view_code, view_name
 
 _PARAMS = struct.Struct("<B")  # view
 E4M3_MAX = 448.0
@@ -28,9 +28,8 @@ class Fp8Codec:
     lossless = False
 
     def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
-        blocks = block_view(chunk, view)
         scales, codes = [], []
-        for part in (blocks[:, 0], blocks[:, 1]):
+        for part in kv_parts(chunk, view):
             values = part.to(torch.float32)
             scale = (values.abs().amax(dim=-1) / E4M3_MAX).to(torch.float16)
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -45,15 +44,14 @@ class Fp8Codec:
         entry = open_entry(data, self.codec_id, self.name, _PARAMS, expected_shape, expected_dtype)
         payload = entry.payload
         out = output_for(entry.header, out)
-        blocks = block_view(out, view_name(entry.params[0]))
-        parts = (blocks[:, 0], blocks[:, 1])
-        reader = quant.Reader(payload)
-        scales = [reader.array(np.float16, tuple(p.shape[:-1])).astype(np.float32) for p in parts]
-        for part, scale in zip(parts, scales):
-            codes = reader.array(np.uint8, tuple(part.shape))
-            if part.dtype == torch.bfloat16:
-                kernels.lookup_scale_bf16(codes, _TABLE, scale, part.view(torch.int16).numpy().view(np.uint16))
-            else:
-                part.copy_(torch.from_numpy(_TABLE[codes] * scale[..., None]))
-        reader.finish()
+        with kv_targets(out, view_name(entry.params[0])) as parts:
+            reader = quant.Reader(payload)
+            scales = [reader.array(np.float16, tuple(p.shape[:-1])).astype(np.float32) for p in parts]
+            for part, scale in zip(parts, scales):
+                codes = reader.array(np.uint8, tuple(part.shape))
+                if part.dtype == torch.bfloat16:
+                    kernels.lookup_scale_bf16(codes, _TABLE, scale, part.view(torch.int16).numpy().view(np.uint16))
+                else:
+                    part.copy_(torch.from_numpy(_TABLE[codes] * scale[..., None]))
+            reader.finish()
         return out

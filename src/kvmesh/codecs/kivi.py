@@ -17,7 +17,7 @@ import torch
 
 from kvmesh.codecs import quant
 from kvmesh.codecs.base import CorruptEntry, open_entry, output_for, pack_entry
-from kvmesh.codecs.kvview import block_view, view_code, view_name
+from kvmesh.codecs.kvview import kv_parts, kv_targets, view_code, view_name
 
 _PARAMS = struct.Struct("<BBHHB")  # view, key bits, key group (tokens), value group (channels), value bits
 
@@ -44,11 +44,11 @@ class KiviCodec:
         self.key_group, self.value_group = key_group, value_group
 
     def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
-        blocks = block_view(chunk, view)
+        parts = kv_parts(chunk, view)
         sections, packed = [], []
         groupings = quant.kv_groupings(self.key_group, self.value_group)
-        for part, grouping, bits in zip((blocks[:, 0], blocks[:, 1]), groupings, (self.key_bits, self.value_bits)):
-            levels = np.full(blocks.shape[0], (1 << bits) - 1, dtype=np.int64)
+        for part, grouping, bits in zip(parts, groupings, (self.key_bits, self.value_bits)):
+            levels = np.full(part.shape[0], (1 << bits) - 1, dtype=np.int64)
             q = quant.quantize(quant.as_float32(part), grouping, levels)
             sections += [q.low.tobytes(), q.step.tobytes()]
             packed.append(quant.pack(q.symbols, bits).tobytes())
@@ -64,14 +64,13 @@ class KiviCodec:
             raise CorruptEntry(f"kivi parameters out of range: bits={key_bits}/{value_bits}, "
                                f"groups={key_group}/{value_group}")
         out = output_for(header, out)
-        blocks = block_view(out, view_name(code))
-        reader = quant.Reader(payload)
-        parts = (blocks[:, 0], blocks[:, 1])
-        groupings = quant.kv_groupings(key_group, value_group)
-        stats = reader.group_stats(parts, groupings)
-        for part, grouping, (low, step), bits in zip(parts, groupings, stats, (key_bits, value_bits)):
-            packed_shape = (*part.shape[:-1], packed_bytes(part.shape[-1], bits))
-            layer_bits = np.full(part.shape[0], bits, dtype=np.int64)
-            quant.dequantize_into(reader.array(np.uint8, packed_shape), layer_bits, low, step, grouping, part)
-        reader.finish()
+        with kv_targets(out, view_name(code)) as parts:
+            reader = quant.Reader(payload)
+            groupings = quant.kv_groupings(key_group, value_group)
+            stats = reader.group_stats(parts, groupings)
+            for part, grouping, (low, step), bits in zip(parts, groupings, stats, (key_bits, value_bits)):
+                packed_shape = (*part.shape[:-1], packed_bytes(part.shape[-1], bits))
+                layer_bits = np.full(part.shape[0], bits, dtype=np.int64)
+                quant.dequantize_into(reader.array(np.uint8, packed_shape), layer_bits, low, step, grouping, part)
+            reader.finish()
         return out

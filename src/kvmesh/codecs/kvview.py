@@ -1,48 +1,105 @@
 """Where the K/V, token, head and channel axes lie in an entry, so lossy codecs can group the right values.
 
 Lossy codecs quantize keys per channel and values per token (KIVI), which
-needs to know which axis is which.  kvmesh stores two kinds of entries:
+needs to know which value is which.  Each view names one memory layout:
 
 * ``chunk``: the canonical chunk ``[layers, 2 (K,V), tokens, heads, head_size]``;
 * ``cpu-pages``: page-native entries ``[layers, pages, heads, block_size, 2 * head_size]`` whose page
-  memory is ``[heads, 2 (K,V), block_size, head_size]`` (how vLLM-CPU's Python code views its pages).
-  The vLLM connector does not claim it: the CPU attention kernels may order tokens and channels inside
-  a page their own way, and lossy decoding of pages read this way changed every answer in our
-  end-to-end check, so vLLM pages are ``opaque``.
+  memory is ``[heads, 2 (K,V), block_size, head_size]`` (how vLLM-CPU's Python code views its pages);
+* ``vllm-cpu-vec``: the same entry shape as written by vLLM-CPU's ``vec`` attention kernel: per head,
+  keys column-major ``[head_size, block_size]`` then values ``[block_size, head_size]``;
+* ``vllm-cpu-amx``: as written by vLLM-CPU's ``amx`` kernel (bf16 on CPUs with AMX), per head keys packed
+  as ``[block/16, head_size/2, 16 tokens, 2 channels]`` tiles, then values as
+  ``[head_size/16, block/2, 16 channels, 2 tokens]`` (AMX's VNNI pairs; benchmarks/probe_vllm_page_layout.py
+  checks both against transformers' KV);
+* ``opaque``: axes unknown; only bit-exact codecs take it.
 
-Both are seen by the codecs as one 6-D *block view* ``[layers, 2, blocks, heads, tokens, head_size]``
-(a chunk is one block) without copying; the head_size axis stays innermost and contiguous.
-Any other entry is ``opaque``: only bit-exact codecs take it.
+Codecs see K and V as 5-D ``[layers, blocks, heads, tokens, head_size]`` tensors (a chunk is one block):
+strided views where the layout allows, copies for the packed AMX tiles (written back after decoding).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
-VIEWS: dict[str, int] = {"chunk": 0, "cpu-pages": 1, "opaque": 255}
+VIEWS: dict[str, int] = {"chunk": 0, "cpu-pages": 1, "vllm-cpu-vec": 2, "vllm-cpu-amx": 3, "opaque": 255}
 VIEW_NAMES = {code: name for name, code in VIEWS.items()}
+PAGE_VIEWS = ("cpu-pages", "vllm-cpu-vec", "vllm-cpu-amx")
+AMX_TOKENS, AMX_CHANNELS = 16, 16  # tile widths of the AMX page layout
 
 
 class ViewError(ValueError):
     """The entry's shape does not fit the view it claims, or the view has no K/V axes."""
 
 
-def block_view(tensor: torch.Tensor, view: str) -> torch.Tensor:
-    """The 6-D ``[layers, 2, blocks, heads, tokens, head_size]`` view of ``tensor`` (no copy)."""
+Parts = tuple[torch.Tensor, torch.Tensor]
+
+
+def _page_halves(tensor: torch.Tensor, view: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """The K and V halves of every page's head, ``[layers, pages, heads, block_size * head_size]`` each."""
     shape = tuple(tensor.shape)
+    if len(shape) != 5 or shape[4] % 2:
+        raise ViewError(f"a {view} entry is [layers, pages, heads, block_size, 2*head_size], got {shape}")
+    layers, pages, heads, block, double = shape
+    halves = tensor.view(layers, pages, heads, 2, block * (double // 2))
+    return halves[:, :, :, 0], halves[:, :, :, 1], (layers, pages, heads, block, double // 2)
+
+
+def _amx_tiles(tensor: torch.Tensor) -> tuple[Parts, tuple[int, ...]]:
+    """K and V of an AMX page entry as 7-D views in logical order: token and channel axes split in two."""
+    keys, values, dims = _page_halves(tensor, "vllm-cpu-amx")
+    layers, pages, heads, block, head_size = dims
+    if block % AMX_TOKENS or head_size % AMX_CHANNELS:
+        raise ViewError(f"a vllm-cpu-amx page needs block_size and head_size divisible by 16, got {dims}")
+    lead = (layers, pages, heads)
+    k = keys.view(*lead, block // AMX_TOKENS, head_size // 2, AMX_TOKENS, 2).permute(0, 1, 2, 3, 5, 4, 6)
+    v = values.view(*lead, head_size // AMX_CHANNELS, block // 2, AMX_CHANNELS, 2).permute(0, 1, 2, 4, 6, 3, 5)
+    return (k, v), dims
+
+
+def kv_parts(tensor: torch.Tensor, view: str) -> Parts:
+    """K and V of ``tensor`` as ``[layers, blocks, heads, tokens, head_size]`` (views, or copies for AMX tiles)."""
     if view == "chunk":
+        shape = tuple(tensor.shape)
         if len(shape) != 5 or shape[1] != 2:
             raise ViewError(f"a chunk entry is [layers, 2, tokens, heads, head_size], got {shape}")
         layers, _, tokens, heads, head_size = shape
-        return tensor.view(layers, 2, 1, tokens, heads, head_size).permute(0, 1, 2, 4, 3, 5)
+        blocks = tensor.view(layers, 2, 1, tokens, heads, head_size).permute(0, 1, 2, 4, 3, 5)
+        return blocks[:, 0], blocks[:, 1]
     if view == "cpu-pages":
-        if len(shape) != 5 or shape[4] % 2:
-            raise ViewError(f"a cpu-pages entry is [layers, pages, heads, block_size, 2*head_size], got {shape}")
-        layers, pages, heads, block, double = shape
-        return tensor.view(layers, pages, heads, 2, block, double // 2).permute(0, 3, 1, 2, 4, 5)
+        keys, values, dims = _page_halves(tensor, view)
+        return keys.view(dims), values.view(dims)
+    if view == "vllm-cpu-vec":
+        keys, values, dims = _page_halves(tensor, view)
+        layers, pages, heads, block, head_size = dims
+        return keys.view(layers, pages, heads, head_size, block).transpose(-1, -2), values.view(dims)
+    if view == "vllm-cpu-amx":
+        (k, v), dims = _amx_tiles(tensor)
+        return k.reshape(dims), v.reshape(dims)
     if view == "opaque":
         raise ViewError("this entry's K/V axes are unknown (view 'opaque'); only lossless codecs take it")
     raise ViewError(f"unknown KV view {view!r}; known: {', '.join(VIEWS)}")
+
+
+@contextmanager
+def kv_targets(out: torch.Tensor, view: str) -> Iterator[Parts]:
+    """K and V of ``out`` to decode into, as :func:`kv_parts` shapes them; packed tiles are filled on exit."""
+    if view != "vllm-cpu-amx":
+        yield kv_parts(out, view)
+        return
+    (k, v), dims = _amx_tiles(out)
+    staged = (torch.empty(dims, dtype=out.dtype), torch.empty(dims, dtype=out.dtype))
+    yield staged
+    for tiles, logical in zip((k, v), staged):
+        tiles.copy_(logical.view(tiles.shape))
+
+
+def block_view(tensor: torch.Tensor, view: str) -> torch.Tensor:
+    """The entry as ``[layers, 2 (K,V), blocks, heads, tokens, head_size]`` in logical order (tests, probes)."""
+    return torch.stack(kv_parts(tensor, view), dim=1)
 
 
 def view_code(view: str) -> int:

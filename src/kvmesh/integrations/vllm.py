@@ -73,11 +73,6 @@ log = logging.getLogger("kvmesh.vllm")
 # Anything that goes wrong while talking to the cache becomes a miss (or a reported load failure):
 # a cache must never take the engine down.  The first occurrence of each kind is logged with its cause.
 _CLIENT_ERRORS = (Exception,)
-# Pages are "opaque" to lossy codecs: vLLM-CPU's attention kernel packs tokens and channels inside a page
-# (keys as [block/16, head/2, 16, 2] tiles; benchmarks/probe_vllm_page_layout.py), so lossy codecs that
-# assumed [heads, 2, block, head_size] changed every greedy answer (docs/benchmarks.md). Lower tiers
-# configured with a lossy codec store these pages lossless instead.
-PAGE_VIEW = "opaque"
 RECONNECT_SECONDS = 10.0  # after a failed connection, how long requests run without cache before the next try
 
 
@@ -85,6 +80,26 @@ RECONNECT_SECONDS = 10.0  # after a failed connection, how long requests run wit
 class KVMeshConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadPlan] = field(default_factory=list)
     saves: list[SavePlan] = field(default_factory=list)
+
+
+def cpu_page_view(dtype: torch.dtype, block_size: int, head_size: int) -> str:
+    """How vLLM-CPU's attention kernel orders tokens and channels inside its pages (a ``codecs.kvview`` name).
+
+    The kernel is chosen per machine (``amx`` on CPUs with AMX for bf16, ``vec`` on other x86, others
+    elsewhere) and each packs K and V its own way; lossy codecs need to know which, or they quantize the
+    wrong groups.  Layouts kvmesh does not know are ``opaque``: lower tiers then store them lossless.
+    """
+    try:
+        from vllm.platforms import current_platform
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        if not current_platform.is_cpu():
+            return "opaque"
+        isa = _get_attn_isa(dtype, block_size, head_size)
+    except Exception as err:  # a vLLM without this helper: stay safe, lossless
+        log.info("kvmesh: vLLM-CPU's attention kernel is unknown (%s); pages stored lossless", err)
+        return "opaque"
+    return {"amx": "vllm-cpu-amx", "vec": "vllm-cpu-vec"}.get(isa, "opaque")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +112,7 @@ class EngineKVShape:
     head_size: int
     dtype: str
     block_size: int
+    page_view: str = "opaque"  # codecs.kvview name of the in-page K/V order; part of the keys' namespace
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig) -> EngineKVShape:
@@ -116,10 +132,13 @@ class EngineKVShape:
             head_size=model_config.get_head_size(),
             dtype=dtype_name(torch_dtype),
             block_size=vllm_config.cache_config.block_size,
+            page_view=cpu_page_view(torch_dtype, vllm_config.cache_config.block_size, model_config.get_head_size()),
         )
 
     def namespace(self, salt: str) -> Namespace:
-        layout = f"L{self.num_layers}.H{self.num_kv_heads}.D{self.head_size}.{self.dtype}.pages{self.block_size}"
+        # the in-page order is in the name: engines whose kernels pack pages differently must not share entries
+        layout = (f"L{self.num_layers}.H{self.num_kv_heads}.D{self.head_size}.{self.dtype}.pages{self.block_size}"
+                  f".{self.page_view}")
         return model_namespace(self.model_id, layout, salt)
 
     @property
@@ -308,6 +327,7 @@ class _WorkerSide:
         self.shape = connector.shape
         self.layers: list[torch.Tensor] = []
         self.page_shape: tuple[int, ...] = ()
+        self.page_view = "opaque"
         self.failed_blocks: set[int] = set()
         self.pool = ThreadPoolExecutor(self.config.copy_threads, thread_name_prefix="kvmesh-copy") \
             if self.config.copy_threads > 1 else None
@@ -331,10 +351,14 @@ class _WorkerSide:
             views.append(tensor)
         self.layers = views
         self.page_shape = tuple(views[0].shape[1:])
-        log.info("kvmesh: %d KV layers, pages of %s %s", len(views), self.page_shape, views[0].dtype)
+        expected = (self.shape.num_kv_heads, self.shape.block_size, 2 * self.shape.head_size)
+        # kernel blocks smaller than the manager's, or an unexpected page shape: the view would not fit
+        self.page_view = self.shape.page_view if self.page_shape == expected else "opaque"
+        log.info("kvmesh: %d KV layers, pages of %s %s, in-page order %s", len(views), self.page_shape,
+                 views[0].dtype, self.page_view)
 
     def _meta(self, pages: int) -> TensorMeta:
-        return TensorMeta(self.shape.dtype, (len(self.layers), pages, *self.page_shape), PAGE_VIEW)
+        return TensorMeta(self.shape.dtype, (len(self.layers), pages, *self.page_shape), self.page_view)
 
     def load(self, plans: list[LoadPlan]) -> None:
         for plan in plans:
