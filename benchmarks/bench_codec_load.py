@@ -1,28 +1,31 @@
-"""Loading a compressed entry vs a raw one from the disk and Redis tiers: get + decode, side by side.
+"""Promoting compressed vs raw entries from the disk and Redis tiers into L1, side by side.
 
 Usage:
     .venv/bin/python benchmarks/bench_codec_load.py [--codecs raw lossless kivi:bits=8 cachegen]
-        [--tokens 4096] [--rounds 5] [--view chunk|vllm-cpu-amx] [--tiers disk,redis] [--disk-dir /var/tmp]
-        [--out results/bench_codec_load.json]
+        [--tokens 4096] [--rounds 5] [--threads 1 2] [--view chunk|vllm-cpu-amx] [--tiers disk,redis]
+        [--disk-dir /var/tmp] [--out results/bench_codec_load.json]
 
 The demo model's real KV for ``--tokens`` tokens of documentation (transformers,
 bf16) is cut into 256-token chunks (5.9 MB each), encoded once with each codec
 (untimed), and written to a :class:`DiskTier` and a private ``redis-server``.
-A *load* is what a promotion does: the tier's get of every chunk, then
-``decode_any`` into a preallocated, warm bf16 buffer (as a promotion decodes
-into its L1 extent).  Disk loads are measured cold (each file fsynced and
-dropped from the page cache with ``posix_fadvise``, residency checked) and warm
-(page cache); Redis loads fetch the batch with one pipeline.  Each round loads
-every codec once, in rotating order, so machine noise hits all alike; the
-table gives medians of GB/s of bf16 delivered (raw bytes / load seconds) and
-the ratio to ``raw`` in the same rounds.  ``--view vllm-cpu-amx`` stores the
-chunks as vLLM-CPU AMX pages (the layout vLLM users' entries have), which adds
-the copy back into packed tiles to every lossy decode.
+A *load* is what a request that finds its chunks below L1 waits for, through
+kvmesh's own :class:`TieredStore`: ``lookup`` of all the chunks (which starts
+the prefetchers: ``--threads`` of them read an entry and decode it into its L1
+extent), then ``acquire`` of each chunk in order.  Disk loads are measured cold
+(each file fsynced and dropped from the page cache with ``posix_fadvise``,
+residency checked) and warm (page cache).  Each round loads every (codec,
+threads) pair once, in rotating order, so machine noise hits all alike; the
+table gives medians of GB/s of bf16 delivered into L1 (raw bytes / load
+seconds) and the speed relative to ``raw`` with the same threads in the same
+rounds.  ``--view vllm-cpu-amx`` stores the chunks as vLLM-CPU AMX pages (the
+layout vLLM users' entries have), which adds the scatter back into packed tiles
+to every lossy decode.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
@@ -36,7 +39,9 @@ from kvmesh.codecs import decode_any, get_codec
 from kvmesh.codecs.kvview import kv_targets
 from kvmesh.demo import cache_to_chunk
 from kvmesh.model import default_model_dir
+from kvmesh.store import LowerTier, TieredStore
 from kvmesh.tiers.disk import DiskTier
+from kvmesh.tiers.memory import MemoryTier
 from kvmesh.tiers.redis import RedisTier
 
 CHUNK = 256
@@ -67,10 +72,14 @@ def real_chunks(tokens: int, view: str) -> list[torch.Tensor]:
     return pages
 
 
-def load_all(fetch, buffers: list[torch.Tensor]) -> float:  # noqa: ANN001 - fetch: () -> entries
+def load(store: TieredStore, keys: list[bytes]) -> float:
+    """Seconds from the lookup to the last chunk pinned in L1 (the store promotes what is below)."""
     started = time.perf_counter()
-    for data, buffer in zip(fetch(), buffers):
-        decode_any(data, out=buffer)
+    assert store.lookup(keys) == len(keys)
+    for key in keys:
+        extent = store.acquire(key)
+        assert extent is not None, "a stored chunk did not come back"
+        store.release(key, extent)
     return time.perf_counter() - started
 
 
@@ -79,6 +88,7 @@ def main() -> None:
     parser.add_argument("--codecs", nargs="+", default=["raw", "lossless", "kivi:bits=8", "cachegen"])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--view", choices=["chunk", "vllm-cpu-amx"], default="chunk")
     parser.add_argument("--tiers", default="disk,redis")
     parser.add_argument("--disk-dir", type=Path, default=Path("/var/tmp"))
@@ -86,57 +96,67 @@ def main() -> None:
     args = parser.parse_args()
     chunks = real_chunks(args.tokens, args.view)
     raw_bytes = sum(c.numel() * c.element_size() for c in chunks)
-    encoded = {}
-    for spec in args.codecs:
-        codec = get_codec(spec)
-        encoded[spec] = [codec.encode(c, args.view) for c in chunks]
-        decode_any(encoded[spec][0], out=torch.empty_like(chunks[0]))  # compile kernels outside the timing
-    buffers = [torch.empty_like(c) for c in chunks]
-    tiers = args.tiers.split(",")
-    seconds: dict[str, dict[str, list[float]]] = {}
+    encoded = {spec: [get_codec(spec).encode(c, args.view) for c in chunks] for spec in args.codecs}
+    for spec in args.codecs:  # compile kernels outside the timing
+        decode_any(encoded[spec][0], out=torch.empty_like(chunks[0]))
+    l1_bytes = raw_bytes + (64 << 20)
+    seconds: dict[tuple[str, str, int], list[float]] = {}
+    residency: list[float] = []
     with disk_root(args.disk_dir, allow_tmpfs=False) as (root, _), redis_server() as server:
-        disk = DiskTier(root / "tier", capacity_bytes=4 * raw_bytes * len(args.codecs) + (1 << 30), name="bench")
-        redis_tier = RedisTier(server.url, name="bench", namespace="bench-load")
-        keys = {spec: [f"{spec}/{i}".encode() for i in range(len(chunks))] for spec in args.codecs}
-        for spec in args.codecs:
-            for key, data in zip(keys[spec], encoded[spec]):
-                disk.put(key, data)
-            if "redis" in tiers:
-                redis_tier.put_many(zip(keys[spec], encoded[spec]))
-        files = entry_files(root / "tier")
-        residency = []
-        for round_index in range(args.rounds):
-            order = args.codecs[round_index % len(args.codecs):] + args.codecs[:round_index % len(args.codecs)]
-            for spec in order:
-                ks = keys[spec]
-                if "disk" in tiers:
-                    drop_from_cache(files)
-                    residency.append(resident_fraction(files))
-                    seconds.setdefault(f"disk cold|{spec}", []).append(
-                        load_all(lambda: (disk.get(k) for k in ks), buffers))
-                    seconds.setdefault(f"disk warm|{spec}", []).append(
-                        load_all(lambda: (disk.get(k) for k in ks), buffers))
-                if "redis" in tiers:
-                    seconds.setdefault(f"redis|{spec}", []).append(
-                        load_all(lambda: redis_tier.get_many(ks), buffers))
-            for buffer, chunk in zip(buffers, chunks):  # every load delivered the entry (lossy: close to it)
-                assert float((buffer.float() - chunk.float()).abs().max()) < 1.0
+        tiers: dict[str, object] = {}
+        if "disk" in args.tiers:
+            tiers["disk"] = DiskTier(root / "tier", capacity_bytes=2 * raw_bytes * len(args.codecs) + (1 << 30))
+        if "redis" in args.tiers:
+            tiers["redis"] = RedisTier(server.url, namespace="bench-load")
+        keys = {spec: [hashlib.blake2b(f"{spec}/{i}".encode(), digest_size=16).digest() for i in range(len(chunks))]
+                for spec in args.codecs}
+        for tier in tiers.values():
+            for spec in args.codecs:
+                for key, data in zip(keys[spec], encoded[spec]):
+                    assert tier.put(key, data)
+        stores = {(name, threads): TieredStore(MemoryTier(l1_bytes, memoryview(bytearray(l1_bytes))),
+                                               [LowerTier(tier, "write_through")], prefetch_threads=threads)
+                  for name, tier in tiers.items() for threads in args.threads}
+        cases = [(spec, threads) for spec in args.codecs for threads in args.threads]
+        for round_index in range(args.rounds + 1):  # the first round warms L1's pages and is not counted
+            shift = round_index % len(cases)
+            for spec, threads in cases[shift:] + cases[:shift]:
+                for name, tier in tiers.items():
+                    store = stores[(name, threads)]
+                    states = ["cold", "warm"] if name == "disk" else [""]
+                    for state in states:
+                        for key in keys[spec]:
+                            store.l1.delete(key)
+                        if state == "cold":
+                            files = entry_files(root / "tier")
+                            drop_from_cache(files)
+                            residency.append(resident_fraction(files))
+                        taken = load(store, keys[spec])
+                        if round_index:
+                            seconds.setdefault((f"{name} {state}".strip(), spec, threads), []).append(taken)
+            for key, chunk in zip(keys[args.codecs[-1]], chunks):  # the loads delivered the entries
+                got = stores[next(iter(stores))].get(key)
+                assert got is not None and float((got.float() - chunk.float()).abs().max()) < 1.0
+        for store in stores.values():
+            store.close()
+    raw_size = sum(c.numel() * c.element_size() for c in chunks)
     rows = []
-    for label, times in seconds.items():
-        where, spec = label.split("|")
-        ratio = sum(len(d) for d in encoded["raw"]) / sum(len(d) for d in encoded[spec]) if "raw" in encoded else 0
-        baseline = statistics.median(seconds[f"{where}|raw"]) if f"{where}|raw" in seconds else float("nan")
+    for (where, spec, threads), times in seconds.items():
         median = statistics.median(times)
-        rows.append({"tier": where, "codec": spec, "size_ratio": round(ratio, 2),
-                     "load_gbps": round(raw_bytes / median / 1e9, 2), "vs_raw": round(baseline / median, 2),
+        baseline = seconds.get((where, "raw", threads))
+        rows.append({"tier": where, "codec": spec, "threads": threads,
+                     "size_ratio": round(raw_size / sum(len(d) for d in encoded[spec]), 2),
+                     "load_gbps": round(raw_bytes / median / 1e9, 2),
+                     "vs_raw": round(statistics.median(baseline) / median, 2) if baseline else None,
                      "seconds": times})
+    rows.sort(key=lambda r: (r["tier"], r["threads"], args.codecs.index(r["codec"])))
     print(f"{len(chunks)} chunks of {CHUNK} tokens ({raw_bytes / 1e6:.0f} MB bf16), view {args.view}, "
           f"{args.rounds} rounds; max page-cache residency after a drop: {max(residency, default=0):.0%}")
-    print("| tier | codec | size vs bf16 | load GB/s (bf16 delivered) | speed vs raw |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| tier | prefetch threads | codec | size vs bf16 | load GB/s (bf16 into L1) | speed vs raw |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['tier']} | `{row['codec']}` | {row['size_ratio']:.2f}x | {row['load_gbps']:.2f} "
-              f"| {row['vs_raw']:.2f}x |")
+        print(f"| {row['tier']} | {row['threads']} | `{row['codec']}` | {row['size_ratio']:.2f}x "
+              f"| {row['load_gbps']:.2f} | {row['vs_raw']:.2f}x |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"view": args.view, "tokens": args.tokens, "rows": rows}, indent=1))
 

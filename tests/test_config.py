@@ -29,6 +29,7 @@ def test_unknown_key_is_named_with_the_allowed_ones() -> None:
     ("log_level", "loud", "debug"),
     ("save_partial_chunks", "maybe", "save_partial_chunks"),
     ("instance", "a/b", "instance"),
+    ("prefetch_threads", 0, "must be 1..64, got 0"),
 ])
 def test_bad_values_fail_naming_the_key(key: str, value: object, fragment: str) -> None:
     with pytest.raises(ConfigError) as err:

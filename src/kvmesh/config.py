@@ -180,6 +180,10 @@ class KVMeshConfig:
         "never waited for.")
     prefetch: bool = _opt(
         True, parse_bool, "Start moving chunks found on disk or in Redis into L1 as soon as a lookup finds them.")
+    prefetch_threads: int = _opt(
+        2, parse_int,
+        "Threads that move chunks from disk or Redis into L1 (read, then decode): with two, one chunk's read "
+        "overlaps another's decode and compressed entries decode on two cores.")
     instance: str = _opt(
         "default", parse_str,
         "Name of the node daemon; engines that name the same instance share one L1. "
@@ -248,6 +252,7 @@ class KVMeshConfig:
                f"must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
         _check(self.write_queue_size >= 0, "write_queue_size", f"must be 0 or more, got {self.write_queue_size}")
         _check(1 <= self.copy_threads <= 64, "copy_threads", f"must be 1..64, got {self.copy_threads}")
+        _check(1 <= self.prefetch_threads <= 64, "prefetch_threads", f"must be 1..64, got {self.prefetch_threads}")
         _check(self.lease_seconds >= 1, "lease_seconds", f"must be at least 1, got {self.lease_seconds}")
         _check(self.daemon_start_timeout >= 1, "daemon_start_timeout",
                f"must be at least 1 second, got {self.daemon_start_timeout}")

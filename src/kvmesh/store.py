@@ -110,7 +110,9 @@ class _NullObserver:
 class TieredStore:
     def __init__(self, l1: MemoryTier, lower: Sequence[LowerTier | Tier] = (), codec: Codec | None = None,
                  observer: StoreObserver | None = None, write_queue_bytes: int = 1 << 30,
-                 prefetch: bool = True) -> None:
+                 prefetch: bool = True, prefetch_threads: int = 2) -> None:
+        if prefetch_threads < 1:
+            raise ValueError(f"prefetch_threads must be at least 1, got {prefetch_threads}")
         if l1.buffer is None:
             raise ValueError("the store's L1 tier must hold its buffer")
         self.l1 = l1
@@ -130,7 +132,10 @@ class TieredStore:
         self._asked: OrderedDict[bytes, int] = OrderedDict()  # lookups per missed key, for on_reuse admission
         self._threads: list[threading.Thread] = []
         if self.lower:
-            for name, target in (("writer", self._write_loop), ("prefetcher", self._prefetch_loop)):
+            # several prefetchers: one chunk's read overlaps another's decode, and decoding uses every core
+            workers = [("writer", self._write_loop)] + [(f"prefetcher-{i}", self._prefetch_loop)
+                                                        for i in range(prefetch_threads)]
+            for name, target in workers:
                 thread = threading.Thread(target=target, name=f"kvmesh-{name}", daemon=True)
                 thread.start()
                 self._threads.append(thread)

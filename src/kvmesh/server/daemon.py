@@ -69,7 +69,8 @@ class NodeDaemon:
         self.segment = SharedSegment.create(config.shm_name(), config.l1_size, prefault=config.l1_prefault)
         self.metrics = DaemonMetrics(lambda: self.store.stats())
         self.store = TieredStore(MemoryTier(config.l1_size, self.segment.buffer), build_lower_tiers(config),
-                                 None, self.metrics, config.write_queue_size, config.prefetch)
+                                 None, self.metrics, config.write_queue_size, config.prefetch,
+                                 config.prefetch_threads)
         self._store_lock = threading.Lock()  # guards leases and the partial-chunk index; the store locks itself
         self._leases: dict[str, _Lease] = {}
         # partial (shorter than a chunk) entries by parent key, so a longer prompt can hit them
