@@ -80,6 +80,29 @@ def _expand_row(stats: np.ndarray, group_channels: int, out: np.ndarray) -> None
             out[c] = value
 
 
+@numba.njit(inline="always", **_JIT)
+def _unpack_whole(source: np.ndarray, row: np.ndarray, bits: int) -> None:
+    """Symbols of ``bits`` (2 or 4) bits, ``8 // bits`` per byte, low bits first."""
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    for i in range(row.shape[0] // per_byte):
+        byte = source[i]
+        for j in range(per_byte):
+            row[i * per_byte + j] = (byte >> (bits * j)) & mask
+
+
+@numba.njit(inline="always", **_JIT)
+def _unpack_dense(source: np.ndarray, row: np.ndarray, bits: int) -> None:
+    """Symbols of ``bits`` (3, 5, 6, 7) bits, each 8 in ``bits`` bytes as a little-endian bit stream."""
+    mask = np.uint64((1 << bits) - 1)
+    for g in range(row.shape[0] // 8):
+        word = np.uint64(0)
+        for k in range(bits):
+            word |= np.uint64(source[g * bits + k]) << np.uint64(8 * k)
+        for j in range(8):
+            row[g * 8 + j] = (word >> np.uint64(bits * j)) & mask
+
+
 @numba.njit(fastmath=True, **_JIT)
 def _dequantize_rows(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray, scale: np.ndarray,
                      group_tokens: int, group_channels: int, out: np.ndarray, as_bf16: bool) -> None:
@@ -97,9 +120,6 @@ def _dequantize_rows(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarra
     one_group_per_row = group_channels >= channels
     for l in range(layers):
         bits = layer_bits[l]
-        per_byte = 8 // bits
-        dense = bits not in (1, 2, 4, 8)
-        mask = (1 << bits) - 1
         for b in range(blocks):
             for h in range(heads):
                 plane = symbols[l, b, h]
@@ -109,21 +129,23 @@ def _dequantize_rows(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarra
                 cached_group = -1
                 for t in range(tokens):
                     tg = t // group_tokens
+                    source = plane[t]
+                    # one branch per width, so each unpacking loop is compiled with constant shifts and masks
                     if bits == 8:
                         for c in range(channels):
-                            row[c] = plane[t, c]
-                    elif dense:  # groups of 8 symbols in ``bits`` bytes, little-endian
-                        for g in range(channels // 8):
-                            word = np.uint64(0)
-                            for k in range(bits):
-                                word |= np.uint64(plane[t, g * bits + k]) << np.uint64(8 * k)
-                            for j in range(8):
-                                row[g * 8 + j] = (word >> np.uint64(bits * j)) & np.uint64(mask)
+                            row[c] = source[c]
+                    elif bits == 4:
+                        _unpack_whole(source, row, 4)
+                    elif bits == 2:
+                        _unpack_whole(source, row, 2)
+                    elif bits == 6:
+                        _unpack_dense(source, row, 6)
+                    elif bits == 5:
+                        _unpack_dense(source, row, 5)
+                    elif bits == 3:
+                        _unpack_dense(source, row, 3)
                     else:
-                        for i in range(channels // per_byte):
-                            byte = plane[t, i]
-                            for j in range(per_byte):
-                                row[i * per_byte + j] = (byte >> (bits * j)) & mask
+                        _unpack_dense(source, row, 7)
                     if one_group_per_row:
                         step = steps[tg, 0]
                         base = lows[tg, 0]
