@@ -8,7 +8,10 @@ A spec is a name with optional parameters, ``name[:key=value,...]``:
 * ``kivi[:bits=N,key_bits=N,value_bits=N,key_group=N,value_group=N]`` - KIVI-style min/max quantization,
   2..8 bits, keys and values separately if wanted;
 * ``cachegen[:key_bits=A-B-C,value_bits=A-B-C,key_group=N,value_group=N,level=N]`` - widths per layer third
-  for keys and values, then entropy coding.
+  for keys and values, then entropy coding;
+* ``ecq[:key_step=F,value_step=F,profile=flat|smollm2-135m,outliers=F,level=N]`` - entropy-coded uniform
+  quantization: steps as fractions of each head's (keys) or token's (values) RMS, scaled per layer by a
+  measured sensitivity profile, attention-sink tokens exact.
 
 Every entry names the codec (and parameters) that wrote it, so :func:`decode_any`
 reads entries of any codec: changing the configured codec loses nothing.
@@ -22,6 +25,7 @@ import torch
 
 from kvmesh.codecs.base import Codec, CorruptEntry, EntryHeader, read_header
 from kvmesh.codecs.cachegen import CacheGenCodec
+from kvmesh.codecs.ecq import EcqCodec
 from kvmesh.codecs.fp8 import Fp8Codec
 from kvmesh.codecs.kivi import KiviCodec
 from kvmesh.codecs.kvview import ViewError, view_name
@@ -34,7 +38,8 @@ def _widths(text: str) -> tuple[int, ...]:
     return parts * 3 if len(parts) == 1 else parts
 
 
-_CODECS: dict[str, type] = {c.name: c for c in (RawCodec, LosslessCodec, Fp8Codec, KiviCodec, CacheGenCodec)}
+_CODECS: dict[str, type] = {c.name: c for c in (RawCodec, LosslessCodec, Fp8Codec, KiviCodec, CacheGenCodec,
+                                                  EcqCodec)}
 _BY_ID: dict[int, type] = {c.codec_id: c for c in _CODECS.values()}
 # parameter name -> how to read its value, per codec
 _PARAMETERS: dict[str, dict[str, object]] = {
@@ -43,6 +48,7 @@ _PARAMETERS: dict[str, dict[str, object]] = {
     "fp8": {},
     "kivi": {"bits": int, "key_bits": int, "value_bits": int, "key_group": int, "value_group": int},
     "cachegen": {"key_bits": _widths, "value_bits": _widths, "key_group": int, "value_group": int, "level": int},
+    "ecq": {"key_step": float, "value_step": float, "profile": str, "outliers": float, "level": int},
 }
 DEFAULT_LOSSY = "cachegen"
 
@@ -106,5 +112,5 @@ def encode_for_tier(codec: Codec, chunk: torch.Tensor, view: str) -> Encoded:
         return Encoded(fallback.encode(chunk, view), fallback.name)
 
 
-__all__ = ["CacheGenCodec", "Codec", "CorruptEntry", "DEFAULT_LOSSY", "Encoded", "Fp8Codec", "KiviCodec",
+__all__ = ["CacheGenCodec", "Codec", "CorruptEntry", "DEFAULT_LOSSY", "EcqCodec", "Encoded", "Fp8Codec", "KiviCodec",
            "LosslessCodec", "RawCodec", "decode_any", "encode_for_tier", "entry_view", "get_codec", "header_view"]

@@ -212,3 +212,61 @@ def join_bf16(exponents: np.ndarray, sign_mantissas: np.ndarray, bits: np.ndarra
     for i in range(bits.shape[0]):
         sm = np.uint16(sign_mantissas[i])
         bits[i] = np.uint16(((sm & 0x80) << 8) | (np.uint16(exponents[i]) << 7) | (sm & 0x7F))
+
+
+@numba.njit(**_JIT)
+def quantize_centered(x: np.ndarray, step: np.ndarray, center: np.ndarray, out: np.ndarray) -> int:
+    """``out = round((x - center[channel]) / step[token]) + 128`` as uint8; values outside -127..127 steps
+    (and non-finite ones) get the escape symbol 0 (stored exactly elsewhere).  Returns how many escaped."""
+    layers, blocks, heads, tokens, channels = x.shape
+    escaped = 0
+    for l in range(layers):
+        for b in range(blocks):
+            for h in range(heads):
+                for t in range(tokens):
+                    s = step[l, b, h, t]
+                    for c in range(channels):
+                        q = np.floor((x[l, b, h, t, c] - center[l, b, h, c]) / s + 0.5)
+                        if q >= -127.0 and q <= 127.0:
+                            out[l, b, h, t, c] = np.uint8(q + 128.0)
+                        else:
+                            out[l, b, h, t, c] = 0
+                            escaped += 1
+    return escaped
+
+
+@numba.njit(fastmath=True, **_JIT)
+def _dequantize_centered(symbols: np.ndarray, step: np.ndarray, center: np.ndarray, out: np.ndarray,
+                         as_bf16: bool) -> None:
+    """Row by row: ``(symbol - 128) * step[token] + center[channel]``, stored as bf16 bits or float32."""
+    layers, blocks, heads, tokens, channels = out.shape
+    row = np.empty(channels, dtype=np.float32)
+    row_bits = row.view(np.uint32)
+    for l in range(layers):
+        for b in range(blocks):
+            for h in range(heads):
+                plane = symbols[l, b, h]
+                target = out[l, b, h]
+                steps = step[l, b, h]
+                centers = center[l, b, h]
+                for t in range(tokens):
+                    s = steps[t]
+                    base = np.float32(-128.0) * s
+                    for c in range(channels):
+                        row[c] = np.float32(plane[t, c]) * s + (base + centers[c])
+                    if as_bf16:
+                        for c in range(channels):
+                            target[t, c] = _bf16_bits(row_bits[c])
+                    else:
+                        for c in range(channels):
+                            target[t, c] = row[c]
+
+
+def dequantize_centered_bf16(symbols: np.ndarray, step: np.ndarray, center: np.ndarray, out: np.ndarray) -> None:
+    """bf16 bits of ``(symbol - 128) * step[..., token] + center[..., channel]`` into ``out``."""
+    _dequantize_centered(symbols, step, center, out, True)
+
+
+def dequantize_centered_f32(symbols: np.ndarray, step: np.ndarray, center: np.ndarray, out: np.ndarray) -> None:
+    """As :func:`dequantize_centered_bf16`, writing float32."""
+    _dequantize_centered(symbols, step, center, out, False)
