@@ -21,13 +21,13 @@ def _steps(chunk: torch.Tensor, view: str, codec: EcqCodec) -> tuple[np.ndarray,
     """Per value: the step it was quantized with (keys, values, [L, B, H, T, D]) and the sink mask [B, T]."""
     blocks = block_view(chunk, view)
     keys, values = as_float32(blocks[:, 0]), as_float32(blocks[:, 1])
-    layers = keys.shape[0]
+    layers, heads = keys.shape[0], keys.shape[2]
     sinks = sink_tokens(keys, codec.outliers)
     keep = np.ones(keys.shape[1] * keys.shape[3], dtype=bool)
     keep[sinks] = False
     keep = keep.reshape(keys.shape[1], keys.shape[3])
-    key_step, _ = key_stats(keys, keep, layer_steps(layers, codec.key_step, codec.profile, 0))
-    value_step, _ = value_stats(values, keep, layer_steps(layers, codec.value_step, codec.profile, 1))
+    key_step, _ = key_stats(keys, keep, layer_steps(layers, heads, codec.key_step, codec.profile, 0))
+    value_step, _ = value_stats(values, keep, layer_steps(layers, heads, codec.value_step, codec.profile, 1))
     shape = keys.shape
     return (np.broadcast_to(key_step.astype(np.float32)[..., None, None], shape),
             np.broadcast_to(value_step.astype(np.float32)[..., None], shape), keep)

@@ -56,14 +56,21 @@ PROFILES: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
 PROFILE_CODES = {name: code for code, name in enumerate(PROFILES)}
 
 
-def layer_steps(num_layers: int, step: float, profile: str, part: int) -> np.ndarray:
-    """Each layer's step as a multiple of its RMS: ``step`` times the profile's scale (``part`` 0 keys, 1 values)."""
+def layer_steps(num_layers: int, heads: int, step: float, profile: str, part: int) -> np.ndarray:
+    """Each (layer, head)'s step as a multiple of its RMS: ``step`` times the profile's scale (``part`` 0 keys,
+    1 values); a profile gives one scale per layer or one per (layer, head)."""
     table = PROFILES[profile]
     if table is None:
-        return np.full(num_layers, step, dtype=np.float32)
-    if len(table[part]) != num_layers:
-        raise ValueError(f"ecq profile {profile!r} is for {len(table[part])} layers, the entry has {num_layers}")
-    return np.clip(step * np.array(table[part], dtype=np.float32), *_STEP_RANGE).astype(np.float32)
+        return np.full((num_layers, heads), step, dtype=np.float32)
+    scales = np.array(table[part], dtype=np.float32)
+    if len(scales) == num_layers:
+        scales = np.repeat(scales[:, None], heads, axis=1)
+    elif len(scales) == num_layers * heads:
+        scales = scales.reshape(num_layers, heads)
+    else:
+        raise ValueError(f"ecq profile {profile!r} is for {len(table[part])} layers (or layers x heads), the "
+                         f"entry has {num_layers} layers of {heads} heads")
+    return np.clip(step * scales, *_STEP_RANGE).astype(np.float32)
 
 
 def _float16(values: np.ndarray) -> np.ndarray:
@@ -101,20 +108,20 @@ def _kept_mean(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 
 def key_stats(keys: np.ndarray, keep: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keys: one step per (layer, block, head) = ``steps[layer]`` x RMS about the channel means; the means."""
+    """Keys: one step per (layer, block, head) = ``steps[layer, head]`` x RMS about the channel means; the means."""
     center = _float16(_kept_mean(keys, keep))
     centered = (keys - center.astype(np.float32)[:, :, :, None, :]) * keep[None, :, None, :, None]
     kept = np.maximum(keep.sum(axis=1), 1)[None, :, None] * keys.shape[-1]  # values per (block) head
     rms = np.sqrt(np.nan_to_num((centered ** 2).sum(axis=(3, 4)) / kept))
-    return _positive16(steps[:, None, None] * rms), center
+    return _positive16(steps[:, None, :] * rms), center
 
 
 def value_stats(values: np.ndarray, keep: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Values: one step per token = ``steps[layer]`` x the token's RMS about the channel means; the means."""
+    """Values: one step per token = ``steps[layer, head]`` x the token's RMS about the channel means; the means."""
     center = _float16(_kept_mean(values, keep))
     centered = values - center.astype(np.float32)[:, :, :, None, :]
     rms = np.sqrt(np.nan_to_num((centered ** 2).mean(axis=4)))
-    return _positive16(steps[:, None, None, None] * rms), center
+    return _positive16(steps[:, None, :, None] * rms), center
 
 
 class EcqCodec:
@@ -147,8 +154,8 @@ class EcqCodec:
                          for b, t in zip(*np.divmod(sinks, tokens))]) if len(sinks) else np.zeros(0, np.float32)
         sections = [np.array([len(sinks)], dtype="<u4").tobytes(), sinks.astype("<u4").tobytes(),
                     rows.astype("<f4").tobytes()]
-        stats = (key_stats(keys, keep, layer_steps(num_layers, self.key_step, self.profile, 0)),
-                 value_stats(values, keep, layer_steps(num_layers, self.value_step, self.profile, 1)))
+        stats = (key_stats(keys, keep, layer_steps(num_layers, heads, self.key_step, self.profile, 0)),
+                 value_stats(values, keep, layer_steps(num_layers, heads, self.value_step, self.profile, 1)))
         symbol_parts = []
         for part, (step, center) in zip((keys, values), stats):
             step32 = step.astype(np.float32)
