@@ -9,7 +9,7 @@ import torch
 from kvmesh.codecs import CorruptEntry, EcqCodec, decode_any, entry_view, get_codec
 from kvmesh.codecs.base import pack_entry, read_header
 from kvmesh.codecs.ecq import key_stats, layer_steps, sink_tokens, value_stats
-from kvmesh.codecs.kvview import block_view
+from kvmesh.codecs.kvview import PAGE_VIEWS, block_view
 from kvmesh.codecs.quant import as_float32
 
 from test_lossy import _chunk, _pages, real_kv  # noqa: F401 - the fixture is shared
@@ -34,7 +34,7 @@ def _steps(chunk: torch.Tensor, view: str, codec: EcqCodec) -> tuple[np.ndarray,
 
 
 @pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("view", ["chunk", "cpu-pages"])
+@pytest.mark.parametrize("view", ["chunk", *PAGE_VIEWS])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_error_is_within_half_a_step(spec: str, view: str, dtype: torch.dtype) -> None:
     chunk = (_chunk() if view == "chunk" else _pages()).to(dtype)

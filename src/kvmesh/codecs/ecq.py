@@ -34,7 +34,7 @@ import zstandard
 
 from kvmesh.codecs import kernels, quant
 from kvmesh.codecs.base import CorruptEntry, open_entry, output_for, pack_entry
-from kvmesh.codecs.kvview import block_view, view_code, view_name
+from kvmesh.codecs.kvview import kv_parts, kv_targets, view_code, view_name
 
 # view, zstd level, layers, key step, value step, profile code, outlier threshold
 _PARAMS = struct.Struct("<BbHffBf")
@@ -154,14 +154,14 @@ class EcqCodec:
         self.outliers, self.level = float(outliers), level
 
     def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
-        blocks = block_view(chunk, view)
-        num_layers, _, num_blocks, heads, tokens, _ = blocks.shape
-        keys, values = quant.as_float32(blocks[:, 0]), quant.as_float32(blocks[:, 1])
+        keys, values = (quant.as_float32(part) for part in kv_parts(chunk, view))
+        num_layers, num_blocks, heads, tokens, _ = keys.shape
         sinks = sink_tokens(keys, self.outliers)
         keep = np.ones(num_blocks * tokens, dtype=bool)
         keep[sinks] = False
         keep = keep.reshape(num_blocks, tokens)
-        rows = np.stack([blocks[:, :, b, :, t].to(torch.float32).numpy()
+        # a sink's keys and values, [layers, 2, heads, head_size] each (before quantization changes them)
+        rows = np.stack([np.stack([keys[:, b, :, t], values[:, b, :, t]], axis=1)
                          for b, t in zip(*np.divmod(sinks, tokens))]) if len(sinks) else np.zeros(0, np.float32)
         sections = [np.array([len(sinks)], dtype="<u4").tobytes(), sinks.astype("<u4").tobytes(),
                     rows.astype("<f4").tobytes()]
@@ -200,53 +200,57 @@ class EcqCodec:
         entry = open_entry(data, self.codec_id, self.name, _PARAMS, expected_shape, expected_dtype)
         code, _, num_layers, *_ = entry.params
         out = output_for(entry.header, out)
-        blocks = block_view(out, view_name(code))
-        if blocks.shape[0] != num_layers:
-            raise CorruptEntry(f"ecq entry names {num_layers} layers, its shape has {blocks.shape[0]}")
-        _, _, num_blocks, heads, tokens, head_size = blocks.shape
-        reader = quant.Reader(entry.payload)
-        count = int(reader.array(np.dtype("<u4"), (1,))[0])
-        sinks = reader.array(np.dtype("<u4"), (count,)).astype(np.int64)
-        rows = reader.array(np.dtype("<f4"), (count, num_layers, 2, heads, head_size))
-        if (sinks >= num_blocks * tokens).any():
-            raise CorruptEntry("ecq sink token index out of range")
-        parts = (blocks[:, 0], blocks[:, 1])
-        plane = (num_layers, num_blocks, heads)
-        sections = []
-        for kv in range(2):
-            step = reader.array(np.float16, plane if kv == 0 else (*plane, tokens)).astype(np.float32)
-            center = reader.array(np.float16, (*plane, head_size)).astype(np.float32)
-            escapes = int(reader.array(np.dtype("<u4"), (1,))[0])
-            positions = reader.array(np.dtype("<u4"), (escapes,)).astype(np.int64)
-            if (positions >= num_layers * num_blocks * heads * tokens * head_size).any():
-                raise CorruptEntry("ecq escape position out of range")
-            sections.append((step, center, positions, reader.array(np.dtype("<f4"), (escapes,))))
-        lengths = reader.array(np.dtype("<u4"), (2, num_layers, heads))
-        decompressor = zstandard.ZstdDecompressor()
-        expected = num_blocks * tokens * head_size
-        for kv, (part, (step, center, positions, escaped)) in enumerate(zip(parts, sections)):
-            symbols = np.empty((num_layers, num_blocks, heads, tokens, head_size), dtype=np.uint8)
-            for layer in range(num_layers):
-                for head in range(heads):
-                    frame = reader.take(int(lengths[kv, layer, head]))
-                    try:
-                        plain = decompressor.decompress(frame, max_output_size=expected)
-                    except zstandard.ZstdError as err:
-                        raise CorruptEntry(f"ecq stream does not decode: {err}") from err
-                    if len(plain) != expected:
-                        raise CorruptEntry(f"ecq stream holds {len(plain)} bytes, expected {expected}")
-                    symbols[layer, :, head] = np.frombuffer(plain, dtype=np.uint8).reshape(
-                        num_blocks, tokens, head_size)
-            if kv == 0:
-                step = np.repeat(step[..., None], tokens, axis=3)
-            _dequantize_into(symbols, step, center, part)
-            if len(positions):
-                index = torch.from_numpy(np.stack(np.unravel_index(positions, symbols.shape)))
-                part[tuple(index)] = torch.from_numpy(escaped.copy()).to(out.dtype)
-        for (b, t), row in zip(zip(*np.divmod(sinks, tokens)), rows):
-            blocks[:, :, b, :, t] = torch.from_numpy(row.copy()).to(out.dtype)
-        reader.finish()
+        with kv_targets(out, view_name(code)) as parts:
+            _decode_parts(entry.payload, parts, num_layers, out.dtype)
         return out
+
+
+def _decode_parts(payload: memoryview, parts: tuple[torch.Tensor, torch.Tensor], num_layers: int,
+                  dtype: torch.dtype) -> None:
+    if parts[0].shape[0] != num_layers:
+        raise CorruptEntry(f"ecq entry names {num_layers} layers, its shape has {parts[0].shape[0]}")
+    _, num_blocks, heads, tokens, head_size = parts[0].shape
+    reader = quant.Reader(payload)
+    count = int(reader.array(np.dtype("<u4"), (1,))[0])
+    sinks = reader.array(np.dtype("<u4"), (count,)).astype(np.int64)
+    rows = reader.array(np.dtype("<f4"), (count, num_layers, 2, heads, head_size))
+    if (sinks >= num_blocks * tokens).any():
+        raise CorruptEntry("ecq sink token index out of range")
+    plane = (num_layers, num_blocks, heads)
+    sections = []
+    for kv in range(2):
+        step = reader.array(np.float16, plane if kv == 0 else (*plane, tokens)).astype(np.float32)
+        center = reader.array(np.float16, (*plane, head_size)).astype(np.float32)
+        escapes = int(reader.array(np.dtype("<u4"), (1,))[0])
+        positions = reader.array(np.dtype("<u4"), (escapes,)).astype(np.int64)
+        if (positions >= num_layers * num_blocks * heads * tokens * head_size).any():
+            raise CorruptEntry("ecq escape position out of range")
+        sections.append((step, center, positions, reader.array(np.dtype("<f4"), (escapes,))))
+    lengths = reader.array(np.dtype("<u4"), (2, num_layers, heads))
+    decompressor = zstandard.ZstdDecompressor()
+    expected = num_blocks * tokens * head_size
+    for kv, (part, (step, center, positions, escaped)) in enumerate(zip(parts, sections)):
+        symbols = np.empty((num_layers, num_blocks, heads, tokens, head_size), dtype=np.uint8)
+        for layer in range(num_layers):
+            for head in range(heads):
+                frame = reader.take(int(lengths[kv, layer, head]))
+                try:
+                    plain = decompressor.decompress(frame, max_output_size=expected)
+                except zstandard.ZstdError as err:
+                    raise CorruptEntry(f"ecq stream does not decode: {err}") from err
+                if len(plain) != expected:
+                    raise CorruptEntry(f"ecq stream holds {len(plain)} bytes, expected {expected}")
+                symbols[layer, :, head] = np.frombuffer(plain, dtype=np.uint8).reshape(
+                    num_blocks, tokens, head_size)
+        if kv == 0:
+            step = np.repeat(step[..., None], tokens, axis=3)
+        _dequantize_into(symbols, step, center, part)
+        if len(positions):
+            index = torch.from_numpy(np.stack(np.unravel_index(positions, symbols.shape)))
+            part[tuple(index)] = torch.from_numpy(escaped.copy()).to(dtype)
+        for (b, t), row in zip(zip(*np.divmod(sinks, tokens)), rows):
+            part[:, b, :, t] = torch.from_numpy(row[:, kv].copy()).to(dtype)
+    reader.finish()
 
 
 def _dequantize_into(symbols: np.ndarray, step: np.ndarray, center: np.ndarray, out: torch.Tensor) -> None:
