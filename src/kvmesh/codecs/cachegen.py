@@ -66,7 +66,7 @@ class CacheGenCodec:
         if head_size % 2:
             raise ValueError(f"cachegen needs an even head_size, got {head_size}")
         all_bits = [layer_bits(num_layers, self.key_bits), layer_bits(num_layers, self.value_bits)]
-        compressor = zstandard.ZstdCompressor(level=self.level, write_content_size=False, write_checksum=False)
+        compressor = quant.symbol_compressor(self.level)
         stats, lengths, frames = [], [], []
         groupings = quant.kv_groupings(self.key_group, self.value_group)
         for part, grouping, bits in zip(parts, groupings, all_bits):

@@ -181,7 +181,7 @@ class EcqCodec:
             sections += [step.tobytes(), center.tobytes(), np.array([len(escaped)], dtype="<u4").tobytes(),
                          escaped.astype("<u4").tobytes(), part.reshape(-1)[escaped].astype("<f4").tobytes()]
             symbol_parts.append(symbols)
-        compressor = zstandard.ZstdCompressor(level=self.level, write_content_size=False, write_checksum=False)
+        compressor = quant.symbol_compressor(self.level)
         lengths, frames = [], []
         for symbols in symbol_parts:
             for layer in range(num_layers):
