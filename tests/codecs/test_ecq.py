@@ -130,3 +130,13 @@ def test_demo_profile_on_real_kv(real_kv: torch.Tensor) -> None:  # noqa: F811 -
     original = real_kv.float()
     assert real_kv.numel() * 2 / len(data) > 3.3
     assert float((back - original).pow(2).mean().sqrt() / original.pow(2).mean().sqrt()) < 0.1
+
+
+def test_default_is_smaller_than_cachegen_on_real_kv(real_kv: torch.Tensor) -> None:  # noqa: F811
+    """The default lossy codec is >= 5% smaller than cachegen on the demo model's own KV.
+
+    Its RMS error is not lower (2.4% vs 2.2%): it spends error where the model does not care, so its
+    next-token agreement and KL are better (benchmarks/codec_quality.py); the RMS bound is in test_lossy.
+    """
+    sizes = {spec: len(get_codec(spec).encode(real_kv)) for spec in ("ecq", "cachegen")}
+    assert sizes["ecq"] < sizes["cachegen"] * 0.95

@@ -19,7 +19,7 @@ quantization"):
   depends on the first token more than on any other;
 * a symbol beyond -127..127 steps is an escape: its value is stored exactly beside the stream.
 
-Symbols are one byte (128 = the center); each (layer, K/V, head) stream is entropy coded by zstd on its own,
+Symbols are one byte (128 = the center); each (layer, K/V) stream (its heads in a row) is entropy coded by zstd on its own,
 and decoding is zstd's Huffman plus one fused pass ``(symbol - 128) * step + center`` into bf16.  Every value
 not escaped is within half its step of the input (plus the output dtype's rounding).
 """
@@ -140,7 +140,7 @@ class EcqCodec:
     codec_id = 6
     lossless = False
 
-    def __init__(self, key_step: float = 0.2, value_step: float = 0.25, profile: str = "flat",
+    def __init__(self, key_step: float = 0.12, value_step: float = 0.15, profile: str = "flat",
                  outliers: float = 5.0, level: int = 1) -> None:
         if not (0 < key_step <= 8 and 0 < value_step <= 8):
             raise ValueError(f"ecq steps are fractions of an RMS in (0, 8], got {key_step}/{value_step}")
@@ -185,10 +185,9 @@ class EcqCodec:
         lengths, frames = [], []
         for symbols in symbol_parts:
             for layer in range(num_layers):
-                for head in range(heads):
-                    frame = compressor.compress(np.ascontiguousarray(symbols[layer, :, head]).tobytes())
-                    lengths.append(len(frame))
-                    frames.append(frame)
+                frame = compressor.compress(symbols[layer].tobytes())  # [blocks, heads, tokens, head_size]
+                lengths.append(len(frame))
+                frames.append(frame)
         params = _PARAMS.pack(view_code(view), self.level, num_layers, self.key_step, self.value_step,
                               PROFILE_CODES[self.profile], self.outliers)
         table = np.array(lengths, dtype="<u4").tobytes()
@@ -226,22 +225,20 @@ def _decode_parts(payload: memoryview, parts: tuple[torch.Tensor, torch.Tensor],
         if (positions >= num_layers * num_blocks * heads * tokens * head_size).any():
             raise CorruptEntry("ecq escape position out of range")
         sections.append((step, center, positions, reader.array(np.dtype("<f4"), (escapes,))))
-    lengths = reader.array(np.dtype("<u4"), (2, num_layers, heads))
+    lengths = reader.array(np.dtype("<u4"), (2, num_layers))
     decompressor = zstandard.ZstdDecompressor()
-    expected = num_blocks * tokens * head_size
+    expected = num_blocks * heads * tokens * head_size
     for kv, (part, (step, center, positions, escaped)) in enumerate(zip(parts, sections)):
         symbols = np.empty((num_layers, num_blocks, heads, tokens, head_size), dtype=np.uint8)
         for layer in range(num_layers):
-            for head in range(heads):
-                frame = reader.take(int(lengths[kv, layer, head]))
-                try:
-                    plain = decompressor.decompress(frame, max_output_size=expected)
-                except zstandard.ZstdError as err:
-                    raise CorruptEntry(f"ecq stream does not decode: {err}") from err
-                if len(plain) != expected:
-                    raise CorruptEntry(f"ecq stream holds {len(plain)} bytes, expected {expected}")
-                symbols[layer, :, head] = np.frombuffer(plain, dtype=np.uint8).reshape(
-                    num_blocks, tokens, head_size)
+            frame = reader.take(int(lengths[kv, layer]))
+            try:
+                plain = decompressor.decompress(frame, max_output_size=expected)
+            except zstandard.ZstdError as err:
+                raise CorruptEntry(f"ecq stream does not decode: {err}") from err
+            if len(plain) != expected:
+                raise CorruptEntry(f"ecq stream holds {len(plain)} bytes, expected {expected}")
+            symbols[layer] = np.frombuffer(plain, dtype=np.uint8).reshape(num_blocks, heads, tokens, head_size)
         if kv == 0:
             step = np.repeat(step[..., None], tokens, axis=3)
         _dequantize_into(symbols, step, center, part)
