@@ -46,7 +46,9 @@ FOLLOW = 256
 GREEDY = 64
 DEFAULT_CODECS = ["raw", "lossless", "lossless:compressor=lz4", "fp8", "kivi:bits=8", "kivi:bits=4", "kivi:bits=2",
                   "cachegen:key_bits=8,value_bits=6", "cachegen", "cachegen:key_bits=5-6-6,value_bits=4-5-5",
-                  "cachegen:key_bits=5,value_bits=4"]
+                  "cachegen:key_bits=5,value_bits=4", "ecq:key_step=0.08,value_step=0.1", "ecq",
+                  "ecq:key_step=0.15,value_step=0.19", "ecq:key_step=0.2,value_step=0.25",
+                  "ecq:profile=smollm2-135m-heads,key_step=0.12,value_step=0.144"]
 
 
 def chunks_of(cache, length: int) -> list[torch.Tensor]:  # noqa: ANN001 - a DynamicCache
