@@ -3,7 +3,7 @@
 Usage:
     .venv/bin/python benchmarks/bench_codec_load.py [--codecs raw lossless kivi:bits=8 cachegen]
         [--tokens 4096] [--rounds 5] [--threads 1 2] [--view chunk|vllm-cpu-amx] [--tiers disk,redis]
-        [--disk-dir /var/tmp] [--out results/bench_codec_load.json]
+        [--disk-dir /var/tmp] [--link-gbit 10] [--out results/bench_codec_load.json]
 
 The demo model's real KV for ``--tokens`` tokens of documentation (transformers,
 bf16) is cut into 256-token chunks (5.9 MB each), encoded once with each codec
@@ -19,7 +19,10 @@ table gives medians of GB/s of bf16 delivered into L1 (raw bytes / load
 seconds) and the speed relative to ``raw`` with the same threads in the same
 rounds.  ``--view vllm-cpu-amx`` stores the chunks as vLLM-CPU AMX pages (the
 layout vLLM users' entries have), which adds the scatter back into packed tiles
-to every lossy decode.
+to every lossy decode.  ``--link-gbit N`` shapes the loopback interface to N
+Gbit/s with a token-bucket qdisc (``tc``, needs root) while it runs, so Redis is
+reached as over a network link of that speed (loopback itself moves ~30 Gbit/s);
+the qdisc is removed afterwards.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ import argparse
 import hashlib
 import json
 import statistics
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -72,6 +78,20 @@ def real_chunks(tokens: int, view: str) -> list[torch.Tensor]:
     return pages
 
 
+@contextmanager
+def shaped_loopback(gbit: float | None) -> Iterator[None]:
+    """Loopback limited to ``gbit`` Gbit/s (a token bucket on ``lo``) for the duration, if asked."""
+    if not gbit:
+        yield
+        return
+    subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", f"{gbit}gbit", "burst", "4mb",
+                    "latency", "100ms"], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False)
+
+
 def load(store: TieredStore, keys: list[bytes]) -> float:
     """Seconds from the lookup to the last chunk pinned in L1 (the store promotes what is below)."""
     started = time.perf_counter()
@@ -92,6 +112,7 @@ def main() -> None:
     parser.add_argument("--view", choices=["chunk", "vllm-cpu-amx"], default="chunk")
     parser.add_argument("--tiers", default="disk,redis")
     parser.add_argument("--disk-dir", type=Path, default=Path("/var/tmp"))
+    parser.add_argument("--link-gbit", type=float, default=None, help="shape loopback (Redis) to this speed")
     parser.add_argument("--out", type=Path, default=Path("results/bench_codec_load.json"))
     args = parser.parse_args()
     chunks = real_chunks(args.tokens, args.view)
@@ -102,7 +123,8 @@ def main() -> None:
     l1_bytes = raw_bytes + (64 << 20)
     seconds: dict[tuple[str, str, int], list[float]] = {}
     residency: list[float] = []
-    with disk_root(args.disk_dir, allow_tmpfs=False) as (root, _), redis_server() as server:
+    with disk_root(args.disk_dir, allow_tmpfs=False) as (root, _), redis_server() as server, \
+            shaped_loopback(args.link_gbit):
         tiers: dict[str, object] = {}
         if "disk" in args.tiers:
             tiers["disk"] = DiskTier(root / "tier", capacity_bytes=2 * raw_bytes * len(args.codecs) + (1 << 30))
@@ -150,7 +172,8 @@ def main() -> None:
                      "vs_raw": round(statistics.median(baseline) / median, 2) if baseline else None,
                      "seconds": times})
     rows.sort(key=lambda r: (r["tier"], r["threads"], args.codecs.index(r["codec"])))
-    print(f"{len(chunks)} chunks of {CHUNK} tokens ({raw_bytes / 1e6:.0f} MB bf16), view {args.view}, "
+    link = f", loopback shaped to {args.link_gbit:g} Gbit/s" if args.link_gbit else ""
+    print(f"{len(chunks)} chunks of {CHUNK} tokens ({raw_bytes / 1e6:.0f} MB bf16), view {args.view}{link}, "
           f"{args.rounds} rounds; max page-cache residency after a drop: {max(residency, default=0):.0%}")
     print("| tier | prefetch threads | codec | size vs bf16 | load GB/s (bf16 into L1) | speed vs raw |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -158,7 +181,8 @@ def main() -> None:
         print(f"| {row['tier']} | {row['threads']} | `{row['codec']}` | {row['size_ratio']:.2f}x "
               f"| {row['load_gbps']:.2f} | {row['vs_raw']:.2f}x |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"view": args.view, "tokens": args.tokens, "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"view": args.view, "tokens": args.tokens, "link_gbit": args.link_gbit,
+                                    "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
