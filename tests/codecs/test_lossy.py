@@ -147,9 +147,10 @@ def test_lossy_codecs_on_real_kv(spec: str, real_kv: torch.Tensor) -> None:
     assert relative < limit.get(spec, 0.6), relative
 
 
-@pytest.mark.parametrize("spec", ["raw", "lossless", "fp8", "kivi:bits=4", "cachegen"])
+@pytest.mark.parametrize("spec", ["raw", "lossless", "fp8", "kivi:bits=4", "cachegen", "ecq"])
 def test_corruption_and_truncation_are_refused(spec: str) -> None:
     chunk = _chunk(tokens=8)
+    chunk[1, 0, 3, 1, 2] = 5000.0  # an outlier (ecq stores it beside its stream), so every section is damaged
     data = get_codec(spec).encode(chunk)
     for index in range(0, len(data), max(1, len(data) // 97)):
         damaged = bytearray(data)
@@ -161,7 +162,7 @@ def test_corruption_and_truncation_are_refused(spec: str) -> None:
             decode_any(data[:length])
 
 
-@pytest.mark.parametrize("spec", ["lossless", "fp8", "kivi:bits=4", "cachegen"])
+@pytest.mark.parametrize("spec", ["lossless", "fp8", "kivi:bits=4", "cachegen", "ecq"])
 def test_a_well_checksummed_but_short_payload_is_refused(spec: str) -> None:
     """A payload that passes its checksum but does not hold the entry (a writer bug) is still refused."""
     data = get_codec(spec).encode(_chunk(tokens=8))
@@ -204,6 +205,10 @@ def test_a_shape_that_does_not_fit_its_view_is_refused() -> None:
     ("cachegen:key_bits=9", "key_bits must be three widths"),
     ("cachegen:value_bits=x", "bad value 'x' for 'value_bits'"),
     ("lossless:compressor=brotli", "compressor must be one of zstd, lz4"),
+    ("ecq:profile=llama", "unknown ecq profile"),
+    ("ecq:key_step=0", "steps are fractions"),
+    ("ecq:outliers=-1", "outliers is a threshold"),
+    ("ecq:value_step=x", "bad value 'x' for 'value_step'"),
 ])
 def test_bad_specs_name_what_is_wrong(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -116,14 +116,8 @@ class CacheGenCodec:
                 row_bytes = head_size * int(widths[layer]) // 8
                 expected = num_blocks * tokens * row_bytes
                 for head in range(heads):
-                    frame = reader.take(int(lengths[kv, layer, head]))
-                    try:
-                        plain = decompressor.decompress(frame, max_output_size=expected)
-                    except zstandard.ZstdError as err:
-                        raise CorruptEntry(f"cachegen stream does not decode: {err}") from err
-                    if len(plain) != expected:
-                        raise CorruptEntry(f"cachegen stream holds {len(plain)} bytes, expected {expected}")
-                    symbols[layer, :, head, :, :row_bytes] = np.frombuffer(plain, dtype=np.uint8).reshape(
-                        num_blocks, tokens, row_bytes)
+                    plain = quant.decompress_stream(decompressor, reader.take(int(lengths[kv, layer, head])),
+                                                    expected, "cachegen")
+                    symbols[layer, :, head, :, :row_bytes] = plain.reshape(num_blocks, tokens, row_bytes)
             quant.dequantize_into(symbols, widths, low, step, grouping, part)
         reader.finish()

@@ -231,14 +231,8 @@ def _decode_parts(payload: memoryview, parts: tuple[torch.Tensor, torch.Tensor],
     for kv, (part, (step, center, positions, escaped)) in enumerate(zip(parts, sections)):
         symbols = np.empty((num_layers, num_blocks, heads, tokens, head_size), dtype=np.uint8)
         for layer in range(num_layers):
-            frame = reader.take(int(lengths[kv, layer]))
-            try:
-                plain = decompressor.decompress(frame, max_output_size=expected)
-            except zstandard.ZstdError as err:
-                raise CorruptEntry(f"ecq stream does not decode: {err}") from err
-            if len(plain) != expected:
-                raise CorruptEntry(f"ecq stream holds {len(plain)} bytes, expected {expected}")
-            symbols[layer] = np.frombuffer(plain, dtype=np.uint8).reshape(num_blocks, heads, tokens, head_size)
+            plain = quant.decompress_stream(decompressor, reader.take(int(lengths[kv, layer])), expected, "ecq")
+            symbols[layer] = plain.reshape(num_blocks, heads, tokens, head_size)
         if kv == 0:
             step = np.repeat(step[..., None], tokens, axis=3)
         _dequantize_into(symbols, step, center, part)

@@ -81,6 +81,17 @@ def _expand_row(stats: np.ndarray, group_channels: int, out: np.ndarray) -> None
 
 
 @numba.njit(inline="always", **_JIT)
+def _store_row(row: np.ndarray, row_bits: np.ndarray, target: np.ndarray, as_bf16: bool) -> None:
+    """One decoded row into the output: bf16 bits (rounded to nearest even) or float32."""
+    if as_bf16:
+        for c in range(row.shape[0]):
+            target[c] = _bf16_bits(row_bits[c])
+    else:
+        for c in range(row.shape[0]):
+            target[c] = row[c]
+
+
+@numba.njit(inline="always", **_JIT)
 def _unpack_whole(source: np.ndarray, row: np.ndarray, bits: int) -> None:
     """Symbols of ``bits`` (2 or 4) bits, ``8 // bits`` per byte, low bits first."""
     per_byte = 8 // bits
@@ -158,12 +169,7 @@ def _dequantize_rows(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarra
                             cached_group = tg if group_tokens > 1 else -1
                         for c in range(channels):
                             row[c] = row[c] * step_row[c] + low_row[c]
-                    if as_bf16:
-                        for c in range(channels):
-                            target[t, c] = _bf16_bits(row_bits[c])
-                    else:
-                        for c in range(channels):
-                            target[t, c] = row[c]
+                    _store_row(row, row_bits, target[t], as_bf16)
 
 
 def dequantize_bf16(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray, scale: np.ndarray,
@@ -254,12 +260,7 @@ def _dequantize_centered(symbols: np.ndarray, step: np.ndarray, center: np.ndarr
                     base = np.float32(-128.0) * s
                     for c in range(channels):
                         row[c] = np.float32(plane[t, c]) * s + (base + centers[c])
-                    if as_bf16:
-                        for c in range(channels):
-                            target[t, c] = _bf16_bits(row_bits[c])
-                    else:
-                        for c in range(channels):
-                            target[t, c] = row[c]
+                    _store_row(row, row_bits, target[t], as_bf16)
 
 
 def dequantize_centered_bf16(symbols: np.ndarray, step: np.ndarray, center: np.ndarray, out: np.ndarray) -> None:

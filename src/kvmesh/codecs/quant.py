@@ -150,3 +150,15 @@ def symbol_compressor(level: int) -> zstandard.ZstdCompressor:
     params = zstandard.ZstdCompressionParameters.from_level(level, min_match=7, write_checksum=0,
                                                             write_content_size=0)
     return zstandard.ZstdCompressor(compression_params=params)
+
+
+def decompress_stream(decompressor: zstandard.ZstdDecompressor, frame: memoryview, expected: int,
+                      codec: str) -> np.ndarray:
+    """One entropy-coded symbol stream as uint8, refused (CorruptEntry) unless it holds exactly ``expected`` bytes."""
+    try:
+        plain = decompressor.decompress(frame, max_output_size=expected)
+    except zstandard.ZstdError as err:
+        raise CorruptEntry(f"{codec} stream does not decode: {err}") from err
+    if len(plain) != expected:
+        raise CorruptEntry(f"{codec} stream holds {len(plain)} bytes, expected {expected}")
+    return np.frombuffer(plain, dtype=np.uint8)
