@@ -305,7 +305,9 @@ def test_the_default_lossy_codec_serves_vllm_pages_from_disk(
     coded_in = metrics.get(f"kvmesh_codec_input_bytes_total{{codec={DEFAULT_LOSSY}}}", 0.0)
     coded_out = metrics.get(f"kvmesh_codec_output_bytes_total{{codec={DEFAULT_LOSSY}}}", 0.0)
     assert coded_in > 0 and coded_in / coded_out > 2.5  # the lossy codec took the pages, not a lossless fallback
-    assert disk_reads > 0 and loaded >= len(names) * 4 * BLOCK  # every prompt's four whole chunks from disk
+    # each 512-token prompt loads up to 511 tokens (vLLM computes the last one itself, and may still hold a
+    # block of it in its own pool): at least three chunks a prompt came from disk
+    assert disk_reads > 0 and loaded >= len(names) * 3 * BLOCK
     same_as_cold = sum(answers[n] == reference[n][0] for n in names)
     same_as_either = sum(answers[n] in reference[n] for n in names)
     print(f"{DEFAULT_LOSSY} on disk ({coded_in / coded_out:.2f}x): {same_as_cold}/{len(names)} greedy answers "
