@@ -271,3 +271,42 @@ def dequantize_centered_bf16(symbols: np.ndarray, step: np.ndarray, center: np.n
 def dequantize_centered_f32(symbols: np.ndarray, step: np.ndarray, center: np.ndarray, out: np.ndarray) -> None:
     """As :func:`dequantize_centered_bf16`, writing float32."""
     _dequantize_centered(symbols, step, center, out, False)
+
+
+@numba.njit(**_JIT)
+def amx_tiles(logical_keys: np.ndarray, logical_values: np.ndarray, pages: np.ndarray, to_pages: bool) -> None:
+    """Move K/V between logical ``[L, P, H, T, D]`` order and vLLM-CPU's AMX page tiles (values as integers).
+
+    ``pages`` is ``[L, P, H, 2 * T * D]``: per head, keys as ``[T/16, D/2, 16, 2]`` (token groups of 16,
+    channel pairs) then values as ``[D/16, T/2, 16, 2]`` (channel groups of 16, token pairs), as the
+    ``vllm-cpu-amx`` view describes.  The loops walk the page in memory order: torch's strided copy of the
+    same permutation is 1.5-2x slower (its innermost axis has two elements).
+    """
+    layers, num_pages, heads, tokens, channels = logical_keys.shape
+    for l in range(layers):
+        for p in range(num_pages):
+            for h in range(heads):
+                page = pages[l, p, h]
+                keys = logical_keys[l, p, h]
+                values = logical_values[l, p, h]
+                at = 0
+                for group in range(tokens // 16):
+                    for pair in range(channels // 2):
+                        for t in range(group * 16, group * 16 + 16):
+                            if to_pages:
+                                page[at] = keys[t, 2 * pair]
+                                page[at + 1] = keys[t, 2 * pair + 1]
+                            else:
+                                keys[t, 2 * pair] = page[at]
+                                keys[t, 2 * pair + 1] = page[at + 1]
+                            at += 2
+                for group in range(channels // 16):
+                    for pair in range(tokens // 2):
+                        for c in range(group * 16, group * 16 + 16):
+                            if to_pages:
+                                page[at] = values[2 * pair, c]
+                                page[at + 1] = values[2 * pair + 1, c]
+                            else:
+                                values[2 * pair, c] = page[at]
+                                values[2 * pair + 1, c] = page[at + 1]
+                            at += 2

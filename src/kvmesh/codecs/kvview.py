@@ -20,10 +20,13 @@ strided views where the layout allows, copies for the packed AMX tiles (written 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+from kvmesh.codecs import kernels
 
 VIEWS: dict[str, int] = {"chunk": 0, "cpu-pages": 1, "vllm-cpu-vec": 2, "vllm-cpu-amx": 3, "opaque": 255}
 VIEW_NAMES = {code: name for name, code in VIEWS.items()}
@@ -48,16 +51,34 @@ def _page_halves(tensor: torch.Tensor, view: str) -> tuple[torch.Tensor, torch.T
     return halves[:, :, :, 0], halves[:, :, :, 1], (layers, pages, heads, block, double // 2)
 
 
-def _amx_tiles(tensor: torch.Tensor) -> tuple[Parts, tuple[int, ...]]:
-    """K and V of an AMX page entry as 7-D views in logical order: token and channel axes split in two."""
-    keys, values, dims = _page_halves(tensor, "vllm-cpu-amx")
-    layers, pages, heads, block, head_size = dims
-    if block % AMX_TOKENS or head_size % AMX_CHANNELS:
+_staging = threading.local()  # per thread: decode buffers for AMX entries, kept warm between decodes
+
+
+def _amx_logical(tensor: torch.Tensor, reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Logical K and V buffers ``[layers, pages, heads, block, head_size]`` for an AMX page entry, and its dims.
+
+    ``reuse``: this thread's buffers from the previous decode of the same shape (a fresh pair costs as much as
+    the tile move itself in page faults); only for buffers that do not outlive the caller's use.
+    """
+    if not tensor.is_contiguous():
+        raise ViewError("a vllm-cpu-amx entry must be contiguous")
+    _, _, dims = _page_halves(tensor, "vllm-cpu-amx")
+    if dims[3] % AMX_TOKENS or dims[4] % AMX_CHANNELS:
         raise ViewError(f"a vllm-cpu-amx page needs block_size and head_size divisible by 16, got {dims}")
-    lead = (layers, pages, heads)
-    k = keys.view(*lead, block // AMX_TOKENS, head_size // 2, AMX_TOKENS, 2).permute(0, 1, 2, 3, 5, 4, 6)
-    v = values.view(*lead, head_size // AMX_CHANNELS, block // 2, AMX_CHANNELS, 2).permute(0, 1, 2, 4, 6, 3, 5)
-    return (k, v), dims
+    if not reuse:
+        return torch.empty(dims, dtype=tensor.dtype), torch.empty(dims, dtype=tensor.dtype), dims
+    buffers = getattr(_staging, "buffers", None)
+    if buffers is None or buffers[0].shape != dims or buffers[0].dtype != tensor.dtype:
+        buffers = _staging.buffers = (torch.empty(dims, dtype=tensor.dtype), torch.empty(dims, dtype=tensor.dtype))
+    return buffers[0], buffers[1], dims
+
+
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's values as integers of the same size (tile moves copy bits, whatever the float type)."""
+    return tensor.view(_SAME_SIZE_INT[tensor.element_size()]).numpy()
 
 
 def kv_parts(tensor: torch.Tensor, view: str) -> Parts:
@@ -77,8 +98,9 @@ def kv_parts(tensor: torch.Tensor, view: str) -> Parts:
         layers, pages, heads, block, head_size = dims
         return keys.view(layers, pages, heads, head_size, block).transpose(-1, -2), values.view(dims)
     if view == "vllm-cpu-amx":
-        (k, v), dims = _amx_tiles(tensor)
-        return k.reshape(dims), v.reshape(dims)
+        keys, values, dims = _amx_logical(tensor)
+        kernels.amx_tiles(_bits(keys), _bits(values), _bits(tensor.view(*dims[:3], -1)), False)
+        return keys, values
     if view == "opaque":
         raise ViewError("this entry's K/V axes are unknown (view 'opaque'); only lossless codecs take it")
     raise ViewError(f"unknown KV view {view!r}; known: {', '.join(VIEWS)}")
@@ -90,11 +112,9 @@ def kv_targets(out: torch.Tensor, view: str) -> Iterator[Parts]:
     if view != "vllm-cpu-amx":
         yield kv_parts(out, view)
         return
-    (k, v), dims = _amx_tiles(out)
-    staged = (torch.empty(dims, dtype=out.dtype), torch.empty(dims, dtype=out.dtype))
-    yield staged
-    for tiles, logical in zip((k, v), staged):
-        tiles.copy_(logical.view(tiles.shape))
+    keys, values, dims = _amx_logical(out, reuse=True)
+    yield keys, values
+    kernels.amx_tiles(_bits(keys), _bits(values), _bits(out.view(*dims[:3], -1)), True)
 
 
 def block_view(tensor: torch.Tensor, view: str) -> torch.Tensor:
