@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvmesh.codecs import decode_any, get_codec
+from kvmesh.codecs import CorruptEntry, decode_any, get_codec
+from kvmesh.codecs.base import pack_entry, read_header
 from kvmesh.codecs.kvview import PAGE_VIEWS, ViewError, block_view, kv_parts, kv_targets
 
 LAYERS, PAGES, HEADS, BLOCK, HEAD = 2, 3, 2, 32, 32
@@ -70,3 +71,13 @@ def test_a_lossy_codec_keeps_amx_and_vec_pages_in_their_layout(view: str) -> Non
 def test_amx_pages_need_16_wide_tiles() -> None:
     with pytest.raises(ViewError, match="divisible by 16"):
         kv_parts(torch.zeros(1, 1, 1, 24, 32), "vllm-cpu-amx")
+
+
+def test_an_entry_whose_view_cannot_hold_its_shape_is_corrupt() -> None:
+    """Checksummed but inconsistent (a writer's bug): an AMX view on pages of 24 tokens is refused as corrupt."""
+    data = get_codec("kivi:bits=8").encode(torch.zeros(1, 1, 1, 24, 32, dtype=torch.bfloat16), "cpu-pages")
+    header = read_header(data)
+    amx = bytes([3]) + header.params[1:]  # the same entry, claiming the vllm-cpu-amx view
+    forged = pack_entry(header.codec_id, header.dtype, header.shape, bytes(data[header.size:]), amx)
+    with pytest.raises(CorruptEntry, match="divisible by 16"):
+        decode_any(forged)
