@@ -28,7 +28,6 @@ from kvmesh.codecs.base import CorruptEntry, open_entry, output_for, pack_entry
 from kvmesh.codecs.kvview import kv_parts, kv_targets, view_code, view_name
 
 _PARAMS = struct.Struct("<BHHbH")  # view, key group, value group, zstd level, layers; then key bits, value bits per layer
-_LENGTH = struct.Struct("<I")
 
 
 def layer_bits(num_layers: int, bits: tuple[int, int, int]) -> np.ndarray:

@@ -235,7 +235,7 @@ def _decode_parts(payload: memoryview, parts: tuple[torch.Tensor, torch.Tensor],
             symbols[layer] = plain.reshape(num_blocks, heads, tokens, head_size)
         if kv == 0:
             step = np.repeat(step[..., None], tokens, axis=3)
-        _dequantize_into(symbols, step, center, part)
+        quant.write_decoded(part, kernels.dequantize_centered, symbols, step, center)
         if len(positions):
             index = torch.from_numpy(np.stack(np.unravel_index(positions, symbols.shape)))
             part[tuple(index)] = torch.from_numpy(escaped.copy()).to(dtype)
@@ -243,12 +243,3 @@ def _decode_parts(payload: memoryview, parts: tuple[torch.Tensor, torch.Tensor],
             part[:, b, :, t] = torch.from_numpy(row[:, kv].copy()).to(dtype)
     reader.finish()
 
-
-def _dequantize_into(symbols: np.ndarray, step: np.ndarray, center: np.ndarray, out: torch.Tensor) -> None:
-    """Write ``(symbol - 128) * step + center`` into ``out`` (a strided 5-D view of the decoded entry)."""
-    if out.dtype == torch.bfloat16:
-        kernels.dequantize_centered_bf16(symbols, step, center, out.view(torch.int16).numpy().view(np.uint16))
-        return
-    buffer = np.empty(tuple(out.shape), dtype=np.float32)
-    kernels.dequantize_centered_f32(symbols, step, center, buffer)
-    out.copy_(torch.from_numpy(buffer))

@@ -115,7 +115,7 @@ def _unpack_dense(source: np.ndarray, row: np.ndarray, bits: int) -> None:
 
 
 @numba.njit(fastmath=True, **_JIT)
-def _dequantize_rows(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray, scale: np.ndarray,
+def dequantize_rows(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray, scale: np.ndarray,
                      group_tokens: int, group_channels: int, out: np.ndarray, as_bf16: bool) -> None:
     """Row by row: unpack symbols, scale and shift them (vectorizable), store as bf16 bits or float32.
 
@@ -170,18 +170,6 @@ def _dequantize_rows(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarra
                         for c in range(channels):
                             row[c] = row[c] * step_row[c] + low_row[c]
                     _store_row(row, row_bits, target[t], as_bf16)
-
-
-def dequantize_bf16(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray, scale: np.ndarray,
-                    group_tokens: int, group_channels: int, out: np.ndarray) -> None:
-    """bf16 bits of ``symbol * scale + low`` into ``out`` (symbols packed as ``layer_bits`` says)."""
-    _dequantize_rows(symbols, layer_bits, low, scale, group_tokens, group_channels, out, True)
-
-
-def dequantize_f32(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray, scale: np.ndarray,
-                   group_tokens: int, group_channels: int, out: np.ndarray) -> None:
-    """As :func:`dequantize_bf16`, writing float32 (for float16 / float32 models)."""
-    _dequantize_rows(symbols, layer_bits, low, scale, group_tokens, group_channels, out, False)
 
 
 @numba.njit(**_JIT)
@@ -242,7 +230,7 @@ def quantize_centered(x: np.ndarray, step: np.ndarray, center: np.ndarray, out: 
 
 
 @numba.njit(fastmath=True, **_JIT)
-def _dequantize_centered(symbols: np.ndarray, step: np.ndarray, center: np.ndarray, out: np.ndarray,
+def dequantize_centered(symbols: np.ndarray, step: np.ndarray, center: np.ndarray, out: np.ndarray,
                          as_bf16: bool) -> None:
     """Row by row: ``(symbol - 128) * step[token] + center[channel]``, stored as bf16 bits or float32."""
     layers, blocks, heads, tokens, channels = out.shape
@@ -261,16 +249,6 @@ def _dequantize_centered(symbols: np.ndarray, step: np.ndarray, center: np.ndarr
                     for c in range(channels):
                         row[c] = np.float32(plane[t, c]) * s + (base + centers[c])
                     _store_row(row, row_bits, target[t], as_bf16)
-
-
-def dequantize_centered_bf16(symbols: np.ndarray, step: np.ndarray, center: np.ndarray, out: np.ndarray) -> None:
-    """bf16 bits of ``(symbol - 128) * step[..., token] + center[..., channel]`` into ``out``."""
-    _dequantize_centered(symbols, step, center, out, True)
-
-
-def dequantize_centered_f32(symbols: np.ndarray, step: np.ndarray, center: np.ndarray, out: np.ndarray) -> None:
-    """As :func:`dequantize_centered_bf16`, writing float32."""
-    _dequantize_centered(symbols, step, center, out, False)
 
 
 @numba.njit(**_JIT)

@@ -12,6 +12,7 @@ error of every value is at most half a step (plus bf16's own rounding).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,13 +98,20 @@ def dequantize_into(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray
 
     ``layer_bits[layer]`` is the width the layer's symbols are packed with (see :func:`pack`).
     """
-    low32, step32 = low.astype(np.float32), step.astype(np.float32)
+    write_decoded(out, kernels.dequantize_rows, symbols, layer_bits, low.astype(np.float32),
+                  step.astype(np.float32), grouping.tokens, grouping.channels)
+
+
+def write_decoded(out: torch.Tensor, kernel: Callable[..., None], *args: object) -> None:
+    """Run a decode kernel ``kernel(*args, target, as_bf16)`` into ``out`` (a strided view of the entry).
+
+    bf16 is written in place as rounded bits; other dtypes go through a float32 buffer and one copy.
+    """
     if out.dtype == torch.bfloat16:
-        kernels.dequantize_bf16(symbols, layer_bits, low32, step32, grouping.tokens, grouping.channels,
-                                out.view(torch.int16).numpy().view(np.uint16))
+        kernel(*args, out.view(torch.int16).numpy().view(np.uint16), True)
         return
     buffer = np.empty(tuple(out.shape), dtype=np.float32)
-    kernels.dequantize_f32(symbols, layer_bits, low32, step32, grouping.tokens, grouping.channels, buffer)
+    kernel(*args, buffer, False)
     out.copy_(torch.from_numpy(buffer))
 
 
