@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvmesh.config import ConfigError, KVMeshConfig, describe_keys
+from kvmesh.config import DAEMON_KEYS, ConfigError, KVMeshConfig, describe_keys
+from kvmesh.serve import DEFAULT_DISK_DIR
 
 app = typer.Typer(help="kvmesh: a KV-cache layer for LLM serving engines.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -119,19 +120,27 @@ def serve(
 @app.command()
 def stats(set_: SetOption = None,
           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Show the node daemon's tier statistics."""
+    """Show the node daemon's tier statistics and the engines (model fingerprints) it serves."""
     from kvmesh.client import DaemonUnavailable, KVMeshClient
 
     config = KVMeshConfig.from_mapping({"autostart_daemon": False}, base=_load_config(set_))
     try:
-        with KVMeshClient(config) as client:
-            tiers = client.stats()
+        with KVMeshClient(config, check_config=False) as client:  # an observer: any daemon settings will do
+            info = client.info()
     except DaemonUnavailable as err:
         err_console.print(f"[red]{err}[/red]")
         raise typer.Exit(1) from None
+    tiers = info["tiers"]
     if as_json:
-        print(json.dumps(tiers, indent=2))
+        print(json.dumps({"tiers": tiers, "engines": info.get("engines", []), "config": info.get("config", {})},
+                         indent=2))
         return
+    engines = Table(title="engines connected")
+    for column in ("pid", "role", "model", "fingerprint"):
+        engines.add_column(column)
+    for engine in info.get("engines", []):
+        engines.add_row(*(str(engine.get(c, "")) for c in ("pid", "role", "model", "fingerprint")))
+    console.print(engines)
     table = Table(title=f"kvmesh daemon '{config.instance}'")
     columns = list(next(iter(tiers.values())))
     table.add_column("tier")
@@ -358,7 +367,25 @@ def configuration_markdown() -> str:
     ]
     for key, env_name, default, doc in describe_keys():
         lines.append(f"| `{key}` | `{env_name}` | `{default}` | {doc} |")
-    lines += ["", "This page is generated: `kvmesh config docs > docs/configuration.md`.", ""]
+    lines += [
+        "",
+        "## Settings every engine of one daemon must share",
+        "",
+        "The node daemon runs with one set of these keys: " + ", ".join(f"`{k}`" for k in DAEMON_KEYS) + ".",
+        "An engine whose kvmesh settings differ in any of them from the running daemon's (the daemon of its",
+        "`instance`) stops at start with an error that names each differing key and both values, instead of",
+        "silently using the daemon's. To run engines with other settings on one node, give them another",
+        "`instance`: each instance is its own daemon, with its own L1.",
+        "",
+        "## Defaults of `kvmesh serve`",
+        "",
+        "`kvmesh serve` adds a disk tier unless `disk_path` is set: `disk_path` defaults there to",
+        f"`{DEFAULT_DISK_DIR}/<instance>` (with the `disk_size` above), and it sets vLLM's",
+        "`kv_load_failure_policy` to `recompute` and `VLLM_CPU_NUM_OF_RESERVED_CPU=0` unless already set.",
+        "Set `disk_path` to another directory to move it; the connector on a plain vLLM command line has no",
+        "disk tier unless configured.",
+        "",
+        "This page is generated: `kvmesh config docs > docs/configuration.md`.", ""]
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from kvmesh.tensorbytes import copy_tensor
-from kvmesh.config import KVMeshConfig
+from kvmesh.config import KVMeshConfig, describe_mismatch
 from kvmesh.keys import ChunkKey
 from kvmesh.layout import DTYPES, dtype_name
 from kvmesh.server.protocol import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
@@ -35,13 +35,33 @@ from kvmesh.store import TensorMeta
 
 log = logging.getLogger(__name__)
 
+# how long a spawned daemon may take to import and take its instance's lock before we call it failed
+# (imports alone took over 5 s on a loaded 2-core machine)
+DAEMON_LOCK_GRACE = 30.0
 
-class DaemonUnavailable(ConnectionError):
-    """No node daemon answers, and none could be started."""
+
+class CacheFault(Exception):
+    """A fault of the cache, not of its caller: the engine treats it as a miss or a reported load failure.
+
+    Everything else a client call raises (a refused request, a bug on either side) is not a cache fault
+    and must not be turned into a miss.
+    """
+
+
+class DaemonUnavailable(CacheFault, ConnectionError):
+    """No node daemon answers, and none could be started (or the connection to it was lost)."""
+
+
+class LeaseLost(CacheFault):
+    """A lease expired, or belongs to a daemon that has restarted since: its pages may no longer be read."""
 
 
 class DaemonError(RuntimeError):
-    """The daemon refused a request."""
+    """The daemon refused a request or failed on it: a bug or a version skew, never a cache miss."""
+
+
+class ConfigMismatch(DaemonError):
+    """The running daemon was started with other settings than this client asks for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +74,22 @@ class WriteSlot:
 
 
 @dataclass(frozen=True, slots=True)
+class PartialCandidate:
+    """A stored partial chunk that may continue the last full hit (the caller checks its tokens)."""
+
+    digest: bytes
+    tokens: int
+    resident: bool  # in L1 now (else being promoted from disk or Redis)
+
+
+@dataclass(frozen=True, slots=True)
 class LookupResult:
-    hits: int  # consecutive chunks found, from the first
-    partials: list[tuple[bytes, int]]  # (key, tokens) of partial chunks stored after the last hit
+    hits: int  # consecutive chunks found in any tier, from the first
+    partials: list[PartialCandidate]  # partial chunks stored after the last hit
+    below_l1: frozenset[int] = frozenset()  # indexes (< hits) of chunks not in L1 yet: promotion has started
+
+    def resident(self, index: int) -> bool:
+        return index not in self.below_l1
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +113,19 @@ class ReadSlot:
 
 
 class KVMeshClient:
-    def __init__(self, config: KVMeshConfig | None = None) -> None:
+    """One connection to the node daemon.
+
+    ``check_config`` (the default) makes the daemon's settings part of the contract: when the running
+    daemon was started with other L1/tier/codec settings, the connection is refused with
+    :class:`ConfigMismatch` naming each differing key.  Tools that only read (``kvmesh stats``) pass False.
+    ``engine`` describes the engine (model, fingerprint) for the daemon's stats.
+    """
+
+    def __init__(self, config: KVMeshConfig | None = None, check_config: bool = True,
+                 engine: dict[str, Any] | None = None) -> None:
         self.config = config or KVMeshConfig.load()
+        self.check_config = check_config
+        self.engine = engine or {}
         self._lock = threading.RLock()
         self._sock: socket.socket | None = None
         self.epoch = ""
@@ -94,13 +138,25 @@ class KVMeshClient:
     def _open(self) -> None:
         """Connect (starting a daemon if allowed) and map the segment it names."""
         self._sock = self._connect()
-        send_message(self._sock, {"op": "hello"})
+        message: dict[str, Any] = {"op": "hello", "pid": os.getpid(), "engine": self.engine}
+        if self.check_config:
+            message["config_digest"] = self.config.daemon_digest()
+        send_message(self._sock, message)
         hello = receive_message(self._sock)
         if hello.get("protocol") != PROTOCOL_VERSION:
             self._sock.close()
             raise DaemonUnavailable(
                 f"the kvmesh daemon on {self.config.socket_path()} speaks protocol {hello.get('protocol')}, "
                 f"this client {PROTOCOL_VERSION}; stop it (pid {hello.get('pid')}) so a current one starts")
+        if self.check_config and hello.get("config_digest") != message["config_digest"]:
+            self._sock.close()
+            differences = describe_mismatch(self.config.daemon_settings(), hello.get("config", {}))
+            raise ConfigMismatch(
+                f"the kvmesh daemon for instance {self.config.instance!r} (pid {hello.get('pid')}, "
+                f"{self.config.socket_path()}) runs with other settings: {'; '.join(differences)}. "
+                "Use the daemon's settings, stop it, or run a second daemon beside it under another name "
+                "(set instance, e.g. --set instance=second): engines that name the same instance share one "
+                "daemon and its settings.")
         self.daemon_pid: int = hello["pid"]
         if hello["epoch"] != self.epoch:
             self.segment = SharedSegment.open(hello["shm_name"], hello["shm_size"])
@@ -123,7 +179,7 @@ class KVMeshClient:
             sock = _try_connect(str(path))
             if sock is not None:
                 return sock
-            if time.monotonic() > started + 5 and not _daemon_holds_lock(path.with_suffix(".lock")):
+            if time.monotonic() > started + DAEMON_LOCK_GRACE and not _daemon_holds_lock(path.with_suffix(".lock")):
                 raise DaemonUnavailable(f"the kvmesh daemon failed to start; last lines of "
                                         f"{self._daemon_log_path()}:\n{_tail(self._daemon_log_path())}")
             time.sleep(0.05)
@@ -165,7 +221,8 @@ class KVMeshClient:
                 except (OSError, ProtocolError) as err:
                     raise DaemonUnavailable(f"lost the kvmesh daemon: {err}") from err
         if not reply.get("ok"):
-            raise DaemonError(reply.get("error", "unknown error"))
+            raise DaemonError(f"the kvmesh daemon failed on {message.get('op')!r}: "
+                              f"{reply.get('error', 'unknown error')} (its log has the traceback)")
         return reply
 
     def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -191,13 +248,20 @@ class KVMeshClient:
         """How many of the chunks, from the first, the node's cache holds."""
         return self.lookup_with_partials(keys, partials=False).hits
 
-    def lookup_with_partials(self, keys: Sequence[ChunkKey], partials: bool = True) -> LookupResult:
-        """Consecutive hits, plus the stored partial chunks that continue them (for the caller to match)."""
+    def lookup_with_partials(self, keys: Sequence[ChunkKey], partials: bool = True,
+                             count: bool = True) -> LookupResult:
+        """Consecutive hits, which of them are not in L1 yet, and the stored partial chunks that continue them.
+
+        Chunks found only on disk or in Redis start moving into L1 at once; ``count`` False asks again
+        without counting the lookup in the metrics (a request waiting for its promotion).
+        """
         if not keys:
             return LookupResult(0, [])
         reply = self._call({"op": "lookup", "keys": [k.hex for k in keys], "partials": partials,
-                            "tokens": [k.num_tokens for k in keys]})
-        return LookupResult(reply["hits"], [(bytes.fromhex(h), n) for h, n in reply["partials"]])
+                            "tokens": [k.num_tokens for k in keys] if count else None})
+        found = [PartialCandidate(bytes.fromhex(item[0]), int(item[1]), bool(item[2]) if len(item) > 2 else True)
+                 for item in reply["partials"]]
+        return LookupResult(reply["hits"], found, frozenset(reply.get("below_l1", ())))
 
     # ------------------------------------------------------------------- stores
     def reserve(self, keys: Sequence[ChunkKey], metas: Sequence[TensorMeta],
@@ -264,12 +328,21 @@ class KVMeshClient:
                             "items": [[s.key.hex, s.offset, s.nbytes, s.meta] for s in slots]})
 
     def acquire_lease(self, keys: Sequence[ChunkKey]) -> Lease:
-        """Pin the longest stored prefix of ``keys`` for another process to read (see ``release_lease``)."""
-        reply = self._call({"op": "acquire", "keys": [k.hex for k in keys], "lease": True})
+        """Pin the longest prefix of ``keys`` that is in L1 now, for another process to read.
+
+        Never waits for a disk or Redis read: what is not in L1 is not pinned (the caller loads less).
+        Release with :meth:`release_lease`.
+        """
+        reply = self._call({"op": "acquire", "keys": [k.hex for k in keys], "lease": True, "promote": False})
         return Lease(reply["lease"], self.epoch, [tuple(e) for e in reply["extents"]])
 
     def release_lease(self, lease_id: str, seconds: float | None = None, nbytes: int = 0, tokens: int = 0,
                       verified: int = 0, mismatches: int = 0) -> bool:
+        """Give a lease back; False when the daemon no longer knew it (expired, or a restarted daemon).
+
+        A lease still known here was held for the whole time since it was acquired, so pages read under
+        it were the pinned entries; after False they may have been overwritten.
+        """
         message: dict[str, Any] = {"op": "release_lease", "lease": lease_id, "verified": verified,
                                    "mismatches": mismatches}
         if seconds is not None:
@@ -281,7 +354,7 @@ class KVMeshClient:
         if epoch != self.epoch:
             self._call({"op": "hello"})  # reconnects and remaps if the daemon restarted
             if epoch != self.epoch:
-                raise DaemonUnavailable(f"the lease belongs to daemon epoch {epoch}, now {self.epoch}")
+                raise LeaseLost(f"the lease belongs to daemon epoch {epoch}, now {self.epoch} (it restarted)")
         return self._view(offset, TensorMeta.decode(meta))
 
     def report_error(self, kind: str) -> None:
@@ -292,12 +365,15 @@ class KVMeshClient:
         with self.acquire(keys) as slots:
             return [slot.tensor.clone() for slot in slots]  # clone is a memcpy
 
-
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         return self._call({"op": "delete", "keys": [k.hex for k in keys]})["deleted"]
 
     def stats(self) -> dict[str, Any]:
         return self._call({"op": "stats"})["tiers"]
+
+    def info(self) -> dict[str, Any]:
+        """Everything the daemon reports: tiers, metrics, leases, its settings and the engines it serves."""
+        return self._call({"op": "stats"})
 
     def metrics(self) -> dict[str, float]:
         return self._call({"op": "stats"})["metrics"]

@@ -10,6 +10,8 @@ allowed, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -229,6 +231,18 @@ class KVMeshConfig:
         "", _codec_spec_or_inherit, "The disk tier's codec; empty: use `codec`.")
     redis_codec: str = _opt(
         "", _codec_spec_or_inherit, "The Redis tier's codec; empty: use `codec`.")
+    model_fingerprint: str = _opt(
+        "", parse_str,
+        "The identity of the model in every key's namespace. Empty (the default): derived from the "
+        "checkpoint itself (architecture config, tokenizer, weights digest, revision), so two different "
+        "models never share KV even when their folders have the same name. Set it to name the identity "
+        "yourself, e.g. the same weights deployed at several paths, or a fleet that deploys by name: "
+        "engines that set the same value share entries, so it must change whenever the weights do.")
+    promotion_wait_seconds: float = _opt(
+        5.0, parse_float,
+        "How long a request whose cached chunks lie on disk or in Redis may wait (unscheduled, while "
+        "other requests keep running) for them to be promoted into L1; after that it loads what is in "
+        "L1 and computes the rest.")
     model_dir: str = _opt(
         "~/.cache/kvmesh/models", parse_str,
         "Where `kvmesh model prepare` writes the demo model checkpoint.")
@@ -255,6 +269,8 @@ class KVMeshConfig:
         _check(1 <= self.copy_threads <= 64, "copy_threads", f"must be 1..64, got {self.copy_threads}")
         _check(1 <= self.prefetch_threads <= 64, "prefetch_threads", f"must be 1..64, got {self.prefetch_threads}")
         _check(self.lease_seconds >= 1, "lease_seconds", f"must be at least 1, got {self.lease_seconds}")
+        _check(self.promotion_wait_seconds >= 0, "promotion_wait_seconds",
+               f"must be 0 or more, got {self.promotion_wait_seconds}")
         _check(self.daemon_start_timeout >= 1, "daemon_start_timeout",
                f"must be at least 1 second, got {self.daemon_start_timeout}")
 
@@ -328,6 +344,40 @@ class KVMeshConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def daemon_settings(self) -> dict[str, Any]:
+        """The settings a node daemon runs with: every engine that shares it must agree on them."""
+        return {key: getattr(self, key) for key in DAEMON_KEYS}
+
+    def daemon_digest(self) -> str:
+        """A short digest of :meth:`daemon_settings`, sent in ``hello`` and compared by the daemon."""
+        text = json.dumps(self.daemon_settings(), sort_keys=True, separators=(",", ":"))
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+# What the node daemon itself uses: L1, the tiers below it, their codecs, write-behind, prefetch, leases and
+# its HTTP endpoint.  An engine that asks for other values must not silently get the running daemon's.
+DAEMON_KEYS: tuple[str, ...] = (
+    "l1_size", "disk_path", "disk_size", "disk_write_policy", "redis_url", "redis_cluster", "redis_namespace",
+    "redis_ttl_seconds", "redis_timeout_seconds", "redis_write_policy", "redis_admission", "write_queue_size",
+    "prefetch", "prefetch_threads", "lease_seconds", "codec", "disk_codec", "redis_codec", "http_port",
+    "http_host",
+)
+
+
+def describe_mismatch(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
+    """``key: this engine's value vs the daemon's`` for every daemon setting that differs (secrets masked)."""
+    lines = []
+    for key in DAEMON_KEYS:
+        if key in theirs and mine.get(key) != theirs[key]:
+            lines.append(f"{key}={_shown(key, mine.get(key))!r} here, {_shown(key, theirs[key])!r} in the daemon")
+    return lines
+
+
+def _shown(key: str, value: Any) -> Any:
+    if key == "redis_url" and isinstance(value, str):
+        return re.sub(r"//([^@/]*)@", "//***@", value)
+    return value
+
 
 def _default_socket_dir() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
@@ -354,4 +404,4 @@ def describe_keys() -> list[tuple[str, str, str, str]]:
     return rows
 
 
-__all__ = ["ConfigError", "KVMeshConfig", "describe_keys", "parse_size"]
+__all__ = ["DAEMON_KEYS", "ConfigError", "KVMeshConfig", "describe_keys", "describe_mismatch", "parse_size"]

@@ -67,6 +67,14 @@ class TensorMeta:
 
 
 @dataclass(frozen=True, slots=True)
+class Located:
+    """What a lookup found: ``hits`` consecutive chunks in some tier; ``below_l1`` indexes not in L1 yet."""
+
+    hits: int
+    below_l1: list[int]
+
+
+@dataclass(frozen=True, slots=True)
 class LowerTier:
     """A tier below L1 and how entries reach it."""
 
@@ -142,9 +150,14 @@ class TieredStore:
 
     # ------------------------------------------------------------------ lookups
     def lookup(self, keys: Sequence[bytes]) -> int:
+        """How many of ``keys``, from the first, some tier holds (promotion of those below L1 starts)."""
+        return self.locate(keys).hits
+
+    def locate(self, keys: Sequence[bytes]) -> Located:
+        """Consecutive hits across tiers, and which of them are not in L1 yet (their promotion starts now)."""
         count = self.l1.lookup(keys)
         if not self.lower or count == len(keys):
-            return count
+            return Located(count, [])
         self._note_asked(keys[count:])
         position = count
         while position < len(keys):
@@ -154,10 +167,11 @@ class TieredStore:
             if step == 0:
                 break
             position += step
+        below = [index for index in range(count, position) if not self.l1.contains(keys[index])]
         if self.prefetch_enabled:
-            for key in keys[count:position]:
-                self._start_prefetch(key)
-        return position
+            for index in below:
+                self._start_prefetch(keys[index])
+        return Located(position, below)
 
     # ------------------------------------------------------------------- writes
     def reserve(self, key: bytes, nbytes: int, meta: str = "") -> Reservation:
@@ -210,9 +224,10 @@ class TieredStore:
         return False
 
     # -------------------------------------------------------------------- reads
-    def acquire(self, key: bytes) -> Extent | None:
+    def acquire(self, key: bytes, promote: bool = True) -> Extent | None:
+        """Pin ``key`` in L1; with ``promote``, first bring it up from a lower tier (waits for the read)."""
         extent = self.l1.acquire(key)
-        if extent is None and self.lower and self._promote(key):
+        if extent is None and promote and self.lower and self._promote(key):
             extent = self.l1.acquire(key)
         return extent
 
@@ -394,10 +409,10 @@ class TieredStore:
         self.observer.dropped_store(f"corrupt_{tier.name}")
 
     def _guard(self, tier: Tier, action: str, call, default):  # noqa: ANN001, ANN202
-        """Run a tier call; anything it raises is logged once per (tier, action) and becomes ``default``."""
+        """Run a tier call; an I/O fault it raises is logged once per (tier, action) and becomes ``default``."""
         try:
             return call()
-        except Exception as err:  # noqa: BLE001 - a failing tier is a miss, never an error for the caller
+        except (OSError, CorruptEntry) as err:  # I/O faults a tier did not absorb: a miss; anything else is a bug
             marker = (tier.name, action)
             if marker not in self._warned:
                 self._warned.add(marker)

@@ -205,6 +205,45 @@ def test_a_second_engine_on_another_node_is_served_through_redis(
         _shutdown_daemon(other)
 
 
+def _checkpoint_copy(model: str, target: Path, change_one_weight: bool) -> str:
+    """The demo checkpoint copied to ``target``; optionally with one weight value changed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, target)
+    if change_one_weight:
+        weights = target / "model.safetensors"
+        tensors = load_file(str(weights))
+        name = next(n for n in sorted(tensors) if n.endswith("self_attn.k_proj.weight"))
+        tensors[name][0, 0] += 0.5
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    return str(target)
+
+
+def test_another_model_in_a_folder_of_the_same_name_never_gets_this_models_kv(
+        engine: EngineServer, prompts: dict[str, list[int]], reference: dict[str, tuple[str, str]],
+        kvmesh_settings: dict[str, object], tmp_path: Path) -> None:
+    """The keys name the weights, not the folder: a fine-tune saved under the same folder name misses,
+    and the same weights copied to another path hit (one daemon, engines one after the other)."""
+    _ask(engine, prompts["G"])  # stored by the demo model's engine
+    tuned = _checkpoint_copy(engine.model, tmp_path / "tuned" / Path(engine.model).name, change_one_weight=True)
+    copied = _checkpoint_copy(engine.model, tmp_path / "copy" / "elsewhere", change_one_weight=False)
+    for path, expect_hit in ((tuned, False), (copied, True)):
+        spec = EngineSpec(path, kvmesh=kvmesh_settings, kv_cache_bytes=POOL_BYTES, max_model_len=MAX_LEN)
+        with EngineServer(spec, tmp_path / f"engine-{Path(path).parent.name}.log") as other:
+            loaded = _metric(kvmesh_settings, "kvmesh_loaded_tokens_total")
+            answer = _ask(other, prompts["G"]).text
+            loaded = _metric(kvmesh_settings, "kvmesh_loaded_tokens_total") - loaded
+            log_text = other.log_path.read_text()
+        assert "kvmesh: model" in log_text and "fingerprint fp:" in log_text
+        if expect_hit:
+            assert loaded >= BLOCK
+            assert answer == reference["G"][1]
+        else:
+            assert loaded == 0
+
+
 def test_daemon_killed_mid_run_turns_into_misses_and_the_cache_comes_back(
         engine: EngineServer, prompts: dict[str, list[int]], kvmesh_settings: dict[str, object]) -> None:
     with _client(kvmesh_settings) as client:

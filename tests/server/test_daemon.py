@@ -108,7 +108,7 @@ def test_partial_chunks_are_offered_to_a_longer_prompt(client: KVMeshClient) -> 
     longer = chunk_keys(tokens, NS, 64, include_partial=True)
     found = client.lookup_with_partials(longer)
     assert found.hits == 2
-    assert found.partials == [(short[2].digest, 22)]
+    assert [(p.digest, p.tokens, p.resident) for p in found.partials] == [(short[2].digest, 22, True)]
     assert client.lookup_with_partials(longer, partials=False).partials == []
 
 

@@ -55,6 +55,7 @@ class RequestTracker:
     hit_keys: list[ChunkKey] = field(default_factory=list)  # what the last lookup found
     stored_chunks: int = 0  # leading chunks of ``keys`` known to be stored (hit or saved)
     local_tokens: int = 0  # the engine's own hit, as last presented to the lookup
+    namespace: Namespace = Namespace(b"")  # the keys' namespace (model, layout, tenant, LoRA)
 
     @property
     def hit_tokens(self) -> int:

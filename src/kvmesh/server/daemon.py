@@ -40,12 +40,13 @@ class DaemonAlreadyRunning(RuntimeError):
     """Another daemon holds this instance's lock."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Session:
     """What one connection holds, to give back when it closes."""
 
     reserved: set[bytes] = field(default_factory=set)
     pinned: list[tuple[bytes, Extent]] = field(default_factory=list)
+    engine: dict[str, Any] = field(default_factory=dict)  # what the client said it is (pid, model, fingerprint)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class NodeDaemon:
         self._leases: dict[str, _Lease] = {}
         # partial (shorter than a chunk) entries by parent key, so a longer prompt can hit them
         self._partials: dict[bytes, dict[bytes, int]] = {}
+        self._sessions: set[_Session] = set()  # connections that said which engine they serve
         self._started = time.time()
         self.socket_path.unlink(missing_ok=True)
         self._server = _Server(str(self.socket_path), _Handler)
@@ -122,13 +124,20 @@ class NodeDaemon:
         return {"ok": True, **handler(request, session)}
 
     def _op_hello(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
+        """Who we are, where L1 lives, and the settings we run with (the client refuses a mismatch)."""
+        if request.get("engine"):
+            session.engine = {"pid": request.get("pid"), **request["engine"]}
+            with self._store_lock:
+                self._sessions.add(session)
         return {"version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(), "epoch": self.epoch,
-                "shm_name": self.segment.name, "shm_size": self.segment.size}
+                "shm_name": self.segment.name, "shm_size": self.segment.size,
+                "config_digest": self.config.daemon_digest(), "config": self.config.daemon_settings()}
 
     def _op_lookup(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
         """Consecutive hits from the first key, and the partial entries that could extend them."""
         keys = [bytes.fromhex(k) for k in request["keys"]]
-        hits = self.store.lookup(keys)
+        located = self.store.locate(keys)
+        hits = located.hits
         partials: list[list[Any]] = []
         if hits < len(keys) and request.get("partials", False):
             parent = keys[hits - 1] if hits else bytes(16)
@@ -136,7 +145,7 @@ class NodeDaemon:
                 children = self._partials.get(parent, {})
                 for child, tokens in list(children.items()):
                     if self.store.l1.contains(child):
-                        partials.append([child.hex(), tokens])
+                        partials.append([child.hex(), tokens, True])  # [key, tokens, in L1]
                     else:
                         del children[child]
                 if not children:
@@ -146,7 +155,7 @@ class NodeDaemon:
             self.metrics.lookups.inc()
             self.metrics.lookup_tokens.inc(sum(tokens))
             self.metrics.hit_tokens.inc(sum(tokens[:hits]))
-        return {"hits": hits, "partials": partials}
+        return {"hits": hits, "partials": partials, "below_l1": located.below_l1}
 
     def _op_reserve(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
         results = []
@@ -189,9 +198,10 @@ class NodeDaemon:
     def _op_acquire(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
         """Pin the longest available prefix of the keys, for this connection or as a lease."""
         pins = []
+        promote = request.get("promote", True)  # leases for engines never wait for a lower tier
         for key_hex in request["keys"]:
             key = bytes.fromhex(key_hex)
-            extent = self.store.acquire(key)
+            extent = self.store.acquire(key, promote=promote)
             if extent is None:
                 break
             pins.append((key, extent))
@@ -237,8 +247,11 @@ class NodeDaemon:
     def _op_stats(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
         if request.get("flush"):
             self.store.flush()
+        with self._store_lock:
+            engines = [dict(s.engine) for s in self._sessions]
         return {"tiers": {name: stats.to_dict() for name, stats in self.store.stats().items()},
-                "metrics": self.metrics.snapshot(), "leases": len(self._leases)}
+                "metrics": self.metrics.snapshot(), "leases": len(self._leases),
+                "config": self.config.daemon_settings(), "engines": engines}
 
     def _op_shutdown(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
         self.shutdown()
@@ -260,6 +273,8 @@ class NodeDaemon:
             self.store.release(key, extent)
         session.reserved.clear()
         session.pinned.clear()
+        with self._store_lock:
+            self._sessions.discard(session)
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

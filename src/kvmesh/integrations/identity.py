@@ -1,0 +1,45 @@
+"""The model's identity in the keys' namespace: what names the weights, not the folder they sit in.
+
+Two engines share KV entries only when this string (and the page format) agree, so it is derived from
+the checkpoint itself (``kvmesh.fingerprint``) unless the user names it (``model_fingerprint``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+from kvmesh.config import KVMeshConfig
+from kvmesh.fingerprint import lora_fingerprint, model_fingerprint, resolve_model_dir
+from kvmesh.layout import dtype_name
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+
+def engine_model_identity(vllm_config: VllmConfig, config: KVMeshConfig) -> tuple[str, str]:
+    """The identity for the keys and a line for the log.
+
+    ``named:<value>`` when the user set ``model_fingerprint``, else ``fp:<digest of the checkpoint>``.
+    """
+    if config.model_fingerprint:
+        return f"named:{config.model_fingerprint}", "named by the model_fingerprint setting"
+    model_config = vllm_config.model_config
+    revision = model_config.revision
+    model_dir = resolve_model_dir(str(model_config.model), revision)
+    tokenizer = str(model_config.tokenizer or model_config.model)
+    tokenizer_dir = resolve_model_dir(tokenizer, model_config.tokenizer_revision) \
+        if tokenizer != str(model_config.model) else None
+    identity = model_fingerprint(model_dir, tokenizer_dir=tokenizer_dir, revision=revision,
+                                 dtype=dtype_name(model_config.dtype))
+    return f"fp:{identity.digest}", identity.describe()
+
+
+def lora_identity(lora_request: Any) -> str:
+    """A LoRA adapter is named by its own weights' digest (its name alone could be reused)."""
+    return _lora_identity(str(lora_request.lora_path))
+
+
+@functools.lru_cache(maxsize=256)
+def _lora_identity(path: str) -> str:
+    return f"fp:{lora_fingerprint(resolve_model_dir(path))}"

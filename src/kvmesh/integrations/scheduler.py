@@ -1,0 +1,191 @@
+"""The connector's scheduler side: how much of a prompt kvmesh holds, what to load, what to save.
+
+It never waits for a disk or Redis read.  A lookup that finds chunks below L1 starts their promotion
+and answers ``None`` ("ask again"), which vLLM's scheduler takes as "skip this request for now": the
+other requests keep being scheduled, and the next step asks again (at most every
+``RECHECK_SECONDS``, without a daemon round trip in between).  Once the chunks it would load are in
+L1 (or after ``promotion_wait_seconds``, with whatever is in L1 by then), it answers a token count,
+and the lease taken in ``after_alloc`` pins only entries already in L1.  Why this and not
+``load_async``: the load itself is a memcpy from shared memory (milliseconds), so only the slow read
+needs to leave the scheduler's path, and skipping keeps vLLM's block allocation and the worker's
+load exactly as they are for an L1 hit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kvmesh.client import CacheFault, LookupResult
+from kvmesh.config import KVMeshConfig
+from kvmesh.integrations.engine_link import ABSORBED, DaemonLink
+from kvmesh.integrations.engine_shape import EngineKVShape
+from kvmesh.integrations.planner import (
+    LoadPlan,
+    RequestTracker,
+    SavePlan,
+    match_prefix,
+    plan_load_chunks,
+    plan_save_chunks,
+)
+from kvmesh.keys import ChunkKey, Namespace, chunk_keys
+
+log = logging.getLogger("kvmesh.vllm")
+
+RECHECK_SECONDS = 0.005  # how often a request waiting for its promotion asks the daemon again
+
+
+class RequestLike(Protocol):
+    """The parts of vLLM's ``Request`` the scheduler side reads."""
+
+    request_id: str
+    prompt_token_ids: list[int] | None
+    cache_salt: str | None
+    lora_request: Any
+    mm_features: Any
+
+
+class BlocksLike(Protocol):
+    def get_block_ids(self) -> tuple[list[int], ...]: ...
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """A request whose chunks are being promoted into L1."""
+
+    since: float
+    next_check: float
+
+
+class SchedulerSide:
+    def __init__(self, config: KVMeshConfig, shape: EngineKVShape, link: DaemonLink,
+                 lora_identity: Callable[[Any], str] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.shape = shape
+        self.link = link
+        self.lora_identity = lora_identity or (lambda lora: f"name:{lora.lora_name}")
+        self.clock = clock
+        self.trackers: dict[str, RequestTracker] = {}
+        self.waiting: dict[str, _Waiting] = {}
+        self.pending_loads: list[LoadPlan] = []
+
+    def _namespace(self, request: RequestLike) -> Namespace:
+        salt = self.config.tenant_salt
+        if request.cache_salt:
+            salt += f"|salt:{request.cache_salt}"
+        if request.lora_request is not None:
+            salt += f"|lora:{self.lora_identity(request.lora_request)}"
+        return self.shape.namespace(salt)
+
+    def _tracker(self, request: RequestLike) -> RequestTracker | None:
+        tracker = self.trackers.get(request.request_id)
+        if tracker is None:
+            tokens = list(request.prompt_token_ids or [])
+            if len(tokens) < 2 or request.mm_features:
+                return None  # nothing worth caching, or token ids that do not name the content
+            namespace = self._namespace(request)
+            keys = chunk_keys(tokens, namespace, self.config.chunk_size,
+                              include_partial=self.config.save_partial_chunks)
+            tracker = RequestTracker(request.request_id, tokens, self.config.chunk_size, keys, namespace=namespace)
+            self.trackers[request.request_id] = tracker
+        return tracker
+
+    def num_new_matched_tokens(self, request: RequestLike, num_computed_tokens: int) -> int | None:
+        """Tokens kvmesh can load beyond the engine's own hit; None while they are still below L1."""
+        tracker = self._tracker(request)
+        if tracker is None:
+            return 0
+        waiting = self.waiting.get(request.request_id)
+        now = self.clock()
+        if waiting is not None and now < waiting.next_check:
+            return None
+        client = self.link.client()
+        if client is None:
+            return 0
+        try:
+            found = client.lookup_with_partials(tracker.keys, count=waiting is None)
+        except ABSORBED as err:
+            self.link.fault("lookup", f"kvmesh lookup failed, treating as a miss: {err}", err)
+            self.waiting.pop(request.request_id, None)
+            return 0
+        hit_keys = match_prefix(tracker.tokens, tracker.keys, found.hits,
+                                [(p.digest, p.tokens) for p in found.partials], tracker.namespace)
+        first_below = _first_below_l1(hit_keys, found, num_computed_tokens)
+        if first_below is not None:
+            if waiting is None:
+                waiting = self.waiting[request.request_id] = _Waiting(now, now)
+            if now - waiting.since < self.config.promotion_wait_seconds:
+                waiting.next_check = now + RECHECK_SECONDS
+                return None
+            self.link.fault("promotion_slow", f"kvmesh: chunks still not in L1 after "
+                            f"{self.config.promotion_wait_seconds}s of promotion; loading what is, computing "
+                            "the rest", _PromotionSlow())
+            hit_keys = hit_keys[:first_below]
+        self.waiting.pop(request.request_id, None)
+        tracker.hit_keys = hit_keys
+        tracker.stored_chunks = max(tracker.stored_chunks, found.hits)
+        tracker.local_tokens = num_computed_tokens
+        loadable = min(tracker.hit_tokens, len(tracker.tokens) - 1)  # the engine computes the last token
+        return max(0, loadable - num_computed_tokens)
+
+    def after_alloc(self, request: RequestLike, blocks: BlocksLike, num_external_tokens: int) -> None:
+        """Pin what will be loaded (in L1 only: this never waits) and queue the load for the worker."""
+        tracker = self.trackers.get(request.request_id)
+        if num_external_tokens == 0 or tracker is None:
+            return
+        first, last = tracker.local_tokens, tracker.local_tokens + num_external_tokens
+        chunks = plan_load_chunks(tracker.hit_keys, first, last, blocks.get_block_ids()[0], self.shape.block_size)
+        client = self.link.client()
+        lease = None
+        if client is not None:
+            try:
+                lease = client.acquire_lease([c.key for c in chunks])
+            except ABSORBED as err:
+                self.link.fault("lease", f"kvmesh could not pin entries to load: {err}", err)
+        self.pending_loads.append(LoadPlan(
+            request.request_id, lease.lease_id if lease else "", lease.epoch if lease else "",
+            lease.extents if lease else [], chunks, num_external_tokens))
+
+    def build_meta(self, scheduled: list[tuple[str, int, int]],
+                   block_ids_of: Callable[[str], list[int]] | None) -> tuple[list[LoadPlan], list[SavePlan]]:
+        """Loads queued since the last step, and saves of chunks this step completes.
+
+        ``scheduled`` holds (request id, tokens computed before this step, tokens scheduled in it).
+        """
+        loads, self.pending_loads = self.pending_loads, []
+        saves = []
+        for req_id, computed, scheduled_now in scheduled:
+            tracker = self.trackers.get(req_id)
+            if tracker is None or tracker.stored_chunks >= len(tracker.keys) or block_ids_of is None:
+                continue
+            chunks = plan_save_chunks(tracker, computed + scheduled_now, block_ids_of(req_id),
+                                      self.shape.block_size)
+            if chunks:
+                saves.append(SavePlan(req_id, chunks))
+        return loads, saves
+
+    def finished(self, req_id: str) -> None:
+        self.trackers.pop(req_id, None)
+        self.waiting.pop(req_id, None)
+
+
+class _PromotionSlow(CacheFault):
+    """Chunks found on disk or in Redis did not reach L1 in time (a slow or failing tier)."""
+
+
+def _first_below_l1(hit_keys: list[ChunkKey], found: LookupResult, local_tokens: int) -> int | None:
+    """Index of the first chunk to load that is not in L1 yet (its promotion runs), or None."""
+    partials = {p.digest: p for p in found.partials}
+    for index, key in enumerate(hit_keys):
+        if key.end <= local_tokens:
+            continue  # the engine holds these tokens itself
+        if index < found.hits:
+            if not found.resident(index):
+                return index
+        elif not partials[key.digest].resident:
+            return index
+    return None

@@ -1,0 +1,176 @@
+"""The connector's worker side: copy pages between vLLM's KV blocks and the daemon's shared memory.
+
+``load`` runs before the forward pass: the pages a lease pinned are copied into the engine's blocks; a
+page that cannot be loaded (not pinned, lease expired, daemon restarted) is reported through
+``take_failed_blocks`` so vLLM recomputes it.  ``save`` runs right after the forward pass that computed
+a chunk, before vLLM may reuse its blocks: one memcpy per layer into a reserved extent, then commit.
+Only faults of the cache are absorbed (a miss, a dropped store); a copy that fails is a bug and
+propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from kvmesh.client import CacheFault, LeaseLost
+from kvmesh.config import KVMeshConfig
+from kvmesh.integrations.engine_link import ABSORBED, DaemonLink
+from kvmesh.integrations.engine_shape import EngineKVShape
+from kvmesh.integrations.planner import LoadPlan, SavePlan
+from kvmesh.layout import DTYPES, PageJob, move_pages
+from kvmesh.store import TensorMeta
+
+log = logging.getLogger("kvmesh.vllm")
+
+
+class StoredEntryMismatch(CacheFault):
+    """An L1 entry whose description does not fit this engine's pages: corrupt, so a miss."""
+
+
+class UnsupportedEngine(ValueError):
+    """The engine's KV cache is of a kind kvmesh cannot copy (device, page shape, dtype)."""
+
+
+class WorkerSide:
+    def __init__(self, config: KVMeshConfig, shape: EngineKVShape, link: DaemonLink) -> None:
+        self.config = config
+        self.shape = shape
+        self.link = link
+        self.layers: list[torch.Tensor] = []
+        self.page_shape: tuple[int, ...] = ()
+        self.page_view = "opaque"
+        self.failed_blocks: set[int] = set()
+        self.pool = ThreadPoolExecutor(config.copy_threads, thread_name_prefix="kvmesh-copy") \
+            if config.copy_threads > 1 else None
+
+    def _move(self, jobs: list[PageJob], into_engine: bool) -> None:
+        move_pages(jobs, self.layers, into_engine, self.pool, self.config.copy_threads)
+
+    def register(self, kv_caches: dict[str, torch.Tensor], num_blocks: int | None) -> None:
+        """Take vLLM's per-layer KV tensors; refuse at start what the copy path does not support."""
+        ordered = sorted(kv_caches.items(), key=lambda item: [int(n) for n in re.findall(r"\d+", item[0])])
+        layers = [tensor for _, tensor in ordered]
+        devices = sorted({str(tensor.device) for tensor in layers})
+        if devices != ["cpu"]:
+            raise UnsupportedEngine(
+                f"kvmesh: vLLM's KV cache is on {', '.join(devices)}; kvmesh copies KV between CPU memory and "
+                "its shared-memory cache and supports vLLM's CPU backend only. GPU engines are not supported "
+                "yet: remove the KVMeshConnector from --kv-transfer-config to run this engine.")
+        if len(layers) != self.shape.num_layers:
+            raise UnsupportedEngine(f"kvmesh expected {self.shape.num_layers} KV layers, "
+                                    f"vLLM registered {len(layers)}")
+        views = []
+        for tensor in layers:
+            if num_blocks and tensor.shape[0] != num_blocks and tensor.shape[0] % num_blocks == 0:
+                tensor = tensor.view(num_blocks, -1, *tensor.shape[1:])  # kernel blocks inside manager blocks
+            if tensor[0].numel() != self.shape.page_elements or tensor.dtype != DTYPES[self.shape.dtype]:
+                raise UnsupportedEngine(f"kvmesh: KV page of shape {tuple(tensor.shape[1:])} {tensor.dtype} does "
+                                        f"not hold {self.shape.block_size} tokens of {self.shape}")
+            views.append(tensor)
+        self.layers = views
+        self.page_shape = tuple(views[0].shape[1:])
+        expected = (self.shape.num_kv_heads, self.shape.block_size, 2 * self.shape.head_size)
+        # kernel blocks smaller than the manager's, or an unexpected page shape: the view would not fit
+        self.page_view = self.shape.page_view if self.page_shape == expected else "opaque"
+        log.info("kvmesh: %d KV layers, pages of %s %s, in-page order %s", len(views), self.page_shape,
+                 views[0].dtype, self.page_view)
+
+    def _meta(self, pages: int) -> TensorMeta:
+        return TensorMeta(self.shape.dtype, (len(self.layers), pages, *self.page_shape), self.page_view)
+
+    # -------------------------------------------------------------------- loads
+    def load(self, plans: list[LoadPlan]) -> None:
+        for plan in plans:
+            self._load_one(plan)
+
+    def _load_one(self, plan: LoadPlan) -> None:
+        started = time.perf_counter()
+        client = self.link.client()
+        jobs: list[PageJob] = []
+        unpinned = [chunk for index, chunk in enumerate(plan.chunks) if client is None or index >= len(plan.extents)]
+        if unpinned:  # evicted between lookup and lease, or no daemon: vLLM recomputes these
+            self.link.fault("load_unpinned", "kvmesh: planned chunks were not in L1 at load time; vLLM "
+                            "recomputes them", LeaseLost("entries not pinned"))
+            for chunk in unpinned:
+                self.failed_blocks.update(chunk.block_ids)
+        if client is None:
+            return
+        try:
+            for index, chunk in enumerate(plan.chunks[:len(plan.extents)]):
+                offset, _, meta = plan.extents[index]
+                entry = client.view(offset, meta, plan.epoch)
+                if entry.shape[0] != len(self.layers) or tuple(entry.shape[2:]) != self.page_shape:
+                    raise StoredEntryMismatch(f"stored pages {tuple(entry.shape)} under this engine's "
+                                              f"namespace do not fit its pages {self.page_shape}")
+                pages = entry[:, chunk.first_page:chunk.first_page + len(chunk.block_ids)]
+                jobs.append((pages, torch.tensor(chunk.block_ids, dtype=torch.long)))
+        except ABSORBED as err:  # the daemon restarted since the lease: its offsets name nothing now
+            self.link.fault("load", f"kvmesh load failed, vLLM will recompute: {err}", err)
+            self._fail_all(plan)
+            return
+        self._move(jobs, into_engine=True)
+        loaded_bytes = sum(pages.numel() * pages.element_size() for pages, _ in jobs)
+        verified = mismatches = 0
+        if self.config.verify_loads:
+            for pages, blocks in jobs:
+                verified += 1
+                mismatches += int(not all(torch.equal(layer.index_select(0, blocks), pages[i])
+                                          for i, layer in enumerate(self.layers)))
+        if not plan.lease_id:
+            return
+        try:
+            known = client.release_lease(plan.lease_id, time.perf_counter() - started, loaded_bytes,
+                                         plan.num_tokens, verified, mismatches)
+        except ABSORBED as err:
+            known = False
+            self.link.fault("release", f"kvmesh could not release a lease: {err}", err)
+        if not known:  # the lease expired before or during the copy: the pages may have been reused
+            self.link.fault("lease_expired", "kvmesh: a lease expired before its load finished; vLLM "
+                            "recomputes those tokens (raise lease_seconds if this repeats)", LeaseLost(plan.lease_id))
+            self._fail_all(plan)
+
+    def _fail_all(self, plan: LoadPlan) -> None:
+        for chunk in plan.chunks:
+            self.failed_blocks.update(chunk.block_ids)
+
+    def take_failed_blocks(self) -> set[int]:
+        failed, self.failed_blocks = self.failed_blocks, set()
+        return failed
+
+    # -------------------------------------------------------------------- saves
+    def save(self, plans: list[SavePlan]) -> None:
+        client = self.link.client() if plans else None
+        if client is None:
+            return
+        for plan in plans:
+            started = time.perf_counter()
+            try:
+                slots = client.reserve([c.key for c in plan.chunks],
+                                       [self._meta(len(c.block_ids)) for c in plan.chunks],
+                                       [c.parent for c in plan.chunks])
+            except ABSORBED as err:
+                self.link.fault("save", f"kvmesh store failed, dropped: {err}", err)
+                continue
+            written = [(slot, chunk) for slot, chunk in zip(slots, plan.chunks) if slot is not None]
+            try:
+                self._move([(slot.tensor, torch.tensor(chunk.block_ids, dtype=torch.long))
+                            for slot, chunk in written], into_engine=False)
+            except BaseException:
+                self._abort(client, [slot for slot, _ in written])
+                raise
+            try:
+                client.commit([slot for slot, _ in written], time.perf_counter() - started,
+                              sum(chunk.key.num_tokens for _, chunk in written))
+            except ABSORBED as err:  # the daemon gives reservations back when the connection drops
+                self.link.fault("save", f"kvmesh store failed, dropped: {err}", err)
+
+    def _abort(self, client, slots) -> None:  # noqa: ANN001
+        try:
+            client.abort(slots)
+        except ABSORBED:
+            pass  # the daemon gives reservations back when the connection drops

@@ -1,0 +1,289 @@
+"""The connector's failure contract, seam by seam, against a real node daemon (and real disk, Redis).
+
+vLLM cannot be steered to let a lease expire between its scheduler and worker steps, or to restart the
+daemon between a lookup and a load, so these tests drive kvmesh's scheduler and worker sides directly
+with small stand-ins for vLLM's request and block objects and real CPU tensors as the engine's KV.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from redis_servers import RedisServer, redis_server  # noqa: F401 - fixtures
+
+from kvmesh.client import ConfigMismatch, DaemonUnavailable, KVMeshClient
+from kvmesh.config import KVMeshConfig
+from kvmesh.integrations.engine_link import DaemonLink
+from kvmesh.integrations.engine_shape import EngineKVShape
+from kvmesh.integrations.scheduler import SchedulerSide
+from kvmesh.integrations.worker import UnsupportedEngine, WorkerSide
+
+BLOCK = 16
+CHUNK = 32
+BLOCKS = 64
+SHAPE = EngineKVShape("test-model", num_layers=2, num_kv_heads=1, head_size=8, dtype="bfloat16",
+                      block_size=BLOCK, page_view="opaque")
+
+
+@dataclass
+class FakeRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    cache_salt: str | None = None
+    lora_request: Any = None
+    mm_features: Any = None
+
+
+@dataclass
+class FakeBlocks:
+    ids: list[int]
+
+    def get_block_ids(self) -> tuple[list[int], ...]:
+        return (self.ids,)
+
+
+class Engine:
+    """One engine's two connector sides over its own KV tensors (what vLLM would hold)."""
+
+    def __init__(self, config: KVMeshConfig, seed: int | None = None) -> None:
+        generator = torch.Generator().manual_seed(seed or 0)
+        self.layers = {f"model.layers.{i}.attn": (torch.randn(BLOCKS, 1, BLOCK, 16, generator=generator)
+                                                  if seed is not None else torch.zeros(BLOCKS, 1, BLOCK, 16)
+                                                  ).to(torch.bfloat16) for i in range(SHAPE.num_layers)}
+        self.scheduler = SchedulerSide(config, SHAPE, DaemonLink(config))
+        self.worker = WorkerSide(config, SHAPE, DaemonLink(config))
+        self.worker.register(self.layers, BLOCKS)
+
+    def compute_and_save(self, request: FakeRequest, blocks: list[int]) -> None:
+        """As a prefill of the whole prompt: no hit, every full chunk saved after the forward pass."""
+        assert self.scheduler.num_new_matched_tokens(request, 0) == 0
+        loads, saves = self.scheduler.build_meta([(request.request_id, 0, len(request.prompt_token_ids))],
+                                                 lambda _: blocks)
+        assert not loads and saves
+        self.worker.save(saves)
+        self.scheduler.finished(request.request_id)
+
+    def matched(self, request: FakeRequest, wait: float = 10.0) -> int:
+        """Ask as vLLM's scheduler does, step after step, until the answer is not "ask again"."""
+        deadline = time.monotonic() + wait
+        while (tokens := self.scheduler.num_new_matched_tokens(request, 0)) is None:
+            assert time.monotonic() < deadline, "still waiting for promotion"
+            time.sleep(0.002)
+        return tokens
+
+    def plan_load(self, request: FakeRequest, blocks: list[int]) -> Any:
+        tokens = self.matched(request)
+        self.scheduler.after_alloc(request, FakeBlocks(blocks), tokens)
+        loads, _ = self.scheduler.build_meta([], None)
+        return tokens, loads
+
+    def pages(self, blocks: list[int]) -> list[torch.Tensor]:
+        index = torch.tensor(blocks)
+        return [layer.index_select(0, index) for layer in self.layers.values()]
+
+
+def _config(tmp_path: Path, **extra: object) -> KVMeshConfig:
+    return KVMeshConfig.from_mapping({
+        "socket_dir": str(tmp_path / "sock"), "instance": f"contract-{uuid.uuid4().hex[:8]}",
+        "l1_size": "16MiB", "l1_prefault": False, "http_port": 0, "chunk_size": CHUNK,
+        "save_partial_chunks": False, **extra})
+
+
+def _stop(config: KVMeshConfig) -> None:
+    try:
+        with KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config)) as client:
+            client.shutdown_daemon()
+    except ConnectionError:
+        pass
+
+
+def _errors(config: KVMeshConfig, kind: str) -> float:
+    with KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config)) as client:
+        return client.metrics().get(f"kvmesh_errors_total{{kind={kind}}}", 0.0)
+
+
+def _prompt(name: str, tokens: int = 4 * CHUNK + 5) -> FakeRequest:
+    return FakeRequest(f"{name}-{uuid.uuid4().hex[:6]}", [1000 + (i * 7) % 5000 for i in range(tokens)])
+
+
+SOURCE_BLOCKS = list(range(0, 9))
+TARGET_BLOCKS = list(range(20, 29))
+
+
+@pytest.fixture
+def config(tmp_path: Path):
+    config = _config(tmp_path, lease_seconds=1)
+    yield config
+    _stop(config)
+
+
+def test_a_load_copies_the_stored_pages_into_the_engines_blocks(config: KVMeshConfig) -> None:
+    source, target = Engine(config, seed=1), Engine(config)
+    request = _prompt("a")
+    source.compute_and_save(request, SOURCE_BLOCKS)
+    tokens, loads = target.plan_load(FakeRequest(request.request_id + "-again", request.prompt_token_ids),
+                                     TARGET_BLOCKS)
+    assert tokens == 4 * CHUNK
+    target.worker.load(loads)
+    assert target.worker.take_failed_blocks() == set()
+    for stored, loaded in zip(source.pages(SOURCE_BLOCKS[:8]), target.pages(TARGET_BLOCKS[:8])):
+        assert torch.equal(stored, loaded)
+
+
+def test_a_lease_that_expires_before_the_load_reports_its_blocks_failed(config: KVMeshConfig) -> None:
+    source, target = Engine(config, seed=2), Engine(config)
+    request = _prompt("b")
+    source.compute_and_save(request, SOURCE_BLOCKS)
+    _, loads = target.plan_load(request, TARGET_BLOCKS)
+    time.sleep(1.2)  # lease_seconds=1: the daemon drops the lease on its next request
+    assert _errors(config, "lease_expired") == 1  # (the daemon counts what it expired)
+    target.worker.load(loads)
+    assert target.worker.take_failed_blocks() == set(TARGET_BLOCKS[:8])
+
+
+def test_a_daemon_restart_between_lookup_and_load_reports_the_blocks_failed(config: KVMeshConfig) -> None:
+    source, target = Engine(config, seed=3), Engine(config)
+    request = _prompt("c")
+    source.compute_and_save(request, SOURCE_BLOCKS)
+    _, loads = target.plan_load(request, TARGET_BLOCKS)
+    _stop(config)  # the worker's next call starts a new daemon: a new epoch, a new segment
+    target.worker.load(loads)
+    assert target.worker.take_failed_blocks() == set(TARGET_BLOCKS[:8])
+    assert all(not page.any() for page in target.pages(TARGET_BLOCKS))  # nothing was copied from the new segment
+
+
+def test_an_entry_evicted_before_the_lease_is_reported_failed(config: KVMeshConfig) -> None:
+    source, target = Engine(config, seed=4), Engine(config)
+    request = _prompt("d")
+    source.compute_and_save(request, SOURCE_BLOCKS)
+    tokens = target.matched(request)
+    with KVMeshClient(config) as client:  # evicted (deleted) between the lookup and the lease
+        client.delete(target.scheduler.trackers[request.request_id].hit_keys[2:])
+    target.scheduler.after_alloc(request, FakeBlocks(TARGET_BLOCKS), tokens)
+    loads, _ = target.scheduler.build_meta([], None)
+    target.worker.load(loads)
+    assert target.worker.take_failed_blocks() == set(TARGET_BLOCKS[4:8])  # chunks 2 and 3: blocks 4..7
+    for stored, loaded in zip(source.pages(SOURCE_BLOCKS[:4]), target.pages(TARGET_BLOCKS[:4])):
+        assert torch.equal(stored, loaded)
+
+
+def test_a_failing_save_is_dropped_and_counted(config: KVMeshConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = Engine(config, seed=5)
+    request = _prompt("e")
+    client = engine.worker.link.client()
+    assert client is not None
+
+    def lost(*args: object, **kwargs: object) -> None:
+        raise DaemonUnavailable("lost the kvmesh daemon: connection reset")
+
+    monkeypatch.setattr(client, "commit", lost)
+    engine.compute_and_save(request, SOURCE_BLOCKS)  # no exception: the request goes on
+    monkeypatch.undo()
+    assert _errors(config, "save") == 1
+    assert Engine(config).matched(request) == 0  # nothing became visible
+
+
+def test_a_corrupt_disk_entry_is_a_miss(tmp_path: Path) -> None:
+    config = _config(tmp_path, disk_path=str(tmp_path / "disk"))
+    try:
+        source = Engine(config, seed=6)
+        request = _prompt("f")
+        source.compute_and_save(request, SOURCE_BLOCKS)
+        with KVMeshClient(config) as client:
+            client.flush()
+            client.shutdown_daemon()
+        files = sorted((tmp_path / "disk").rglob("*.kv"))
+        assert len(files) == 4
+        for path in files:  # flip a byte in the middle of every entry
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(bytes(data))
+        target = Engine(config)  # a new daemon: empty L1, the disk as it is
+        assert target.matched(request) == 0
+        deadline = time.monotonic() + 30  # promotions already started finish on their own: each one drops
+        while list((tmp_path / "disk").rglob("*.kv")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not list((tmp_path / "disk").rglob("*.kv"))  # every corrupt entry was dropped
+    finally:
+        _stop(config)
+
+
+def test_chunks_on_disk_are_loaded_once_promoted_and_the_scheduler_is_told_to_ask_again(tmp_path: Path) -> None:
+    config = _config(tmp_path, disk_path=str(tmp_path / "disk"))
+    try:
+        source = Engine(config, seed=7)
+        request = _prompt("g")
+        source.compute_and_save(request, SOURCE_BLOCKS)
+        with KVMeshClient(config) as client:
+            client.flush()
+            client.shutdown_daemon()
+        target = Engine(config)  # a new daemon: the chunks are on disk only
+        assert target.scheduler.num_new_matched_tokens(request, 0) is None  # promotion started, not awaited
+        tokens, loads = target.plan_load(request, TARGET_BLOCKS)
+        assert tokens == 4 * CHUNK
+        target.worker.load(loads)
+        assert target.worker.take_failed_blocks() == set()
+        for stored, loaded in zip(source.pages(SOURCE_BLOCKS[:8]), target.pages(TARGET_BLOCKS[:8])):
+            assert torch.equal(stored, loaded)
+    finally:
+        _stop(config)
+
+
+def test_a_corrupt_redis_entry_is_a_miss(tmp_path: Path, redis_server: RedisServer) -> None:
+    namespace = f"contract-{uuid.uuid4().hex[:6]}"
+    config = _config(tmp_path, redis_url=redis_server.url, redis_namespace=namespace)
+    try:
+        source = Engine(config, seed=8)
+        request = _prompt("h")
+        source.compute_and_save(request, SOURCE_BLOCKS)
+        with KVMeshClient(config) as client:
+            client.flush()
+            client.shutdown_daemon()
+        redis = redis_server.client()
+        keys = [key for key in redis.scan_iter(f"{namespace}*")]
+        assert keys
+        for key in keys:
+            value = redis.get(key)
+            if value and len(value) > 64:
+                redis.setrange(key, len(value) // 2, bytes([value[len(value) // 2] ^ 0xFF]))
+        assert Engine(config).matched(request) == 0
+    finally:
+        _stop(config)
+
+
+def test_a_daemon_with_other_settings_is_refused_with_the_key_and_both_values(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    try:
+        with KVMeshClient(config):
+            pass
+        other = KVMeshConfig.from_mapping({"l1_size": "32MiB", "redis_url": "redis://user:secret@host:1/0"},
+                                          base=config)
+        with pytest.raises(ConfigMismatch) as raised:
+            KVMeshClient(other)
+        message = str(raised.value)
+        assert "l1_size=33554432 here, 16777216 in the daemon" in message
+        assert "redis_url='redis://***@host:1/0' here, '' in the daemon" in message
+        assert "secret" not in message
+        assert "instance" in message
+        # settings only the engine uses may differ; an observer may ignore the daemon's settings
+        with KVMeshClient(KVMeshConfig.from_mapping({"chunk_size": 64, "verify_loads": True}, base=config)):
+            pass
+        with KVMeshClient(other, check_config=False) as observer:
+            assert observer.info()["config"]["l1_size"] == 16 * 1024**2
+    finally:
+        _stop(config)
+
+
+def test_kv_caches_off_the_cpu_are_refused_at_start(tmp_path: Path) -> None:
+    config = _config(tmp_path, autostart_daemon=False)
+    worker = WorkerSide(config, SHAPE, DaemonLink(config))
+    layers = {f"layer.{i}": torch.empty(BLOCKS, 1, BLOCK, 16, dtype=torch.bfloat16, device="meta")
+              for i in range(SHAPE.num_layers)}
+    with pytest.raises(UnsupportedEngine, match="KV cache is on meta.*GPU engines are not supported yet"):
+        worker.register(layers, BLOCKS)
