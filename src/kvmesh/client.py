@@ -197,7 +197,8 @@ class KVMeshClient:
             return LookupResult(0, [])
         reply = self._call({"op": "lookup", "keys": [k.hex for k in keys], "partials": partials,
                             "tokens": [k.num_tokens for k in keys]})
-        return LookupResult(reply["hits"], [(bytes.fromhex(h), n) for h, n in reply["partials"]])
+        # each partial is [hex, tokens, resident]; residency is not used here yet
+        return LookupResult(reply["hits"], [(bytes.fromhex(h), int(n)) for h, n, *_ in reply["partials"]])
 
     # ------------------------------------------------------------------- stores
     def reserve(self, keys: Sequence[ChunkKey], metas: Sequence[TensorMeta],
