@@ -9,6 +9,12 @@ an entry that only a lower tier holds promotes it into L1 first, so readers
 always copy from shared memory; a lookup that finds chunks below L1 starts
 promoting them at once (prefetch), so the engine's load rarely waits for a disk.
 
+Partial chunks (a prompt's tail) are indexed under their parent key in every
+tier that holds them: L1's :class:`~kvmesh.partials.PartialIndex` when they are
+committed, each lower tier's own index once the entry is written there.
+:meth:`TieredStore.partials` asks all of them, so a prompt that continues a
+stored tail finds it after a restart or from another node sharing Redis.
+
 Every method is safe to call from several threads.  A lower tier that fails is
 a miss (and a count), never an error for the caller.
 """
@@ -31,14 +37,17 @@ from kvmesh.codecs import Codec, CorruptEntry, RawCodec, decode_any, encode_for_
 from kvmesh.codecs.base import read_header
 from kvmesh.codecs.kvview import VIEWS
 from kvmesh.layout import DTYPES, dtype_name
+from kvmesh.partials import PartialIndex
 from kvmesh.tensorbytes import tensor_bytes
-from kvmesh.tiers.base import Tier, TierStats
+from kvmesh.tiers.base import PartialIndexed, Tier, TierStats
 from kvmesh.tiers.memory import Extent, MemoryTier, Reservation, ReserveStatus
 
 log = logging.getLogger(__name__)
 
 WritePolicy = Literal["write_behind", "write_through"]
 Admission = Literal["all", "on_reuse"]
+# a lookup starts promoting at most this many partial candidates found below L1 (the longest that fit)
+PREFETCH_PARTIALS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +127,8 @@ class _NullObserver:
 class TieredStore:
     def __init__(self, l1: MemoryTier, lower: Sequence[LowerTier | Tier] = (), codec: Codec | None = None,
                  observer: StoreObserver | None = None, write_queue_bytes: int = 1 << 30,
-                 prefetch: bool = True, prefetch_threads: int = 2) -> None:
+                 prefetch: bool = True, prefetch_threads: int = 2,
+                 partial_index: PartialIndex | None = None) -> None:
         if prefetch_threads < 1:
             raise ValueError(f"prefetch_threads must be at least 1, got {prefetch_threads}")
         if l1.buffer is None:
@@ -138,6 +148,8 @@ class TieredStore:
         self._prefetching: set[bytes] = set()
         self._promoting: dict[bytes, threading.Event] = {}
         self._asked: OrderedDict[bytes, int] = OrderedDict()  # lookups per missed key, for on_reuse admission
+        self.partial_index = partial_index or PartialIndex()  # L1's partial chunks by parent key
+        self._reserved_partials: dict[bytes, tuple[bytes, int]] = {}  # reserved, not yet committed
         self._threads: list[threading.Thread] = []
         if self.lower:
             # several prefetchers: one chunk's read overlaps another's decode, and decoding uses every core
@@ -173,14 +185,55 @@ class TieredStore:
                 self._start_prefetch(keys[index])
         return Located(position, below)
 
+    def partials(self, parent: bytes, fits: int | None = None) -> list[tuple[bytes, int]]:
+        """(key, tokens) of the partial chunks stored under ``parent`` in any tier, longest first.
+
+        Each is present somewhere (index lines whose entry is gone are dropped).
+        Those below L1 that hold at most ``fits`` tokens (the rest of the prompt,
+        when known) start promoting into L1 at once, the longest first, as a
+        lookup does for full chunks.
+        """
+        found: dict[bytes, int] = {}
+        gone = []
+        for child, tokens in self.partial_index.children(parent):
+            if self.l1.contains(child):
+                found[child] = tokens
+            else:
+                gone.append(child)
+        if gone:  # evicted from L1; a lower tier's index still names them if they were written down
+            self.partial_index.discard(parent, gone)
+        for lower in self.lower:
+            if isinstance(lower.tier, PartialIndexed):  # the tier turns its own faults into []
+                for child, tokens in lower.tier.partials(parent):
+                    found.setdefault(child, tokens)
+        candidates = sorted(found.items(), key=lambda item: -item[1])
+        if self.prefetch_enabled and self.lower:
+            below = [child for child, tokens in candidates
+                     if (fits is None or tokens <= fits) and not self.l1.contains(child)]
+            for child in below[:PREFETCH_PARTIALS]:
+                self._start_prefetch(child)
+        return candidates
+
     # ------------------------------------------------------------------- writes
-    def reserve(self, key: bytes, nbytes: int, meta: str = "") -> Reservation:
+    def reserve(self, key: bytes, nbytes: int, meta: str = "", parent: bytes | None = None,
+                tokens: int = 0) -> Reservation:
+        """Reserve an L1 extent; ``parent`` and ``tokens`` name a partial chunk, indexed when committed."""
         if meta:
             TensorMeta.decode(meta)  # refuse a description we could not encode later
-        return self.l1.reserve(key, nbytes, meta)
+        if parent is not None and tokens < 1:
+            raise ValueError(f"a partial chunk holds at least one token, got {tokens}")
+        reservation = self.l1.reserve(key, nbytes, meta)
+        if parent is not None and reservation.status is ReserveStatus.OK:
+            with self._pending_lock:
+                self._reserved_partials[key] = (parent, tokens)
+        return reservation
 
     def commit(self, key: bytes) -> None:
         self.l1.commit(key)
+        with self._pending_lock:
+            partial = self._reserved_partials.pop(key, None)
+        if partial is not None:
+            self.partial_index.add(partial[0], key, partial[1])
         self._write_down(key)
 
     def _write_down(self, key: bytes) -> None:
@@ -195,11 +248,16 @@ class TieredStore:
 
     def abort(self, key: bytes) -> None:
         self.l1.abort(key)
+        with self._pending_lock:
+            self._reserved_partials.pop(key, None)
 
-    def put(self, key: bytes, chunk: torch.Tensor, view: str = "chunk") -> bool:
+    def put(self, key: bytes, chunk: torch.Tensor, view: str = "chunk", parent: bytes | None = None,
+            tokens: int = 0) -> bool:
         """Store a tensor (a convenience for tests and tools; engines write into L1 directly)."""
         status = self._fill_l1(key, chunk, view)
         if status is ReserveStatus.OK:
+            if parent is not None:
+                self.partial_index.add(parent, key, tokens)
             self._write_down(key)
         return status is not ReserveStatus.NO_ROOM
 
@@ -319,6 +377,13 @@ class TieredStore:
             started = time.perf_counter()
             if self._guard(target.tier, "put", lambda t=target.tier, d=data: t.put(key, d), False):
                 self.observer.tier_write(target.tier.name, len(data), time.perf_counter() - started)
+                self._index_partial(target.tier, key)
+
+    def _index_partial(self, tier: Tier, key: bytes) -> None:
+        """After ``key`` was written to ``tier``: if it is a partial chunk, index it there under its parent."""
+        partial = self.partial_index.parent_of(key)
+        if partial is not None and isinstance(tier, PartialIndexed):
+            tier.add_partial(partial[0], key, partial[1])  # a fault is the tier's: counted there, a later miss
 
     def _note_asked(self, keys: Sequence[bytes]) -> None:
         if not any(t.admission == "on_reuse" for t in self.lower):

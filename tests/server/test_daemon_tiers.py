@@ -1,16 +1,25 @@
-"""The daemon with disk and Redis tiers: warm restart, a Redis shared by two daemons, faults as misses."""
+"""The daemon with disk and Redis tiers: warm restart, a Redis shared by two daemons, faults as misses.
+
+Partial chunks too: found from their parent key after a restart, from another daemon, with Redis down.
+"""
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from redis_servers import RedisServer, redis_server, redis_server_factory  # noqa: F401 - fixtures
+from redis_servers import RedisServer, free_port, redis_server, redis_server_factory  # noqa: F401 - fixtures
 
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
-from kvmesh.keys import chunk_keys, model_namespace
+from kvmesh.integrations.planner import match_prefix
+from kvmesh.keys import ROOT, chunk_keys, model_namespace
+from kvmesh.server.daemon import NodeDaemon
+from kvmesh.store import TensorMeta
 
 NS = model_namespace("tier-test", "L4.H2.D32.bfloat16")
 
@@ -102,3 +111,88 @@ def test_tiers_with_one_codec_spec_share_the_codec_so_entries_are_encoded_once(t
     apart = build_lower_tiers(KVMeshConfig.from_mapping(
         {"disk_path": str(tmp_path / "b"), "redis_url": "redis://127.0.0.1:1/0", "disk_codec": "fp8"}))
     assert (apart[0].codec.name, apart[1].codec.name) == ("fp8", "raw")
+
+
+# ------------------------------------------------------------ partial chunks
+@contextmanager
+def _daemon(config: KVMeshConfig) -> Iterator[KVMeshClient]:
+    """A real daemon serving in this process (no spawn to wait for on a busy machine), and a client of it."""
+    daemon = NodeDaemon(config)
+    thread = threading.Thread(target=daemon.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config)) as client:
+            yield client
+    finally:
+        daemon.shutdown()
+        thread.join(timeout=60)
+
+
+def _store_prompt(client: KVMeshClient, tokens: list[int], chunk_size: int = 128,
+                  seed: int = 0) -> tuple[list, list[torch.Tensor]]:
+    """Store a prompt's chunks as the connector does: the partial tail names its parent."""
+    keys = chunk_keys(tokens, NS, chunk_size, include_partial=True)
+    chunks = _chunks(keys, seed)
+    metas = [TensorMeta("bfloat16", tuple(c.shape)) for c in chunks]
+    parents = [(keys[i - 1].digest if i else ROOT) if k.num_tokens < chunk_size else None
+               for i, k in enumerate(keys)]
+    slots = client.reserve(keys, metas, parents)
+    for slot, chunk in zip(slots, chunks):
+        slot.tensor.copy_(chunk)
+    client.commit(slots)
+    return keys, chunks
+
+
+def _raw_partials(client: KVMeshClient, keys) -> list[list]:  # noqa: ANN001
+    reply = client._call({"op": "lookup", "keys": [k.hex for k in keys], "partials": True,
+                          "tokens": [k.num_tokens for k in keys]})
+    return reply["partials"]
+
+
+def test_a_restarted_daemon_offers_the_partial_on_disk_to_the_next_turn(tmp_path: Path) -> None:
+    config = _config(tmp_path, disk_path=str(tmp_path / "disk"), prefetch=False)
+    turn_1 = list(range(7000, 7000 + 2 * 128 + 45))
+    turn_2 = turn_1 + list(range(100, 300))
+    with _daemon(config) as client:
+        keys_1, chunks_1 = _store_prompt(client, turn_1)
+        assert client.flush()["disk"]["stores"] == 3
+    with _daemon(config) as client:  # a new daemon, an empty L1, the same disk
+        assert client.stats()["l1"]["entries"] == 0
+        keys_2 = chunk_keys(turn_2, NS, 128, include_partial=True)
+        assert _raw_partials(client, keys_2) == [[keys_1[2].hex, 45, False]]  # on disk, not in L1
+        found = client.lookup_with_partials(keys_2)
+        assert found.hits == 2 and [(p.digest, p.tokens, p.resident) for p in found.partials] == [
+            (keys_1[2].digest, 45, False)]
+        hit_keys = match_prefix(turn_2, keys_2, found.hits, [(p.digest, p.tokens) for p in found.partials], NS)
+        assert hit_keys[-1].end == len(turn_1)  # down to the token
+        assert _same(client.get(hit_keys), chunks_1)
+        assert _raw_partials(client, keys_2) == [[keys_1[2].hex, 45, True]]  # acquire promoted it
+
+
+def test_a_daemon_sharing_only_redis_is_offered_the_partial_another_stored(tmp_path: Path,
+                                                                          redis_server: RedisServer) -> None:
+    namespace = f"ns-{uuid.uuid4().hex[:6]}"
+    first = _config(tmp_path / "a", redis_url=redis_server.url, redis_namespace=namespace)
+    second = _config(tmp_path / "b", redis_url=redis_server.url, redis_namespace=namespace)
+    tokens = list(range(8000, 8000 + 128 + 77))
+    longer = chunk_keys(tokens + [1, 2, 3], NS, 128, include_partial=True)
+    with _daemon(first) as a, _daemon(second) as b:
+        assert b.lookup_with_partials(longer).partials == []
+        keys, chunks = _store_prompt(a, tokens, seed=3)
+        a.flush()
+        found = b.lookup_with_partials(longer)
+        assert found.hits == 1 and [(p.digest, p.tokens) for p in found.partials] == [(keys[1].digest, 77)]
+        assert _same(b.get(keys), chunks)
+        assert b.stats()["l1"]["entries"] == 2  # promoted into b's own L1
+
+
+def test_with_redis_down_the_lookup_still_offers_what_l1_holds(tmp_path: Path) -> None:
+    config = _config(tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}", redis_timeout_seconds=0.5)
+    tokens = list(range(9000, 9000 + 128 + 10))
+    with _daemon(config) as client:
+        keys, _ = _store_prompt(client, tokens)
+        client.flush()
+        longer = chunk_keys(tokens + [5] * 20, NS, 128, include_partial=True)
+        assert _raw_partials(client, longer) == [[keys[1].hex, 10, True]]
+        assert client.lookup_with_partials(chunk_keys(list(range(50, 400)), NS, 128)).partials == []
+        assert client.stats()["redis"]["errors"] >= 1

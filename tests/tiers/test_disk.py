@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmesh.tiers import disk
-from kvmesh.tiers.base import Tier
+from kvmesh.partials import MAX_CHILDREN_PER_PARENT
+from kvmesh.tiers import disk, disk_partials
+from kvmesh.tiers.base import PartialIndexed, Tier
 from kvmesh.tiers.disk import DiskTier, entry_size
 
 
@@ -360,3 +361,103 @@ def test_bad_keys_and_budgets_are_refused(tmp_path: Path) -> None:
         tier.put(b"", b"x")
     with pytest.raises(ValueError):
         tier.put(b"k" * 200, b"x")
+
+
+# ------------------------------------------------------------ partial-chunk index
+def _index_file(directory: Path, parent: bytes) -> Path:
+    return directory / parent.hex()[:2] / (parent.hex() + disk_partials.INDEX_SUFFIX)
+
+
+def test_a_partial_is_indexed_only_once_its_entry_is_on_disk(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 1 << 20)
+    assert isinstance(tier, PartialIndexed)
+    assert not tier.add_partial(_key(1), _key(10), 5)  # no entry: no index line
+    assert tier.partials(_key(1)) == []
+    assert not _index_file(tmp_path, _key(1)).exists()
+    tier.put(_key(10), b"ten")
+    tier.put(_key(11), b"eleven")
+    assert tier.add_partial(_key(1), _key(10), 5) and tier.add_partial(_key(1), _key(11), 9)
+    assert tier.partials(_key(1)) == [(_key(11), 9), (_key(10), 5)]
+    data = _index_file(tmp_path, _key(1)).read_bytes()
+    assert disk_partials.decode_index(data, _key(1)) == [(_key(10), 5), (_key(11), 9)]  # oldest first on disk
+
+
+def test_the_partial_index_survives_a_restart_and_drops_children_that_are_gone(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 1 << 20)
+    for child in (10, 11, 12):
+        tier.put(_key(child), b"x" * child)
+        tier.add_partial(_key(1), _key(child), child)
+    tier.put(_key(20), b"y")
+    tier.add_partial(_key(2), _key(20), 3)
+    _entry_file(tmp_path, _key(11)).unlink()  # gone behind the tier's back
+    _entry_file(tmp_path, _key(20)).unlink()
+    again = DiskTier(tmp_path, 1 << 20)
+    assert again.partials(_key(1)) == [(_key(12), 12), (_key(10), 10)]
+    assert disk_partials.decode_index(_index_file(tmp_path, _key(1)).read_bytes(), _key(1)) == [
+        (_key(10), 10), (_key(12), 12)]  # rewritten without the missing child
+    assert again.partials(_key(2)) == []
+    assert not _index_file(tmp_path, _key(2)).exists()  # nothing left: the file is removed
+    assert again.stats().errors == 0
+
+
+def test_an_evicted_child_is_filtered_out_and_the_empty_index_file_removed(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, entry_size(_key(1), 1000) * 2)
+    tier.put(_key(10), _payload(10, 1000))
+    tier.add_partial(_key(1), _key(10), 4)
+    tier.put(_key(11), _payload(11, 1000))
+    tier.put(_key(12), _payload(12, 1000))  # evicts key 10
+    assert not tier.contains(_key(10))
+    assert tier.partials(_key(1)) == []
+    assert not _index_file(tmp_path, _key(1)).exists()
+
+
+def test_the_partial_index_keeps_the_newest_children_of_a_parent(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 1 << 20)
+    count = MAX_CHILDREN_PER_PARENT + 6
+    for i in range(count):
+        tier.put(_key(100 + i), b"p")
+        tier.add_partial(_key(1), _key(100 + i), i + 1)
+    newest = [(_key(100 + i), i + 1) for i in reversed(range(6, count))]
+    assert tier.partials(_key(1)) == newest
+    assert DiskTier(tmp_path, 1 << 20).partials(_key(1)) == newest
+    on_disk = disk_partials.decode_index(_index_file(tmp_path, _key(1)).read_bytes(), _key(1))
+    assert len(on_disk) == MAX_CHILDREN_PER_PARENT
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "other_parent", "garbage"])
+def test_a_corrupt_index_file_is_a_miss_removed_and_counted(tmp_path: Path, damage: str,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    tier = DiskTier(tmp_path, 1 << 20)
+    tier.put(_key(10), b"ten")
+    tier.add_partial(_key(1), _key(10), 5)
+    path = _index_file(tmp_path, _key(1))
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[:-3]
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    elif damage == "other_parent":
+        data = bytearray(disk_partials.encode_index(_key(2), [(_key(10), 5)]))
+    else:
+        data = bytearray(b"not an index at all")
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="kvmesh.tiers.disk"):
+        again = DiskTier(tmp_path, 1 << 20)
+    assert again.partials(_key(1)) == []
+    assert not path.exists()
+    assert again.stats().errors == 1
+    assert again.get(_key(10)) == b"ten"  # the entry itself is untouched
+    assert any("partial index" in record.getMessage() for record in caplog.records)
+
+
+def test_an_index_write_fault_is_a_counted_miss(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 1 << 20)
+    tier.put(_key(10), b"ten")
+    blocker = _index_file(tmp_path, _key(1))
+    blocker.mkdir(parents=True)  # a directory where the index file would go: the rename fails
+    (blocker / "x").write_bytes(b"")
+    assert not tier.add_partial(_key(1), _key(10), 5)
+    assert tier.stats().errors == 1
+    again = DiskTier(tmp_path, 1 << 20)  # the blocker is not an index: skipped, counted, no exception
+    assert again.partials(_key(1)) == []
+    assert again.get(_key(10)) == b"ten"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from kvmesh.tiers.base import Tier
+from kvmesh.tiers.base import PartialIndexed, Tier
 from kvmesh.tiers.breaker import BreakerState, CircuitBreaker
 from kvmesh.tiers.redis import RedisTier
 from redis_servers import (  # noqa: F401  (pytest finds the fixtures by these names)
@@ -276,5 +276,74 @@ def test_cluster_spreads_and_serves_entries(redis_cluster: RedisClusterServers) 
     assert sum(1 for count in per_node if count) >= 2
     assert tier.delete(_key(29))
     assert tier.get(_key(29)) is None
+    assert tier.stats().errors == 0
+    tier.close()
+
+
+# ------------------------------------------------------------ partial-chunk index
+def test_partials_are_listed_newest_first_and_seen_by_another_node(redis_server: RedisServer) -> None:
+    tier = _tier(redis_server, ttl_seconds=100)
+    assert isinstance(tier, PartialIndexed)
+    tier.put(_key(10), b"ten")
+    tier.put(_key(11), b"eleven")
+    assert tier.add_partial(_key(1), _key(10), 5)
+    time.sleep(0.01)
+    assert tier.add_partial(_key(1), _key(11), 9)
+    assert tier.partials(_key(1)) == [(_key(11), 9), (_key(10), 5)]
+    other_node = RedisTier(redis_server.url, namespace=tier.namespace)
+    assert other_node.partials(_key(1)) == [(_key(11), 9), (_key(10), 5)]
+    assert other_node.partials(_key(2)) == []
+    raw = redis_server.client()
+    index = f"{tier.namespace}:p:{_key(1).hex()}"
+    assert set(raw.zrange(index, 0, -1)) == {f"{_key(10).hex()}:5".encode(), f"{_key(11).hex()}:9".encode()}
+    assert 90 < raw.ttl(index) <= 100  # the entries' TTL
+
+
+def test_the_partials_set_keeps_the_newest_children(redis_server: RedisServer) -> None:
+    tier = _tier(redis_server, max_partials_per_parent=3)
+    for i in range(6):
+        tier.put(_key(100 + i), b"p")
+        tier.add_partial(_key(1), _key(100 + i), i + 1)
+        time.sleep(0.002)
+    assert tier.partials(_key(1)) == [(_key(105), 6), (_key(104), 5), (_key(103), 4)]
+    assert redis_server.client().zcard(f"{tier.namespace}:p:{_key(1).hex()}") == 3
+
+
+def test_children_whose_entry_is_gone_and_bad_members_are_filtered_and_removed(redis_server: RedisServer) -> None:
+    tier = _tier(redis_server)
+    for child in (10, 11):
+        tier.put(_key(child), b"x")
+        tier.add_partial(_key(1), _key(child), child)
+    index = f"{tier.namespace}:p:{_key(1).hex()}"
+    raw = redis_server.client()
+    raw.zadd(index, {b"zz-not-hex:3": 1.0, f"{_key(12).hex()}:0".encode(): 2.0, b"no-colon": 3.0})
+    tier.delete(_key(10))  # expired or evicted, say
+    assert tier.partials(_key(1)) == [(_key(11), 11)]
+    assert raw.zrange(index, 0, -1) == [f"{_key(11).hex()}:11".encode()]
+    assert tier.stats().errors == 0
+
+
+def test_partials_with_redis_down_are_a_counted_miss(caplog: pytest.LogCaptureFixture) -> None:
+    breaker = CircuitBreaker(failure_threshold=5, reset_seconds=60)
+    tier = RedisTier(f"redis://127.0.0.1:{free_port()}", timeout_seconds=0.5, breaker=breaker)
+    with caplog.at_level(logging.WARNING, logger="kvmesh.tiers.redis"):
+        assert tier.partials(_key(1)) == []
+        assert tier.add_partial(_key(1), _key(10), 5) is False
+        assert tier.partials(_key(1)) == []
+    assert tier.stats().errors == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([w for w in warnings if "ConnectionError" in w]) == 1
+
+
+@pytest.mark.slow
+def test_partials_in_a_cluster(redis_cluster: RedisClusterServers) -> None:  # noqa: F811
+    tier = RedisTier(redis_cluster.url, namespace=_namespace(), cluster=True)
+    children = [_key(200 + i) for i in range(8)]  # spread over the shards
+    for i, child in enumerate(children):
+        assert tier.put(child, b"c")
+        assert tier.add_partial(_key(1), child, i + 1)
+        time.sleep(0.002)
+    assert tier.partials(_key(1)) == [(child, i + 1) for i, child in reversed(list(enumerate(children)))]
+    assert tier.partials_key(_key(1)) == f"{tier.namespace}:p:{{{_key(1).hex()}}}"
     assert tier.stats().errors == 0
     tier.close()

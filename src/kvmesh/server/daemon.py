@@ -26,6 +26,7 @@ from typing import Any
 
 from kvmesh import __version__
 from kvmesh.config import KVMeshConfig
+from kvmesh.keys import ROOT
 from kvmesh.server.metrics import DaemonMetrics, start_http
 from kvmesh.server.protocol import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
 from kvmesh.server.shm import SharedSegment
@@ -72,10 +73,8 @@ class NodeDaemon:
         self.store = TieredStore(MemoryTier(config.l1_size, self.segment.buffer), build_lower_tiers(config),
                                  None, self.metrics, config.write_queue_size, config.prefetch,
                                  config.prefetch_threads)
-        self._store_lock = threading.Lock()  # guards leases and the partial-chunk index; the store locks itself
+        self._store_lock = threading.Lock()  # guards leases; the store locks itself
         self._leases: dict[str, _Lease] = {}
-        # partial (shorter than a chunk) entries by parent key, so a longer prompt can hit them
-        self._partials: dict[bytes, dict[bytes, int]] = {}
         self._sessions: set[_Session] = set()  # connections that said which engine they serve
         self._started = time.time()
         self.socket_path.unlink(missing_ok=True)
@@ -134,24 +133,22 @@ class NodeDaemon:
                 "config_digest": self.config.daemon_digest(), "config": self.config.daemon_settings()}
 
     def _op_lookup(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
-        """Consecutive hits from the first key, and the partial entries that could extend them."""
+        """Consecutive hits from the first key, and the partial entries that could extend them.
+
+        Each partial is ``[hex key, tokens, resident]``: ``resident`` says whether it
+        is in L1 now (one found below L1 starts promoting at once).
+        """
         keys = [bytes.fromhex(k) for k in request["keys"]]
         located = self.store.locate(keys)
         hits = located.hits
+        tokens = request.get("tokens")
         partials: list[list[Any]] = []
         if hits < len(keys) and request.get("partials", False):
-            parent = keys[hits - 1] if hits else bytes(16)
-            with self._store_lock:
-                children = self._partials.get(parent, {})
-                for child, tokens in list(children.items()):
-                    if self.store.l1.contains(child):
-                        partials.append([child.hex(), tokens, True])  # [key, tokens, in L1]
-                    else:
-                        del children[child]
-                if not children:
-                    self._partials.pop(parent, None)
-        tokens = request.get("tokens")
-        if tokens:
+            parent = keys[hits - 1] if hits else ROOT
+            rest = sum(tokens[hits:]) if tokens else None  # the prompt's tokens after the hits
+            partials = [[child.hex(), count, self.store.l1.contains(child)]
+                        for child, count in self.store.partials(parent, rest)]
+        if tokens and request.get("count", True):  # a request asking again while it waits is not counted twice
             self.metrics.lookups.inc()
             self.metrics.lookup_tokens.inc(sum(tokens))
             self.metrics.hit_tokens.inc(sum(tokens[:hits]))
@@ -162,13 +159,12 @@ class NodeDaemon:
         for item in request["items"]:
             key_hex, nbytes, meta = item[:3]
             key = bytes.fromhex(key_hex)
-            reservation = self.store.reserve(key, int(nbytes), meta)
+            partial = len(item) == 5 and item[3] is not None  # a partial chunk: [.., parent, tokens]
+            reservation = self.store.reserve(key, int(nbytes), meta, bytes.fromhex(item[3]) if partial else None,
+                                             int(item[4]) if partial else 0)
             if reservation.status is ReserveStatus.OK:
                 session.reserved.add(key)
                 results.append(["ok", reservation.extent.offset])
-                if len(item) == 5 and item[3] is not None:  # a partial chunk: [.., parent, tokens]
-                    with self._store_lock:
-                        self._partials.setdefault(bytes.fromhex(item[3]), {})[key] = int(item[4])
             else:
                 if reservation.status is ReserveStatus.NO_ROOM:
                     self.metrics.errors.labels("l1_no_room").inc()

@@ -11,7 +11,7 @@ import socket
 import struct
 from typing import Any
 
-PROTOCOL_VERSION = 2  # bump on any change a client of the previous version would misread
+PROTOCOL_VERSION = 3  # bump on any change a client of the previous version would misread
 _LENGTH = struct.Struct("<I")
 MAX_MESSAGE = 64 * 1024 * 1024
 

@@ -45,3 +45,19 @@ class Tier(Protocol):
     def delete(self, key: bytes) -> bool: ...
 
     def stats(self) -> TierStats: ...
+
+
+@runtime_checkable
+class PartialIndexed(Protocol):
+    """A tier that can say which partial chunks it stores under a parent key.
+
+    A partial chunk's key covers its exact tokens, so a prompt that continues
+    them must enumerate a parent's partial children to find it (``kvmesh.partials``).
+    ``add_partial`` is called only after the child entry was stored in this tier;
+    ``partials`` returns only children the tier still holds.  Both turn the tier's
+    own faults into a miss (False, ``[]``), counted in ``stats().errors``.
+    """
+
+    def add_partial(self, parent: bytes, child: bytes, tokens: int) -> bool: ...
+
+    def partials(self, parent: bytes) -> list[tuple[bytes, int]]: ...

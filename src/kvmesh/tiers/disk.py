@@ -16,6 +16,11 @@ Why this shape:
   ``stats().errors`` (the first one is logged, the rest only counted).
 * **Budget counted in file bytes**, header included, and never exceeded:
   room is reserved, and victims deleted, before the new file is written.
+* **Partial chunks findable from their parent**: a small index file per parent
+  key lists the partial chunks stored under it (``tiers.disk_partials``); it is
+  written only after the entry itself, and a child whose entry is gone is
+  filtered out when asked for.  Index files are outside the byte budget (they
+  are bounded in number and size instead).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathlib import Path
 import xxhash
 
 from kvmesh.tiers.base import TierStats
+from kvmesh.tiers.disk_partials import INDEX_SUFFIX, DiskPartials
 from kvmesh.tiers.eviction import LRUPolicy
 
 log = logging.getLogger(__name__)
@@ -76,6 +82,7 @@ class DiskTier:
         self._stats = TierStats(capacity=capacity_bytes)
         self._warned: set[str] = set()
         self._made_dirs: set[str] = set()
+        self._partials = DiskPartials(self.directory, self._partial_fault, fsync)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._load_index()
 
@@ -168,6 +175,23 @@ class DiskTier:
             self._drop(key)
             return True
 
+    # ------------------------------------------------------- partial chunks
+    def add_partial(self, parent: bytes, child: bytes, tokens: int) -> bool:
+        """Index a partial chunk under its parent, once its entry is on disk (False if it is not)."""
+        if not self.contains(child):
+            return False
+        return self._partials.add(parent, child, tokens)
+
+    def partials(self, parent: bytes) -> list[tuple[bytes, int]]:
+        """(child, tokens) of the partial chunks stored under ``parent``, newest first."""
+        children = self._partials.children(parent)
+        with self._lock:
+            gone = [child for child, _ in children if child not in self._sizes]
+        if gone:  # evicted or deleted since they were indexed
+            self._partials.discard(parent, gone)
+            children = [item for item in children if item[0] not in gone]
+        return children
+
     def stats(self) -> TierStats:
         with self._lock:
             self._stats.entries = len(self._sizes)
@@ -255,6 +279,7 @@ class DiskTier:
     def _load_index(self) -> None:
         """Rebuild the index from the file names and sizes; remove temp files of dead writers."""
         found: list[tuple[int, bytes, int]] = []  # (mtime, key, size)
+        index_files: list[tuple[int, str]] = []  # (mtime, path) of partial-chunk index files
         now = time.time()
         for sub in os.scandir(self.directory):
             if not sub.is_dir(follow_symlinks=False):
@@ -263,6 +288,12 @@ class DiskTier:
             for item in os.scandir(sub.path):
                 if item.name.endswith(TEMP_SUFFIX):
                     self._remove_stale_temp(item, now)
+                    continue
+                if item.name.endswith(INDEX_SUFFIX):
+                    try:
+                        index_files.append((item.stat(follow_symlinks=False).st_mtime_ns, item.path))
+                    except FileNotFoundError:
+                        pass
                     continue
                 key = _key_of(item.name)
                 if key is None or not item.is_file(follow_symlinks=False):
@@ -278,6 +309,7 @@ class DiskTier:
             self._policy.add(key)
             self._used += size
         self._make_room(0)  # the budget may be smaller than last time
+        self._partials.load([Path(path) for _, path in sorted(index_files)], self._sizes.__contains__)
         if found:
             log.info("disk tier %s: found %d entries (%d bytes) in %s", self.name, len(self._sizes),
                      self._used, self.directory)
@@ -315,6 +347,12 @@ class DiskTier:
         if size is not None:
             self._policy.remove(key)
             self._used -= size
+
+    def _partial_fault(self, kind: str, message: str) -> None:
+        """A partial index file that cannot be read or written: a miss, counted, logged once per kind."""
+        with self._lock:
+            self._stats.errors += 1
+        self._warn_once(kind, "disk tier %s: %s (further such faults are only counted)", self.name, message)
 
     def _warn_once(self, kind: str, message: str, *args: object) -> None:
         if kind not in self._warned:

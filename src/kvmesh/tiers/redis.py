@@ -13,6 +13,14 @@ Why this shape:
 * **Big values in parts**: a payload that does not fit in ``max_value_bytes``
   goes to ``<head>:0``, ``<head>:1``, ... written before the head in one
   pipeline, so a reader never finds a head whose parts are not there yet.
+* **Partial chunks findable from their parent**: a sorted set per parent key,
+  ``<namespace>:p:<parent hex>`` (``<namespace>:p:{<parent hex>}`` in a
+  cluster), holds ``<child hex>:<tokens>`` members scored by the time they were
+  indexed.  A member is added only after its entry's SET succeeded, the set is
+  trimmed to the newest ``max_partials_per_parent`` in the same pipeline and
+  given the entries' TTL; members whose entry is gone (expired, evicted) are
+  filtered out, and removed, when the set is read.  Every node sharing the
+  Redis sees the same sets.
 * **A cache, never a dependency**: connection refused, timeouts and any other
   Redis or socket error make the call a miss (``get`` None, ``put`` False),
   counted in ``stats().errors`` and logged once per kind.  A
@@ -30,6 +38,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +50,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
+from kvmesh.partials import MAX_CHILDREN_PER_PARENT
 from kvmesh.tiers.base import TierStats
 from kvmesh.tiers.breaker import BreakerState, CircuitBreaker
 
@@ -91,7 +101,8 @@ class RedisTier:
     def __init__(self, url: str, name: str = "redis", namespace: str = "kvmesh",
                  ttl_seconds: int | None = None, max_value_bytes: int = 64 * 1024 * 1024,
                  timeout_seconds: float = 2.0, cluster: bool = False,
-                 breaker: CircuitBreaker | None = None) -> None:
+                 breaker: CircuitBreaker | None = None,
+                 max_partials_per_parent: int = MAX_CHILDREN_PER_PARENT) -> None:
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"a Redis URL starts with redis://, rediss:// or unix://, got {url!r}")
         if cluster and url.startswith("unix://"):
@@ -102,6 +113,8 @@ class RedisTier:
             raise ValueError(f"ttl_seconds must be at least 1 (or None for no expiry), got {ttl_seconds}")
         if max_value_bytes < MIN_VALUE_BYTES:
             raise ValueError(f"max_value_bytes must be at least {MIN_VALUE_BYTES}, got {max_value_bytes}")
+        if max_partials_per_parent < 1:
+            raise ValueError(f"max_partials_per_parent must be at least 1, got {max_partials_per_parent}")
         self.name = name
         self.url = url
         self.namespace = namespace
@@ -109,6 +122,7 @@ class RedisTier:
         self.max_value_bytes = max_value_bytes
         self.timeout_seconds = timeout_seconds
         self.cluster = cluster
+        self.max_partials_per_parent = max_partials_per_parent
         self.breaker = breaker or CircuitBreaker()
         self._lock = threading.Lock()  # guards the counters
         self._connect_lock = threading.Lock()
@@ -125,6 +139,11 @@ class RedisTier:
     def part_keys(self, key: bytes, parts: int) -> list[str]:
         head = self.redis_key(key)
         return [f"{head}:{i}" for i in range(parts)]
+
+    def partials_key(self, parent: bytes) -> str:
+        """The Redis key of the sorted set that lists ``parent``'s partial children."""
+        hexkey = parent.hex()
+        return f"{self.namespace}:p:{{{hexkey}}}" if self.cluster else f"{self.namespace}:p:{hexkey}"
 
     # ------------------------------------------------------------------ reads
     def contains(self, key: bytes) -> bool:
@@ -273,6 +292,54 @@ class RedisTier:
         self._count(stores=sum(1 for at in head_replies if replies[at] is True))
         return len(entries)
 
+    # --------------------------------------------------------- partial chunks
+    def add_partial(self, parent: bytes, child: bytes, tokens: int) -> bool:
+        """Index a partial chunk whose entry was just stored: one pipeline (add, trim, expire)."""
+        if not self.breaker.allow():
+            return False
+        index = self.partials_key(parent)
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zadd(index, {f"{child.hex()}:{int(tokens)}": time.time()})
+            pipe.zremrangebyrank(index, 0, -(self.max_partials_per_parent + 1))  # keep the newest
+            if self.ttl_seconds is not None:
+                pipe.expire(index, self.ttl_seconds)
+            pipe.execute()
+        except _FAULTS as err:
+            self._fault(err)
+            return False
+        self._ok()
+        return True
+
+    def partials(self, parent: bytes) -> list[tuple[bytes, int]]:
+        """(child, tokens) of the partial chunks stored under ``parent``, newest first; [] on a fault.
+
+        Two round trips: the set, then an EXISTS per child.  Members whose entry
+        is gone, or that do not parse, are removed from the set.
+        """
+        if not self.breaker.allow():
+            return []
+        index = self.partials_key(parent)
+        try:
+            members = self._client.zrevrange(index, 0, self.max_partials_per_parent - 1)
+            parsed = [(member, _parse_member(member)) for member in members]
+            candidates = [(member, item) for member, item in parsed if item is not None]
+            found: list[int] = []
+            if candidates:
+                pipe = self._client.pipeline(transaction=False)
+                for _, (child, _tokens) in candidates:
+                    pipe.exists(self.redis_key(child))
+                found = pipe.execute()
+            stale = [member for member, item in parsed if item is None]
+            stale += [member for (member, _), present in zip(candidates, found) if not present]
+            if stale:
+                self._client.zrem(index, *stale)
+        except _FAULTS as err:
+            self._fault(err)
+            return []
+        self._ok()
+        return [item for (_, item), present in zip(candidates, found) if present]
+
     def delete(self, key: bytes) -> bool:
         if not self.breaker.allow():
             return False
@@ -392,6 +459,16 @@ def _checked(header: ValueHeader, payload: bytes | memoryview) -> bytes | memory
     if xxhash.xxh3_64_intdigest(payload) != header.checksum:
         raise _Corrupt("payload checksum mismatch")
     return payload
+
+
+def _parse_member(member: bytes) -> tuple[bytes, int] | None:
+    """(child, tokens) from a ``<child hex>:<tokens>`` member of a partials set; None if it is not one."""
+    hexkey, sep, count = member.partition(b":")
+    try:
+        child, tokens = bytes.fromhex(hexkey.decode("ascii")), int(count)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return (child, tokens) if sep and child and tokens >= 1 else None
 
 
 def _safe_url(url: str) -> str:
