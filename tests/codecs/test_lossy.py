@@ -57,6 +57,7 @@ def test_lossless_round_trip_is_bit_exact(spec: str, dtype: torch.dtype) -> None
     assert torch.equal(back.view(torch.uint8), chunk.view(torch.uint8))
 
 
+@pytest.mark.slow  # the demo model's real KV
 def test_lossless_compresses_real_kv(real_kv: torch.Tensor) -> None:
     data = LosslessCodec().encode(real_kv)
     assert len(data) < 0.8 * real_kv.numel() * 2
@@ -116,6 +117,7 @@ def test_cachegen_error_follows_its_per_layer_widths(view: str) -> None:
     _check_kivi_bound(chunk, view, (layer_bits(layers, (8, 5, 3)), layer_bits(layers, (4, 3, 2))), 32, 16, back)
 
 
+@pytest.mark.slow  # the demo model's real KV
 @pytest.mark.parametrize("key_bits, value_bits", [(4, 4), (6, 5)])
 def test_cachegen_entropy_coding_beats_bit_packing_on_real_kv(key_bits: int, value_bits: int,
                                                               real_kv: torch.Tensor) -> None:
@@ -136,6 +138,7 @@ def test_fp8_error_is_within_e4m3_precision(view: str) -> None:
     assert bool(((decoded - original).abs() <= bound + 1e-6).all())
 
 
+@pytest.mark.slow  # the demo model's real KV
 @pytest.mark.parametrize("spec", LOSSY_SPECS)
 def test_lossy_codecs_on_real_kv(spec: str, real_kv: torch.Tensor) -> None:
     """Relative RMS error on the demo model's own KV stays at the level each width allows."""

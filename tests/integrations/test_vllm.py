@@ -10,6 +10,7 @@ outputs must agree token for token.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -236,6 +237,13 @@ def test_another_model_in_a_folder_of_the_same_name_never_gets_this_models_kv(
             answer = _ask(other, prompts["G"]).text
             loaded = _metric(kvmesh_settings, "kvmesh_loaded_tokens_total") - loaded
             log_text = other.log_path.read_text()
+            shown = subprocess.run(  # what a user sees: both engines' fingerprints
+                [sys.executable, "-m", "kvmesh.cli", "stats", "--json", "--set", f"instance={kvmesh_settings['instance']}",
+                 "--set", f"socket_dir={kvmesh_settings['socket_dir']}"], capture_output=True, text=True, timeout=120)
+            engines = json.loads(shown.stdout)["engines"]
+        fingerprints = {e["fingerprint"] for e in engines if e.get("role") == "scheduler"}
+        assert all(f.startswith("fp:") for f in fingerprints)
+        assert len(fingerprints) == (1 if expect_hit else 2)
         assert "kvmesh: model" in log_text and "fingerprint fp:" in log_text
         if expect_hit:
             assert loaded >= BLOCK

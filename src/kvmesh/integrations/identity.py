@@ -7,10 +7,12 @@ the checkpoint itself (``kvmesh.fingerprint``) unless the user names it (``model
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from typing import TYPE_CHECKING, Any
 
 from kvmesh.config import KVMeshConfig
-from kvmesh.fingerprint import lora_fingerprint, model_fingerprint, resolve_model_dir
+from kvmesh.fingerprint import FingerprintError, lora_fingerprint, model_fingerprint, resolve_model_dir
 from kvmesh.layout import dtype_name
 
 if TYPE_CHECKING:
@@ -26,13 +28,23 @@ def engine_model_identity(vllm_config: VllmConfig, config: KVMeshConfig) -> tupl
         return f"named:{config.model_fingerprint}", "named by the model_fingerprint setting"
     model_config = vllm_config.model_config
     revision = model_config.revision
-    model_dir = resolve_model_dir(str(model_config.model), revision)
+    download_dir = getattr(vllm_config.load_config, "download_dir", None)
+    model_dir = resolve_model_dir(str(model_config.model), revision, cache_dir=download_dir)
     tokenizer = str(model_config.tokenizer or model_config.model)
-    tokenizer_dir = resolve_model_dir(tokenizer, model_config.tokenizer_revision) \
+    tokenizer_dir = resolve_model_dir(tokenizer, model_config.tokenizer_revision, cache_dir=download_dir) \
         if tokenizer != str(model_config.model) else None
     identity = model_fingerprint(model_dir, tokenizer_dir=tokenizer_dir, revision=revision,
                                  dtype=dtype_name(model_config.dtype))
-    return f"fp:{identity.digest}", identity.describe()
+    digest, described = identity.digest, identity.describe()
+    overrides = getattr(model_config, "hf_overrides", None)
+    if callable(overrides):
+        raise FingerprintError("kvmesh cannot fingerprint a model whose config is changed by a function "
+                               "(hf_overrides); set the kvmesh config key `model_fingerprint` to name it")
+    if overrides:  # --hf-overrides can change rope_theta & co. beyond config.json
+        text = json.dumps(overrides, sort_keys=True, default=str)
+        digest = hashlib.blake2b(f"{digest}|{text}".encode(), digest_size=16).hexdigest()
+        described += f", hf_overrides {text}"
+    return f"fp:{digest}", described
 
 
 def lora_identity(lora_request: Any) -> str:
