@@ -1,3 +1,5 @@
+import zlib
+
 import pytest
 import torch
 
@@ -16,7 +18,8 @@ def _pages(layout: KVLayout, num_blocks: int, order: str, generator: torch.Gener
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("order", list(PAGE_ORDERS))
 def test_paged_to_chunk_and_back_round_trips(dtype: str, order: str) -> None:
-    generator = torch.Generator().manual_seed(hash((dtype, order)) % 1000)
+    seed = zlib.crc32(f"{dtype}/{order}".encode())  # the same in every run (Python's hash is salted)
+    generator = torch.Generator().manual_seed(seed)
     layout = KVLayout(num_layers=3, num_kv_heads=2, head_size=8, dtype=dtype, block_size=4)
     for trial in range(5):
         num_blocks = 32
