@@ -133,7 +133,13 @@ class KVMeshClient:
             self._open()
         except (OSError, ProtocolError):  # reached a daemon that was just stopping: start or find the next
             time.sleep(0.2)
-            self._open()
+            try:
+                self._open()
+            except DaemonUnavailable:
+                raise
+            except (OSError, ProtocolError) as err:
+                raise DaemonUnavailable(f"cannot reach the kvmesh daemon on {self.config.socket_path()}: {err}") \
+                    from err
 
     def _open(self) -> None:
         """Connect (starting a daemon if allowed) and map the segment it names."""
@@ -173,7 +179,10 @@ class KVMeshClient:
             raise DaemonUnavailable(
                 f"no kvmesh daemon answers on {path}; start one with `kvmesh server` "
                 "or set autostart_daemon: true")
-        self._spawn_daemon()
+        try:
+            self._spawn_daemon()
+        except (OSError, subprocess.SubprocessError) as err:  # no socket directory, no process: no daemon
+            raise DaemonUnavailable(f"cannot start a kvmesh daemon for {path}: {err}") from err
         started = time.monotonic()
         while time.monotonic() < started + self.config.daemon_start_timeout:
             sock = _try_connect(str(path))
