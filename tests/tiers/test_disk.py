@@ -207,14 +207,15 @@ import os, sys, time
 from kvmesh.tiers import disk
 tier = disk.DiskTier(sys.argv[1], 1 << 30)
 tier.put(bytes(16), b"whole" * 1000)
-write_all = disk._write_all
-def slow_write_all(fd, view):
-    if len(view) > 1_000_000:  # the big payload: write half, say so, then hang
-        os.write(fd, view[: len(view) // 2])
+writev_all = disk._writev_all
+def slow_writev_all(fd, views):
+    data = b"".join(views)
+    if len(data) > 1_000_000:  # the big entry: write half, say so, then hang
+        os.write(fd, data[: len(data) // 2])
         open(sys.argv[2], "w").close()
         time.sleep(60)
-    write_all(fd, view)
-disk._write_all = slow_write_all
+    writev_all(fd, views)
+disk._writev_all = slow_writev_all
 tier.put(b"\\xff" * 16, os.urandom(8 << 20))
 """
 
@@ -262,11 +263,11 @@ def test_disk_full_is_a_rejected_store_without_leftovers(tmp_path: Path,
     tier = DiskTier(tmp_path, 1 << 30)
     assert tier.put(_key(1), b"a" * 1000)
 
-    def full(fd: int, view: memoryview) -> None:
-        os.write(fd, view[:10])
+    def full(fd: int, views: list[memoryview]) -> None:
+        os.write(fd, views[0][:10])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(disk, "_write_all", full)
+    monkeypatch.setattr(disk, "_writev_all", full)
     assert tier.put(_key(2), b"b" * 1000) is False
     stats = tier.stats()
     assert (stats.rejected_stores, stats.errors, stats.entries) == (1, 0, 1)
