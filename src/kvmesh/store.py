@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 
 from kvmesh.codecs import Codec, CorruptEntry, RawCodec, decode_any, encode_for_tier, header_view
@@ -124,6 +125,19 @@ def _run_when_idle() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, 19)
     except (AttributeError, OSError):
         log.debug("cannot lower the write-behind thread's priority", exc_info=True)
+
+
+def _joined(parts: Sequence[bytes | memoryview]) -> bytes | memoryview:
+    """The parts as one buffer; the copy runs with the GIL released (numpy), unlike ``bytes.join``."""
+    if len(parts) == 1:
+        return parts[0]
+    views = [memoryview(part).cast("B") for part in parts]
+    out = np.empty(sum(view.nbytes for view in views), dtype=np.uint8)
+    at = 0
+    for view in views:
+        np.copyto(out[at:at + view.nbytes], np.frombuffer(view, dtype=np.uint8))
+        at += view.nbytes
+    return memoryview(out)
 
 
 class TieredStore:
@@ -332,7 +346,7 @@ class TieredStore:
                 self.observer.encoded(name, meta.nbytes, sum(len(p) for p in parts), time.perf_counter() - started)
             parts = encoded[id(codec)]
             # a tier that takes parts writes them as they lie; any other gets one joined copy
-            data = parts if getattr(target.tier, "accepts_parts", False) else b"".join(parts)
+            data = parts if getattr(target.tier, "accepts_parts", False) else _joined(parts)
             nbytes = sum(memoryview(p).nbytes for p in parts)
             started = time.perf_counter()
             if self._guard(target.tier, "put", lambda t=target.tier, d=data: t.put(key, d), False):

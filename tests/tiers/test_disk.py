@@ -361,3 +361,45 @@ def test_bad_keys_and_budgets_are_refused(tmp_path: Path) -> None:
         tier.put(b"", b"x")
     with pytest.raises(ValueError):
         tier.put(b"k" * 200, b"x")
+
+
+def test_a_put_of_parts_stores_their_concatenation(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 1 << 24)
+    parts = [b"head", memoryview(_payload(1, 100_000)), bytearray(b""), _payload(2, 7)]
+    assert tier.put(_key(1), parts)
+    whole = b"".join(bytes(p) for p in parts)
+    assert tier.get(_key(1)) == whole
+    assert tier.stats().bytes_used == entry_size(_key(1), len(whole)) == _disk_bytes(tmp_path)
+    assert DiskTier(tmp_path, 1 << 24).get(_key(1)) == whole  # the same checksum a one-piece put writes
+
+
+def test_writev_all_finishes_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.writev
+    monkeypatch.setattr(disk.os, "writev", lambda fd, views: real(fd, [bytes(views[0])[:3]]))  # 3 bytes a call
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        disk._writev_all(fd, [memoryview(b"abcdefg"), memoryview(b""), memoryview(b"hij")])
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"abcdefghij"
+
+
+def test_an_entry_being_written_is_invisible_until_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = DiskTier(tmp_path, 1 << 24)
+    writing, finish = threading.Event(), threading.Event()
+    real = disk._writev_all
+
+    def gated(fd: int, views: list[memoryview]) -> None:
+        writing.set()
+        assert finish.wait(30)
+        real(fd, views)
+
+    monkeypatch.setattr(disk, "_writev_all", gated)
+    writer = threading.Thread(target=tier.put, args=(_key(1), [b"x" * 10, b"y" * 10]))
+    writer.start()
+    assert writing.wait(30)
+    assert not tier.contains(_key(1)) and tier.get(_key(1)) is None
+    assert [p.name for p in _files(tmp_path) if p.name.endswith(disk.SUFFIX)] == []
+    finish.set()
+    writer.join(30)
+    assert tier.get(_key(1)) == b"x" * 10 + b"y" * 10
