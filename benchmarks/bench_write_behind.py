@@ -113,13 +113,21 @@ WRITER_PROBE = textwrap.dedent("""
         for i in range(chunks):  # fault L1's pages in first: the writer, not L1, is timed
             store._fill_l1(b"w" + i.to_bytes(15, "little"), chunk)
         keys = [b"w" + i.to_bytes(15, "little") for i in range(chunks)]
+        writer = next(t for t in store._threads if t.name == "kvmesh-writer")
+        def schedstat():  # the writer thread's (cpu ns, run-queue wait ns)
+            with open(f"/proc/self/task/{writer.native_id}/schedstat") as f:
+                return [int(x) for x in f.read().split()[:2]]
+        cpu0, wait0 = schedstat()
         started = time.perf_counter()
         for key in keys:
             store._write_down(key)
         store.flush(600)
         seconds = time.perf_counter() - started
+        cpu1, wait1 = schedstat()
         store.close()
         print(json.dumps({"mb_per_s": chunks * size / seconds / 1e6, "seconds": seconds, "options": options,
+                          "mb_per_cpu_s": chunks * size / max(cpu1 - cpu0, 1) * 1e3,
+                          "runqueue_wait_s": (wait1 - wait0) / 1e9,
                           "module": __import__("kvmesh").__file__}))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -184,16 +192,19 @@ def main() -> None:
 
     # (c) the writer alone, alternated with the plain write loop
     writer: dict[str, list[float]] = {v.name: [] for v in variants}
+    writer_cpu: dict[str, list[float]] = {v.name: [] for v in variants}  # bytes per second of the writer's CPU
     plain: list[float] = []
     for _ in range(args.writer_samples):
         plain.append(sequential_write_bandwidth(args.disk_dir, args.writer_chunks))
         for variant in variants:
-            writer[variant.name].append(float(writer_bandwidth(variant, args.disk_dir, args.writer_chunks,
-                                                                   args.writer_priority)["mb_per_s"]))
-    report["writer"] = {"plain_write_mb_s": plain, **{f"{k}_mb_s": v for k, v in writer.items()}}
+            sample = writer_bandwidth(variant, args.disk_dir, args.writer_chunks, args.writer_priority)
+            writer[variant.name].append(float(sample["mb_per_s"]))
+            writer_cpu[variant.name].append(float(sample["mb_per_cpu_s"]))
+    report["writer"] = {"plain_write_mb_s": plain, **{f"{k}_mb_s": v for k, v in writer.items()},
+                        **{f"{k}_mb_per_cpu_s": v for k, v in writer_cpu.items()}}
     print(json.dumps(report["writer"]), flush=True)
     if args.skip_engines:
-        _finish(args, report, variants, plain, writer, {}, {})
+        _finish(args, report, variants, plain, writer, {}, {}, writer_cpu)
         return
 
     from transformers import AutoTokenizer
@@ -281,19 +292,21 @@ def main() -> None:
         vllm.stop()
         shutil.rmtree(disk_root, ignore_errors=True)
     report.update({"events": events, "busy": busy, "idle": idle, "cold": cold, "disk_write_mb_s": write_rates})
-    _finish(args, report, variants, plain, writer, {"busy": busy, "idle": idle, "rates": write_rates}, cold)
+    _finish(args, report, variants, plain, writer, {"busy": busy, "idle": idle, "rates": write_rates}, cold,
+            writer_cpu)
 
 
 def _finish(args: argparse.Namespace, report: dict[str, object], variants: list[Variant], plain: list[float],
             writer: dict[str, list[float]], warm: dict[str, dict[str, list[float]]],
-            cold: dict[str, list[float]]) -> None:
+            cold: dict[str, list[float]], writer_cpu: dict[str, list[float]]) -> None:
     (args.out / "results.json").write_text(json.dumps(report, indent=2))
     print(f"\nwriter alone, {args.writer_chunks} chunks of {CHUNK_TOKENS} tokens into {args.disk_dir} "
           f"(median of {args.writer_samples}):")
-    print("| code | writer MB/s | plain write loop MB/s | writer / plain |\n| --- | --- | --- | --- |")
+    print("| code | writer MB/s | plain write loop MB/s | writer / plain | writer MB per CPU-second |\n"
+          "| --- | --- | --- | --- | --- |")
     for variant in variants:
         w, p = median(writer[variant.name]), median(plain)
-        print(f"| {variant.name} | {w:.0f} | {p:.0f} | {w / p:.2f} |")
+        print(f"| {variant.name} | {w:.0f} | {p:.0f} | {w / p:.2f} | {median(writer_cpu[variant.name]):.0f} |")
     if warm:
         print(f"\n(a) warm TTFT of a {args.tokens}-token prompt served from L1 (disk tier on), median of "
               f"{args.rounds} rounds:")
