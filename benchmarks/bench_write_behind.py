@@ -38,7 +38,7 @@ import tempfile
 import textwrap
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmesh.bench.openai_client import stream_completion
