@@ -1,8 +1,11 @@
 """TieredStore over a real L1 and real lower tiers (an in-memory arena and a disk directory)."""
 
+import os
+import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from kvmesh.codecs import KiviCodec, RawCodec, get_codec
@@ -208,3 +211,52 @@ def test_entries_stay_readable_after_the_codec_changes(tmp_path: Path) -> None:
     second.put(b"n" * 16, _chunk(9))
     assert second.flush()
     assert torch.equal(second.get(b"n" * 16), _chunk(9))
+
+
+def test_a_raw_entry_reaches_disk_and_a_byte_tier_as_the_same_bytes(tmp_path: Path) -> None:
+    disk, lower = DiskTier(tmp_path, 64 * MiB), _lower()  # takes parts / takes one buffer
+    store = TieredStore(_l1(), [disk, lower])
+    chunk = _chunk(3)
+    store.put(b"r" * 16, chunk)
+    assert store.flush()
+    assert disk.get(b"r" * 16) == lower.get(b"r" * 16) == RawCodec().encode(chunk)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="no idle scheduling class here")
+@pytest.mark.parametrize(("priority", "policy"), [("idle", "SCHED_IDLE"), ("normal", "SCHED_OTHER")])
+def test_the_writer_thread_runs_in_the_idle_class_unless_told(tmp_path: Path, priority: str, policy: str) -> None:
+    store = TieredStore(_l1(), [DiskTier(tmp_path, 64 * MiB)], prefetch=False, writer_priority=priority)
+    store.put(b"p" * 16, _chunk(4))
+    assert store.flush()  # the writer has started its loop
+    writer = next(t for t in store._threads if t.name == "kvmesh-writer")
+    assert os.sched_getscheduler(writer.native_id) == getattr(os, policy)
+    prefetcher = next(t for t in store._threads if t.name.startswith("kvmesh-prefetcher"))
+    assert os.sched_getscheduler(prefetcher.native_id) == os.SCHED_OTHER  # reads stay at normal priority
+    store.close()
+
+
+def test_an_entry_stays_pinned_in_l1_until_its_disk_write_is_done(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmesh.tiers import disk as disk_module
+
+    writing, finish = threading.Event(), threading.Event()
+    real = disk_module._writev_all
+
+    def gated(fd: int, views: list[memoryview]) -> None:
+        writing.set()
+        assert finish.wait(30)
+        real(fd, views)
+
+    monkeypatch.setattr(disk_module, "_writev_all", gated)
+    disk = DiskTier(tmp_path, 64 * MiB)
+    chunk_bytes = _chunk(0).numel() * 2
+    store = TieredStore(_l1(4 * chunk_bytes), [disk], prefetch=False)
+    first = b"a" * 16
+    store.put(first, _chunk(0))
+    assert writing.wait(30)
+    for i in range(1, 8):  # more than L1 holds: everything but the chunk being written may be evicted
+        store.put(bytes([i]) * 16, _chunk(i))
+    assert store.l1.contains(first) and not disk.contains(first)
+    finish.set()
+    assert store.flush()
+    assert disk.get(first) == RawCodec().encode(_chunk(0))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -31,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 
 from kvmesh.codecs import Codec, CorruptEntry, RawCodec, decode_any, encode_for_tier, header_view
@@ -124,11 +126,43 @@ class _NullObserver:
         pass
 
 
+def _run_when_idle() -> None:
+    """Put the calling thread in the idle scheduling class (else at the lowest nice); best effort.
+
+    Linux schedules a SCHED_IDLE thread only on a core no normal thread wants, and preempts it as soon
+    as one does, so write-behind work never takes time from an engine's compute threads.
+    """
+    tid = threading.get_native_id()
+    try:
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        return
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
+    except (AttributeError, OSError):
+        log.debug("cannot lower the write-behind thread's priority", exc_info=True)
+
+
+def _joined(parts: Sequence[bytes | memoryview]) -> bytes | memoryview:
+    """The parts as one buffer; the copy runs with the GIL released (numpy), unlike ``bytes.join``."""
+    if len(parts) == 1:
+        return parts[0]
+    views = [memoryview(part).cast("B") for part in parts]
+    out = np.empty(sum(view.nbytes for view in views), dtype=np.uint8)
+    at = 0
+    for view in views:
+        np.copyto(out[at:at + view.nbytes], np.frombuffer(view, dtype=np.uint8))
+        at += view.nbytes
+    return memoryview(out)
+
+
 class TieredStore:
     def __init__(self, l1: MemoryTier, lower: Sequence[LowerTier | Tier] = (), codec: Codec | None = None,
                  observer: StoreObserver | None = None, write_queue_bytes: int = 1 << 30,
                  prefetch: bool = True, prefetch_threads: int = 2,
-                 partial_index: PartialIndex | None = None) -> None:
+                 partial_index: PartialIndex | None = None,
+                 writer_priority: Literal["idle", "normal"] = "idle") -> None:
         if prefetch_threads < 1:
             raise ValueError(f"prefetch_threads must be at least 1, got {prefetch_threads}")
         if l1.buffer is None:
@@ -140,6 +174,9 @@ class TieredStore:
         self.observer = observer or _NullObserver()
         self.prefetch_enabled = prefetch
         self._write_queue_bytes = write_queue_bytes
+        # idle: the write-behind thread runs only on CPU time nothing else wants (the engine's compute threads
+        # share these cores; a writer at their priority slows every forward pass, docs/benchmarks.md)
+        self._writer_priority = writer_priority
         self._pending_bytes = 0
         self._pending_lock = threading.Lock()
         self._writes: queue.Queue[tuple[bytes, Extent] | None] = queue.Queue()
@@ -338,6 +375,8 @@ class TieredStore:
         self._writes.put((key, extent))
 
     def _write_loop(self) -> None:
+        if self._writer_priority == "idle":
+            _run_when_idle()
         while (item := self._writes.get()) is not None:
             key, extent = item
             try:
@@ -365,18 +404,26 @@ class TieredStore:
         if not targets:
             return
         meta = TensorMeta.decode(extent.meta)
-        encoded: dict[int, bytes] = {}
+        encoded: dict[int, tuple[bytes | memoryview, ...]] = {}
         for target in targets:
             codec = target.codec  # set for every tier in __init__
             if id(codec) not in encoded:
                 started = time.perf_counter()
-                result = encode_for_tier(codec, self.tensor_at(extent), meta.view)
-                encoded[id(codec)] = result.data
-                self.observer.encoded(result.codec, meta.nbytes, len(result.data), time.perf_counter() - started)
-            data = encoded[id(codec)]
+                if isinstance(codec, RawCodec):  # header + a view of the pinned extent: no copy of the chunk
+                    parts: tuple[bytes | memoryview, ...] = codec.encode_parts(self.tensor_at(extent), meta.view)
+                    name = codec.name
+                else:
+                    result = encode_for_tier(codec, self.tensor_at(extent), meta.view)
+                    parts, name = (result.data,), result.codec
+                encoded[id(codec)] = parts
+                self.observer.encoded(name, meta.nbytes, sum(len(p) for p in parts), time.perf_counter() - started)
+            parts = encoded[id(codec)]
+            # a tier that takes parts writes them as they lie; any other gets one joined copy
+            data = parts if getattr(target.tier, "accepts_parts", False) else _joined(parts)
+            nbytes = sum(memoryview(p).nbytes for p in parts)
             started = time.perf_counter()
             if self._guard(target.tier, "put", lambda t=target.tier, d=data: t.put(key, d), False):
-                self.observer.tier_write(target.tier.name, len(data), time.perf_counter() - started)
+                self.observer.tier_write(target.tier.name, nbytes, time.perf_counter() - started)
                 self._index_partial(target.tier, key)
 
     def _index_partial(self, tier: Tier, key: bytes) -> None:

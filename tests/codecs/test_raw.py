@@ -48,3 +48,13 @@ def test_other_layout_is_refused() -> None:
 def test_unknown_codec_name() -> None:
     with pytest.raises(ValueError, match="raw"):
         get_codec("gzip9000")
+
+
+def test_encode_parts_is_the_entry_without_copying_the_payload() -> None:
+    chunk = torch.randn(2, 2, 8, 2, 4).to(torch.bfloat16)
+    header, payload = RawCodec().encode_parts(chunk)
+    assert header + bytes(payload) == RawCodec().encode(chunk)
+    chunk.view(torch.uint8).view(-1)[0] ^= 0xFF  # the payload is a view of the chunk's own bytes ...
+    assert bytes(payload[:1]) == bytes(chunk.view(torch.uint8).view(-1)[:1].numpy())
+    chunk.view(torch.uint8).view(-1)[0] ^= 0xFF  # ... and once restored, the joined parts decode to it
+    assert torch.equal(decode_any(header + bytes(payload)).view(torch.uint8), chunk.view(torch.uint8))

@@ -208,14 +208,15 @@ import os, sys, time
 from kvmesh.tiers import disk
 tier = disk.DiskTier(sys.argv[1], 1 << 30)
 tier.put(bytes(16), b"whole" * 1000)
-write_all = disk._write_all
-def slow_write_all(fd, view):
-    if len(view) > 1_000_000:  # the big payload: write half, say so, then hang
-        os.write(fd, view[: len(view) // 2])
+writev_all = disk._writev_all
+def slow_writev_all(fd, views):
+    data = b"".join(views)
+    if len(data) > 1_000_000:  # the big entry: write half, say so, then hang
+        os.write(fd, data[: len(data) // 2])
         open(sys.argv[2], "w").close()
         time.sleep(60)
-    write_all(fd, view)
-disk._write_all = slow_write_all
+    writev_all(fd, views)
+disk._writev_all = slow_writev_all
 tier.put(b"\\xff" * 16, os.urandom(8 << 20))
 """
 
@@ -263,11 +264,11 @@ def test_disk_full_is_a_rejected_store_without_leftovers(tmp_path: Path,
     tier = DiskTier(tmp_path, 1 << 30)
     assert tier.put(_key(1), b"a" * 1000)
 
-    def full(fd: int, view: memoryview) -> None:
-        os.write(fd, view[:10])
+    def full(fd: int, views: list[memoryview]) -> None:
+        os.write(fd, views[0][:10])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(disk, "_write_all", full)
+    monkeypatch.setattr(disk, "_writev_all", full)
     assert tier.put(_key(2), b"b" * 1000) is False
     stats = tier.stats()
     assert (stats.rejected_stores, stats.errors, stats.entries) == (1, 0, 1)
@@ -461,3 +462,45 @@ def test_an_index_write_fault_is_a_counted_miss(tmp_path: Path) -> None:
     again = DiskTier(tmp_path, 1 << 20)  # the blocker is not an index: skipped, counted, no exception
     assert again.partials(_key(1)) == []
     assert again.get(_key(10)) == b"ten"
+
+
+def test_a_put_of_parts_stores_their_concatenation(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 1 << 24)
+    parts = [b"head", memoryview(_payload(1, 100_000)), bytearray(b""), _payload(2, 7)]
+    assert tier.put(_key(1), parts)
+    whole = b"".join(bytes(p) for p in parts)
+    assert tier.get(_key(1)) == whole
+    assert tier.stats().bytes_used == entry_size(_key(1), len(whole)) == _disk_bytes(tmp_path)
+    assert DiskTier(tmp_path, 1 << 24).get(_key(1)) == whole  # the same checksum a one-piece put writes
+
+
+def test_writev_all_finishes_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.writev
+    monkeypatch.setattr(disk.os, "writev", lambda fd, views: real(fd, [bytes(views[0])[:3]]))  # 3 bytes a call
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        disk._writev_all(fd, [memoryview(b"abcdefg"), memoryview(b""), memoryview(b"hij")])
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"abcdefghij"
+
+
+def test_an_entry_being_written_is_invisible_until_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = DiskTier(tmp_path, 1 << 24)
+    writing, finish = threading.Event(), threading.Event()
+    real = disk._writev_all
+
+    def gated(fd: int, views: list[memoryview]) -> None:
+        writing.set()
+        assert finish.wait(30)
+        real(fd, views)
+
+    monkeypatch.setattr(disk, "_writev_all", gated)
+    writer = threading.Thread(target=tier.put, args=(_key(1), [b"x" * 10, b"y" * 10]))
+    writer.start()
+    assert writing.wait(30)
+    assert not tier.contains(_key(1)) and tier.get(_key(1)) is None
+    assert [p.name for p in _files(tmp_path) if p.name.endswith(disk.SUFFIX)] == []
+    finish.set()
+    writer.join(30)
+    assert tier.get(_key(1)) == b"x" * 10 + b"y" * 10

@@ -67,13 +67,20 @@ class Codec(Protocol):
 
 def pack_entry(codec_id: int, dtype: torch.dtype, shape: tuple[int, ...], payload: bytes | memoryview,
                params: bytes = b"") -> bytes:
+    return b"".join((pack_header(codec_id, dtype, shape, payload, params), payload))
+
+
+def pack_header(codec_id: int, dtype: torch.dtype, shape: tuple[int, ...], payload: bytes | memoryview,
+                params: bytes = b"") -> bytes:
+    """The header that :func:`pack_entry` puts before ``payload`` (which it checksums but does not copy)."""
     if len(shape) > 5:
         raise ValueError(f"at most 5 dimensions can be stored, got shape {shape}")
     padded = tuple(shape) + (0,) * (5 - len(shape))
+    payload = memoryview(payload).cast("B")
     fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, codec_id, DTYPE_CODES[dtype], len(shape), *padded,
-                        len(params), len(payload), xxhash.xxh3_64_intdigest(payload))
+                        len(params), payload.nbytes, xxhash.xxh3_64_intdigest(payload))
     head = fixed + params
-    return b"".join((head, _HEADER_CHECKSUM.pack(xxhash.xxh32_intdigest(head)), payload))
+    return head + _HEADER_CHECKSUM.pack(xxhash.xxh32_intdigest(head))
 
 
 def read_header(data: bytes | memoryview) -> EntryHeader:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from kvmesh.tensorbytes import tensor_bytes
-from kvmesh.codecs.base import CorruptEntry, checked_payload, output_for, pack_entry, read_header
+from kvmesh.codecs.base import CorruptEntry, checked_payload, output_for, pack_header, read_header
 from kvmesh.codecs.kvview import view_code
 
 
@@ -18,8 +18,17 @@ class RawCodec:
     lossless = True
 
     def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
+        return b"".join(self.encode_parts(chunk, view))
+
+    def encode_parts(self, chunk: torch.Tensor, view: str = "chunk") -> tuple[bytes, memoryview]:
+        """The entry as (header, payload) without copying the payload: a view of ``chunk``'s own bytes.
+
+        What :meth:`encode` returns is the two joined; a tier that writes both parts (one ``writev``)
+        stores the same bytes with no copy of a 6 MB chunk, and the view stays valid while ``chunk`` does.
+        """
         params = b"" if view == "chunk" else bytes([view_code(view)])  # entries of chunk view predate views
-        return pack_entry(self.codec_id, chunk.dtype, tuple(chunk.shape), tensor_bytes(chunk.cpu()), params)
+        payload = tensor_bytes(chunk.cpu())
+        return pack_header(self.codec_id, chunk.dtype, tuple(chunk.shape), payload, params), payload
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
