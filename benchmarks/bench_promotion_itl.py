@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work-dir", default="/var/tmp", help="where the disk tier lives (a real disk)")
     parser.add_argument("--json", help="write the raw figures here")
+    parser.add_argument("--kvmesh-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a kvmesh setting for the engine and its daemon (repeatable)")
     args = parser.parse_args()
 
     model = str(prepare_demo_model(default_model_dir()))
@@ -88,6 +90,7 @@ def main() -> None:
     settings: dict[str, object] = {
         "instance": f"itl-{uuid.uuid4().hex[:8]}", "socket_dir": str(work / "sock"), "l1_size": "1GiB",
         "l1_prefault": False, "http_port": 0, "disk_path": str(work / "disk"),
+        **dict(item.split("=", 1) for item in args.kvmesh_set),
     }
     docs = document_token_ids(tokenizer, args.rounds + 1, args.prompt_tokens, seed=11)
     decode_prompt = question_prompt(tokenizer, docs[-1][:40], "Write a long story about it.")

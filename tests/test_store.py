@@ -235,6 +235,19 @@ def test_the_writer_thread_runs_in_the_idle_class_unless_told(tmp_path: Path, pr
     store.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="no idle scheduling class here")
+def test_prefetch_threads_run_in_the_idle_class_when_asked(tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path, 64 * MiB)
+    store = TieredStore(_l1(), [disk], prefetch_priority="idle")
+    deadline = time.monotonic() + 10
+    prefetchers = [t for t in store._threads if t.name.startswith("kvmesh-prefetcher")]
+    while time.monotonic() < deadline and any(os.sched_getscheduler(t.native_id) != os.SCHED_IDLE
+                                              for t in prefetchers):
+        time.sleep(0.01)  # each thread sets its own class as it starts
+    assert prefetchers and all(os.sched_getscheduler(t.native_id) == os.SCHED_IDLE for t in prefetchers)
+    store.close()
+
+
 def test_an_entry_stays_pinned_in_l1_until_its_disk_write_is_done(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from kvmesh.tiers import disk as disk_module

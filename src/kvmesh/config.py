@@ -186,6 +186,10 @@ class KVMeshConfig:
         2, parse_int,
         "Threads that move chunks from disk or Redis into L1 (read, then decode): with two, one chunk's read "
         "overlaps another's decode and compressed entries decode on two cores.")
+    prefetch_priority: str = _opt(
+        "normal", _choice("normal", "idle"),
+        "CPU priority of the prefetch threads: normal, or idle (Linux's idle scheduling class: promotions run "
+        "only on CPU time the engine does not want, as writes behind always do).")
     instance: str = _opt(
         "default", parse_str,
         "Name of the node daemon; engines that name the same instance share one L1. "
@@ -359,7 +363,7 @@ class KVMeshConfig:
 DAEMON_KEYS: tuple[str, ...] = (
     "l1_size", "disk_path", "disk_size", "disk_write_policy", "redis_url", "redis_cluster", "redis_namespace",
     "redis_ttl_seconds", "redis_timeout_seconds", "redis_write_policy", "redis_admission", "write_queue_size",
-    "prefetch", "prefetch_threads", "lease_seconds", "codec", "disk_codec", "redis_codec", "http_port",
+    "prefetch", "prefetch_threads", "prefetch_priority", "lease_seconds", "codec", "disk_codec", "redis_codec", "http_port",
     "http_host",
 )
 

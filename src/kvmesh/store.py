@@ -162,7 +162,8 @@ class TieredStore:
                  observer: StoreObserver | None = None, write_queue_bytes: int = 1 << 30,
                  prefetch: bool = True, prefetch_threads: int = 2,
                  partial_index: PartialIndex | None = None,
-                 writer_priority: Literal["idle", "normal"] = "idle") -> None:
+                 writer_priority: Literal["idle", "normal"] = "idle",
+                 prefetch_priority: Literal["idle", "normal"] = "normal") -> None:
         if prefetch_threads < 1:
             raise ValueError(f"prefetch_threads must be at least 1, got {prefetch_threads}")
         if l1.buffer is None:
@@ -177,6 +178,7 @@ class TieredStore:
         # idle: the write-behind thread runs only on CPU time nothing else wants (the engine's compute threads
         # share these cores; a writer at their priority slows every forward pass, docs/benchmarks.md)
         self._writer_priority = writer_priority
+        self._prefetch_priority = prefetch_priority  # idle: promotions too yield every core to the engine
         self._pending_bytes = 0
         self._pending_lock = threading.Lock()
         self._writes: queue.Queue[tuple[bytes, Extent] | None] = queue.Queue()
@@ -457,6 +459,8 @@ class TieredStore:
         self._prefetches.put(key)
 
     def _prefetch_loop(self) -> None:
+        if self._prefetch_priority == "idle":
+            _run_when_idle()
         while (key := self._prefetches.get()) is not None:
             try:
                 self._promote(key)

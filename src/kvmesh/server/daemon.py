@@ -72,7 +72,7 @@ class NodeDaemon:
         self.metrics = DaemonMetrics(lambda: self.store.stats())
         self.store = TieredStore(MemoryTier(config.l1_size, self.segment.buffer), build_lower_tiers(config),
                                  None, self.metrics, config.write_queue_size, config.prefetch,
-                                 config.prefetch_threads)
+                                 config.prefetch_threads, prefetch_priority=config.prefetch_priority)  # type: ignore[arg-type]
         self._store_lock = threading.Lock()  # guards leases; the store locks itself
         self._leases: dict[str, _Lease] = {}
         self._sessions: set[_Session] = set()  # connections that said which engine they serve
