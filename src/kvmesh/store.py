@@ -163,7 +163,7 @@ class TieredStore:
                  prefetch: bool = True, prefetch_threads: int = 2,
                  partial_index: PartialIndex | None = None,
                  writer_priority: Literal["idle", "normal"] = "idle",
-                 prefetch_priority: Literal["idle", "normal"] = "normal") -> None:
+                 prefetch_priority: Literal["idle", "normal"] = "idle") -> None:
         if prefetch_threads < 1:
             raise ValueError(f"prefetch_threads must be at least 1, got {prefetch_threads}")
         if l1.buffer is None:
