@@ -112,6 +112,14 @@ def _prompt(name: str, tokens: int = 4 * CHUNK + 5) -> FakeRequest:
     return FakeRequest(f"{name}-{uuid.uuid4().hex[:6]}", [1000 + (i * 7) % 5000 for i in range(tokens)])
 
 
+def _store_then_restart(config: KVMeshConfig, source: Engine, request: FakeRequest) -> None:
+    """Store the prompt, wait for its writes behind, stop the daemon: the next one starts with an empty L1."""
+    source.compute_and_save(request, SOURCE_BLOCKS)
+    with KVMeshClient(config) as client:
+        client.flush()
+        client.shutdown_daemon()
+
+
 SOURCE_BLOCKS = list(range(0, 9))
 TARGET_BLOCKS = list(range(20, 29))
 
@@ -195,10 +203,7 @@ def test_a_corrupt_disk_entry_is_a_miss(tmp_path: Path) -> None:
     try:
         source = Engine(config, seed=6)
         request = _prompt("f")
-        source.compute_and_save(request, SOURCE_BLOCKS)
-        with KVMeshClient(config) as client:
-            client.flush()
-            client.shutdown_daemon()
+        _store_then_restart(config, source, request)
         files = sorted((tmp_path / "disk").rglob("*.kv"))
         assert len(files) == 4
         for path in files:  # flip a byte in the middle of every entry
@@ -220,10 +225,7 @@ def test_chunks_on_disk_are_loaded_once_promoted_and_the_scheduler_is_told_to_as
     try:
         source = Engine(config, seed=7)
         request = _prompt("g")
-        source.compute_and_save(request, SOURCE_BLOCKS)
-        with KVMeshClient(config) as client:
-            client.flush()
-            client.shutdown_daemon()
+        _store_then_restart(config, source, request)
         target = Engine(config)  # a new daemon: the chunks are on disk only
         assert target.scheduler.num_new_matched_tokens(request, 0) is None  # promotion started, not awaited
         tokens, loads = target.plan_load(request, TARGET_BLOCKS)
@@ -242,10 +244,7 @@ def test_a_corrupt_redis_entry_is_a_miss(tmp_path: Path, redis_server: RedisServ
     try:
         source = Engine(config, seed=8)
         request = _prompt("h")
-        source.compute_and_save(request, SOURCE_BLOCKS)
-        with KVMeshClient(config) as client:
-            client.flush()
-            client.shutdown_daemon()
+        _store_then_restart(config, source, request)
         redis = redis_server.client()
         keys = [key for key in redis.scan_iter(f"{namespace}*")]
         assert keys
