@@ -188,10 +188,16 @@ def test_concurrent_requests_with_shared_and_distinct_prefixes(
 
 
 def test_a_second_engine_on_another_node_is_served_through_redis(
-        engine: EngineServer, prompts: dict[str, list[int]], reference: dict[str, tuple[str, str]],
-        kvmesh_settings: dict[str, object], tmp_path: Path) -> None:
-    """Engine B has its own daemon (its own L1, as on another node) and shares only Redis with engine A."""
+        engine: EngineServer, prompts: dict[str, list[int]], kvmesh_settings: dict[str, object],
+        tmp_path: Path) -> None:
+    """Engine B has its own daemon (its own L1, as on another node) and shares only Redis with engine A.
+
+    The reference is engine A's answer served from the same stored KV: F's entries may have been computed
+    inside an earlier test's batch, whose bf16 numerics differ from a prompt computed alone.
+    """
     _ask(engine, prompts["F"])
+    _evict(engine, prompts, "B", "C")
+    served_on_a = _ask(engine, prompts["F"]).text  # from kvmesh, loaded to the depth engine B will load
     with _client(kvmesh_settings) as client:
         client.flush()  # A's write-behind to Redis is done
     other = {**kvmesh_settings, "instance": f"{kvmesh_settings['instance']}-b", "socket_dir": str(tmp_path)}
@@ -201,7 +207,7 @@ def test_a_second_engine_on_another_node_is_served_through_redis(
             answer = _ask(engine_b, prompts["F"]).text
             assert _metric(other, "kvmesh_loaded_tokens_total") >= BLOCK
             assert _metric(other, "kvmesh_tier_read_bytes_total{tier=redis}") > 0
-            assert answer == reference["F"][1]
+            assert answer == served_on_a
     finally:
         _shutdown_daemon(other)
 
