@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -38,3 +40,28 @@ def daemon_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KVMeshCo
 def client(daemon_config: KVMeshConfig) -> Iterator[KVMeshClient]:
     with KVMeshClient(daemon_config) as kv_client:
         yield kv_client
+
+
+@dataclass
+class DiskWriteGate:
+    """Holds every DiskTier file write until ``finish`` is set; ``writing`` is set when one is held."""
+
+    writing: threading.Event = field(default_factory=threading.Event)
+    finish: threading.Event = field(default_factory=threading.Event)
+
+
+@pytest.fixture
+def gated_disk_writes(monkeypatch: pytest.MonkeyPatch) -> DiskWriteGate:
+    """Stop DiskTier writes mid-file, to look at what is visible while one is in flight."""
+    from kvmesh.tiers import disk
+
+    gate = DiskWriteGate()
+    real = disk._writev_all
+
+    def gated(fd: int, views: list[memoryview]) -> None:
+        gate.writing.set()
+        assert gate.finish.wait(30)
+        real(fd, views)
+
+    monkeypatch.setattr(disk, "_writev_all", gated)
+    return gate

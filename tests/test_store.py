@@ -145,8 +145,6 @@ def test_a_failing_tier_is_a_miss_not_an_error() -> None:
 
 def test_concurrent_promotions_of_one_key_all_see_it(tmp_path: Path) -> None:
     """The prefetcher and a reader promoting the same chunk: both must end with it pinned, never a miss."""
-    import threading
-
     disk = DiskTier(tmp_path, 64 * MiB)
     keys = [bytes([i]) * 16 for i in range(12)]
     for key in keys:
@@ -249,19 +247,8 @@ def test_prefetch_threads_run_in_the_idle_class_when_asked(tmp_path: Path) -> No
     store.close()
 
 
-def test_an_entry_stays_pinned_in_l1_until_its_disk_write_is_done(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvmesh.tiers import disk as disk_module
-
-    writing, finish = threading.Event(), threading.Event()
-    real = disk_module._writev_all
-
-    def gated(fd: int, views: list[memoryview]) -> None:
-        writing.set()
-        assert finish.wait(30)
-        real(fd, views)
-
-    monkeypatch.setattr(disk_module, "_writev_all", gated)
+def test_an_entry_stays_pinned_in_l1_until_its_disk_write_is_done(tmp_path: Path, gated_disk_writes) -> None:  # noqa: ANN001
+    writing, finish = gated_disk_writes.writing, gated_disk_writes.finish
     disk = DiskTier(tmp_path, 64 * MiB)
     chunk_bytes = _chunk(0).numel() * 2
     store = TieredStore(_l1(4 * chunk_bytes), [disk], prefetch=False)

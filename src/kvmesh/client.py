@@ -268,9 +268,9 @@ class KVMeshClient:
             return LookupResult(0, [])
         reply = self._call({"op": "lookup", "keys": [k.hex for k in keys], "partials": partials,
                             "tokens": [k.num_tokens for k in keys], "count": count})
-        found = [PartialCandidate(bytes.fromhex(item[0]), int(item[1]), bool(item[2]) if len(item) > 2 else True)
-                 for item in reply["partials"]]
-        return LookupResult(reply["hits"], found, frozenset(reply.get("below_l1", ())))
+        found = [PartialCandidate(bytes.fromhex(key), int(tokens), bool(resident))
+                 for key, tokens, resident in reply["partials"]]
+        return LookupResult(reply["hits"], found, frozenset(reply["below_l1"]))
 
     # ------------------------------------------------------------------- stores
     def reserve(self, keys: Sequence[ChunkKey], metas: Sequence[TensorMeta],

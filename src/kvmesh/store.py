@@ -130,7 +130,7 @@ def _run_when_idle() -> None:
     """Put the calling thread in the idle scheduling class (else at the lowest nice); best effort.
 
     Linux schedules a SCHED_IDLE thread only on a core no normal thread wants, and preempts it as soon
-    as one does, so write-behind work never takes time from an engine's compute threads.
+    as one does, so writes behind and promotions never take time from an engine's compute threads.
     """
     tid = threading.get_native_id()
     try:
@@ -141,7 +141,7 @@ def _run_when_idle() -> None:
     try:
         os.setpriority(os.PRIO_PROCESS, tid, 19)
     except (AttributeError, OSError):
-        log.debug("cannot lower the write-behind thread's priority", exc_info=True)
+        log.debug("cannot lower a background thread's priority", exc_info=True)
 
 
 def _joined(parts: Sequence[bytes | memoryview]) -> bytes | memoryview:

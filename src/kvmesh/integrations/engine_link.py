@@ -38,24 +38,20 @@ class DaemonLink:
 
     def connect_at_start(self) -> None:
         """Reach (or start) the daemon while the engine starts; a mismatching daemon stops the engine."""
-        try:
-            self._client = KVMeshClient(self.config, engine=self.engine)
-        except CacheFault as err:
-            self._retry_at = time.monotonic() + RECONNECT_SECONDS
-            self.fault("connect", f"kvmesh daemon unavailable, serving without cache: {err}", err)
+        self._open(absorbed=(CacheFault,))
 
     def client(self) -> KVMeshClient | None:
         """The daemon connection, opened on first use; None (a miss) while no usable daemon can be had."""
-        if self._client is None:
-            if time.monotonic() < self._retry_at:
-                return None  # a recent attempt failed: requests go on without cache until the next try
-            try:
-                self._client = KVMeshClient(self.config, engine=self.engine)
-            except ABSORBED as err:
-                self._retry_at = time.monotonic() + RECONNECT_SECONDS
-                self.fault("connect", f"kvmesh daemon unavailable, serving without cache: {err}", err)
-                return None
+        if self._client is None and time.monotonic() >= self._retry_at:  # a recent failure waits its turn
+            self._open(absorbed=ABSORBED)
         return self._client
+
+    def _open(self, absorbed: tuple[type[BaseException], ...]) -> None:
+        try:
+            self._client = KVMeshClient(self.config, engine=self.engine)
+        except absorbed as err:
+            self._retry_at = time.monotonic() + RECONNECT_SECONDS
+            self.fault("connect", f"kvmesh daemon unavailable, serving without cache: {err}", err)
 
     def fault(self, kind: str, message: str, err: BaseException) -> None:
         """Record a fault of the cache: logged once per kind (a config mismatch every time), counted."""

@@ -37,7 +37,7 @@ from pathlib import Path
 import xxhash
 
 from kvmesh.tiers.base import TierStats
-from kvmesh.tiers.disk_partials import INDEX_SUFFIX, DiskPartials
+from kvmesh.tiers.disk_partials import INDEX_SUFFIX, DiskPartials, key_in_name
 from kvmesh.tiers.eviction import LRUPolicy
 
 log = logging.getLogger(__name__)
@@ -404,12 +404,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _key_of(filename: str) -> bytes | None:
-    if filename.startswith(".") or not filename.endswith(SUFFIX):
-        return None
-    try:
-        return bytes.fromhex(filename[:-len(SUFFIX)])
-    except ValueError:
-        return None
+    return key_in_name(filename, SUFFIX)
 
 
 def _alive(pid: int) -> bool:

@@ -177,9 +177,14 @@ class DiskPartials:
 
 
 def _parent_of(filename: str) -> bytes | None:
-    if filename.startswith(".") or not filename.endswith(INDEX_SUFFIX):
+    return key_in_name(filename, INDEX_SUFFIX)
+
+
+def key_in_name(filename: str, suffix: str) -> bytes | None:
+    """The key a tier file is named after (``<hex key><suffix>``); None for any other name."""
+    if filename.startswith(".") or not filename.endswith(suffix):
         return None
     try:
-        return bytes.fromhex(filename[:-len(INDEX_SUFFIX)])
+        return bytes.fromhex(filename[:-len(suffix)])
     except ValueError:
         return None
