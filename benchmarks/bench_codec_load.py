@@ -43,8 +43,8 @@ from bench_tiers import disk_root, drop_from_cache, entry_files, redis_server, r
 from kvmesh.bench.texts import document_token_ids
 from kvmesh.codecs import decode_any, get_codec
 from kvmesh.codecs.kvview import kv_targets
-from kvmesh.demo import cache_to_chunk
-from kvmesh.model import default_model_dir
+from kvmesh.demo.run import cache_to_chunk
+from kvmesh.demo.model import default_model_dir
 from kvmesh.store import LowerTier, TieredStore
 from kvmesh.tiers.disk import DiskTier
 from kvmesh.tiers.memory import MemoryTier

@@ -44,7 +44,7 @@ import blake3
 import numpy as np
 
 from kvmesh import fingerprint as fp
-from kvmesh.model import default_model_dir
+from kvmesh.demo.model import default_model_dir
 
 # One Llama-3-8B decoder layer's tensors (bf16): name suffix -> shape
 LAYER = {

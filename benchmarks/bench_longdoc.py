@@ -30,7 +30,7 @@ from kvmesh.bench.servers import EngineServer, EngineSpec, free_port
 from kvmesh.bench.texts import document_token_ids
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
-from kvmesh.model import default_model_dir, prepare_demo_model
+from kvmesh.demo.model import default_model_dir, prepare_demo_model
 
 BYTES_PER_TOKEN = 23_040
 REPO = Path(__file__).resolve().parents[1]

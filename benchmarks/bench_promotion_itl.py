@@ -34,7 +34,7 @@ from kvmesh.bench.servers import EngineServer, EngineSpec
 from kvmesh.bench.texts import document_token_ids, question_prompt
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
-from kvmesh.model import default_model_dir, prepare_demo_model
+from kvmesh.demo.model import default_model_dir, prepare_demo_model
 
 
 def percentile(values: list[float], q: float) -> float:

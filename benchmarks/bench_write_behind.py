@@ -46,7 +46,7 @@ from kvmesh.bench.servers import EngineServer, EngineSpec
 from kvmesh.bench.texts import document_token_ids
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
-from kvmesh.model import default_model_dir, prepare_demo_model
+from kvmesh.demo.model import default_model_dir, prepare_demo_model
 
 BYTES_PER_TOKEN = 23_040
 CHUNK_TOKENS = 256

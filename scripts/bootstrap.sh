@@ -22,7 +22,8 @@ pip_install() {
     fi
 }
 
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$(stamp_value)" ]; then
+WANT="$(stamp_value)"  # read before installing: an edit during the install must not be stamped as installed
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "[bootstrap] installing kvmesh and its dependencies into .venv (a few minutes the first time)"
     pip_install "--upgrade pip" -q --upgrade pip
     # The CPU build of torch lies in the local wheel folder; install it first so nothing pulls a CUDA build.
@@ -33,7 +34,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$(stamp_value)" ]; then
     # PyPI's torchvision/torchaudio/torchcodec break imports beside the CPU torch.
     .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     .venv/bin/python -c "import torch, kvmesh, transformers, pytest; assert torch.__version__.startswith('2.13.0'), torch.__version__"
-    stamp_value > "$STAMP"
+    echo "$WANT" > "$STAMP"
 fi
 export HF_HUB_OFFLINE=1
 export VLLM_CPU_NUM_OF_RESERVED_CPU=0

@@ -1,14 +1,16 @@
-"""Shared fixtures: a private node daemon per test session on a temporary socket directory."""
+"""Shared fixtures: a private node daemon per test session, gated disk writes, real redis-server processes."""
 
 from __future__ import annotations
 
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import pytest
+from redis_servers import RedisClusterServers, RedisServer, start_cluster
 
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
@@ -65,3 +67,34 @@ def gated_disk_writes(monkeypatch: pytest.MonkeyPatch) -> DiskWriteGate:
 
     monkeypatch.setattr(disk, "_writev_all", gated)
     return gate
+
+
+# ------------------------------------------------------------------ real redis-server processes
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One server shared by the tests that only need a working Redis (use distinct namespaces)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start servers of one's own (``factory(extra_args=...)``); all are stopped after the test."""
+    started: list[RedisServer] = []
+
+    def factory(extra_args: tuple[str, ...] = ()) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis{len(started)}", extra_args=extra_args)
+        started.append(server)
+        return server.start()
+
+    yield factory
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    cluster = start_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.stop()

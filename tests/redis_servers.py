@@ -1,8 +1,8 @@
 """Real ``redis-server`` processes for the Redis tier's tests: single servers and a 3-master cluster.
 
 The tier is tested against the real server (no fakes), each server on a free
-loopback port in a temporary directory, without persistence.  Test modules
-import the fixtures they use from here.  ``redis-server``/``redis-cli`` come
+loopback port in a temporary directory, without persistence.  The fixtures
+that start them are in ``conftest.py``.  ``redis-server``/``redis-cli`` come
 from ``scripts/ensure_redis.sh``, which is run once if they are missing.
 """
 
@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import redis
 
 from kvmesh.bench.servers import free_port
@@ -131,34 +130,3 @@ def _cluster_info(node: RedisServer) -> str:
     done = subprocess.run(["redis-cli", "-p", str(node.port), "cluster", "info"],
                           capture_output=True, text=True, timeout=5)
     return done.stdout
-
-
-# ------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One server shared by the tests that only need a working Redis (use distinct namespaces)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
-    """Start servers of one's own (``factory(extra_args=...)``); all are stopped after the test."""
-    started: list[RedisServer] = []
-
-    def factory(extra_args: tuple[str, ...] = ()) -> RedisServer:
-        server = RedisServer(tmp_path / f"redis{len(started)}", extra_args=extra_args)
-        started.append(server)
-        return server.start()
-
-    yield factory
-    for server in started:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
-    cluster = start_cluster(tmp_path_factory.mktemp("redis-cluster"))
-    yield cluster
-    cluster.stop()

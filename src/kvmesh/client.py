@@ -29,8 +29,8 @@ from kvmesh.tensorbytes import copy_tensor
 from kvmesh.config import KVMeshConfig, describe_mismatch
 from kvmesh.keys import ChunkKey
 from kvmesh.layout import DTYPES, dtype_name
-from kvmesh.server.protocol import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
-from kvmesh.server.shm import SharedSegment
+from kvmesh.wire import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
+from kvmesh.shm import SharedSegment
 from kvmesh.store import TensorMeta
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class KVMeshClient:
             return sock
         if not self.config.autostart_daemon:
             raise DaemonUnavailable(
-                f"no kvmesh daemon answers on {path}; start one with `kvmesh server` "
+                f"no kvmesh daemon answers on {path}; start one with `kvmesh daemon` "
                 "or set autostart_daemon: true")
         try:
             self._spawn_daemon()
@@ -205,7 +205,7 @@ class KVMeshClient:
         log.info("starting kvmesh daemon for instance %s", self.config.instance)
         with open(self._daemon_log_path(), "ab") as out:
             launcher = subprocess.Popen(
-                [sys.executable, "-m", "kvmesh.server", "--detach",
+                [sys.executable, "-m", "kvmesh.daemon", "--detach",
                  "--config-json", json.dumps(self.config.to_dict())],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -1,7 +1,7 @@
 from transformers import AutoTokenizer
 
 from kvmesh.bench.workloads import MultiRoundSpec, multi_round
-from kvmesh.model import default_model_dir, prepare_demo_model
+from kvmesh.demo.model import default_model_dir, prepare_demo_model
 
 
 def _tokenizer():

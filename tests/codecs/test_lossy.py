@@ -18,8 +18,8 @@ def real_kv() -> torch.Tensor:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvmesh.bench.texts import document_token_ids
-    from kvmesh.demo import cache_to_chunk
-    from kvmesh.model import default_model_dir
+    from kvmesh.demo.run import cache_to_chunk
+    from kvmesh.demo.model import default_model_dir
 
     path = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

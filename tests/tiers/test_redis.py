@@ -12,14 +12,7 @@ import redis
 from kvmesh.tiers.base import PartialIndexed, Tier
 from kvmesh.tiers.breaker import BreakerState, CircuitBreaker
 from kvmesh.tiers.redis import RedisTier
-from redis_servers import (  # noqa: F401  (pytest finds the fixtures by these names)
-    RedisClusterServers,
-    RedisServer,
-    free_port,
-    redis_cluster,
-    redis_server,
-    redis_server_factory,
-)
+from redis_servers import RedisClusterServers, RedisServer, free_port
 
 SMALL_VALUES = 100_000  # max_value_bytes that splits a 1 MB value into 11 parts
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import TracebackType
 
 from kvmesh.bench.openai_client import EndpointError, wait_until_ready
-from kvmesh.serve import build_serve_command
+from kvmesh.integrations.vllm.serve import build_serve_command
 
 
 def free_port() -> int:

@@ -30,6 +30,11 @@ SYSTEMS: dict[str, str] = {
 }
 
 
+def lmcache_venv_default() -> Path:
+    """Where benchmarks/peers/setup_lmcache.sh put LMCache: $LMCACHE_VENV, else ./.venv-lmcache (run from the repo)."""
+    return Path(os.environ.get("LMCACHE_VENV", ".venv-lmcache")).resolve()
+
+
 class LMCacheServer:
     """LMCache's multi-process server, from its own virtual environment (see benchmarks/peers/setup_lmcache.sh)."""
 
@@ -128,7 +133,7 @@ def prepare_system(name: str, model: str, pool_bytes: int, max_model_len: int, w
         settings.update(kvmesh_overrides or {})
         spec.kvmesh = system.kvmesh = settings
     elif name.startswith("lmcache"):
-        venv = lmcache_venv or Path(__file__).resolve().parents[3] / ".venv-lmcache"
+        venv = lmcache_venv or lmcache_venv_default()
         disk = work / f"lmcache-disk-{uuid.uuid4().hex[:6]}" if name == "lmcache-disk" else None
         system.peer = LMCacheServer(venv, work / f"{name}-server.log", disk).start()
         spec.python = system.peer.python

@@ -1,4 +1,4 @@
-"""``python -m kvmesh.server [--config-json JSON] [--detach]``: run the node daemon.
+"""``python -m kvmesh.daemon [--config-json JSON] [--detach]``: run the node daemon.
 
 ``--detach`` (what clients use to auto-start one) forks and lets the parent
 exit at once, so the daemon is nobody's child: an engine that kills its own
@@ -14,7 +14,7 @@ import sys
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvmesh.server")
+    parser = argparse.ArgumentParser(prog="python -m kvmesh.daemon")
     parser.add_argument("--config-json", default="{}", help="kvmesh config keys as a JSON object")
     parser.add_argument("--detach", action="store_true", help="fork into the background and return at once")
     args = parser.parse_args()
@@ -24,16 +24,16 @@ def main() -> int:
         os.setsid()
 
     from kvmesh.config import ConfigError, KVMeshConfig
-    from kvmesh.server.daemon import DaemonAlreadyRunning, run_daemon
+    from kvmesh.daemon.service import DaemonAlreadyRunning, run_daemon
 
     try:
         config = KVMeshConfig.load(json.loads(args.config_json))
         run_daemon(config)
     except ConfigError as err:
-        print(f"kvmesh server: {err}", file=sys.stderr)
+        print(f"kvmesh daemon: {err}", file=sys.stderr)
         return 2
     except DaemonAlreadyRunning as err:
-        print(f"kvmesh server: {err}", file=sys.stderr)
+        print(f"kvmesh daemon: {err}", file=sys.stderr)
         return 0
     return 0
 

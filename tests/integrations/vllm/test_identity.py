@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from kvmesh.config import KVMeshConfig
 from kvmesh.fingerprint import FingerprintError
-from kvmesh.integrations.identity import engine_model_identity, lora_identity
+from kvmesh.integrations.vllm.identity import engine_model_identity, lora_identity
 
 
 def _checkpoint(directory: Path, weight: float = 0.0) -> Path:

@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 from kvmesh.client import CacheFault, LookupResult
 from kvmesh.config import KVMeshConfig
-from kvmesh.integrations.engine_link import ABSORBED, DaemonLink
-from kvmesh.integrations.engine_shape import EngineKVShape
-from kvmesh.integrations.planner import (
+from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
+from kvmesh.integrations.vllm.engine_shape import EngineKVShape
+from kvmesh.integrations.vllm.planner import (
     LoadPlan,
     RequestTracker,
     SavePlan,

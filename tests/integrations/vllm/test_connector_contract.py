@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 import torch
-from redis_servers import RedisServer, redis_server  # noqa: F401 - fixtures
+from redis_servers import RedisServer
 
 from kvmesh.client import ConfigMismatch, DaemonUnavailable, KVMeshClient
 from kvmesh.config import KVMeshConfig
-from kvmesh.integrations.engine_link import DaemonLink
-from kvmesh.integrations.engine_shape import EngineKVShape
-from kvmesh.integrations.scheduler import SchedulerSide
-from kvmesh.integrations.worker import UnsupportedEngine, WorkerSide
+from kvmesh.integrations.vllm.engine_link import DaemonLink
+from kvmesh.integrations.vllm.engine_shape import EngineKVShape
+from kvmesh.integrations.vllm.scheduler import SchedulerSide
+from kvmesh.integrations.vllm.worker import UnsupportedEngine, WorkerSide
 
 BLOCK = 16
 CHUNK = 32

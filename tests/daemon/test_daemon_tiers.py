@@ -12,13 +12,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from redis_servers import RedisServer, free_port, redis_server, redis_server_factory  # noqa: F401 - fixtures
+from redis_servers import RedisServer, free_port
 
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
-from kvmesh.integrations.planner import match_prefix
+from kvmesh.integrations.vllm.planner import match_prefix
 from kvmesh.keys import ROOT, chunk_keys, model_namespace
-from kvmesh.server.daemon import NodeDaemon
+from kvmesh.daemon.service import NodeDaemon
 from kvmesh.store import TensorMeta
 
 NS = model_namespace("tier-test", "L4.H2.D32.bfloat16")
@@ -103,7 +103,7 @@ def test_redis_down_then_back_never_fails_a_request(tmp_path: Path, redis_server
 
 
 def test_tiers_with_one_codec_spec_share_the_codec_so_entries_are_encoded_once(tmp_path: Path) -> None:
-    from kvmesh.server.daemon import build_lower_tiers
+    from kvmesh.daemon.service import build_lower_tiers
 
     shared = build_lower_tiers(KVMeshConfig.from_mapping(
         {"disk_path": str(tmp_path / "a"), "redis_url": "redis://127.0.0.1:1/0", "codec": "lossless"}))

@@ -28,8 +28,8 @@ from kvmesh.bench.servers import EngineServer, EngineSpec, free_port
 from kvmesh.bench.texts import document_token_ids, question_prompt
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
-from kvmesh.model import default_model_dir, prepare_demo_model
-from redis_servers import RedisServer, redis_server  # noqa: F401 - fixtures
+from kvmesh.demo.model import default_model_dir, prepare_demo_model
+from redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -322,7 +322,7 @@ def test_the_default_lossy_codec_serves_vllm_pages_from_disk(
     0 of 4 like either reference).
     """
     from kvmesh.codecs import DEFAULT_LOSSY
-    from kvmesh.integrations.vllm import cpu_page_view
+    from kvmesh.integrations.vllm.connector import cpu_page_view
     from kvmesh.layout import DTYPES
 
     if cpu_page_view(DTYPES["bfloat16"], BLOCK, 64) == "opaque":

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from kvmesh.config import KVMeshConfig
 
-CONNECTOR = {"kv_connector": "KVMeshConnector", "kv_connector_module_path": "kvmesh.integrations.vllm",
+CONNECTOR = {"kv_connector": "KVMeshConnector", "kv_connector_module_path": "kvmesh.integrations.vllm.connector",
              "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
 
 

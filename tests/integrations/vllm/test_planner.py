@@ -1,4 +1,4 @@
-from kvmesh.integrations.planner import RequestTracker, match_prefix, plan_load_chunks, plan_save_chunks
+from kvmesh.integrations.vllm.planner import RequestTracker, match_prefix, plan_load_chunks, plan_save_chunks
 from kvmesh.keys import ROOT, chunk_keys, model_namespace
 
 NS = model_namespace("m", "L1")

@@ -27,9 +27,9 @@ from typing import Any
 from kvmesh import __version__
 from kvmesh.config import KVMeshConfig
 from kvmesh.keys import ROOT
-from kvmesh.server.metrics import DaemonMetrics, start_http
-from kvmesh.server.protocol import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
-from kvmesh.server.shm import SharedSegment
+from kvmesh.daemon.metrics import DaemonMetrics, start_http
+from kvmesh.wire import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
+from kvmesh.shm import SharedSegment
 from kvmesh.codecs import Codec, get_codec
 from kvmesh.store import LowerTier, TieredStore
 from kvmesh.tiers.memory import Extent, MemoryTier, ReserveStatus

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmesh import model as demo
-from kvmesh.model import DEMO_MODEL_NAME, DemoModelError
+from kvmesh.demo import model as demo
+from kvmesh.demo.model import DEMO_MODEL_NAME, DemoModelError
 
 pytestmark = pytest.mark.slow
 

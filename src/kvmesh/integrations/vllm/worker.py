@@ -19,9 +19,9 @@ import torch
 
 from kvmesh.client import CacheFault, LeaseLost
 from kvmesh.config import KVMeshConfig
-from kvmesh.integrations.engine_link import ABSORBED, DaemonLink
-from kvmesh.integrations.engine_shape import EngineKVShape
-from kvmesh.integrations.planner import LoadPlan, SavePlan
+from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
+from kvmesh.integrations.vllm.engine_shape import EngineKVShape
+from kvmesh.integrations.vllm.planner import LoadPlan, SavePlan
 from kvmesh.layout import DTYPES, PageJob, move_pages
 from kvmesh.store import TensorMeta
 

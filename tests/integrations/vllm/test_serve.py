@@ -3,7 +3,7 @@ import json
 import pytest
 
 from kvmesh.config import ConfigError
-from kvmesh.serve import build_serve_command
+from kvmesh.integrations.vllm.serve import build_serve_command
 
 
 def test_serve_command_enables_the_connector_and_passes_other_arguments_through() -> None:
@@ -12,7 +12,7 @@ def test_serve_command_enables_the_connector_and_passes_other_arguments_through(
     assert command.argv[:5] == ["/usr/bin/python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/m"]
     transfer = json.loads(command.argv[command.argv.index("--kv-transfer-config") + 1])
     assert transfer["kv_connector"] == "KVMeshConnector"
-    assert transfer["kv_connector_module_path"] == "kvmesh.integrations.vllm"
+    assert transfer["kv_connector_module_path"] == "kvmesh.integrations.vllm.connector"
     assert transfer["kv_load_failure_policy"] == "recompute"
     settings = transfer["kv_connector_extra_config"]
     assert settings["l1_size"] == "1GiB"
@@ -37,3 +37,14 @@ def test_a_configured_or_disabled_disk_is_left_alone() -> None:
         command = build_serve_command("m", [], given)
         transfer = json.loads(command.argv[command.argv.index("--kv-transfer-config") + 1])
         assert transfer["kv_connector_extra_config"]["disk_path"] == given["disk_path"]
+
+
+def test_the_package_path_of_earlier_configurations_still_names_the_connector() -> None:
+    import importlib
+
+    package = importlib.import_module("kvmesh.integrations.vllm")
+    from kvmesh.integrations.vllm.connector import KVMeshConnector
+
+    assert getattr(package, "KVMeshConnector") is KVMeshConnector
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        getattr(package, "Nope")

@@ -9,7 +9,7 @@ import torch
 from kvmesh.client import DaemonUnavailable, KVMeshClient
 from kvmesh.config import KVMeshConfig
 from kvmesh.keys import chunk_keys, model_namespace
-from kvmesh.server.daemon import DaemonAlreadyRunning, NodeDaemon
+from kvmesh.daemon.service import DaemonAlreadyRunning, NodeDaemon
 from kvmesh.store import TensorMeta
 
 NS = model_namespace("test-model", "L4.H2.D32.bfloat16")
@@ -89,7 +89,7 @@ def test_second_daemon_for_the_same_instance_is_refused(client: KVMeshClient,
 def test_no_daemon_and_no_autostart_says_what_to_do(tmp_path) -> None:
     config = KVMeshConfig.from_mapping({"socket_dir": str(tmp_path), "instance": "absent",
                                         "autostart_daemon": False})
-    with pytest.raises(DaemonUnavailable, match="kvmesh server"):
+    with pytest.raises(DaemonUnavailable, match="kvmesh daemon"):
         KVMeshClient(config)
 
 

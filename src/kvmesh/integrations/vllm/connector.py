@@ -3,7 +3,7 @@
 Enable it with::
 
     --kv-transfer-config '{"kv_connector": "KVMeshConnector",
-                           "kv_connector_module_path": "kvmesh.integrations.vllm",
+                           "kv_connector_module_path": "kvmesh.integrations.vllm.connector",
                            "kv_role": "kv_both",
                            "kv_connector_extra_config": {"chunk_size": 256}}'
 
@@ -40,12 +40,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvmesh.config import KVMeshConfig
-from kvmesh.integrations.engine_link import DaemonLink
-from kvmesh.integrations.engine_shape import EngineKVShape, cpu_page_view
-from kvmesh.integrations.identity import engine_model_identity, lora_identity
-from kvmesh.integrations.planner import LoadPlan, SavePlan
-from kvmesh.integrations.scheduler import SchedulerSide
-from kvmesh.integrations.worker import WorkerSide
+from kvmesh.integrations.vllm.engine_link import DaemonLink
+from kvmesh.integrations.vllm.engine_shape import EngineKVShape, cpu_page_view
+from kvmesh.integrations.vllm.identity import engine_model_identity, lora_identity
+from kvmesh.integrations.vllm.planner import LoadPlan, SavePlan
+from kvmesh.integrations.vllm.scheduler import SchedulerSide
+from kvmesh.integrations.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
