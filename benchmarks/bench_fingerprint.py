@@ -187,7 +187,7 @@ def hash_by_reading(files: list[Path]) -> None:
 
 def hash_one_thread(files: list[Path]) -> None:
     for path in files:
-        fp._hash_file(path, max_threads=1)
+        fp.hash_file(path, max_threads=1)
 
 
 def prepare(files: list[Path], cache: str) -> None:

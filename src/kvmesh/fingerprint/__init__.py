@@ -21,39 +21,41 @@ hits; so when in doubt a file or field is included.
 
 Weight digests are slow to compute and never change for a file that has not
 changed, so each one is cached in a small JSON file keyed by the file's
-resolved path, size, ``mtime_ns`` and inode (:class:`DigestCache`).
+resolved path, size, ``mtime_ns`` and inode (:class:`~kvmesh.fingerprint.cache.DigestCache`).
+File hashing is in ``hashing.py``, the cache in ``cache.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import struct
-import tempfile
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import blake3
+from kvmesh.fingerprint.cache import CACHE_ENV, DEFAULT_CACHE_PATH, DigestCache
+from kvmesh.fingerprint.hashing import (
+    DIGEST_BYTES,
+    SAMPLE_BLOCK_BYTES,
+    SAMPLE_BLOCKS,
+    FingerprintError,
+    combine,
+    hash_bytes,
+    hash_file,
+    read_safetensors_header,
+    sample_offsets,
+    sampled_tensors_digest,
+)
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT_VERSION = b"kvmesh-model-fingerprint-v1"
-DIGEST_BYTES = 16  # 128 bits, like the chunk keys: collisions are out of reach
-CACHE_ENV = "KVMESH_FINGERPRINT_CACHE"
-DEFAULT_CACHE_PATH = "~/.cache/kvmesh/fingerprints.json"
-_CACHE_FORMAT = 1
 
 Content = Literal["sampled", "full"]
 #: How much of a safetensors file's tensor bytes the weights digest reads by default.
 DEFAULT_CONTENT: Content = "sampled"
-#: Sampled digests read this many blocks of each tensor larger than their sum ...
-SAMPLE_BLOCKS = 16
-#: ... of this many bytes each, the first at the tensor's start and the last at its end.
-SAMPLE_BLOCK_BYTES = 64 * 1024
 
 #: config.json fields written by the tools that saved the checkpoint, read by no engine.
 IGNORED_CONFIG_FIELDS = frozenset({
@@ -79,11 +81,6 @@ _OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".gguf")
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
                   "float": "float32", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn",
                   "fp8_e5m2": "float8_e5m2"}
-_READ_BYTES = 16 * 1024 * 1024
-
-
-class FingerprintError(ValueError):
-    """The model (or adapter) cannot be fingerprinted; the message names it and what to do."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +180,8 @@ def model_fingerprint(model_dir: str | os.PathLike[str], *, tokenizer_dir: str |
         if tokenizer.is_dir():
             tok = tokenizer_digest(tokenizer)
         else:  # a GGUF file carries its tokenizer
-            tok = _combine(b"tokenizer-in-file", weights_digest([tokenizer], content=content, cache=cache))
-    digest = _combine(FINGERPRINT_VERSION, config, tok, weights, kv_dtype, revision or "")
+            tok = combine(b"tokenizer-in-file", weights_digest([tokenizer], content=content, cache=cache))
+    digest = combine(FINGERPRINT_VERSION, config, tok, weights, kv_dtype, revision or "")
     return ModelIdentity(digest=digest, config=config, tokenizer=tok, weights=weights, dtype=kv_dtype,
                          revision=revision, content=content, weight_files=len(files),
                          weight_bytes=sum(f.stat().st_size for f in files))
@@ -210,7 +207,7 @@ def lora_fingerprint(lora_dir: str | os.PathLike[str], *, content: Content = "fu
     with DigestCache.open(cache_path, enabled=use_cache) as cache:
         weights = weights_digest(files, content=content, cache=cache)
     config = _json_digest(config_file, IGNORED_ADAPTER_FIELDS)
-    return _combine(b"kvmesh-lora-fingerprint-v1", config, tokenizer_digest(lora), weights)
+    return combine(b"kvmesh-lora-fingerprint-v1", config, tokenizer_digest(lora), weights)
 
 
 def _is_adapter_weight(name: str) -> bool:
@@ -243,7 +240,7 @@ def config_digest(model: Path) -> str:
     its config is inside the file, which the weights digest hashes in full.
     """
     if model.is_file():
-        return _combine(b"config-in-weights")
+        return combine(b"config-in-weights")
     for name in _CONFIG_FILES:
         if (model / name).is_file():
             config = _strip(_load_json(model / name), IGNORED_CONFIG_FIELDS)
@@ -251,7 +248,7 @@ def config_digest(model: Path) -> str:
                 config["torch_dtype"] = config.pop("dtype")
             elif isinstance(config, dict) and config.get("dtype", object()) == config.get("torch_dtype"):
                 del config["dtype"]
-            return _combine(name.encode(), _canonical_digest(config))
+            return combine(name.encode(), _canonical_digest(config))
     raise FingerprintError(f"kvmesh cannot fingerprint model {str(model)!r}: it has no config.json; set "
                            "the kvmesh config key `model_fingerprint` to name it")
 
@@ -272,9 +269,9 @@ def tokenizer_digest(tokenizer: Path) -> str:
         if path.name == "tokenizer_config.json":
             digest = _json_digest(path, IGNORED_TOKENIZER_FIELDS)
         else:
-            digest = _hash_file(path, max_threads=1)
+            digest = hash_file(path, max_threads=1)
         parts += [name, digest]
-    return _combine(b"tokenizer", *parts)
+    return combine(b"tokenizer", *parts)
 
 
 def _tokenizer_files(tokenizer: Path) -> list[Path]:
@@ -340,7 +337,7 @@ def weights_digest(files: Iterable[Path], *, content: Content = DEFAULT_CONTENT,
             digest = _weight_file_digest(path, content)
             cache.put(path, kind, digest)
         parts += [path.name, digest]
-    return _combine(b"weights", *parts)
+    return combine(b"weights", *parts)
 
 
 def _digest_kind(path: Path, content: Content) -> str:
@@ -354,98 +351,11 @@ def _digest_kind(path: Path, content: Content) -> str:
 
 def _weight_file_digest(path: Path, content: Content) -> str:
     if path.suffix != ".safetensors":
-        return _hash_file(path)
+        return hash_file(path)
     header, data_start, tensors = read_safetensors_header(path)
     if content == "full":
-        return _combine(b"safetensors-full", _hash_bytes(header), _hash_file(path))
-    return _combine(b"safetensors-sampled", _hash_bytes(header), _sampled_tensors_digest(path, data_start, tensors))
-
-
-def read_safetensors_header(path: Path) -> tuple[bytes, int, list[tuple[str, int, int]]]:
-    """The raw header (length prefix included), where tensor data starts, and (name, begin, end) per tensor.
-
-    Offsets are relative to the data start, as in the file; tensors come in file order.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) != 8:
-            raise FingerprintError(f"{path} is not a safetensors file (shorter than its header length)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > size - 8:
-            raise FingerprintError(f"{path} is not a safetensors file (header of {length} bytes in a "
-                                   f"{size}-byte file)")
-        raw = f.read(length)
-    try:
-        header = json.loads(raw)
-        tensors = [(name, int(info["data_offsets"][0]), int(info["data_offsets"][1]))
-                   for name, info in header.items() if name != "__metadata__"]
-    except (ValueError, TypeError, KeyError, IndexError) as err:
-        raise FingerprintError(f"{path} has a malformed safetensors header ({err})") from err
-    data_start = 8 + length
-    if any(not 0 <= begin <= end <= size - data_start for _, begin, end in tensors):
-        raise FingerprintError(f"{path} has a tensor outside the file; is it truncated?")
-    return prefix + raw, data_start, sorted(tensors, key=lambda t: (t[1], t[2], t[0]))
-
-
-def sample_offsets(nbytes: int, blocks: int = SAMPLE_BLOCKS, block: int = SAMPLE_BLOCK_BYTES) -> list[tuple[int, int]]:
-    """(offset, length) of the blocks a sampled digest reads from a tensor of ``nbytes`` bytes.
-
-    All of it when it is no bigger than the blocks together; else ``blocks``
-    evenly spaced blocks, the first at byte 0 and the last ending at the end.
-    """
-    if nbytes <= blocks * block:
-        return [(0, nbytes)]
-    span = nbytes - block
-    return [(span * i // (blocks - 1), block) for i in range(blocks)]
-
-
-def _sampled_tensors_digest(path: Path, data_start: int, tensors: list[tuple[str, int, int]]) -> str:
-    hasher = blake3.blake3(b"sampled-v1")
-    hasher.update(struct.pack("<QQ", SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES))
-    fd = os.open(path, os.O_RDONLY)  # no POSIX_FADV_RANDOM: small tensors would lose read-ahead
-    try:
-        for name, begin, end in tensors:
-            encoded = name.encode()
-            hasher.update(struct.pack("<QQQ", len(encoded), begin, end))
-            hasher.update(encoded)
-            for offset, length in sample_offsets(end - begin):
-                hasher.update(_pread_exact(fd, length, data_start + begin + offset, path))
-    finally:
-        os.close(fd)
-    return hasher.hexdigest(DIGEST_BYTES)
-
-
-def _pread_exact(fd: int, length: int, offset: int, path: Path) -> bytes:
-    data = os.pread(fd, length, offset)
-    while len(data) < length:
-        more = os.pread(fd, length - len(data), offset + len(data))
-        if not more:
-            raise FingerprintError(f"{path} ended while its tensors were being read; is it truncated?")
-        data += more
-    return data
-
-
-def _hash_file(path: Path, max_threads: int = blake3.blake3.AUTO) -> str:
-    """blake3 of a whole file: memory-mapped and hashed on every core unless told otherwise."""
-    hasher = blake3.blake3(max_threads=max_threads)
-    if path.stat().st_size:
-        hasher.update_mmap(path)
-    return hasher.hexdigest(DIGEST_BYTES)
-
-
-def _hash_bytes(data: bytes) -> str:
-    return blake3.blake3(data).hexdigest(DIGEST_BYTES)
-
-
-def _combine(tag: bytes, *parts: str) -> str:
-    """One digest of a tag and strings, each length-prefixed so no two sequences collide."""
-    hasher = blake3.blake3(tag)
-    for part in parts:
-        encoded = part.encode()
-        hasher.update(len(encoded).to_bytes(8, "little"))
-        hasher.update(encoded)
-    return hasher.hexdigest(DIGEST_BYTES)
+        return combine(b"safetensors-full", hash_bytes(header), hash_file(path))
+    return combine(b"safetensors-sampled", hash_bytes(header), sampled_tensors_digest(path, data_start, tensors))
 
 
 def _json_digest(path: Path, ignored: frozenset[str]) -> str:
@@ -462,7 +372,7 @@ def _load_json(path: Path) -> Any:
 
 def _canonical_digest(data: Any) -> str:
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return _hash_bytes(canonical.encode())
+    return hash_bytes(canonical.encode())
 
 
 def _strip(value: Any, ignored: frozenset[str]) -> Any:
@@ -473,118 +383,9 @@ def _strip(value: Any, ignored: frozenset[str]) -> Any:
     return value
 
 
-# ---------------------------------------------------------------------------------------------
-# The digest cache
-
-
-@dataclass
-class DigestCache:
-    """File digests by (resolved path, size, mtime_ns, inode), in one small JSON file.
-
-    Rewriting a file changes its mtime (and usually its inode), so a stale
-    entry is never used; the price is that a file edited in place with its
-    mtime restored by hand keeps its old digest.  The file is written
-    atomically (temporary file + rename) and merged with what other processes
-    wrote meanwhile; an unreadable or corrupt one is ignored and rewritten; a
-    cache that cannot be written (read-only home) only costs re-hashing.
-    ``path`` defaults to ``$KVMESH_FINGERPRINT_CACHE``, else
-    ``~/.cache/kvmesh/fingerprints.json``; ``None`` disables the cache.
-    """
-
-    path: Path | None
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    changed: set[str] = field(default_factory=set)
-
-    @classmethod
-    def disabled(cls) -> DigestCache:
-        return cls(path=None)
-
-    @classmethod
-    def default_path(cls) -> Path:
-        return Path(os.path.expanduser(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_PATH))
-
-    @classmethod
-    @contextlib.contextmanager
-    def open(cls, path: str | os.PathLike[str] | None = None, *, enabled: bool = True) -> Iterator[DigestCache]:
-        """The cache at ``path`` (or the default), saved when the block ends without an error."""
-        if not enabled:
-            yield cls.disabled()
-            return
-        cache = cls(path=Path(path).expanduser() if path is not None else cls.default_path())
-        cache.files = _load_cache_files(cache.path)
-        yield cache
-        cache.save()
-
-    def get(self, file: Path, kind: str) -> str | None:
-        if self.path is None:
-            return None
-        resolved, stamp = _stamp(file)
-        entry = self.files.get(resolved)
-        if entry is None or entry.get("stat") != stamp:
-            return None
-        digest = entry.get("digests", {}).get(kind)
-        return digest if isinstance(digest, str) else None
-
-    def put(self, file: Path, kind: str, digest: str) -> None:
-        if self.path is None:
-            return
-        resolved, stamp = _stamp(file)
-        entry = self.files.get(resolved)
-        if entry is None or entry.get("stat") != stamp:  # a changed file's old digests are dropped
-            entry = self.files[resolved] = {"stat": stamp, "digests": {}}
-        entry["digests"][kind] = digest
-        self.changed.add(resolved)
-
-    def save(self) -> None:
-        """Write this process's new entries over what is on disk now; a failure is only logged."""
-        if self.path is None or not self.changed:
-            return
-        merged = _load_cache_files(self.path)
-        merged.update({name: self.files[name] for name in self.changed})
-        try:
-            _write_atomically(self.path, json.dumps({"format": _CACHE_FORMAT, "files": merged}, indent=0))
-        except OSError as err:
-            log.warning("kvmesh: cannot write the fingerprint cache %s (%s); weights will be re-hashed",
-                        self.path, err)
-            return
-        self.files, self.changed = merged, set()
-
-
-def _stamp(file: Path) -> tuple[str, list[int]]:
-    resolved = file.resolve()
-    st = resolved.stat()
-    return str(resolved), [st.st_size, st.st_mtime_ns, st.st_ino]
-
-
-def _load_cache_files(path: Path) -> dict[str, dict[str, Any]]:
-    """The cache's entries; an absent, unreadable or malformed file (or entry) reads as empty."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as err:
-        log.warning("kvmesh: ignoring the unreadable fingerprint cache %s (%s)", path, err)
-        return {}
-    files = data.get("files") if isinstance(data, dict) and data.get("format") == _CACHE_FORMAT else None
-    if not isinstance(files, dict):
-        return {}
-    return {name: entry for name, entry in files.items() if _valid_entry(entry)}
-
-
-def _valid_entry(entry: Any) -> bool:
-    return (isinstance(entry, dict) and isinstance(entry.get("digests"), dict)
-            and isinstance(entry.get("stat"), list) and len(entry["stat"]) == 3
-            and all(isinstance(v, int) for v in entry["stat"]))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+__all__ = [
+    "CACHE_ENV", "DEFAULT_CACHE_PATH", "DEFAULT_CONTENT", "DIGEST_BYTES", "SAMPLE_BLOCKS", "SAMPLE_BLOCK_BYTES",
+    "DigestCache", "FingerprintError", "ModelIdentity", "config_digest", "hash_file", "lora_fingerprint",
+    "model_fingerprint", "normalize_dtype", "read_safetensors_header", "resolve_model_dir", "sample_offsets",
+    "tokenizer_digest", "weight_files", "weights_digest",
+]
