@@ -43,8 +43,8 @@ from bench_tiers import disk_root, drop_from_cache, entry_files, redis_server, r
 from kvmesh.bench.texts import document_token_ids
 from kvmesh.codecs import decode_any, get_codec
 from kvmesh.codecs.kvview import kv_targets
-from kvmesh.demo.run import cache_to_chunk
 from kvmesh.demo.model import default_model_dir
+from kvmesh.demo.run import cache_to_chunk
 from kvmesh.store import LowerTier, TieredStore
 from kvmesh.tiers.disk import DiskTier
 from kvmesh.tiers.memory import MemoryTier
@@ -143,7 +143,7 @@ def main() -> None:
         for round_index in range(args.rounds + 1):  # the first round warms L1's pages and is not counted
             shift = round_index % len(cases)
             for spec, threads in cases[shift:] + cases[:shift]:
-                for name, tier in tiers.items():
+                for name in tiers:
                     store = stores[(name, threads)]
                     states = ["cold", "warm"] if name == "disk" else [""]
                     for state in states:

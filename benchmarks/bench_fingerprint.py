@@ -27,6 +27,7 @@ installed); "warm" runs read them first unless ``fincore`` says they are all cac
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -232,10 +233,13 @@ def measure(name: str, model: Path, repeats: int, alt_repeats: int, work: Path) 
     cases: list[Case] = []
     for content in ("sampled", "full"):
         cache_file = work / f"cache-{content}.json"
-        fingerprint = (lambda c=content, f=cache_file: fp.model_fingerprint(model, dtype="bfloat16", content=c,
-                                                                           cache_path=f))
-        empty = (lambda f=cache_file: f.unlink(missing_ok=True))
-        filled = (lambda f=cache_file, run=fingerprint: None if f.exists() else run())
+        fingerprint = functools.partial(fp.model_fingerprint, model, dtype="bfloat16", content=content,
+                                        cache_path=cache_file)
+        empty = functools.partial(cache_file.unlink, missing_ok=True)
+
+        def filled(f: Path = cache_file, run: Callable[[], object] = fingerprint) -> None:
+            if not f.exists():
+                run()
         cases += [Case(f"model_fingerprint, {content}, empty digest cache", cache, fingerprint, repeats, empty)
                   for cache in ("cold", "warm")]
         cases.append(Case(f"model_fingerprint, {content}, filled digest cache", "cold", fingerprint, repeats, filled))

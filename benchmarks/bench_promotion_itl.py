@@ -106,7 +106,7 @@ def main() -> None:
             dropped = drop_page_cache(work / "disk")
             stream_completion(server.base_url, model, decode_prompt[:20], 2)  # the engine reconnects
             results: dict[str, CompletionResult] = {}
-            decoder = threading.Thread(target=lambda: results.update(
+            decoder = threading.Thread(target=lambda results=results: results.update(
                 d=stream_completion(server.base_url, model, decode_prompt, args.decode_tokens)))
             decoder.start()
             time.sleep(args.delay)

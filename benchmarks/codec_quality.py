@@ -38,8 +38,8 @@ import torch
 
 from kvmesh.bench.texts import document_token_ids
 from kvmesh.codecs import decode_any, get_codec
-from kvmesh.demo.run import cache_to_chunk, chunks_to_cache
 from kvmesh.demo.model import default_model_dir
+from kvmesh.demo.run import cache_to_chunk, chunks_to_cache
 
 CHUNK = 256
 FOLLOW = 256

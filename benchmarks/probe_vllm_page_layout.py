@@ -27,8 +27,8 @@ from kvmesh.bench.texts import document_token_ids
 from kvmesh.client import KVMeshClient
 from kvmesh.codecs.kvview import PAGE_VIEWS, kv_parts
 from kvmesh.config import KVMeshConfig
-from kvmesh.integrations.vllm.engine_shape import cpu_page_view
 from kvmesh.demo.model import default_model_dir
+from kvmesh.integrations.vllm.engine_shape import cpu_page_view
 
 LAYERS, HEADS, BLOCK, HEAD = 30, 3, 128, 64
 

@@ -6,14 +6,14 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
-from redis_servers import RedisClusterServers, RedisServer, start_cluster
 
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
+from redis_servers import RedisClusterServers, RedisServer, start_cluster
 
 
 def _daemon_config(tmp_dir: str, l1_size: str) -> KVMeshConfig:

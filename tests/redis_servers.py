@@ -12,10 +12,10 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import redis
 
 from kvmesh.bench.servers import free_port
@@ -67,7 +67,7 @@ class RedisServer:
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"redis-server on port {self.port} did not start in {timeout} s")
+                    raise RuntimeError(f"redis-server on port {self.port} did not start in {timeout} s") from None
                 time.sleep(0.02)
 
     def stop(self) -> None:

@@ -135,7 +135,8 @@ def test_safetensors_header_is_hashed_even_when_the_bytes_are_equal(tmp_path: Pa
     a = make_model(tmp_path / "a")
     b = make_model(tmp_path / "b")
     reshaped = tensors()
-    reshaped["model.layers.0.self_attn.q_proj.weight"] = reshaped["model.layers.0.self_attn.q_proj.weight"].reshape(8, 32)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    reshaped[name] = reshaped[name].reshape(8, 32)
     save_file(reshaped, str(b / "model.safetensors"))
     assert (a / "model.safetensors").stat().st_size == (b / "model.safetensors").stat().st_size
     assert ident(a).weights != ident(b).weights

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -24,7 +24,7 @@ app.add_typer(config_app, name="config")
 console = Console()
 err_console = Console(stderr=True)
 
-SetOption = Annotated[Optional[list[str]], typer.Option(
+SetOption = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a config key: --set l1_size=4GiB (repeatable).")]
 
 
@@ -55,7 +55,7 @@ def _model_dir(config: KVMeshConfig, dest: Path | None) -> Path:
 
 @model_app.command("prepare")
 def model_prepare(
-    dest: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: model_dir/NAME).")] = None,
+    dest: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: model_dir/NAME).")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if a complete checkpoint is there.")] = False,
     check: Annotated[bool, typer.Option(help="Check that greedy decoding knows the capital of France.")] = True,
     set_: SetOption = None,
@@ -244,7 +244,7 @@ def bench_run(
     rounds: Annotated[int, typer.Option(help="multi-round: rounds per user; long-doc: visits per document.")] = 4,
     context: Annotated[int, typer.Option(help="Tokens of each user's document / each long document.")] = 1500,
     answer_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 32,
-    qps: Annotated[Optional[list[float]], typer.Option(help="Offered load (Poisson); repeat to sweep. "
+    qps: Annotated[list[float] | None, typer.Option(help="Offered load (Poisson); repeat to sweep. "
                                                            "Omitted: one request at a time.")] = None,
     concurrency: Annotated[int, typer.Option(help="Most requests in flight.")] = 1,
     warmup_rounds: Annotated[int, typer.Option(help="With --qps: rounds sent one at a time before the Poisson "
@@ -254,8 +254,8 @@ def bench_run(
     ttft_objective: Annotated[float, typer.Option(help="p90 TTFT objective (s) for sustained throughput.")] = 2.0,
     seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("results/bench"),
-    lmcache_venv: Annotated[Optional[Path], typer.Option(help="LMCache's virtual environment.")] = None,
-    kvmesh_set: Annotated[Optional[list[str]], typer.Option(
+    lmcache_venv: Annotated[Path | None, typer.Option(help="LMCache's virtual environment.")] = None,
+    kvmesh_set: Annotated[list[str] | None, typer.Option(
         "--kvmesh-set", help="A kvmesh setting for the kvmesh systems, KEY=VALUE (repeatable); e.g. "
                              "disk_path=DIR twice in a row measures a restart that starts warm.")] = None,
 ) -> None:
@@ -292,7 +292,8 @@ def bench_run(
         err_console.print(f"[red]--workload must be multi-round, long-doc or rag, got {workload!r}[/red]")
         raise typer.Exit(2)
     requests = build(seed)
-    total_context = sum(len(r.prompt) for r in requests if r.round == max(q.round for q in requests if q.user == r.user))
+    last_round = {r.user: max(q.round for q in requests if q.user == r.user) for r in requests}
+    total_context = sum(len(r.prompt) for r in requests if r.round == last_round[r.user])
     console.print(f"{workload}: {len(requests)} requests, prompts {min(len(r.prompt) for r in requests):,}.."
                   f"{max(len(r.prompt) for r in requests):,} tokens; distinct context ~{total_context:,} tokens "
                   f"vs an engine pool of {pool_tokens:,} ({total_context / pool_tokens:.1f}x)")

@@ -29,7 +29,8 @@ class _Handler(BaseHTTPRequestHandler):
             event = {"choices": [{"index": 0, "text": f"t{index} "}]}
             self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
             self.wfile.flush()
-        usage = {"choices": [], "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}}
+        usage = {"choices": [],
+                 "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}}
         self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
 
     def log_message(self, *args: object) -> None:

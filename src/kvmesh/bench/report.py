@@ -129,7 +129,8 @@ def write_plots(runs: Sequence[RunRecord], out: Path) -> list[Path]:
             for tier in tiers:
                 hits = [s.get(f"kvmesh_tier_hits{{tier={tier}}}", 0.0) for s in run.samples]
                 total = max(hits[-1], 1.0)
-                axis.plot(times, [h / total for h in hits], linestyle="--", label=f"{run.system}: {tier} hits (share of final)")
+                axis.plot(times, [h / total for h in hits], linestyle="--",
+                          label=f"{run.system}: {tier} hits (share of final)")
         axis.set_xlabel("time (s)")
         axis.set_ylabel("cumulative hit rate (tokens)")
         axis.set_ylim(0, 1.05)

@@ -45,6 +45,6 @@ def test_the_package_path_of_earlier_configurations_still_names_the_connector() 
     package = importlib.import_module("kvmesh.integrations.vllm")
     from kvmesh.integrations.vllm.connector import KVMeshConnector
 
-    assert getattr(package, "KVMeshConnector") is KVMeshConnector
+    assert package.KVMeshConnector is KVMeshConnector
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
-        getattr(package, "Nope")
+        _ = package.Nope

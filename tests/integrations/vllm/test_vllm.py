@@ -246,7 +246,8 @@ def test_another_model_in_a_folder_of_the_same_name_never_gets_this_models_kv(
             loaded = _metric(kvmesh_settings, "kvmesh_loaded_tokens_total") - loaded
             log_text = other.log_path.read_text()
             shown = subprocess.run(  # what a user sees: both engines' fingerprints
-                [sys.executable, "-m", "kvmesh.cli", "stats", "--json", "--set", f"instance={kvmesh_settings['instance']}",
+                [sys.executable, "-m", "kvmesh.cli", "stats", "--json",
+                 "--set", f"instance={kvmesh_settings['instance']}",
                  "--set", f"socket_dir={kvmesh_settings['socket_dir']}"], capture_output=True, text=True, timeout=120)
             engines = json.loads(shown.stdout)["engines"]
         fingerprints = {e["fingerprint"] for e in engines if e.get("role") == "scheduler"}
