@@ -28,8 +28,8 @@ SetOption = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a config key: --set l1_size=4GiB (repeatable).")]
 
 
-def _overrides(items: list[str] | None) -> dict[str, str]:
-    values = {}
+def _overrides(items: list[str] | None) -> dict[str, object]:
+    values: dict[str, object] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:

@@ -41,6 +41,8 @@ def stream_completion(base_url: str, model: str, prompt: str | list[int], max_to
     parts = urlsplit(base_url)
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
                        "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos})
+    if parts.hostname is None:
+        raise ValueError(f"not an http URL: {base_url!r}")
     connection = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
     started = time.perf_counter()
     try:

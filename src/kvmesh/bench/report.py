@@ -10,6 +10,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from kvmesh.bench.runner import RunRecord
 
@@ -29,11 +30,11 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def summarize(run: RunRecord, references: dict[str, RunRecord] | None = None,
-              ttft_objective: float = 2.0) -> dict[str, object]:
+              ttft_objective: float = 2.0) -> dict[str, Any]:
     """The figures of one run: throughput, TTFT (all and returning rounds), hit rate, agreement with references."""
     ok = [r for r in run.requests if r.error is None]
     returning = [r for r in ok if r.round > 0]
-    summary: dict[str, object] = {
+    summary: dict[str, Any] = {
         "system": run.system, "qps": run.qps, "concurrency": run.concurrency, "requests": len(run.requests),
         "failed": len(run.requests) - len(ok), "req_per_s": len(ok) / run.wall_seconds if run.wall_seconds else 0.0,
         "mean_ttft": _mean([r.ttft for r in ok]), "p90_ttft": _percentile([r.ttft for r in ok], 0.9),
@@ -58,14 +59,14 @@ def summarize(run: RunRecord, references: dict[str, RunRecord] | None = None,
     return summary
 
 
-def sustained_throughput(summaries: Sequence[dict[str, object]], system: str, key: str = "returning_req_per_s"
+def sustained_throughput(summaries: Sequence[dict[str, Any]], system: str, key: str = "returning_req_per_s"
                          ) -> float | None:
     """The best throughput among a system's runs (a QPS sweep) whose returning-round p90 TTFT meets the objective."""
     rates = [float(s[key]) for s in summaries if s["system"] == system and s.get("meets_objective") and key in s]
     return max(rates) if rates else None
 
 
-def markdown_table(summaries: Sequence[dict[str, object]]) -> str:
+def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
     if not summaries:
         return ""
     columns = list(dict.fromkeys(k for s in summaries for k in s))
@@ -107,7 +108,8 @@ def write_plots(runs: Sequence[RunRecord], out: Path) -> list[Path]:
                                      ("req_per_s", "throughput_vs_qps.png", "requests/s")):
             figure, axis = plt.subplots(figsize=(6, 4))
             for system in dict.fromkeys(r.system for r in swept):
-                points = sorted((r.qps, summarize(r).get(metric, float("nan"))) for r in swept if r.system == system)
+                points = sorted((r.qps or 0.0, summarize(r).get(metric, float("nan")))
+                                for r in swept if r.system == system)
                 axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=system)
             axis.set_xlabel("offered load (requests/s)")
             axis.set_ylabel(ylabel)
@@ -146,7 +148,7 @@ def _save(figure, path: Path) -> Path:  # noqa: ANN001
     return path
 
 
-def write_report(runs: Sequence[RunRecord], summaries: Sequence[dict[str, object]], out: Path, title: str,
+def write_report(runs: Sequence[RunRecord], summaries: Sequence[dict[str, Any]], out: Path, title: str,
                  command: str, notes: Sequence[str] = ()) -> dict[str, Path]:
     """results.json, report.md, the PNG plots, and report.html embedding all of them."""
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +164,7 @@ def write_report(runs: Sequence[RunRecord], summaries: Sequence[dict[str, object
     return {"json": results, "markdown": markdown, "html": page, **{p.stem: p for p in plots}}
 
 
-def _html(title: str, command: str, summaries: Sequence[dict[str, object]], plots: Sequence[Path],
+def _html(title: str, command: str, summaries: Sequence[dict[str, Any]], plots: Sequence[Path],
           notes: Sequence[str]) -> str:
     columns = list(dict.fromkeys(k for s in summaries for k in s))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)

@@ -134,7 +134,8 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None, *,
                                "huggingface_hub, which finds cached repos, is not installed; set the kvmesh "
                                "config key `model_fingerprint` to a string that names these weights") from err
     try:
-        snapshot = snapshot_download(repo_id=name_or_path, revision=revision, cache_dir=cache_dir,
+        snapshot = snapshot_download(repo_id=name_or_path, revision=revision,
+                                     cache_dir=None if cache_dir is None else str(cache_dir),
                                      local_files_only=True)
     except Exception as err:  # any failure means: nothing local to hash
         at = f" at revision {revision!r}" if revision else ""

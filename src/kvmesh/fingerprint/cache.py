@@ -55,8 +55,9 @@ class DigestCache:
         if not enabled:
             yield cls.disabled()
             return
-        cache = cls(path=Path(path).expanduser() if path is not None else cls.default_path())
-        cache.files = _load_cache_files(cache.path)
+        where = Path(path).expanduser() if path is not None else cls.default_path()
+        cache = cls(path=where)
+        cache.files = _load_cache_files(where)
         yield cache
         cache.save()
 
