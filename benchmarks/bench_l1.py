@@ -22,14 +22,14 @@ import torch
 
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
-from kvmesh.keys import chunk_keys, model_namespace
+from kvmesh.entry import EntryMeta
+from kvmesh.keys import chunk_keys
 from kvmesh.layout import KVLayout
-from kvmesh.store import TensorMeta
 from kvmesh.tensorbytes import copy_tensor
 
 LAYOUTS = {
-    "SmolLM2-135M (30x3x64 bf16, 23,040 B/token)": (KVLayout(30, 3, 64, "bfloat16"), 32),
-    "Llama-3.1-8B (32x8x128 bf16, 131,072 B/token)": (KVLayout(32, 8, 128, "bfloat16"), 12),
+    "SmolLM2-135M (30x3x64 bf16, 23,040 B/token)": (KVLayout(30, 3, 64, "bfloat16", page_view="chunk"), 32),
+    "Llama-3.1-8B (32x8x128 bf16, 131,072 B/token)": (KVLayout(32, 8, 128, "bfloat16", page_view="chunk"), 12),
 }
 CHUNK = 256
 
@@ -59,7 +59,7 @@ def measure(client: KVMeshClient, layout: KVLayout, count: int, rounds: int, tag
     shape = layout.chunk_shape(CHUNK)
     chunks = [torch.randn(shape).to(torch.bfloat16) for _ in range(count)]
     targets = [torch.zeros_like(c) for c in chunks]
-    meta = TensorMeta(layout.dtype, shape)
+    meta = EntryMeta(layout.dtype, shape)
     nbytes = meta.nbytes * count
     ref_times, put_times, get_times = [], [], []
     for round_index in range(rounds):
@@ -68,7 +68,7 @@ def measure(client: KVMeshClient, layout: KVLayout, count: int, rounds: int, tag
             copy_tensor(target, chunk)
         ref_times.append(time.perf_counter() - started)
         tokens = np.arange(count * CHUNK) + (tag * 1_000_000 + round_index * 100_000)
-        keys = chunk_keys(tokens, model_namespace("bench", layout.fingerprint()), CHUNK)
+        keys = chunk_keys(tokens, layout.namespace("bench"), CHUNK)
         started = time.perf_counter()
         slots = client.reserve(keys, [meta] * count)
         for slot, chunk in zip(slots, chunks):

@@ -28,10 +28,10 @@ import torch
 from kvmesh.tensorbytes import copy_tensor
 from kvmesh.config import KVMeshConfig, describe_mismatch
 from kvmesh.keys import ChunkKey
-from kvmesh.layout import DTYPES, dtype_name
+from kvmesh.entry import DTYPES, dtype_name
 from kvmesh.wire import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
 from kvmesh.shm import SharedSegment
-from kvmesh.store import TensorMeta
+from kvmesh.entry import EntryMeta as TensorMeta  # the name this module uses for an entry's description
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 A prompt's token ids are cut into chunks of ``chunk_size`` tokens.  Chunk ``i``
 is keyed by ``blake3(parent key || namespace || chunk length || token ids)``,
-where the parent is chunk ``i-1``'s key and the namespace folds in the model /
-KV-layout fingerprint and the tenant salt.  Because keys chain, a key names its
+where the parent is chunk ``i-1``'s key and the namespace folds in the model's
+identity, its page format (``layout.KVLayout.fingerprint``) and the tenant salt.  Because keys chain, a key names its
 whole prefix: finding chunk ``i`` means chunks ``0..i`` were the same tokens, so a
 hit is always a true prefix.  Keys depend only on these bytes (token ids as
 little-endian uint32): identical in every process and machine, whatever
@@ -50,16 +50,6 @@ class ChunkKey:
         return self.digest.hex()
 
 
-def namespace(model_fingerprint: str, salt: str = "") -> Namespace:
-    """Fold the model/layout fingerprint and the tenant salt into one fixed-size value."""
-    hasher = blake3.blake3(HASH_VERSION)
-    for part in (model_fingerprint, salt):
-        encoded = part.encode("utf-8")
-        hasher.update(len(encoded).to_bytes(8, "little"))
-        hasher.update(encoded)
-    return Namespace(hasher.digest(KEY_BYTES))
-
-
 def _token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
     array = np.asarray(tokens)
     if array.size and (array.min() < 0 or array.max() > 0xFFFFFFFF):
@@ -95,5 +85,14 @@ def chunk_keys(tokens: Sequence[int] | np.ndarray, ns: Namespace, chunk_size: in
 
 
 def model_namespace(model_id: str, layout_fingerprint: str, salt: str = "") -> Namespace:
-    """The namespace of a model served with a given KV layout (see ``KVLayout.fingerprint``)."""
-    return namespace(f"{model_id}|{layout_fingerprint}", salt)
+    """The namespace of a model served in a given page format (``layout.KVLayout.fingerprint``), per tenant.
+
+    Folds ``model_id|layout_fingerprint`` and the tenant salt into one fixed-size value; every key's
+    namespace comes from here (``KVLayout.namespace`` for engines).
+    """
+    hasher = blake3.blake3(HASH_VERSION)
+    for part in (f"{model_id}|{layout_fingerprint}", salt):
+        encoded = part.encode("utf-8")
+        hasher.update(len(encoded).to_bytes(8, "little"))
+        hasher.update(encoded)
+    return Namespace(hasher.digest(KEY_BYTES))

@@ -22,7 +22,6 @@ a miss (and a count), never an error for the caller.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import threading
@@ -37,8 +36,7 @@ import torch
 
 from kvmesh.codecs import Codec, CorruptEntry, RawCodec, decode_any, encode_for_tier, header_view
 from kvmesh.codecs.base import read_header
-from kvmesh.codecs.kvview import VIEWS
-from kvmesh.layout import DTYPES, dtype_name
+from kvmesh.entry import DTYPES, EntryMeta, dtype_name
 from kvmesh.partials import PartialIndex
 from kvmesh.tensorbytes import tensor_bytes
 from kvmesh.tiers.base import PartialIndexed, Tier, TierStats
@@ -52,29 +50,8 @@ Admission = Literal["all", "on_reuse"]
 PREFETCH_PARTIALS = 4
 
 
-@dataclass(frozen=True, slots=True)
-class TensorMeta:
-    """dtype, shape and KV view (``codecs.kvview``) of an L1 entry, kept beside it as a short string."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    view: str = "chunk"
-
-    def encode(self) -> str:
-        text = f"{self.dtype}:{','.join(map(str, self.shape))}"
-        return text if self.view == "chunk" else f"{text}:{self.view}"
-
-    @classmethod
-    def decode(cls, text: str) -> TensorMeta:
-        dtype, _, rest = text.partition(":")
-        shape, _, view = rest.partition(":")
-        if dtype not in DTYPES or not shape or (view and view not in VIEWS):
-            raise ValueError(f"not a tensor description: {text!r}")
-        return cls(dtype, tuple(int(part) for part in shape.split(",")), view or "chunk")
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+# The description of an L1 entry is kvmesh.entry's: the store's uses move to that name after its split.
+TensorMeta = EntryMeta
 
 
 @dataclass(frozen=True, slots=True)

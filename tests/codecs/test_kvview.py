@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -77,7 +79,7 @@ def test_an_entry_whose_view_cannot_hold_its_shape_is_corrupt() -> None:
     """Checksummed but inconsistent (a writer's bug): an AMX view on pages of 24 tokens is refused as corrupt."""
     data = get_codec("kivi:bits=8").encode(torch.zeros(1, 1, 1, 24, 32, dtype=torch.bfloat16), "cpu-pages")
     header = read_header(data)
-    amx = bytes([3]) + header.params[1:]  # the same entry, claiming the vllm-cpu-amx view
-    forged = pack_entry(header.codec_id, header.dtype, header.shape, bytes(data[header.size:]), amx)
+    amx = replace(header.meta, view="vllm-cpu-amx")  # the same entry, claiming the vllm-cpu-amx view
+    forged = pack_entry(header.codec_id, amx, bytes(data[header.size:]), header.params)
     with pytest.raises(CorruptEntry, match="divisible by 16"):
         decode_any(forged)

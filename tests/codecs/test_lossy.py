@@ -172,7 +172,7 @@ def test_a_well_checksummed_but_short_payload_is_refused(spec: str) -> None:
     header = read_header(data)
     payload = bytes(data[header.size:])
     for cut in (payload[:-1], payload + b"\0", payload[: len(payload) // 2]):
-        forged = pack_entry(header.codec_id, header.dtype, header.shape, cut, header.params)
+        forged = pack_entry(header.codec_id, header.meta, cut, header.params)
         with pytest.raises(CorruptEntry):
             decode_any(forged)
 

@@ -16,22 +16,25 @@ A spec is a name with optional parameters, ``name[:key=value,...]``:
 
 Every entry names the codec (and parameters) that wrote it, so :func:`decode_any`
 reads entries of any codec: changing the configured codec loses nothing.
+
+Only ``raw`` is imported with this package; every other codec's module is imported when first named, and
+the libraries it needs (numba, zstd, lz4: the ``codecs`` extra) when it first runs (``codecs.extras``), so
+an engine process that only describes and copies entries loads none of them.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from kvmesh.codecs.base import Codec, CorruptEntry, EntryHeader, read_header
-from kvmesh.codecs.cachegen import CacheGenCodec
-from kvmesh.codecs.ecq import EcqCodec
-from kvmesh.codecs.fp8 import Fp8Codec
-from kvmesh.codecs.kivi import KiviCodec
-from kvmesh.codecs.kvview import ViewError, view_name
-from kvmesh.codecs.lossless import LosslessCodec
+from kvmesh.codecs.extras import MissingCodecDependency
+from kvmesh.codecs.kvview import ViewError
 from kvmesh.codecs.raw import RawCodec
+
 
 def _widths(text: str) -> tuple[int, ...]:
     """``6`` or ``6-6-5``: the widths for the first, middle and last third of the layers."""
@@ -39,27 +42,50 @@ def _widths(text: str) -> tuple[int, ...]:
     return parts * 3 if len(parts) == 1 else parts
 
 
-_CODECS: dict[str, type] = {c.name: c for c in (RawCodec, LosslessCodec, Fp8Codec, KiviCodec, CacheGenCodec,
-                                                  EcqCodec)}
-_BY_ID: dict[int, type] = {c.codec_id: c for c in _CODECS.values()}
-# parameter name -> how to read its value, per codec
-_PARAMETERS: dict[str, dict[str, object]] = {
-    "raw": {},
-    "lossless": {"compressor": str, "level": int},
-    "fp8": {},
-    "kivi": {"bits": int, "key_bits": int, "value_bits": int, "key_group": int, "value_group": int},
-    "cachegen": {"key_bits": _widths, "value_bits": _widths, "key_group": int, "value_group": int, "level": int},
-    "ecq": {"key_step": float, "value_step": float, "profile": str, "outliers": float, "level": int},
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """A codec kvmesh can read, and where its class lives (imported on first use: most need numba)."""
+
+    codec_id: int
+    module: str
+    cls: str
+    parameters: dict[str, Any]  # parameter name -> how to read its value
+
+
+_KNOWN: dict[str, _Known] = {
+    "raw": _Known(1, "kvmesh.codecs.raw", "RawCodec", {}),
+    "lossless": _Known(2, "kvmesh.codecs.lossless", "LosslessCodec", {"compressor": str, "level": int}),
+    "fp8": _Known(3, "kvmesh.codecs.fp8", "Fp8Codec", {}),
+    "kivi": _Known(4, "kvmesh.codecs.kivi", "KiviCodec", {"bits": int, "key_bits": int, "value_bits": int,
+                                                          "key_group": int, "value_group": int}),
+    "cachegen": _Known(5, "kvmesh.codecs.cachegen", "CacheGenCodec",
+                       {"key_bits": _widths, "value_bits": _widths, "key_group": int, "value_group": int,
+                        "level": int}),
+    "ecq": _Known(6, "kvmesh.codecs.ecq", "EcqCodec", {"key_step": float, "value_step": float, "profile": str,
+                                                       "outliers": float, "level": int}),
 }
+_BY_ID: dict[int, _Known] = {known.codec_id: known for known in _KNOWN.values()}
+_BY_CLASS: dict[str, _Known] = {known.cls: known for known in _KNOWN.values()}
 DEFAULT_LOSSY = "ecq"  # 3.1x at 99.2-99.4% top-1 on the demo model (docs/benchmarks.md); cachegen: 2.9x at 99.0%
+
+
+def _codec_class(known: _Known) -> type:
+    return getattr(importlib.import_module(known.module), known.cls)
+
+
+def __getattr__(name: str) -> type:
+    """The codec classes (``EcqCodec``, ...), imported when first named."""
+    if name in _BY_CLASS:
+        return _codec_class(_BY_CLASS[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_codec(spec: str) -> Codec:
     """Build a codec from ``name[:key=value,...]``; a bad name, key or value raises ValueError naming it."""
     name, _, arguments = spec.strip().partition(":")
-    if name not in _CODECS:
-        raise ValueError(f"unknown codec {name!r}; known: {', '.join(_CODECS)}")
-    allowed = _PARAMETERS[name]
+    if name not in _KNOWN:
+        raise ValueError(f"unknown codec {name!r}; known: {', '.join(_KNOWN)}")
+    allowed = _KNOWN[name].parameters
     kwargs: dict[str, object] = {}
     for item in filter(None, (part.strip() for part in arguments.split(","))):
         key, sep, value = item.partition("=")
@@ -70,35 +96,30 @@ def get_codec(spec: str) -> Codec:
             kwargs[key] = allowed[key](value)  # type: ignore[operator]
         except ValueError:
             raise ValueError(f"codec {name!r}: bad value {value!r} for {key!r} (in {spec!r})") from None
-    return _CODECS[name](**kwargs)
+    return _codec_class(_KNOWN[name])(**kwargs)
 
 
 def decode_any(data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode an entry with whichever codec wrote it, so changing the configured codec loses nothing."""
     header = read_header(data)
-    codec_type = _BY_ID.get(header.codec_id)
-    if codec_type is None:
+    known = _BY_ID.get(header.codec_id)
+    if known is None:
         raise CorruptEntry(f"entry was written by unknown codec id {header.codec_id}")
     try:
-        return codec_type().decode(data, expected_shape, expected_dtype, out)
+        return _codec_class(known)().decode(data, expected_shape, expected_dtype, out)
     except ViewError as err:  # a checksummed entry whose KV view cannot hold its shape: a writer's bug
         raise CorruptEntry(f"entry's KV view does not fit it: {err}") from err
 
 
 def entry_view(data: bytes | memoryview) -> str:
-    """The KV view an entry was encoded with (every codec's parameters start with it; none = ``chunk``)."""
-    return header_view(read_header(data))
+    """The KV view an entry was encoded with (a header field; entries of format 1 are read the same)."""
+    return read_header(data).view
 
 
 def header_view(header: EntryHeader) -> str:
     """:func:`entry_view` for a header already read."""
-    if not header.params:
-        return "chunk"
-    try:
-        return view_name(header.params[0])
-    except ViewError as err:
-        raise CorruptEntry(str(err)) from None
+    return header.view
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +133,10 @@ def encode_for_tier(codec: Codec, chunk: torch.Tensor, view: str) -> Encoded:
     try:
         return Encoded(codec.encode(chunk, view), codec.name)
     except ViewError:
-        fallback = LosslessCodec()
+        fallback = get_codec("lossless")
         return Encoded(fallback.encode(chunk, view), fallback.name)
 
 
 __all__ = ["CacheGenCodec", "Codec", "CorruptEntry", "DEFAULT_LOSSY", "EcqCodec", "Encoded", "Fp8Codec", "KiviCodec",
-           "LosslessCodec", "RawCodec", "decode_any", "encode_for_tier", "entry_view", "get_codec", "header_view"]
+           "LosslessCodec", "MissingCodecDependency", "RawCodec", "decode_any", "encode_for_tier", "entry_view",
+           "get_codec", "header_view"]

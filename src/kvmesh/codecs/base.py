@@ -1,10 +1,15 @@
 """The codec protocol and the entry header every codec writes.
 
 An encoded entry is ``header || payload``.  The header names the format
-version, the codec, the tensor's dtype and shape and the payload's length and
-xxh3-64 checksum, and carries a checksum of its own.  :func:`read_header`
-refuses anything truncated, corrupted, of an unknown codec or of another layout
-with :class:`CorruptEntry`, so bad bytes are never turned into a wrong tensor.
+version, the codec, the entry's :class:`~kvmesh.entry.EntryMeta` (dtype, shape,
+KV view), the codec's own parameters and the payload's length and xxh3-64
+checksum, and carries a checksum of its own.  :func:`read_header` refuses
+anything truncated, corrupted, of an unknown codec or of another layout with
+:class:`CorruptEntry`, so bad bytes are never turned into a wrong tensor.
+
+Format 2 stores the view as a header field.  Format 1 (still read) had no such
+field: the view was the first byte of the codec's parameters, and no
+parameters meant ``chunk``; :func:`read_header` returns both as format 2 does.
 """
 
 from __future__ import annotations
@@ -16,14 +21,18 @@ from typing import Protocol, runtime_checkable
 import torch
 import xxhash
 
+from kvmesh.entry import VIEW_NAMES, VIEWS, EntryMeta
+
 MAGIC = b"KVMC"
-FORMAT_VERSION = 1
-# magic, version, codec id, dtype code, ndim, shape (5 x u32), params length, payload length, payload checksum
-_FIXED = struct.Struct("<4sHHBB5IHQQ")
+FORMAT_VERSION = 2
+_PREFIX = struct.Struct("<4sH")  # magic, version: the same in every format
+# magic, version, codec id, dtype code, ndim, view code, shape (5 x u32), params length, payload length, checksum
+_FIXED = struct.Struct("<4sHHBBB5IHQQ")
+_FIXED_V1 = struct.Struct("<4sHHBB5IHQQ")  # format 1: no view code
 _HEADER_CHECKSUM = struct.Struct("<I")
 
-DTYPE_CODES: dict[torch.dtype, int] = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.uint8: 4}
-CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+DTYPE_CODES: dict[str, int] = {"bfloat16": 1, "float16": 2, "float32": 3}
+CODE_DTYPES = {code: name for name, code in DTYPE_CODES.items()}
 
 
 class CorruptEntry(ValueError):
@@ -33,15 +42,24 @@ class CorruptEntry(ValueError):
 @dataclass(frozen=True, slots=True)
 class EntryHeader:
     codec_id: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    params: bytes
+    meta: EntryMeta
+    params: bytes  # the codec's own parameters (never the view, whatever the format)
     payload_length: int
     payload_checksum: int
+    size: int  # bytes of the header in the entry: the payload starts here
+    version: int = FORMAT_VERSION
 
     @property
-    def size(self) -> int:
-        return _FIXED.size + len(self.params) + _HEADER_CHECKSUM.size
+    def dtype(self) -> torch.dtype:
+        return self.meta.torch_dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.meta.shape
+
+    @property
+    def view(self) -> str:
+        return self.meta.view
 
 
 @runtime_checkable
@@ -65,36 +83,40 @@ class Codec(Protocol):
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
-def pack_entry(codec_id: int, dtype: torch.dtype, shape: tuple[int, ...], payload: bytes | memoryview,
-               params: bytes = b"") -> bytes:
-    return b"".join((pack_header(codec_id, dtype, shape, payload, params), payload))
+def pack_entry(codec_id: int, meta: EntryMeta, payload: bytes | memoryview, params: bytes = b"") -> bytes:
+    return b"".join((pack_header(codec_id, meta, payload, params), payload))
 
 
-def pack_header(codec_id: int, dtype: torch.dtype, shape: tuple[int, ...], payload: bytes | memoryview,
-                params: bytes = b"") -> bytes:
+def pack_header(codec_id: int, meta: EntryMeta, payload: bytes | memoryview, params: bytes = b"") -> bytes:
     """The header that :func:`pack_entry` puts before ``payload`` (which it checksums but does not copy)."""
-    if len(shape) > 5:
-        raise ValueError(f"at most 5 dimensions can be stored, got shape {shape}")
-    padded = tuple(shape) + (0,) * (5 - len(shape))
+    if len(meta.shape) > 5:
+        raise ValueError(f"at most 5 dimensions can be stored, got shape {meta.shape}")
+    padded = meta.shape + (0,) * (5 - len(meta.shape))
     payload = memoryview(payload).cast("B")
-    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, codec_id, DTYPE_CODES[dtype], len(shape), *padded,
-                        len(params), payload.nbytes, xxhash.xxh3_64_intdigest(payload))
+    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, codec_id, DTYPE_CODES[meta.dtype], len(meta.shape),
+                        VIEWS[meta.view], *padded, len(params), payload.nbytes, xxhash.xxh3_64_intdigest(payload))
     head = fixed + params
     return head + _HEADER_CHECKSUM.pack(xxhash.xxh32_intdigest(head))
 
 
 def read_header(data: bytes | memoryview) -> EntryHeader:
-    """Parse and check the header (not the payload) of an encoded entry."""
+    """Parse and check the header (not the payload) of an encoded entry, of either format."""
     view = memoryview(data)
-    if len(view) < _FIXED.size + _HEADER_CHECKSUM.size:
+    if len(view) < _PREFIX.size:
         raise CorruptEntry(f"entry of {len(view)} bytes is shorter than a header")
-    magic, version, codec_id, dtype_code, ndim, *rest = _FIXED.unpack_from(view)
-    shape_padded, params_length, payload_length, checksum = rest[:5], rest[5], rest[6], rest[7]
+    magic, version = _PREFIX.unpack_from(view)
     if magic != MAGIC:
         raise CorruptEntry(f"bad magic {bytes(magic)!r}: not a kvmesh entry")
-    if version != FORMAT_VERSION:
-        raise CorruptEntry(f"entry format version {version}, this kvmesh reads {FORMAT_VERSION}")
-    end = _FIXED.size + params_length
+    if version not in (1, FORMAT_VERSION):
+        raise CorruptEntry(f"entry format version {version}, this kvmesh reads 1 and {FORMAT_VERSION}")
+    fixed = _FIXED if version == FORMAT_VERSION else _FIXED_V1
+    if len(view) < fixed.size + _HEADER_CHECKSUM.size:
+        raise CorruptEntry(f"entry of {len(view)} bytes is shorter than a header")
+    fields = fixed.unpack_from(view)
+    codec_id, dtype_code, ndim = fields[2:5]
+    view_code = fields[5] if version == FORMAT_VERSION else None
+    shape_padded, (params_length, payload_length, checksum) = fields[-8:-3], fields[-3:]
+    end = fixed.size + params_length
     if len(view) < end + _HEADER_CHECKSUM.size:
         raise CorruptEntry("entry is truncated inside its header")
     (stored,) = _HEADER_CHECKSUM.unpack_from(view, end)
@@ -102,8 +124,13 @@ def read_header(data: bytes | memoryview) -> EntryHeader:
         raise CorruptEntry("header checksum mismatch")
     if dtype_code not in CODE_DTYPES or ndim > 5:
         raise CorruptEntry(f"unknown dtype code {dtype_code} or rank {ndim}")
-    return EntryHeader(codec_id, CODE_DTYPES[dtype_code], tuple(shape_padded[:ndim]),
-                       bytes(view[_FIXED.size:end]), payload_length, checksum)
+    params = bytes(view[fixed.size:end])
+    if view_code is None:  # format 1: the view led the codec's parameters; none at all meant chunk
+        view_code, params = (params[0], params[1:]) if params else (VIEWS["chunk"], b"")
+    if view_code not in VIEW_NAMES:
+        raise CorruptEntry(f"unknown KV view code {view_code}")
+    meta = EntryMeta(CODE_DTYPES[dtype_code], tuple(shape_padded[:ndim]), VIEW_NAMES[view_code])
+    return EntryHeader(codec_id, meta, params, payload_length, checksum, end + _HEADER_CHECKSUM.size, version)
 
 
 def checked_payload(data: bytes | memoryview, header: EntryHeader, codec_id: int,

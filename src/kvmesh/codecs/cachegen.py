@@ -21,13 +21,13 @@ import struct
 
 import numpy as np
 import torch
-import zstandard
 
-from kvmesh.codecs import quant
+from kvmesh.codecs import extras, quant
 from kvmesh.codecs.base import CorruptEntry, open_entry, output_for, pack_entry
-from kvmesh.codecs.kvview import kv_parts, kv_targets, view_code, view_name
+from kvmesh.codecs.kvview import kv_parts, kv_targets
+from kvmesh.entry import EntryMeta
 
-_PARAMS = struct.Struct("<BHHbH")  # view, key group, value group, zstd level, layers; then key bits, value bits per layer
+_PARAMS = struct.Struct("<HHbH")  # key group, value group, zstd level, layers; then key bits, value bits per layer
 
 
 def layer_bits(num_layers: int, bits: tuple[int, int, int]) -> np.ndarray:
@@ -58,6 +58,7 @@ class CacheGenCodec:
             raise ValueError(f"cachegen zstd level must be -7..19, got {level}")
         self.key_bits, self.value_bits = key_bits, value_bits
         self.key_group, self.value_group, self.level = key_group, value_group, level
+        extras.require(self.name, "numba", "zstandard")
 
     def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
         parts = kv_parts(chunk, view)
@@ -78,23 +79,23 @@ class CacheGenCodec:
                     frame = compressor.compress(np.ascontiguousarray(packed[:, head]).tobytes())
                     lengths.append(len(frame))
                     frames.append(frame)
-        params = _PARAMS.pack(view_code(view), self.key_group, self.value_group, self.level, num_layers) + \
+        params = _PARAMS.pack(self.key_group, self.value_group, self.level, num_layers) + \
             np.concatenate(all_bits).astype(np.uint8).tobytes()
         table = np.array(lengths, dtype="<u4").tobytes()
-        return pack_entry(self.codec_id, chunk.dtype, tuple(chunk.shape), b"".join(stats + [table] + frames), params)
+        return pack_entry(self.codec_id, EntryMeta.of(chunk, view), b"".join(stats + [table] + frames), params)
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         entry = open_entry(data, self.codec_id, self.name, _PARAMS, expected_shape, expected_dtype,
                            variable_params=True)
         header = entry.header
-        code, key_group, value_group, _, num_layers = entry.params
+        key_group, value_group, _, num_layers = entry.params
         bits = np.frombuffer(header.params[_PARAMS.size:], dtype=np.uint8).astype(np.int64)
         if len(bits) != 2 * num_layers or key_group < 1 or value_group < 1 or not ((bits >= 2) & (bits <= 8)).all():
             raise CorruptEntry("cachegen parameters out of range")
         all_widths = (container_bits(bits[:num_layers]), container_bits(bits[num_layers:]))
         out = output_for(header, out)
-        with kv_targets(out, view_name(code)) as parts:
+        with kv_targets(out, header.view) as parts:
             self._decode_parts(entry.payload, parts, num_layers, (key_group, value_group), all_widths)
         return out
 
@@ -108,7 +109,7 @@ class CacheGenCodec:
         stats = reader.group_stats(parts, groupings)
         _, num_blocks, heads, tokens, head_size = parts[0].shape
         lengths = reader.array(np.dtype("<u4"), (2, num_layers, heads))
-        decompressor = zstandard.ZstdDecompressor()
+        decompressor = extras.zstandard().ZstdDecompressor()
         for kv, (part, grouping, (low, step), widths) in enumerate(zip(parts, groupings, stats, all_widths)):
             symbols = np.empty((num_layers, num_blocks, heads, tokens, head_size), dtype=np.uint8)
             for layer in range(num_layers):

@@ -30,14 +30,14 @@ import struct
 
 import numpy as np
 import torch
-import zstandard
 
-from kvmesh.codecs import kernels, quant
+from kvmesh.codecs import extras, quant
 from kvmesh.codecs.base import CorruptEntry, open_entry, output_for, pack_entry
-from kvmesh.codecs.kvview import kv_parts, kv_targets, view_code, view_name
+from kvmesh.codecs.kvview import kv_parts, kv_targets
+from kvmesh.entry import EntryMeta
 
-# view, zstd level, layers, key step, value step, profile code, outlier threshold
-_PARAMS = struct.Struct("<BbHffBf")
+# zstd level, layers, key step, value step, profile code, outlier threshold
+_PARAMS = struct.Struct("<bHffBf")
 _FLOAT16_MAX = 65504.0
 _STEP_RANGE = (0.005, 8.0)  # a layer's step multiplier, after the profile
 
@@ -152,6 +152,7 @@ class EcqCodec:
             raise ValueError(f"ecq zstd level must be -7..19, got {level}")
         self.key_step, self.value_step, self.profile = float(key_step), float(value_step), profile
         self.outliers, self.level = float(outliers), level
+        extras.require(self.name, "numba", "zstandard")
 
     def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
         keys, values = (quant.as_float32(part) for part in kv_parts(chunk, view))
@@ -176,7 +177,7 @@ class EcqCodec:
             for b, t in zip(*np.nonzero(~keep)):
                 part[:, b, :, t] = center32[:, b]  # sinks are stored exactly: their symbols are the center
             symbols = np.empty(part.shape, dtype=np.uint8)
-            kernels.quantize_centered(part, np.ascontiguousarray(step32), center32, symbols)
+            extras.kernels().quantize_centered(part, np.ascontiguousarray(step32), center32, symbols)
             escaped = np.flatnonzero(symbols.reshape(-1) == 0)
             sections += [step.tobytes(), center.tobytes(), np.array([len(escaped)], dtype="<u4").tobytes(),
                          escaped.astype("<u4").tobytes(), part.reshape(-1)[escaped].astype("<f4").tobytes()]
@@ -188,18 +189,17 @@ class EcqCodec:
                 frame = compressor.compress(symbols[layer].tobytes())  # [blocks, heads, tokens, head_size]
                 lengths.append(len(frame))
                 frames.append(frame)
-        params = _PARAMS.pack(view_code(view), self.level, num_layers, self.key_step, self.value_step,
+        params = _PARAMS.pack(self.level, num_layers, self.key_step, self.value_step,
                               PROFILE_CODES[self.profile], self.outliers)
         table = np.array(lengths, dtype="<u4").tobytes()
-        return pack_entry(self.codec_id, chunk.dtype, tuple(chunk.shape), b"".join(sections + [table] + frames),
-                          params)
+        return pack_entry(self.codec_id, EntryMeta.of(chunk, view), b"".join(sections + [table] + frames), params)
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         entry = open_entry(data, self.codec_id, self.name, _PARAMS, expected_shape, expected_dtype)
-        code, _, num_layers, *_ = entry.params
+        _, num_layers, *_ = entry.params
         out = output_for(entry.header, out)
-        with kv_targets(out, view_name(code)) as parts:
+        with kv_targets(out, entry.header.view) as parts:
             _decode_parts(entry.payload, parts, num_layers, out.dtype)
         return out
 
@@ -226,7 +226,8 @@ def _decode_parts(payload: memoryview, parts: tuple[torch.Tensor, torch.Tensor],
             raise CorruptEntry("ecq escape position out of range")
         sections.append((step, center, positions, reader.array(np.dtype("<f4"), (escapes,))))
     lengths = reader.array(np.dtype("<u4"), (2, num_layers))
-    decompressor = zstandard.ZstdDecompressor()
+    decompressor = extras.zstandard().ZstdDecompressor()
+    kernels = extras.kernels()
     expected = num_blocks * heads * tokens * head_size
     for kv, (part, (step, center, positions, escaped)) in enumerate(zip(parts, sections)):
         symbols = np.empty((num_layers, num_blocks, heads, tokens, head_size), dtype=np.uint8)

@@ -12,11 +12,12 @@ import struct
 import numpy as np
 import torch
 
-from kvmesh.codecs import kernels, quant
+from kvmesh.codecs import extras, quant
 from kvmesh.codecs.base import open_entry, output_for, pack_entry
-from kvmesh.codecs.kvview import kv_parts, kv_targets, view_code, view_name
+from kvmesh.codecs.kvview import kv_parts, kv_targets
+from kvmesh.entry import EntryMeta
 
-_PARAMS = struct.Struct("<B")  # view
+_PARAMS = struct.Struct("<")  # none: the view is in the header
 E4M3_MAX = 448.0
 _TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).to(torch.float32).numpy()
 _TABLE = np.nan_to_num(_TABLE, nan=0.0)  # the two NaN codes are never written
@@ -27,6 +28,9 @@ class Fp8Codec:
     codec_id = 3
     lossless = False
 
+    def __init__(self) -> None:
+        extras.require(self.name, "numba")
+
     def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
         scales, codes = [], []
         for part in kv_parts(chunk, view):
@@ -36,15 +40,15 @@ class Fp8Codec:
             scaled = (values / scale.to(torch.float32).unsqueeze(-1)).clamp_(-E4M3_MAX, E4M3_MAX)
             scales.append(scale.contiguous().numpy().tobytes())
             codes.append(scaled.to(torch.float8_e4m3fn).view(torch.uint8).contiguous().numpy().tobytes())
-        return pack_entry(self.codec_id, chunk.dtype, tuple(chunk.shape), b"".join(scales + codes),
-                          _PARAMS.pack(view_code(view)))
+        return pack_entry(self.codec_id, EntryMeta.of(chunk, view), b"".join(scales + codes), _PARAMS.pack())
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         entry = open_entry(data, self.codec_id, self.name, _PARAMS, expected_shape, expected_dtype)
         payload = entry.payload
         out = output_for(entry.header, out)
-        with kv_targets(out, view_name(entry.params[0])) as parts:
+        kernels = extras.kernels()
+        with kv_targets(out, entry.header.view) as parts:
             reader = quant.Reader(payload)
             scales = [reader.array(np.float16, tuple(p.shape[:-1])).astype(np.float32) for p in parts]
             for part, scale in zip(parts, scales):

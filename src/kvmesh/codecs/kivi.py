@@ -15,11 +15,12 @@ import struct
 import numpy as np
 import torch
 
-from kvmesh.codecs import quant
+from kvmesh.codecs import extras, quant
 from kvmesh.codecs.base import CorruptEntry, open_entry, output_for, pack_entry
-from kvmesh.codecs.kvview import kv_parts, kv_targets, view_code, view_name
+from kvmesh.codecs.kvview import kv_parts, kv_targets
+from kvmesh.entry import EntryMeta
 
-_PARAMS = struct.Struct("<BBHHB")  # view, key bits, key group (tokens), value group (channels), value bits
+_PARAMS = struct.Struct("<BHHB")  # key bits, key group (tokens), value group (channels), value bits
 
 
 def packed_bytes(channels: int, bits: int) -> int:
@@ -42,6 +43,7 @@ class KiviCodec:
         if not 1 <= key_group <= 65535 or not 1 <= value_group <= 65535:
             raise ValueError(f"kivi groups must be 1..65535, got key_group={key_group}, value_group={value_group}")
         self.key_group, self.value_group = key_group, value_group
+        extras.require(self.name, "numba")
 
     def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
         parts = kv_parts(chunk, view)
@@ -52,19 +54,19 @@ class KiviCodec:
             q = quant.quantize(quant.as_float32(part), grouping, levels)
             sections += [q.low.tobytes(), q.step.tobytes()]
             packed.append(quant.pack(q.symbols, bits).tobytes())
-        params = _PARAMS.pack(view_code(view), self.key_bits, self.key_group, self.value_group, self.value_bits)
-        return pack_entry(self.codec_id, chunk.dtype, tuple(chunk.shape), b"".join(sections + packed), params)
+        params = _PARAMS.pack(self.key_bits, self.key_group, self.value_group, self.value_bits)
+        return pack_entry(self.codec_id, EntryMeta.of(chunk, view), b"".join(sections + packed), params)
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         entry = open_entry(data, self.codec_id, self.name, _PARAMS, expected_shape, expected_dtype)
         payload, header = entry.payload, entry.header
-        code, key_bits, key_group, value_group, value_bits = entry.params
+        key_bits, key_group, value_group, value_bits = entry.params
         if not (2 <= key_bits <= 8 and 2 <= value_bits <= 8) or key_group < 1 or value_group < 1:
             raise CorruptEntry(f"kivi parameters out of range: bits={key_bits}/{value_bits}, "
                                f"groups={key_group}/{value_group}")
         out = output_for(header, out)
-        with kv_targets(out, view_name(code)) as parts:
+        with kv_targets(out, header.view) as parts:
             reader = quant.Reader(payload)
             groupings = quant.kv_groupings(key_group, value_group)
             stats = reader.group_stats(parts, groupings)

@@ -14,6 +14,7 @@ needs to know which value is which.  Each view names one memory layout:
   checks both against transformers' KV);
 * ``opaque``: axes unknown; only bit-exact codecs take it.
 
+The view names and their codes are in :mod:`kvmesh.entry` (a field of every entry's description).
 Codecs see K and V as 5-D ``[layers, blocks, heads, tokens, head_size]`` tensors (a chunk is one block):
 strided views where the layout allows, copies for the packed AMX tiles (written back after decoding).
 """
@@ -27,10 +28,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from kvmesh.codecs import kernels
+from kvmesh.codecs import extras
+from kvmesh.entry import VIEW_NAMES, VIEWS
 
-VIEWS: dict[str, int] = {"chunk": 0, "cpu-pages": 1, "vllm-cpu-vec": 2, "vllm-cpu-amx": 3, "opaque": 255}
-VIEW_NAMES = {code: name for name, code in VIEWS.items()}
 PAGE_VIEWS = ("cpu-pages", "vllm-cpu-vec", "vllm-cpu-amx")
 AMX_TOKENS, AMX_CHANNELS = 16, 16  # tile widths of the AMX page layout
 
@@ -100,7 +100,7 @@ def kv_parts(tensor: torch.Tensor, view: str) -> Parts:
         return keys.view(layers, pages, heads, head_size, block).transpose(-1, -2), values.view(dims)
     if view == "vllm-cpu-amx":
         keys, values, dims = _amx_logical(tensor)
-        kernels.amx_tiles(_bits(keys), _bits(values), _bits(tensor.view(*dims[:3], -1)), False)
+        extras.kernels().amx_tiles(_bits(keys), _bits(values), _bits(tensor.view(*dims[:3], -1)), False)
         return keys, values
     if view == "opaque":
         raise ViewError("this entry's K/V axes are unknown (view 'opaque'); only lossless codecs take it")
@@ -115,7 +115,7 @@ def kv_targets(out: torch.Tensor, view: str) -> Iterator[Parts]:
         return
     keys, values, dims = _amx_logical(out, reuse=True)
     yield keys, values
-    kernels.amx_tiles(_bits(keys), _bits(values), _bits(out.view(*dims[:3], -1)), True)
+    extras.kernels().amx_tiles(_bits(keys), _bits(values), _bits(out.view(*dims[:3], -1)), True)
 
 
 def block_view(tensor: torch.Tensor, view: str) -> torch.Tensor:

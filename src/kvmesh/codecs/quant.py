@@ -14,13 +14,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import zstandard
 
-from kvmesh.codecs import kernels
+from kvmesh.codecs import extras
 from kvmesh.codecs.base import CorruptEntry
+
+if TYPE_CHECKING:
+    import zstandard
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,7 @@ def as_float32(part: torch.Tensor) -> np.ndarray:
 
 
 def quantize(values: np.ndarray, grouping: Grouping, levels: np.ndarray) -> Quantized:
+    kernels = extras.kernels()
     low, high = kernels.group_min_max(values, grouping.tokens, grouping.channels)
     top = levels.astype(np.float32).reshape(-1, 1, 1, 1, 1)
     low16 = low.astype(np.float16)
@@ -98,7 +102,7 @@ def dequantize_into(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray
 
     ``layer_bits[layer]`` is the width the layer's symbols are packed with (see :func:`pack`).
     """
-    write_decoded(out, kernels.dequantize_rows, symbols, layer_bits, low.astype(np.float32),
+    write_decoded(out, extras.kernels().dequantize_rows, symbols, layer_bits, low.astype(np.float32),
                   step.astype(np.float32), grouping.tokens, grouping.channels)
 
 
@@ -155,9 +159,9 @@ def symbol_compressor(level: int) -> zstandard.ZstdCompressor:
     on its literals path: ~30% faster decoding at the same size (0.05% larger on the demo model's KV).
     The frames are ordinary zstd frames; nothing about decoding changes.
     """
-    params = zstandard.ZstdCompressionParameters.from_level(level, min_match=7, write_checksum=0,
-                                                            write_content_size=0)
-    return zstandard.ZstdCompressor(compression_params=params)
+    zstd = extras.zstandard()
+    params = zstd.ZstdCompressionParameters.from_level(level, min_match=7, write_checksum=0, write_content_size=0)
+    return zstd.ZstdCompressor(compression_params=params)
 
 
 def decompress_stream(decompressor: zstandard.ZstdDecompressor, frame: memoryview, expected: int,
@@ -165,7 +169,7 @@ def decompress_stream(decompressor: zstandard.ZstdDecompressor, frame: memoryvie
     """One entropy-coded symbol stream as uint8, refused (CorruptEntry) unless it holds exactly ``expected`` bytes."""
     try:
         plain = decompressor.decompress(frame, max_output_size=expected)
-    except zstandard.ZstdError as err:
+    except extras.zstandard().ZstdError as err:
         raise CorruptEntry(f"{codec} stream does not decode: {err}") from err
     if len(plain) != expected:
         raise CorruptEntry(f"{codec} stream holds {len(plain)} bytes, expected {expected}")

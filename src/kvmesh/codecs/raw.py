@@ -7,9 +7,9 @@ import math
 import numpy as np
 import torch
 
-from kvmesh.tensorbytes import tensor_bytes
 from kvmesh.codecs.base import CorruptEntry, checked_payload, output_for, pack_header, read_header
-from kvmesh.codecs.kvview import view_code
+from kvmesh.entry import EntryMeta
+from kvmesh.tensorbytes import tensor_bytes
 
 
 class RawCodec:
@@ -26,9 +26,8 @@ class RawCodec:
         What :meth:`encode` returns is the two joined; a tier that writes both parts (one ``writev``)
         stores the same bytes with no copy of a 6 MB chunk, and the view stays valid while ``chunk`` does.
         """
-        params = b"" if view == "chunk" else bytes([view_code(view)])  # entries of chunk view predate views
         payload = tensor_bytes(chunk.cpu())
-        return pack_header(self.codec_id, chunk.dtype, tuple(chunk.shape), payload, params), payload
+        return pack_header(self.codec_id, EntryMeta.of(chunk, view), payload), payload
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from kvmesh.bench.texts import topic_texts
 from kvmesh.client import KVMeshClient, socket_is_live
 from kvmesh.config import KVMeshConfig
-from kvmesh.keys import chunk_keys, model_namespace
+from kvmesh.keys import chunk_keys
 from kvmesh.layout import KVLayout
 
 
@@ -53,7 +53,9 @@ class DemoResult:
 
 def layout_of(model_config) -> KVLayout:  # noqa: ANN001 - a transformers PretrainedConfig
     head_size = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    return KVLayout(model_config.num_hidden_layers, model_config.num_key_value_heads, head_size, "bfloat16")
+    # the demo stores transformers' KV as canonical chunks (cache_to_chunk), not an engine's pages
+    return KVLayout(model_config.num_hidden_layers, model_config.num_key_value_heads, head_size, "bfloat16",
+                    page_view="chunk")
 
 
 def cache_to_chunk(cache, start: int, end: int) -> torch.Tensor:  # noqa: ANN001 - a DynamicCache
@@ -93,7 +95,7 @@ def run_core_demo(model_path: Path, config: KVMeshConfig, prompt_tokens: int = 2
         cold_seconds = time.perf_counter() - started
         cold_next = int(cold.logits[0, -1].argmax())
 
-        ns = model_namespace(model_path.name, layout.fingerprint(), config.tenant_salt)
+        ns = layout.namespace(model_path.name, config.tenant_salt)
         keys = chunk_keys(ids[0, :-1].tolist(), ns, config.chunk_size)  # the last token is always recomputed
         daemon_was_running = socket_is_live(config.socket_path())
         with KVMeshClient(config) as client:

@@ -23,12 +23,13 @@ from kvmesh.integrations.vllm.engine_link import DaemonLink
 from kvmesh.integrations.vllm.engine_shape import EngineKVShape
 from kvmesh.integrations.vllm.scheduler import SchedulerSide
 from kvmesh.integrations.vllm.worker import UnsupportedEngine, WorkerSide
+from kvmesh.layout import KVLayout
 
 BLOCK = 16
 CHUNK = 32
 BLOCKS = 64
-SHAPE = EngineKVShape("test-model", num_layers=2, num_kv_heads=1, head_size=8, dtype="bfloat16",
-                      block_size=BLOCK, page_view="opaque")
+SHAPE = EngineKVShape("test-model", KVLayout(num_layers=2, num_kv_heads=1, head_size=8, dtype="bfloat16",
+                                              block_size=BLOCK, page_view="opaque"))
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Engine:
         generator = torch.Generator().manual_seed(seed or 0)
         self.layers = {f"model.layers.{i}.attn": (torch.randn(BLOCKS, 1, BLOCK, 16, generator=generator)
                                                   if seed is not None else torch.zeros(BLOCKS, 1, BLOCK, 16)
-                                                  ).to(torch.bfloat16) for i in range(SHAPE.num_layers)}
+                                                  ).to(torch.bfloat16) for i in range(SHAPE.layout.num_layers)}
         self.scheduler = SchedulerSide(config, SHAPE, DaemonLink(config))
         self.worker = WorkerSide(config, SHAPE, DaemonLink(config))
         self.worker.register(self.layers, BLOCKS)
@@ -284,6 +285,6 @@ def test_kv_caches_off_the_cpu_are_refused_at_start(tmp_path: Path) -> None:
     config = _config(tmp_path, autostart_daemon=False)
     worker = WorkerSide(config, SHAPE, DaemonLink(config))
     layers = {f"layer.{i}": torch.empty(BLOCKS, 1, BLOCK, 16, dtype=torch.bfloat16, device="meta")
-              for i in range(SHAPE.num_layers)}
+              for i in range(SHAPE.layout.num_layers)}
     with pytest.raises(UnsupportedEngine, match="KV cache is on meta.*GPU engines are not supported yet"):
         worker.register(layers, BLOCKS)

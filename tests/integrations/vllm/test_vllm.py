@@ -323,8 +323,8 @@ def test_the_default_lossy_codec_serves_vllm_pages_from_disk(
     0 of 4 like either reference).
     """
     from kvmesh.codecs import DEFAULT_LOSSY
+    from kvmesh.entry import DTYPES
     from kvmesh.integrations.vllm.connector import cpu_page_view
-    from kvmesh.layout import DTYPES
 
     if cpu_page_view(DTYPES["bfloat16"], BLOCK, 64) == "opaque":
         pytest.skip("this machine's vLLM-CPU attention kernel packs pages in an order kvmesh does not know")

@@ -95,10 +95,11 @@ class KVMeshConnector(KVConnectorBase_V1):
         else:
             identity = "worker"  # the worker never builds keys: the scheduler names every chunk it moves
         self.shape = EngineKVShape.from_vllm(vllm_config, identity)
-        if self.config.chunk_size % self.shape.block_size:
+        block_size = self.shape.layout.block_size
+        if self.config.chunk_size % block_size:
             raise ValueError(f"kvmesh chunk_size={self.config.chunk_size} must be a multiple of vLLM's "
-                             f"block_size={self.shape.block_size}; set chunk_size to e.g. "
-                             f"{max(1, self.config.chunk_size // self.shape.block_size) * self.shape.block_size}")
+                             f"block_size={block_size}; set chunk_size to e.g. "
+                             f"{max(1, self.config.chunk_size // block_size) * block_size}")
         self.link = DaemonLink(self.config, engine)
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(self.config, self.shape, self.link, lora_identity)

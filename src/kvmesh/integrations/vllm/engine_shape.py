@@ -1,4 +1,4 @@
-"""What both sides of the vLLM connector derive from vLLM's config: the cache's name and the pages' shape.
+"""What both sides of the vLLM connector derive from vLLM's config: the model's identity and the page format.
 
 Kept free of vLLM imports at module level, so the scheduler and worker sides can be built (and tested)
 from a plain :class:`EngineKVShape`.
@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvmesh.keys import Namespace, model_namespace
-from kvmesh.layout import dtype_name
+from kvmesh.entry import dtype_name
+from kvmesh.keys import Namespace
+from kvmesh.layout import KVLayout
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -22,7 +23,7 @@ log = logging.getLogger("kvmesh.vllm")
 
 
 def cpu_page_view(dtype: torch.dtype, block_size: int, head_size: int) -> str:
-    """How vLLM-CPU's attention kernel orders tokens and channels inside its pages (a ``codecs.kvview`` name).
+    """How vLLM-CPU's attention kernel orders tokens and channels inside its pages (a ``kvmesh.entry`` view).
 
     The kernel is chosen per machine (``amx`` on CPUs with AMX for bf16, ``vec`` on other x86, others
     elsewhere) and each packs K and V its own way; lossy codecs need to know which, or they quantize the
@@ -46,12 +47,7 @@ class EngineKVShape:
     """The engine's KV as kvmesh sees it: the model's identity and the page format, both part of every key."""
 
     model_identity: str  # what names the weights (a fingerprint, or the user's model_fingerprint)
-    num_layers: int
-    num_kv_heads: int
-    head_size: int
-    dtype: str
-    block_size: int
-    page_view: str = "opaque"  # codecs.kvview name of the in-page K/V order; part of the keys' namespace
+    layout: KVLayout
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, model_identity: str) -> EngineKVShape:
@@ -65,22 +61,16 @@ class EngineKVShape:
         if torch_dtype is None:
             raise ValueError(f"kvmesh stores bf16/fp16/fp32 KV; cache_dtype={cache_dtype!r} is not supported yet")
         block_size = vllm_config.cache_config.block_size
-        return cls(
-            model_identity=model_identity,
+        layout = KVLayout(
             num_layers=model_config.get_num_layers(parallel),
             num_kv_heads=model_config.get_num_kv_heads(parallel),
             head_size=model_config.get_head_size(),
             dtype=dtype_name(torch_dtype),
             block_size=block_size,
+            # the in-page order is in the namespace: engines whose kernels pack pages differently never share
             page_view=cpu_page_view(torch_dtype, block_size, model_config.get_head_size()),
         )
+        return cls(model_identity, layout)
 
     def namespace(self, salt: str) -> Namespace:
-        # the in-page order is in the name: engines whose kernels pack pages differently must not share entries
-        layout = (f"L{self.num_layers}.H{self.num_kv_heads}.D{self.head_size}.{self.dtype}.pages{self.block_size}"
-                  f".{self.page_view}")
-        return model_namespace(self.model_identity, layout, salt)
-
-    @property
-    def page_elements(self) -> int:
-        return self.num_kv_heads * self.block_size * 2 * self.head_size
+        return self.layout.namespace(self.model_identity, salt)

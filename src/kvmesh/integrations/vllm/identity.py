@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvmesh.config import KVMeshConfig
 from kvmesh.fingerprint import FingerprintError, lora_fingerprint, model_fingerprint, resolve_model_dir
-from kvmesh.layout import dtype_name
+from kvmesh.entry import dtype_name
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvmesh.keys import ROOT, ChunkKey, Namespace, chunk_digest
-from kvmesh.layout import pages_for_tokens
+from kvmesh.page_copy import pages_for_tokens
 
 
 @dataclass(frozen=True, slots=True)

@@ -138,7 +138,8 @@ class SchedulerSide:
         if num_external_tokens == 0 or tracker is None:
             return
         first, last = tracker.local_tokens, tracker.local_tokens + num_external_tokens
-        chunks = plan_load_chunks(tracker.hit_keys, first, last, blocks.get_block_ids()[0], self.shape.block_size)
+        chunks = plan_load_chunks(tracker.hit_keys, first, last, blocks.get_block_ids()[0],
+                                  self.shape.layout.block_size)
         client = self.link.client()
         lease = None
         if client is not None:
@@ -163,7 +164,7 @@ class SchedulerSide:
             if tracker is None or tracker.stored_chunks >= len(tracker.keys) or block_ids_of is None:
                 continue
             chunks = plan_save_chunks(tracker, computed + scheduled_now, block_ids_of(req_id),
-                                      self.shape.block_size)
+                                      self.shape.layout.block_size)
             if chunks:
                 saves.append(SavePlan(req_id, chunks))
         return loads, saves

@@ -19,11 +19,11 @@ import torch
 
 from kvmesh.client import CacheFault, LeaseLost
 from kvmesh.config import KVMeshConfig
+from kvmesh.entry import EntryMeta
 from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
 from kvmesh.integrations.vllm.engine_shape import EngineKVShape
 from kvmesh.integrations.vllm.planner import LoadPlan, SavePlan
-from kvmesh.layout import DTYPES, PageJob, move_pages
-from kvmesh.store import TensorMeta
+from kvmesh.page_copy import PageJob, move_pages
 
 log = logging.getLogger("kvmesh.vllm")
 
@@ -61,27 +61,28 @@ class WorkerSide:
                 f"kvmesh: vLLM's KV cache is on {', '.join(devices)}; kvmesh copies KV between CPU memory and "
                 "its shared-memory cache and supports vLLM's CPU backend only. GPU engines are not supported "
                 "yet: remove the KVMeshConnector from --kv-transfer-config to run this engine.")
-        if len(layers) != self.shape.num_layers:
-            raise UnsupportedEngine(f"kvmesh expected {self.shape.num_layers} KV layers, "
+        layout = self.shape.layout
+        if len(layers) != layout.num_layers:
+            raise UnsupportedEngine(f"kvmesh expected {layout.num_layers} KV layers, "
                                     f"vLLM registered {len(layers)}")
         views = []
         for tensor in layers:
             if num_blocks and tensor.shape[0] != num_blocks and tensor.shape[0] % num_blocks == 0:
                 tensor = tensor.view(num_blocks, -1, *tensor.shape[1:])  # kernel blocks inside manager blocks
-            if tensor[0].numel() != self.shape.page_elements or tensor.dtype != DTYPES[self.shape.dtype]:
+            if tensor[0].numel() != layout.page_elements or tensor.dtype != layout.torch_dtype:
                 raise UnsupportedEngine(f"kvmesh: KV page of shape {tuple(tensor.shape[1:])} {tensor.dtype} does "
-                                        f"not hold {self.shape.block_size} tokens of {self.shape}")
+                                        f"not hold {layout.block_size} tokens of {self.shape}")
             views.append(tensor)
         self.layers = views
         self.page_shape = tuple(views[0].shape[1:])
-        expected = (self.shape.num_kv_heads, self.shape.block_size, 2 * self.shape.head_size)
+        expected = (layout.num_kv_heads, layout.block_size, 2 * layout.head_size)
         # kernel blocks smaller than the manager's, or an unexpected page shape: the view would not fit
-        self.page_view = self.shape.page_view if self.page_shape == expected else "opaque"
+        self.page_view = layout.page_view if self.page_shape == expected else "opaque"
         log.info("kvmesh: %d KV layers, pages of %s %s, in-page order %s", len(views), self.page_shape,
                  views[0].dtype, self.page_view)
 
-    def _meta(self, pages: int) -> TensorMeta:
-        return TensorMeta(self.shape.dtype, (len(self.layers), pages, *self.page_shape), self.page_view)
+    def _meta(self, pages: int) -> EntryMeta:
+        return EntryMeta(self.shape.layout.dtype, (len(self.layers), pages, *self.page_shape), self.page_view)
 
     # -------------------------------------------------------------------- loads
     def load(self, plans: list[LoadPlan]) -> None:

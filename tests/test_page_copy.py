@@ -1,6 +1,6 @@
 import torch
 
-from kvmesh.layout import move_pages, pages_for_tokens
+from kvmesh.page_copy import move_pages, pages_for_tokens
 
 
 def test_pages_round_trip_bit_exact_in_the_cpu_backend_layout() -> None:
@@ -28,7 +28,7 @@ def test_pages_for_tokens() -> None:
 def test_threaded_page_moves_equal_the_plain_ones() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from kvmesh.layout import move_pages
+    from kvmesh.page_copy import move_pages
 
     generator = torch.Generator().manual_seed(2)
     with torch.inference_mode():  # as vLLM allocates its KV cache: updates only allowed in inference mode
@@ -48,7 +48,7 @@ def test_threaded_page_moves_equal_the_plain_ones() -> None:
 
 
 def test_page_moves_without_a_pool_match_indexing() -> None:
-    from kvmesh.layout import move_pages
+    from kvmesh.page_copy import move_pages
 
     with torch.inference_mode():
         layers = [torch.randn(8, 2, 4, 4).to(torch.bfloat16) for _ in range(3)]
