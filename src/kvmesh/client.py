@@ -1,67 +1,54 @@
 """What an engine process uses to reach the node's cache.
 
 :class:`KVMeshClient` connects to the node daemon's socket (starting a daemon
-when none answers and ``autostart_daemon`` is on), maps the shared L1 segment,
-and moves KV bytes through it directly: a store copies into a reserved extent
-and commits it, a load pins extents, copies out and releases them.
+when none answers and ``autostart_daemon`` is on, ``daemon_spawn.py``), maps the
+shared L1 segment, and moves KV bytes through it directly: a store copies into a
+reserved extent and commits it, a load pins extents, copies out and releases them.
+Requests and replies are the typed messages of ``wire.py``.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from kvmesh.tensorbytes import copy_tensor
+from kvmesh import wire
 from kvmesh.config import KVMeshConfig, describe_mismatch
+from kvmesh.daemon_spawn import connect, socket_is_live, wait_for_lock_release
+from kvmesh.faults import (
+    CacheFault,
+    ConfigMismatch,
+    DaemonError,
+    DaemonUnavailable,
+    LeaseLost,
+)
 from kvmesh.keys import ChunkKey
 from kvmesh.entry import DTYPES, dtype_name
-from kvmesh.wire import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
-from kvmesh.shm import SharedSegment
 from kvmesh.entry import EntryMeta as TensorMeta  # the name this module uses for an entry's description
+from kvmesh.shm import SharedSegment
+from kvmesh.tensorbytes import copy_tensor
+from kvmesh.wire import (
+    PROTOCOL_VERSION,
+    ExtentRef,
+    ProtocolError,
+    receive_message,
+    send_message,
+)
+
+__all__ = ["CacheFault", "ConfigMismatch", "DaemonError", "DaemonUnavailable", "KVMeshClient", "Lease",
+           "LeaseLost", "LookupResult", "PartialCandidate", "ReadSlot", "WriteSlot", "socket_is_live"]
 
 log = logging.getLogger(__name__)
-
-# how long a spawned daemon may take to import and take its instance's lock before we call it failed
-# (imports alone took over 5 s on a loaded 2-core machine)
-DAEMON_LOCK_GRACE = 30.0
-
-
-class CacheFault(Exception):
-    """A fault of the cache, not of its caller: the engine treats it as a miss or a reported load failure.
-
-    Everything else a client call raises (a refused request, a bug on either side) is not a cache fault
-    and must not be turned into a miss.
-    """
-
-
-class DaemonUnavailable(CacheFault, ConnectionError):
-    """No node daemon answers, and none could be started (or the connection to it was lost)."""
-
-
-class LeaseLost(CacheFault):
-    """A lease expired, or belongs to a daemon that has restarted since: its pages may no longer be read."""
-
-
-class DaemonError(RuntimeError):
-    """The daemon refused a request or failed on it: a bug or a version skew, never a cache miss."""
-
-
-class ConfigMismatch(DaemonError):
-    """The running daemon was started with other settings than this client asks for."""
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +81,11 @@ class LookupResult:
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """Entries pinned for another process: (offset, nbytes, meta) each, valid in daemon ``epoch``."""
+    """Entries pinned for another process, one extent per pinned chunk, valid in daemon ``epoch``."""
 
     lease_id: str
     epoch: str
-    extents: list[tuple[int, int, str]]
+    extents: list[ExtentRef]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,112 +118,77 @@ class KVMeshClient:
         self.epoch = ""
         try:
             self._open()
-        except (OSError, ProtocolError):  # reached a daemon that was just stopping: start or find the next
+        except OSError:  # reached a daemon that was just stopping: start or find the next
             time.sleep(0.2)
             try:
                 self._open()
             except DaemonUnavailable:
                 raise
-            except (OSError, ProtocolError) as err:
+            except OSError as err:
                 raise DaemonUnavailable(f"cannot reach the kvmesh daemon on {self.config.socket_path()}: {err}") \
                     from err
 
     def _open(self) -> None:
         """Connect (starting a daemon if allowed) and map the segment it names."""
-        self._sock = self._connect()
-        message: dict[str, Any] = {"op": "hello", "pid": os.getpid(), "engine": self.engine}
-        if self.check_config:
-            message["config_digest"] = self.config.daemon_digest()
-        send_message(self._sock, message)
-        hello = receive_message(self._sock)
-        if hello.get("protocol") != PROTOCOL_VERSION:
+        self._sock = connect(self.config)
+        digest = self.config.daemon_digest() if self.check_config else None
+        request = wire.Hello(PROTOCOL_VERSION, os.getpid(), self.engine, digest)
+        message = self._exchange_raw(wire.encode_request(request))
+        try:
+            wire.check_version(message, f"the kvmesh daemon on {self.config.socket_path()}", "this client")
+        except wire.VersionMismatch as err:
             self._sock.close()
-            raise DaemonUnavailable(
-                f"the kvmesh daemon on {self.config.socket_path()} speaks protocol {hello.get('protocol')}, "
-                f"this client {PROTOCOL_VERSION}; stop it (pid {hello.get('pid')}) so a current one starts")
-        if self.check_config and hello.get("config_digest") != message["config_digest"]:
+            raise DaemonUnavailable(f"{err}; stop it (pid {err.pid}) so a current one starts") from None
+        hello = self._reply(request, message)
+        if self.check_config and hello.config_digest != digest:
             self._sock.close()
-            differences = describe_mismatch(self.config.daemon_settings(), hello.get("config", {}))
+            differences = describe_mismatch(self.config.daemon_settings(), hello.config)
             raise ConfigMismatch(
-                f"the kvmesh daemon for instance {self.config.instance!r} (pid {hello.get('pid')}, "
+                f"the kvmesh daemon for instance {self.config.instance!r} (pid {hello.pid}, "
                 f"{self.config.socket_path()}) runs with other settings: {'; '.join(differences)}. "
                 "Use the daemon's settings, stop it, or run a second daemon beside it under another name "
                 "(set instance, e.g. --set instance=second): engines that name the same instance share one "
                 "daemon and its settings.")
-        self.daemon_pid: int = hello["pid"]
-        if hello["epoch"] != self.epoch:
-            self.segment = SharedSegment.open(hello["shm_name"], hello["shm_size"])
+        self.daemon_pid: int = hello.pid
+        if hello.epoch != self.epoch:
+            self.segment = SharedSegment.open(hello.shm_name, hello.shm_size)
             self._buffer = self.segment.buffer
-            self.epoch = hello["epoch"]
+            self.epoch = hello.epoch
 
     # -------------------------------------------------------------- connection
-    def _connect(self) -> socket.socket:
-        path = self.config.socket_path()
-        sock = _try_connect(str(path))
-        if sock is not None:
-            return sock
-        if not self.config.autostart_daemon:
-            raise DaemonUnavailable(
-                f"no kvmesh daemon answers on {path}; start one with `kvmesh daemon` "
-                "or set autostart_daemon: true")
-        try:
-            self._spawn_daemon()
-        except (OSError, subprocess.SubprocessError) as err:  # no socket directory, no process: no daemon
-            raise DaemonUnavailable(f"cannot start a kvmesh daemon for {path}: {err}") from err
-        started = time.monotonic()
-        while time.monotonic() < started + self.config.daemon_start_timeout:
-            sock = _try_connect(str(path))
-            if sock is not None:
-                return sock
-            if time.monotonic() > started + DAEMON_LOCK_GRACE and not _daemon_holds_lock(path.with_suffix(".lock")):
-                raise DaemonUnavailable(f"the kvmesh daemon failed to start; last lines of "
-                                        f"{self._daemon_log_path()}:\n{_tail(self._daemon_log_path())}")
-            time.sleep(0.05)
-        raise DaemonUnavailable(
-            f"started a kvmesh daemon but it did not answer on {path} within "
-            f"{self.config.daemon_start_timeout}s; see {self._daemon_log_path()}")
-
-    def _daemon_log_path(self) -> str:
-        return str(self.config.socket_path().with_suffix(".log"))
-
-    def _spawn_daemon(self) -> None:
-        path = self.config.socket_path()
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        log.info("starting kvmesh daemon for instance %s", self.config.instance)
-        with open(self._daemon_log_path(), "ab") as out:
-            launcher = subprocess.Popen(
-                [sys.executable, "-m", "kvmesh.daemon", "--detach",
-                 "--config-json", json.dumps(self.config.to_dict())],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        launcher.wait(timeout=30)  # returns as soon as the daemon has forked away
-
-    def _call(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _call(self, request: wire.Request[R]) -> R:
         """One request and its reply; after a lost connection, reconnect once and retry.
 
         Every request is safe to repeat on a new connection: the daemon gave back
         what the old connection held, so a retried commit or release finds nothing
         and does nothing (a store lost this way is a later miss, never an error).
         """
+        message = wire.encode_request(request)
         with self._lock:
             try:
-                reply = self._exchange(message)
-            except (OSError, ProtocolError) as first:
+                reply = self._exchange_raw(message)
+            except OSError as first:  # includes a connection the daemon closed (wire.ConnectionClosed)
                 log.warning("lost the kvmesh daemon (%s); reconnecting", first)
                 try:
                     self._sock.close()
                     self._open()
-                    reply = self._exchange(message)
-                except (OSError, ProtocolError) as err:
+                    reply = self._exchange_raw(message)
+                except OSError as err:
                     raise DaemonUnavailable(f"lost the kvmesh daemon: {err}") from err
-        if not reply.get("ok"):
-            raise DaemonError(f"the kvmesh daemon failed on {message.get('op')!r}: "
-                              f"{reply.get('error', 'unknown error')} (its log has the traceback)")
-        return reply
+        return self._reply(request, reply)
 
-    def _exchange(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _exchange_raw(self, message: dict[str, Any]) -> dict[str, Any]:
         send_message(self._sock, message)
         return receive_message(self._sock)
+
+    @staticmethod
+    def _reply(request: wire.Request[R], message: dict[str, Any]) -> R:
+        """The typed reply, or :class:`DaemonError` for a refusal (a malformed one raises ProtocolError)."""
+        reply = wire.decode_reply(message, request.reply, request.op)
+        if isinstance(reply, wire.ErrorReply):
+            raise DaemonError(f"the kvmesh daemon failed on {request.op!r}: {reply.error} "
+                              "(its log has the traceback)")
+        return reply
 
     def close(self) -> None:
         try:
@@ -266,11 +218,9 @@ class KVMeshClient:
         """
         if not keys:
             return LookupResult(0, [])
-        reply = self._call({"op": "lookup", "keys": [k.hex for k in keys], "partials": partials,
-                            "tokens": [k.num_tokens for k in keys], "count": count})
-        found = [PartialCandidate(bytes.fromhex(key), int(tokens), bool(resident))
-                 for key, tokens, resident in reply["partials"]]
-        return LookupResult(reply["hits"], found, frozenset(reply["below_l1"]))
+        reply = self._call(wire.Lookup([wire.ChunkRef(k.digest, k.num_tokens) for k in keys], partials, count))
+        found = [PartialCandidate(p.key, p.tokens, p.resident) for p in reply.partials]
+        return LookupResult(reply.hits, found, frozenset(reply.below_l1))
 
     # ------------------------------------------------------------------- stores
     def reserve(self, keys: Sequence[ChunkKey], metas: Sequence[TensorMeta],
@@ -281,30 +231,26 @@ class KVMeshClient:
         that a longer prompt continuing the same tokens can find them.
         """
         parents = parents or [None] * len(keys)
-        items = []
-        for key, meta, parent in zip(keys, metas, parents, strict=True):
-            item: list[Any] = [key.hex, meta.nbytes, meta.encode()]
-            if parent is not None:
-                item += [parent.hex(), key.num_tokens]
-            items.append(item)
-        reply = self._call({"op": "reserve", "items": items})
-        slots: list[WriteSlot | None] = []
-        for key, meta, (status, offset) in zip(keys, metas, reply["results"], strict=True):
-            slots.append(None if status != "ok" else WriteSlot(key, offset, self._view(offset, meta)))
-        return slots
+        items = [wire.ReserveItem(key.digest, meta.nbytes, meta.encode(), parent,
+                                  key.num_tokens if parent is not None else 0)
+                 for key, meta, parent in zip(keys, metas, parents, strict=True)]
+        reply = self._call(wire.Reserve(items))
+        return [WriteSlot(key, result.offset, self._view(result.offset, meta))
+                if result.status == "ok" and result.offset is not None else None
+                for key, meta, result in zip(keys, metas, reply.results, strict=True)]
 
-    def commit(self, slots: Sequence[WriteSlot], seconds: float | None = None, tokens: int = 0) -> None:
-        """Make written slots visible; ``seconds`` (the copy time) feeds the store-latency metric."""
+    def commit(self, slots: Sequence[WriteSlot]) -> None:
+        """Make written slots visible."""
         if slots:
-            message: dict[str, Any] = {"op": "commit", "keys": [s.key.hex for s in slots]}
-            if seconds is not None:
-                message.update(seconds=seconds, tokens=tokens,
-                               bytes=sum(s.tensor.numel() * s.tensor.element_size() for s in slots))
-            self._call(message)
+            self._call(wire.Commit([s.key.digest for s in slots]))
+
+    def report_store(self, seconds: float, nbytes: int, tokens: int) -> None:
+        """What a save cost (its copy time, bytes, tokens), for the daemon's store-latency metrics."""
+        self._call(wire.ReportStore(seconds, nbytes, tokens))
 
     def abort(self, slots: Sequence[WriteSlot]) -> None:
         if slots:
-            self._call({"op": "abort", "keys": [s.key.hex for s in slots]})
+            self._call(wire.Abort([s.key.digest for s in slots]))
 
     def put(self, keys: Sequence[ChunkKey], chunks: Sequence[torch.Tensor]) -> int:
         """Store whole tensors; returns how many were newly written."""
@@ -326,15 +272,14 @@ class KVMeshClient:
     @contextmanager
     def acquire(self, keys: Sequence[ChunkKey]) -> Iterator[list[ReadSlot]]:
         """Pin the longest stored prefix of ``keys``; the slots' tensors are valid inside the block."""
-        reply = self._call({"op": "acquire", "keys": [k.hex for k in keys]}) if keys else {"extents": []}
-        slots = [ReadSlot(key, offset, nbytes, meta, self._view(offset, TensorMeta.decode(meta)))
-                 for key, (offset, nbytes, meta) in zip(keys, reply["extents"])]
+        extents = self._call(wire.Acquire([k.digest for k in keys])).extents if keys else []
+        slots = [ReadSlot(key, e.offset, e.nbytes, e.meta, self._view(e.offset, TensorMeta.decode(e.meta)))
+                 for key, e in zip(keys, extents)]
         try:
             yield slots
         finally:
             if slots:
-                self._call({"op": "release",
-                            "items": [[s.key.hex, s.offset, s.nbytes, s.meta] for s in slots]})
+                self._call(wire.Release([wire.PinRef(s.key.digest, s.offset, s.nbytes, s.meta) for s in slots]))
 
     def acquire_lease(self, keys: Sequence[ChunkKey]) -> Lease:
         """Pin the longest prefix of ``keys`` that is in L1 now, for another process to read.
@@ -342,32 +287,34 @@ class KVMeshClient:
         Never waits for a disk or Redis read: what is not in L1 is not pinned (the caller loads less).
         Release with :meth:`release_lease`.
         """
-        reply = self._call({"op": "acquire", "keys": [k.hex for k in keys], "lease": True, "promote": False})
-        return Lease(reply["lease"], self.epoch, [tuple(e) for e in reply["extents"]])
+        reply = self._call(wire.Acquire([k.digest for k in keys], lease=True, promote=False))
+        if reply.lease is None:
+            raise ProtocolError("acquire reply.lease: missing for a lease request")
+        return Lease(reply.lease, self.epoch, reply.extents)
 
-    def release_lease(self, lease_id: str, seconds: float | None = None, nbytes: int = 0, tokens: int = 0,
-                      verified: int = 0, mismatches: int = 0) -> bool:
+    def release_lease(self, lease_id: str) -> bool:
         """Give a lease back; False when the daemon no longer knew it (expired, or a restarted daemon).
 
         A lease still known here was held for the whole time since it was acquired, so pages read under
         it were the pinned entries; after False they may have been overwritten.
         """
-        message: dict[str, Any] = {"op": "release_lease", "lease": lease_id, "verified": verified,
-                                   "mismatches": mismatches}
-        if seconds is not None:
-            message.update(seconds=seconds, bytes=nbytes, tokens=tokens)
-        return self._call(message)["known"]
+        return self._call(wire.ReleaseLease(lease_id)).known
+
+    def report_load(self, seconds: float, nbytes: int, tokens: int, verified: int = 0,
+                    mismatches: int = 0) -> None:
+        """What a load cost, and how many loaded chunks were verified and differed, for the daemon's metrics."""
+        self._call(wire.ReportLoad(seconds, nbytes, tokens, verified, mismatches))
 
     def view(self, offset: int, meta: str, epoch: str) -> torch.Tensor:
         """A tensor over an extent that another process pinned (its lease names the daemon's epoch)."""
         if epoch != self.epoch:
-            self._call({"op": "hello"})  # reconnects and remaps if the daemon restarted
+            self._call(wire.Hello(PROTOCOL_VERSION, os.getpid()))  # reconnects and remaps if the daemon restarted
             if epoch != self.epoch:
                 raise LeaseLost(f"the lease belongs to daemon epoch {epoch}, now {self.epoch} (it restarted)")
         return self._view(offset, TensorMeta.decode(meta))
 
     def report_error(self, kind: str) -> None:
-        self._call({"op": "report_error", "kind": kind})
+        self._call(wire.ReportError(kind))
 
     def get(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor]:
         """Copies of the longest stored prefix of ``keys``."""
@@ -375,71 +322,28 @@ class KVMeshClient:
             return [slot.tensor.clone() for slot in slots]  # clone is a memcpy
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
-        return self._call({"op": "delete", "keys": [k.hex for k in keys]})["deleted"]
+        return self._call(wire.Delete([k.digest for k in keys])).deleted
 
     def stats(self) -> dict[str, Any]:
-        return self._call({"op": "stats"})["tiers"]
+        return self._call(wire.Stats()).tiers
 
     def info(self) -> dict[str, Any]:
         """Everything the daemon reports: tiers, metrics, leases, its settings and the engines it serves."""
-        return self._call({"op": "stats"})
+        return wire.encode(self._call(wire.Stats()))
 
     def metrics(self) -> dict[str, float]:
-        return self._call({"op": "stats"})["metrics"]
+        return self._call(wire.Stats()).metrics
 
     def flush(self) -> dict[str, Any]:
         """Wait for the daemon's write-behind queue to drain; returns tier stats."""
-        return self._call({"op": "stats", "flush": True})["tiers"]
+        return self._call(wire.Stats(flush=True)).tiers
 
     def shutdown_daemon(self, timeout: float = 30.0) -> None:
         """Stop the daemon and wait until it has let go of the instance (socket, segment, lock)."""
-        self._call({"op": "shutdown"})
-        lock = self.config.socket_path().with_suffix(".lock")
-        deadline = time.monotonic() + timeout
-        while _daemon_holds_lock(lock) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        self._call(wire.Shutdown())
+        wait_for_lock_release(self.config, timeout)
 
     # ---------------------------------------------------------------- internals
     def _view(self, offset: int, meta: TensorMeta) -> torch.Tensor:
         raw = torch.frombuffer(self._buffer, dtype=torch.uint8, count=meta.nbytes, offset=offset)
         return raw.view(DTYPES[meta.dtype]).view(meta.shape)
-
-
-def _daemon_holds_lock(lock_path: Path) -> bool:
-    """True while some process (a starting or running daemon) holds the instance's lock."""
-    try:
-        with open(lock_path, "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            return False
-    except OSError:
-        return False
-
-
-def _tail(path: str, lines: int = 15) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def socket_is_live(path: Path) -> bool:
-    """True when a daemon answers on ``path``."""
-    sock = _try_connect(str(path))
-    if sock is None:
-        return False
-    sock.close()
-    return True
-
-
-def _try_connect(path: str) -> socket.socket | None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(path)
-        return sock
-    except OSError:
-        sock.close()
-        return None

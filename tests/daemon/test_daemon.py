@@ -67,7 +67,8 @@ from kvmesh.store import TensorMeta
 config = KVMeshConfig.from_mapping(json.loads(sys.argv[1]))
 keys = chunk_keys(list(range(7000, 7128)), model_namespace("test-model", "L4.H2.D32.bfloat16"), 64)
 c = KVMeshClient(config)
-c._call({"op": "acquire", "keys": [keys[0].hex]})
+from kvmesh import wire
+c._call(wire.Acquire([keys[0].digest]))
 c.reserve(keys[1:], [TensorMeta("bfloat16", (4, 2, 64, 2, 32))])
 os._exit(0)  # die holding a pin and a reservation
 """

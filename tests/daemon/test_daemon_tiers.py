@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from redis_servers import RedisServer, free_port
 
+from kvmesh import wire
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
 from kvmesh.integrations.vllm.planner import match_prefix
@@ -144,9 +145,8 @@ def _store_prompt(client: KVMeshClient, tokens: list[int], chunk_size: int = 128
 
 
 def _raw_partials(client: KVMeshClient, keys) -> list[list]:  # noqa: ANN001
-    reply = client._call({"op": "lookup", "keys": [k.hex for k in keys], "partials": True,
-                          "tokens": [k.num_tokens for k in keys]})
-    return reply["partials"]
+    reply = client._call(wire.Lookup([wire.ChunkRef(k.digest, k.num_tokens) for k in keys]))
+    return [[p.key.hex(), p.tokens, p.resident] for p in reply.partials]
 
 
 def test_a_restarted_daemon_offers_the_partial_on_disk_to_the_next_turn(tmp_path: Path) -> None:

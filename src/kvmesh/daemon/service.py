@@ -28,6 +28,7 @@ from kvmesh import __version__
 from kvmesh.config import KVMeshConfig
 from kvmesh.keys import ROOT
 from kvmesh.daemon.metrics import DaemonMetrics, start_http
+from kvmesh import wire
 from kvmesh.wire import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
 from kvmesh.shm import SharedSegment
 from kvmesh.codecs import Codec, get_codec
@@ -114,144 +115,140 @@ class NodeDaemon:
                 "l1_capacity": l1.capacity, "l1_entries": l1.entries}
 
     # ----------------------------------------------------------------- requests
-    def handle(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
-        op = request.get("op")
-        handler = getattr(self, f"_op_{op}", None)
-        if handler is None:
-            return {"ok": False, "error": f"unknown op {op!r}"}
+    def handle(self, message: dict[str, Any], session: _Session) -> dict[str, Any]:
+        """Decode a request, call its ``_op_*`` handler, encode the reply (a malformed one raises ProtocolError)."""
+        request = wire.decode_request(message)
+        handler = getattr(self, f"_op_{request.op}")
         self._expire_leases()
-        return {"ok": True, **handler(request, session)}
+        return wire.encode_reply(handler(request, session))
 
-    def _op_hello(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
+    def _op_hello(self, request: wire.Hello, session: _Session) -> wire.HelloReply:
         """Who we are, where L1 lives, and the settings we run with (the client refuses a mismatch)."""
-        if request.get("engine"):
-            session.engine = {"pid": request.get("pid"), **request["engine"]}
+        if request.protocol != PROTOCOL_VERSION:
+            raise wire.VersionMismatch(f"a client (pid {request.pid}) speaks protocol {request.protocol}, "
+                                       f"this daemon {PROTOCOL_VERSION}", request.protocol, request.pid)
+        if request.engine:
+            session.engine = {"pid": request.pid, **request.engine}
             with self._store_lock:
                 self._sessions.add(session)
-        return {"version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(), "epoch": self.epoch,
-                "shm_name": self.segment.name, "shm_size": self.segment.size,
-                "config_digest": self.config.daemon_digest(), "config": self.config.daemon_settings()}
+        return wire.HelloReply(__version__, PROTOCOL_VERSION, os.getpid(), self.epoch, self.segment.name,
+                               self.segment.size, self.config.daemon_digest(), self.config.daemon_settings())
 
-    def _op_lookup(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
+    def _op_lookup(self, request: wire.Lookup, session: _Session) -> wire.LookupReply:
         """Consecutive hits from the first key, and the partial entries that could extend them.
 
-        Each partial is ``[hex key, tokens, resident]``: ``resident`` says whether it
-        is in L1 now (one found below L1 starts promoting at once).
+        ``resident`` says whether a partial is in L1 now (one found below L1 starts promoting at once).
         """
-        keys = [bytes.fromhex(k) for k in request["keys"]]
+        keys = [chunk.key for chunk in request.chunks]
+        tokens = [chunk.tokens for chunk in request.chunks]
         located = self.store.locate(keys)
         hits = located.hits
-        tokens = request.get("tokens")
-        partials: list[list[Any]] = []
-        if hits < len(keys) and request.get("partials", False):
+        partials: list[wire.PartialFound] = []
+        if hits < len(keys) and request.partials:
             parent = keys[hits - 1] if hits else ROOT
-            rest = sum(tokens[hits:]) if tokens else None  # the prompt's tokens after the hits
-            partials = [[child.hex(), count, self.store.l1.contains(child)]
+            rest = sum(tokens[hits:])  # the prompt's tokens after the hits
+            partials = [wire.PartialFound(child, count, self.store.l1.contains(child))
                         for child, count in self.store.partials(parent, rest)]
-        if tokens and request.get("count", True):  # a request asking again while it waits is not counted twice
+        if tokens and request.count:  # a request asking again while it waits is not counted twice
             self.metrics.lookups.inc()
             self.metrics.lookup_tokens.inc(sum(tokens))
             self.metrics.hit_tokens.inc(sum(tokens[:hits]))
-        return {"hits": hits, "partials": partials, "below_l1": located.below_l1}
+        return wire.LookupReply(hits, partials, sorted(located.below_l1))
 
-    def _op_reserve(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
+    def _op_reserve(self, request: wire.Reserve, session: _Session) -> wire.ReserveReply:
         results = []
-        for item in request["items"]:
-            key_hex, nbytes, meta = item[:3]
-            key = bytes.fromhex(key_hex)
-            partial = len(item) == 5 and item[3] is not None  # a partial chunk: [.., parent, tokens]
-            reservation = self.store.reserve(key, int(nbytes), meta, bytes.fromhex(item[3]) if partial else None,
-                                             int(item[4]) if partial else 0)
+        for item in request.items:
+            reservation = self.store.reserve(item.key, item.nbytes, item.meta, item.parent,
+                                             item.tokens if item.parent is not None else 0)
             if reservation.status is ReserveStatus.OK:
-                session.reserved.add(key)
-                results.append(["ok", reservation.extent.offset])
+                session.reserved.add(item.key)
+                results.append(wire.Reserved("ok", reservation.extent.offset))
             else:
                 if reservation.status is ReserveStatus.NO_ROOM:
                     self.metrics.errors.labels("l1_no_room").inc()
-                results.append([reservation.status.value, None])
-        return {"results": results}
+                results.append(wire.Reserved(reservation.status.value))
+        return wire.ReserveReply(results)
 
-    def _op_commit(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
-        for key_hex in request["keys"]:
-            key = bytes.fromhex(key_hex)
+    def _op_commit(self, request: wire.Commit, session: _Session) -> wire.Done:
+        for key in request.keys:
             if key in session.reserved:
                 session.reserved.discard(key)
                 self.store.commit(key)
-        if "seconds" in request:
-            self.metrics.store_seconds.observe(request["seconds"])
-            self.metrics.stored_bytes.inc(request.get("bytes", 0))
-            self.metrics.stored_tokens.inc(request.get("tokens", 0))
-        return {}
+        return wire.Done()
 
-    def _op_abort(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
-        for key_hex in request["keys"]:
-            key = bytes.fromhex(key_hex)
+    def _op_report_store(self, request: wire.ReportStore, session: _Session) -> wire.Done:
+        self.metrics.store_seconds.observe(request.seconds)
+        self.metrics.stored_bytes.inc(request.nbytes)
+        self.metrics.stored_tokens.inc(request.tokens)
+        return wire.Done()
+
+    def _op_abort(self, request: wire.Abort, session: _Session) -> wire.Done:
+        for key in request.keys:
             if key in session.reserved:
                 session.reserved.discard(key)
                 self.store.abort(key)
-        return {}
+        return wire.Done()
 
-    def _op_acquire(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
+    def _op_acquire(self, request: wire.Acquire, session: _Session) -> wire.AcquireReply:
         """Pin the longest available prefix of the keys, for this connection or as a lease."""
         pins = []
-        promote = request.get("promote", True)  # leases for engines never wait for a lower tier
-        for key_hex in request["keys"]:
-            key = bytes.fromhex(key_hex)
+        promote = request.promote  # leases for engines never wait for a lower tier
+        for key in request.keys:
             extent = self.store.acquire(key, promote=promote)
             if extent is None:
                 break
             pins.append((key, extent))
-        reply: dict[str, Any] = {"extents": [[e.offset, e.nbytes, e.meta] for _, e in pins]}
-        if request.get("lease"):
+        extents = [wire.ExtentRef(e.offset, e.nbytes, e.meta) for _, e in pins]
+        if request.lease:
             lease_id = secrets.token_hex(8)
             with self._store_lock:
                 self._leases[lease_id] = _Lease(time.monotonic() + self.config.lease_seconds, pins)
-            reply["lease"] = lease_id
-        else:
-            session.pinned.extend(pins)
-        return reply
+            return wire.AcquireReply(extents, lease_id)
+        session.pinned.extend(pins)
+        return wire.AcquireReply(extents)
 
-    def _op_release(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
-        for key_hex, offset, nbytes, meta in request["items"]:
-            pin = (bytes.fromhex(key_hex), Extent(int(offset), int(nbytes), meta))
+    def _op_release(self, request: wire.Release, session: _Session) -> wire.Done:
+        for item in request.items:
+            pin = (item.key, Extent(item.offset, item.nbytes, item.meta))
             if pin in session.pinned:
                 session.pinned.remove(pin)
                 self.store.release(*pin)
-        return {}
+        return wire.Done()
 
-    def _op_release_lease(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
+    def _op_release_lease(self, request: wire.ReleaseLease, session: _Session) -> wire.ReleaseLeaseReply:
         with self._store_lock:
-            lease = self._leases.pop(request["lease"], None)
+            lease = self._leases.pop(request.lease, None)
         if lease is not None:
             for key, extent in lease.pins:
                 self.store.release(key, extent)
-        if "seconds" in request:
-            self.metrics.load_seconds.observe(request["seconds"])
-            self.metrics.loaded_bytes.inc(request.get("bytes", 0))
-            self.metrics.loaded_tokens.inc(request.get("tokens", 0))
-        self.metrics.verified_chunks.inc(request.get("verified", 0))
-        self.metrics.verify_mismatches.inc(request.get("mismatches", 0))
-        return {"known": lease is not None}
+        return wire.ReleaseLeaseReply(lease is not None)
 
-    def _op_report_error(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
-        self.metrics.errors.labels(str(request.get("kind", "unknown"))[:64]).inc()
-        return {}
+    def _op_report_load(self, request: wire.ReportLoad, session: _Session) -> wire.Done:
+        self.metrics.load_seconds.observe(request.seconds)
+        self.metrics.loaded_bytes.inc(request.nbytes)
+        self.metrics.loaded_tokens.inc(request.tokens)
+        self.metrics.verified_chunks.inc(request.verified)
+        self.metrics.verify_mismatches.inc(request.mismatches)
+        return wire.Done()
 
-    def _op_delete(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
-        return {"deleted": sum(self.store.delete(bytes.fromhex(k)) for k in request["keys"])}
+    def _op_report_error(self, request: wire.ReportError, session: _Session) -> wire.Done:
+        self.metrics.errors.labels(request.kind[:64]).inc()
+        return wire.Done()
 
-    def _op_stats(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
-        if request.get("flush"):
+    def _op_delete(self, request: wire.Delete, session: _Session) -> wire.DeleteReply:
+        return wire.DeleteReply(sum(self.store.delete(key) for key in request.keys))
+
+    def _op_stats(self, request: wire.Stats, session: _Session) -> wire.StatsReply:
+        if request.flush:
             self.store.flush()
         with self._store_lock:
             engines = [dict(s.engine) for s in self._sessions]
-        return {"tiers": {name: stats.to_dict() for name, stats in self.store.stats().items()},
-                "metrics": self.metrics.snapshot(), "leases": len(self._leases),
-                "config": self.config.daemon_settings(), "engines": engines}
+        return wire.StatsReply({name: stats.to_dict() for name, stats in self.store.stats().items()},
+                               self.metrics.snapshot(), len(self._leases), self.config.daemon_settings(), engines)
 
-    def _op_shutdown(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
+    def _op_shutdown(self, request: wire.Shutdown, session: _Session) -> wire.Done:
         self.shutdown()
-        return {}
+        return wire.Done()
 
     def _expire_leases(self) -> None:
         now = time.monotonic()
@@ -286,14 +283,17 @@ class _Handler(socketserver.BaseRequestHandler):
         try:
             while True:
                 try:
-                    request = receive_message(sock)
-                except (ProtocolError, OSError, ValueError):
+                    message = receive_message(sock)
+                except OSError:  # closed, or not a framed message (wire.ConnectionClosed)
                     return
                 try:
-                    reply = daemon.handle(request, session)
+                    reply = daemon.handle(message, session)
+                except ProtocolError as err:  # a malformed request or another protocol version: refused
+                    log.warning("refused a request: %s", err)
+                    reply = wire.encode_reply(wire.ErrorReply(f"{type(err).__name__}: {err}", pid=os.getpid()))
                 except Exception as err:  # a bad request must not kill the daemon
-                    log.exception("request %s failed", request.get("op"))
-                    reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+                    log.exception("request %s failed", message.get("op"))
+                    reply = wire.encode_reply(wire.ErrorReply(f"{type(err).__name__}: {err}", pid=os.getpid()))
                 send_message(sock, reply)
         finally:
             daemon.end_session(session)

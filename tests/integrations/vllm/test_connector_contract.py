@@ -109,6 +109,11 @@ def _errors(config: KVMeshConfig, kind: str) -> float:
         return client.metrics().get(f"kvmesh_errors_total{{kind={kind}}}", 0.0)
 
 
+def _metric(config: KVMeshConfig, name: str) -> float:
+    with KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config)) as client:
+        return client.metrics().get(name, 0.0)
+
+
 def _prompt(name: str, tokens: int = 4 * CHUNK + 5) -> FakeRequest:
     return FakeRequest(f"{name}-{uuid.uuid4().hex[:6]}", [1000 + (i * 7) % 5000 for i in range(tokens)])
 
@@ -144,6 +149,20 @@ def test_a_load_copies_the_stored_pages_into_the_engines_blocks(config: KVMeshCo
     assert target.worker.take_failed_blocks() == set()
     for stored, loaded in zip(source.pages(SOURCE_BLOCKS[:8]), target.pages(TARGET_BLOCKS[:8])):
         assert torch.equal(stored, loaded)
+
+
+def test_loads_and_saves_report_their_own_metrics(config: KVMeshConfig) -> None:
+    source, target = Engine(config, seed=9), Engine(config)
+    request = _prompt("m")
+    source.compute_and_save(request, SOURCE_BLOCKS)
+    assert _metric(config, "kvmesh_stored_tokens_total") == 4 * CHUNK
+    assert _metric(config, "kvmesh_stored_bytes_total") == 8 * 2 * BLOCK * 16 * 2  # pages * layers * page bytes
+    _, loads = target.plan_load(request, TARGET_BLOCKS)
+    target.worker.load(loads)
+    assert target.worker.take_failed_blocks() == set()
+    assert _metric(config, "kvmesh_loaded_tokens_total") == 4 * CHUNK
+    assert _metric(config, "kvmesh_loaded_bytes_total") == 8 * 2 * BLOCK * 16 * 2
+    assert _metric(config, "kvmesh_load_seconds_count") == 1
 
 
 def test_a_lease_that_expires_before_the_load_reports_its_blocks_failed(config: KVMeshConfig) -> None:

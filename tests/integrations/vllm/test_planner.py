@@ -1,5 +1,13 @@
-from kvmesh.integrations.vllm.planner import RequestTracker, match_prefix, plan_load_chunks, plan_save_chunks
+from kvmesh.integrations.vllm.planner import (
+    LeaseTicket,
+    RequestTracker,
+    match_prefix,
+    plan_load,
+    plan_load_chunks,
+    plan_save_chunks,
+)
 from kvmesh.keys import ROOT, chunk_keys, model_namespace
+from kvmesh.wire import ExtentRef
 
 NS = model_namespace("m", "L1")
 TOKENS = list(range(100, 100 + 700))
@@ -47,3 +55,15 @@ def test_a_prompt_shorter_than_a_chunk_is_a_partial_under_the_root() -> None:
     tracker = RequestTracker("r", TOKENS[:100], 256, keys)
     [only] = plan_save_chunks(tracker, 100, [7], 128)
     assert only.parent == ROOT and only.block_ids == [7]
+
+
+def test_load_plan_pairs_each_chunk_with_its_pinned_extent_and_marks_the_rest_unpinned() -> None:
+    keys = chunk_keys(TOKENS, NS, 256, include_partial=True)
+    transfers = plan_load_chunks(keys, 0, 699, list(range(6)), 128)
+    extents = [ExtentRef(0, 64, "a"), ExtentRef(64, 64, "b")]  # the lease pinned the first two chunks only
+    plan = plan_load("r", transfers, LeaseTicket("lease", "epoch"), extents, 699)
+    assert [(c.transfer.key.start, c.extent) for c in plan.chunks] == [
+        (0, extents[0]), (256, extents[1]), (512, None)]
+    assert [c.transfer.block_ids for c in plan.unpinned] == [[4, 5]]
+    nothing = plan_load("r", transfers, None, [], 699)  # no daemon: no lease, every chunk unpinned
+    assert nothing.lease is None and nothing.unpinned == nothing.chunks

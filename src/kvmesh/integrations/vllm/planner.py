@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from kvmesh.keys import ROOT, ChunkKey, Namespace, chunk_digest
 from kvmesh.page_copy import pages_for_tokens
+from kvmesh.wire import ExtentRef
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,13 +30,43 @@ class ChunkTransfer:
 
 
 @dataclass(frozen=True, slots=True)
-class LoadPlan:
-    req_id: str
+class LeaseTicket:
+    """The lease that pins a plan's entries, valid in the daemon ``epoch`` that granted it."""
+
     lease_id: str
     epoch: str
-    extents: list[tuple[int, int, str]]  # what the lease pinned, one per chunk (may be fewer than chunks)
-    chunks: list[ChunkTransfer]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkLoad:
+    """One chunk to load: its pages and blocks, and where the lease pinned its entry.
+
+    ``extent`` is None when the chunk is not pinned (evicted between lookup and lease, or no daemon):
+    its blocks are reported failed and vLLM recomputes them.
+    """
+
+    transfer: ChunkTransfer
+    extent: ExtentRef | None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadPlan:
+    req_id: str
+    lease: LeaseTicket | None  # None: nothing could be pinned (no daemon)
+    chunks: list[ChunkLoad]
     num_tokens: int
+
+    @property
+    def unpinned(self) -> list[ChunkLoad]:
+        return [chunk for chunk in self.chunks if chunk.extent is None]
+
+
+def plan_load(req_id: str, transfers: Sequence[ChunkTransfer], lease: LeaseTicket | None,
+              extents: Sequence[ExtentRef], num_tokens: int) -> LoadPlan:
+    """Pair each chunk with the extent its lease pinned; the lease pins a prefix, so the rest get None."""
+    chunks = [ChunkLoad(transfer, extents[index] if index < len(extents) else None)
+              for index, transfer in enumerate(transfers)]
+    return LoadPlan(req_id, lease, chunks, num_tokens)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,10 +24,12 @@ from kvmesh.config import KVMeshConfig
 from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
 from kvmesh.integrations.vllm.engine_shape import EngineKVShape
 from kvmesh.integrations.vllm.planner import (
+    LeaseTicket,
     LoadPlan,
     RequestTracker,
     SavePlan,
     match_prefix,
+    plan_load,
     plan_load_chunks,
     plan_save_chunks,
 )
@@ -147,9 +149,9 @@ class SchedulerSide:
                 lease = client.acquire_lease([c.key for c in chunks])
             except ABSORBED as err:
                 self.link.fault("lease", f"kvmesh could not pin entries to load: {err}", err)
-        self.pending_loads.append(LoadPlan(
-            request.request_id, lease.lease_id if lease else "", lease.epoch if lease else "",
-            lease.extents if lease else [], chunks, num_external_tokens))
+        ticket = LeaseTicket(lease.lease_id, lease.epoch) if lease is not None else None
+        self.pending_loads.append(plan_load(request.request_id, chunks, ticket, lease.extents if lease else [],
+                                            num_external_tokens))
 
     def build_meta(self, scheduled: list[tuple[str, int, int]],
                    block_ids_of: Callable[[str], list[int]] | None) -> tuple[list[LoadPlan], list[SavePlan]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -93,23 +94,25 @@ class WorkerSide:
         started = time.perf_counter()
         client = self.link.client()
         jobs: list[PageJob] = []
-        unpinned = [chunk for index, chunk in enumerate(plan.chunks) if client is None or index >= len(plan.extents)]
+        unpinned = plan.chunks if client is None else plan.unpinned
         if unpinned:  # evicted between lookup and lease, or no daemon: vLLM recomputes these
             self.link.fault("load_unpinned", "kvmesh: planned chunks were not in L1 at load time; vLLM "
                             "recomputes them", LeaseLost("entries not pinned"))
             for chunk in unpinned:
-                self.failed_blocks.update(chunk.block_ids)
-        if client is None:
+                self.failed_blocks.update(chunk.transfer.block_ids)
+        if client is None or plan.lease is None:
             return
         try:
-            for index, chunk in enumerate(plan.chunks[:len(plan.extents)]):
-                offset, _, meta = plan.extents[index]
-                entry = client.view(offset, meta, plan.epoch)
+            for chunk in plan.chunks:
+                transfer, extent = chunk.transfer, chunk.extent
+                if extent is None:
+                    continue  # reported failed above
+                entry = client.view(extent.offset, extent.meta, plan.lease.epoch)
                 if entry.shape[0] != len(self.layers) or tuple(entry.shape[2:]) != self.page_shape:
                     raise StoredEntryMismatch(f"stored pages {tuple(entry.shape)} under this engine's "
                                               f"namespace do not fit its pages {self.page_shape}")
-                pages = entry[:, chunk.first_page:chunk.first_page + len(chunk.block_ids)]
-                jobs.append((pages, torch.tensor(chunk.block_ids, dtype=torch.long)))
+                pages = entry[:, transfer.first_page:transfer.first_page + len(transfer.block_ids)]
+                jobs.append((pages, torch.tensor(transfer.block_ids, dtype=torch.long)))
         except ABSORBED as err:  # the daemon restarted since the lease: its offsets name nothing now
             self.link.fault("load", f"kvmesh load failed, vLLM will recompute: {err}", err)
             self._fail_all(plan)
@@ -122,22 +125,23 @@ class WorkerSide:
                 verified += 1
                 mismatches += int(not all(torch.equal(layer.index_select(0, blocks), pages[i])
                                           for i, layer in enumerate(self.layers)))
-        if not plan.lease_id:
-            return
         try:
-            known = client.release_lease(plan.lease_id, time.perf_counter() - started, loaded_bytes,
-                                         plan.num_tokens, verified, mismatches)
+            known = client.release_lease(plan.lease.lease_id)
         except ABSORBED as err:
             known = False
             self.link.fault("release", f"kvmesh could not release a lease: {err}", err)
+        else:
+            self._report(client.report_load, time.perf_counter() - started, loaded_bytes, plan.num_tokens,
+                         verified, mismatches)
         if not known:  # the lease expired before or during the copy: the pages may have been reused
             self.link.fault("lease_expired", "kvmesh: a lease expired before its load finished; vLLM "
-                            "recomputes those tokens (raise lease_seconds if this repeats)", LeaseLost(plan.lease_id))
+                            "recomputes those tokens (raise lease_seconds if this repeats)",
+                            LeaseLost(plan.lease.lease_id))
             self._fail_all(plan)
 
     def _fail_all(self, plan: LoadPlan) -> None:
         for chunk in plan.chunks:
-            self.failed_blocks.update(chunk.block_ids)
+            self.failed_blocks.update(chunk.transfer.block_ids)
 
     def take_failed_blocks(self) -> set[int]:
         failed, self.failed_blocks = self.failed_blocks, set()
@@ -165,10 +169,22 @@ class WorkerSide:
                 self._abort(client, [slot for slot, _ in written])
                 raise
             try:
-                client.commit([slot for slot, _ in written], time.perf_counter() - started,
-                              sum(chunk.key.num_tokens for _, chunk in written))
+                client.commit([slot for slot, _ in written])
             except ABSORBED as err:  # the daemon gives reservations back when the connection drops
                 self.link.fault("save", f"kvmesh store failed, dropped: {err}", err)
+                continue
+            if written:
+                seconds = time.perf_counter() - started
+                nbytes = sum(slot.tensor.numel() * slot.tensor.element_size() for slot, _ in written)
+                tokens = sum(chunk.key.num_tokens for _, chunk in written)
+                self._report(client.report_store, seconds, nbytes, tokens)
+
+    def _report(self, send: Callable[..., None], *values: float) -> None:
+        """Send a metrics report; a daemon lost meanwhile only loses the sample (a fault, counted)."""
+        try:
+            send(*values)
+        except ABSORBED as err:
+            self.link.fault("report", f"kvmesh could not report metrics: {err}", err)
 
     def _abort(self, client, slots) -> None:  # noqa: ANN001
         try:
