@@ -24,6 +24,8 @@ import torch
 from kvmesh import wire
 from kvmesh.config import KVMeshConfig, describe_mismatch
 from kvmesh.daemon_spawn import connect, socket_is_live, wait_for_lock_release
+from kvmesh.entry import DTYPES, dtype_name
+from kvmesh.entry import EntryMeta as TensorMeta  # the name this module uses for an entry's description
 from kvmesh.faults import (
     CacheFault,
     ConfigMismatch,
@@ -32,8 +34,6 @@ from kvmesh.faults import (
     LeaseLost,
 )
 from kvmesh.keys import ChunkKey
-from kvmesh.entry import DTYPES, dtype_name
-from kvmesh.entry import EntryMeta as TensorMeta  # the name this module uses for an entry's description
 from kvmesh.shm import SharedSegment
 from kvmesh.tensorbytes import copy_tensor
 from kvmesh.wire import (
@@ -170,7 +170,8 @@ class KVMeshClient:
             except OSError as first:  # includes a connection the daemon closed (wire.ConnectionClosed)
                 log.warning("lost the kvmesh daemon (%s); reconnecting", first)
                 try:
-                    self._sock.close()
+                    if self._sock is not None:
+                        self._sock.close()
                     self._open()
                     reply = self._exchange_raw(message)
                 except OSError as err:
@@ -178,6 +179,8 @@ class KVMeshClient:
         return self._reply(request, reply)
 
     def _exchange_raw(self, message: dict[str, Any]) -> dict[str, Any]:
+        if self._sock is None:
+            raise RuntimeError("this KVMeshClient is closed")
         send_message(self._sock, message)
         return receive_message(self._sock)
 

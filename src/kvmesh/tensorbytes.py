@@ -13,7 +13,7 @@ import torch
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor (works for bfloat16 too)."""
     flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    return memoryview(flat.numpy())
+    return flat.numpy().data
 
 
 def copy_tensor(dst: torch.Tensor, src: torch.Tensor) -> None:

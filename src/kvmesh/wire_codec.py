@@ -47,7 +47,7 @@ def encode(record: Any) -> dict[str, Any]:
 def decode(cls: type[T], data: Any, where: str, ignore: frozenset[str] = frozenset()) -> T:
     """``data`` read back as a ``cls``; ``where`` names it in errors, keys in ``ignore`` are not fields."""
     try:
-        return _record(cls).read(data, ignore)  # type: ignore[no-any-return]
+        return _record(cls).read(data, ignore)
     except _Bad as bad:
         raise ProtocolError(f"{where}{''.join(reversed(bad.path))}: {bad.reason}") from None
 

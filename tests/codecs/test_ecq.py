@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_lossy import _chunk, _pages
 
 from kvmesh.codecs import EcqCodec, decode_any, entry_view, get_codec
 from kvmesh.codecs.ecq import key_stats, layer_steps, sink_tokens, value_stats
 from kvmesh.codecs.kvview import PAGE_VIEWS, block_view
 from kvmesh.codecs.quant import as_float32
-
-from test_lossy import _chunk, _pages, real_kv  # noqa: F401 - the fixture is shared
 
 SPECS = ["ecq", "ecq:key_step=0.5,value_step=1,outliers=0", "ecq:key_step=0.05,value_step=0.05,level=3"]
 
@@ -87,8 +86,11 @@ def test_entries_remember_the_view_and_decode_into_out() -> None:
     assert torch.equal(out, decode_any(data))
 
 
-def test_demo_profile_on_real_kv(real_kv: torch.Tensor) -> None:  # noqa: F811 - the fixture
-    """On the demo model's KV the calibrated profile is >= 3.3x smaller than bf16 at < 10% RMS error (coarse where the model does not care)."""
+def test_demo_profile_on_real_kv(real_kv: torch.Tensor) -> None:
+    """On the demo model's KV the calibrated profile is >= 3.3x smaller than bf16 at < 10% RMS error.
+
+    (Coarse where the model does not care.)
+    """
     data = get_codec("ecq:profile=smollm2-135m,key_step=0.12,value_step=0.144").encode(real_kv)
     back = decode_any(data).float()
     original = real_kv.float()
@@ -96,7 +98,7 @@ def test_demo_profile_on_real_kv(real_kv: torch.Tensor) -> None:  # noqa: F811 -
     assert float((back - original).pow(2).mean().sqrt() / original.pow(2).mean().sqrt()) < 0.1
 
 
-def test_default_is_smaller_than_cachegen_on_real_kv(real_kv: torch.Tensor) -> None:  # noqa: F811
+def test_default_is_smaller_than_cachegen_on_real_kv(real_kv: torch.Tensor) -> None:
     """The default lossy codec is >= 5% smaller than cachegen on the demo model's own KV.
 
     Its RMS error is not lower (2.4% vs 2.2%): it spends error where the model does not care, so its

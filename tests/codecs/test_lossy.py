@@ -6,29 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from kvmesh.codecs import (CacheGenCodec, CorruptEntry, Fp8Codec, KiviCodec, LosslessCodec, RawCodec, decode_any,
-                           encode_for_tier, entry_view, get_codec)
+from kvmesh.codecs import (
+    CacheGenCodec,
+    CorruptEntry,
+    Fp8Codec,
+    KiviCodec,
+    LosslessCodec,
+    RawCodec,
+    decode_any,
+    encode_for_tier,
+    entry_view,
+    get_codec,
+)
 from kvmesh.codecs.base import pack_entry, read_header
 from kvmesh.codecs.cachegen import layer_bits
 from kvmesh.codecs.kvview import PAGE_VIEWS, ViewError, block_view
-
-@pytest.fixture(scope="module")
-def real_kv() -> torch.Tensor:
-    """A chunk ``[layers, 2, 256, kv_heads, head_size]`` (bf16) as the demo engine computes it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kvmesh.bench.texts import document_token_ids
-    from kvmesh.demo.run import cache_to_chunk
-    from kvmesh.demo.model import default_model_dir
-
-    path = default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, local_files_only=True).eval()
-    ids = torch.tensor([document_token_ids(tokenizer, 1, 256, seed=7)[0]])
-    with torch.inference_mode():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
-    return cache_to_chunk(cache, 0, 256).contiguous()
-
 
 LOSSY_SPECS = ["fp8", "kivi:bits=8", "kivi:bits=4", "kivi:bits=2", "cachegen", "ecq",
                "cachegen:key_bits=8-5-3,value_bits=4-3-2,key_group=32,value_group=16"]

@@ -93,7 +93,7 @@ def get_codec(spec: str) -> Codec:
             known = ", ".join(allowed) or "none"
             raise ValueError(f"codec {name!r} has no parameter {key!r} (in {spec!r}); parameters: {known}")
         try:
-            kwargs[key] = allowed[key](value)  # type: ignore[operator]
+            kwargs[key] = allowed[key](value)
         except ValueError:
             raise ValueError(f"codec {name!r}: bad value {value!r} for {key!r} (in {spec!r})") from None
     return _codec_class(_KNOWN[name])(**kwargs)

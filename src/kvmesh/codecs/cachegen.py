@@ -30,7 +30,7 @@ from kvmesh.entry import EntryMeta
 _PARAMS = struct.Struct("<HHbH")  # key group, value group, zstd level, layers; then key bits, value bits per layer
 
 
-def layer_bits(num_layers: int, bits: tuple[int, int, int]) -> np.ndarray:
+def layer_bits(num_layers: int, bits: tuple[int, ...]) -> np.ndarray:
     """Quantization width per layer: ``bits[0]`` for the first third of the layers, ``bits[1]``, ``bits[2]``."""
     return np.array([bits[min(2, 3 * layer // num_layers)] for layer in range(num_layers)], dtype=np.int64)
 
@@ -45,7 +45,7 @@ class CacheGenCodec:
     codec_id = 5
     lossless = False
 
-    def __init__(self, key_bits: tuple[int, int, int] = (6, 6, 6), value_bits: tuple[int, int, int] = (5, 5, 5),
+    def __init__(self, key_bits: tuple[int, ...] = (6, 6, 6), value_bits: tuple[int, ...] = (5, 5, 5),
                  key_group: int = 128, value_group: int = 64, level: int = 1) -> None:
         key_bits, value_bits = tuple(key_bits), tuple(value_bits)
         for name, bits in (("key_bits", key_bits), ("value_bits", value_bits)):

@@ -19,9 +19,9 @@ quantization"):
   depends on the first token more than on any other;
 * a symbol beyond -127..127 steps is an escape: its value is stored exactly beside the stream.
 
-Symbols are one byte (128 = the center); each (layer, K/V) stream (its heads in a row) is entropy coded by zstd on its own,
-and decoding is zstd's Huffman plus one fused pass ``(symbol - 128) * step + center`` into bf16.  Every value
-not escaped is within half its step of the input (plus the output dtype's rounding).
+Symbols are one byte (128 = the center); each (layer, K/V) stream (its heads in a row) is entropy coded by
+zstd on its own, and decoding is zstd's Huffman plus one fused pass ``(symbol - 128) * step + center`` into
+bf16.  Every value not escaped is within half its step of the input (plus the output dtype's rounding).
 """
 
 from __future__ import annotations

@@ -31,18 +31,18 @@ def group_min_max(x: np.ndarray, group_tokens: int, group_channels: int) -> tupl
              (channels + group_channels - 1) // group_channels)
     low = np.full(shape, np.inf, dtype=np.float32)
     high = np.full(shape, -np.inf, dtype=np.float32)
-    for l in range(layers):
+    for layer in range(layers):
         for b in range(blocks):
             for h in range(heads):
                 for t in range(tokens):
                     tg = t // group_tokens
                     for c in range(channels):
                         cg = c // group_channels
-                        value = x[l, b, h, t, c]
-                        if value < low[l, b, h, tg, cg]:
-                            low[l, b, h, tg, cg] = value
-                        if value > high[l, b, h, tg, cg]:
-                            high[l, b, h, tg, cg] = value
+                        value = x[layer, b, h, t, c]
+                        if value < low[layer, b, h, tg, cg]:
+                            low[layer, b, h, tg, cg] = value
+                        if value > high[layer, b, h, tg, cg]:
+                            high[layer, b, h, tg, cg] = value
     return low, high
 
 
@@ -51,23 +51,23 @@ def quantize(x: np.ndarray, low: np.ndarray, scale: np.ndarray, levels: np.ndarr
              group_channels: int, out: np.ndarray) -> None:
     """``out = clip(round((x - low) / scale), 0, levels[layer])`` as uint8 symbols (one per value)."""
     layers, blocks, heads, tokens, channels = x.shape
-    for l in range(layers):
-        top = levels[l]
+    for layer in range(layers):
+        top = levels[layer]
         for b in range(blocks):
             for h in range(heads):
                 for t in range(tokens):
                     tg = t // group_tokens
                     for c in range(channels):
                         cg = c // group_channels
-                        step = scale[l, b, h, tg, cg]
+                        step = scale[layer, b, h, tg, cg]
                         q = 0.0
                         if step > 0:
-                            q = np.floor((x[l, b, h, t, c] - low[l, b, h, tg, cg]) / step + 0.5)
+                            q = np.floor((x[layer, b, h, t, c] - low[layer, b, h, tg, cg]) / step + 0.5)
                         if q < 0:
                             q = 0.0
                         if q > top:
                             q = top
-                        out[l, b, h, t, c] = np.uint8(q)
+                        out[layer, b, h, t, c] = np.uint8(q)
 
 
 @numba.njit(**_JIT)
@@ -129,14 +129,14 @@ def dequantize_rows(symbols: np.ndarray, layer_bits: np.ndarray, low: np.ndarray
     step_row = np.empty(channels, dtype=np.float32)
     low_row = np.empty(channels, dtype=np.float32)
     one_group_per_row = group_channels >= channels
-    for l in range(layers):
-        bits = layer_bits[l]
+    for layer in range(layers):
+        bits = layer_bits[layer]
         for b in range(blocks):
             for h in range(heads):
-                plane = symbols[l, b, h]
-                target = out[l, b, h]
-                steps = scale[l, b, h]
-                lows = low[l, b, h]
+                plane = symbols[layer, b, h]
+                target = out[layer, b, h]
+                steps = scale[layer, b, h]
+                lows = low[layer, b, h]
                 cached_group = -1
                 for t in range(tokens):
                     tg = t // group_tokens
@@ -178,15 +178,15 @@ def lookup_scale_bf16(codes: np.ndarray, table: np.ndarray, scale: np.ndarray, o
     layers, blocks, heads, tokens, channels = out.shape
     row = np.empty(channels, dtype=np.float32)
     row_bits = row.view(np.uint32)
-    for l in range(layers):
+    for layer in range(layers):
         for b in range(blocks):
             for h in range(heads):
                 for t in range(tokens):
-                    s = scale[l, b, h, t]
-                    source = codes[l, b, h, t]
+                    s = scale[layer, b, h, t]
+                    source = codes[layer, b, h, t]
                     for c in range(channels):
                         row[c] = table[source[c]] * s
-                    target = out[l, b, h, t]
+                    target = out[layer, b, h, t]
                     for c in range(channels):
                         target[c] = _bf16_bits(row_bits[c])
 
@@ -214,17 +214,17 @@ def quantize_centered(x: np.ndarray, step: np.ndarray, center: np.ndarray, out: 
     (and non-finite ones) get the escape symbol 0 (stored exactly elsewhere).  Returns how many escaped."""
     layers, blocks, heads, tokens, channels = x.shape
     escaped = 0
-    for l in range(layers):
+    for layer in range(layers):
         for b in range(blocks):
             for h in range(heads):
                 for t in range(tokens):
-                    s = step[l, b, h, t]
+                    s = step[layer, b, h, t]
                     for c in range(channels):
-                        q = np.floor((x[l, b, h, t, c] - center[l, b, h, c]) / s + 0.5)
+                        q = np.floor((x[layer, b, h, t, c] - center[layer, b, h, c]) / s + 0.5)
                         if q >= -127.0 and q <= 127.0:
-                            out[l, b, h, t, c] = np.uint8(q + 128.0)
+                            out[layer, b, h, t, c] = np.uint8(q + 128.0)
                         else:
-                            out[l, b, h, t, c] = 0
+                            out[layer, b, h, t, c] = 0
                             escaped += 1
     return escaped
 
@@ -236,13 +236,13 @@ def dequantize_centered(symbols: np.ndarray, step: np.ndarray, center: np.ndarra
     layers, blocks, heads, tokens, channels = out.shape
     row = np.empty(channels, dtype=np.float32)
     row_bits = row.view(np.uint32)
-    for l in range(layers):
+    for layer in range(layers):
         for b in range(blocks):
             for h in range(heads):
-                plane = symbols[l, b, h]
-                target = out[l, b, h]
-                steps = step[l, b, h]
-                centers = center[l, b, h]
+                plane = symbols[layer, b, h]
+                target = out[layer, b, h]
+                steps = step[layer, b, h]
+                centers = center[layer, b, h]
                 for t in range(tokens):
                     s = steps[t]
                     base = np.float32(-128.0) * s
@@ -261,12 +261,12 @@ def amx_tiles(logical_keys: np.ndarray, logical_values: np.ndarray, pages: np.nd
     same permutation is 1.5-2x slower (its innermost axis has two elements).
     """
     layers, num_pages, heads, tokens, channels = logical_keys.shape
-    for l in range(layers):
+    for layer in range(layers):
         for p in range(num_pages):
             for h in range(heads):
-                page = pages[l, p, h]
-                keys = logical_keys[l, p, h]
-                values = logical_values[l, p, h]
+                page = pages[layer, p, h]
+                keys = logical_keys[layer, p, h]
+                values = logical_values[layer, p, h]
                 at = 0
                 for group in range(tokens // 16):
                     for pair in range(channels // 2):

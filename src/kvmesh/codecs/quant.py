@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from kvmesh.codecs import extras
@@ -134,7 +135,7 @@ class Reader:
         self.position = end
         return section
 
-    def array(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    def array(self, dtype: npt.DTypeLike, shape: tuple[int, ...]) -> np.ndarray:
         count = math.prod(shape)
         return np.frombuffer(self.take(count * np.dtype(dtype).itemsize), dtype=dtype).reshape(shape)
 

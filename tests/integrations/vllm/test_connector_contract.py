@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-from redis_servers import RedisServer
 
 from kvmesh.client import ConfigMismatch, DaemonUnavailable, KVMeshClient
 from kvmesh.config import KVMeshConfig
@@ -24,6 +23,7 @@ from kvmesh.integrations.vllm.engine_shape import EngineKVShape
 from kvmesh.integrations.vllm.scheduler import SchedulerSide
 from kvmesh.integrations.vllm.worker import UnsupportedEngine, WorkerSide
 from kvmesh.layout import KVLayout
+from redis_servers import RedisServer
 
 BLOCK = 16
 CHUNK = 32

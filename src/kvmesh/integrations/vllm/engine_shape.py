@@ -22,6 +22,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvmesh.vllm")
 
 
+def engine_dtype(value: object) -> torch.dtype:
+    """vLLM's ``model_config.dtype``, which its config has resolved to a torch dtype by the time engines start."""
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"vLLM's model_config.dtype is {value!r}, not a torch dtype (an unsupported vLLM version?)")
+    return value
+
+
 def cpu_page_view(dtype: torch.dtype, block_size: int, head_size: int) -> str:
     """How vLLM-CPU's attention kernel orders tokens and channels inside its pages (a ``kvmesh.entry`` view).
 
@@ -57,7 +64,7 @@ class EngineKVShape:
                              f"(tensor_parallel_size={parallel.tensor_parallel_size}, "
                              f"pipeline_parallel_size={parallel.pipeline_parallel_size})")
         cache_dtype = vllm_config.cache_config.cache_dtype
-        torch_dtype = model_config.dtype if cache_dtype == "auto" else None
+        torch_dtype = engine_dtype(model_config.dtype) if cache_dtype == "auto" else None
         if torch_dtype is None:
             raise ValueError(f"kvmesh stores bf16/fp16/fp32 KV; cache_dtype={cache_dtype!r} is not supported yet")
         block_size = vllm_config.cache_config.block_size

@@ -12,8 +12,9 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from kvmesh.config import KVMeshConfig
-from kvmesh.fingerprint import FingerprintError, lora_fingerprint, model_fingerprint, resolve_model_dir
 from kvmesh.entry import dtype_name
+from kvmesh.fingerprint import FingerprintError, lora_fingerprint, model_fingerprint, resolve_model_dir
+from kvmesh.integrations.vllm.engine_shape import engine_dtype
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -34,7 +35,7 @@ def engine_model_identity(vllm_config: VllmConfig, config: KVMeshConfig) -> tupl
     tokenizer_dir = resolve_model_dir(tokenizer, model_config.tokenizer_revision, cache_dir=download_dir) \
         if tokenizer != str(model_config.model) else None
     identity = model_fingerprint(model_dir, tokenizer_dir=tokenizer_dir, revision=revision,
-                                 dtype=dtype_name(model_config.dtype))
+                                 dtype=dtype_name(engine_dtype(model_config.dtype)))
     digest, described = identity.digest, identity.describe()
     overrides = getattr(model_config, "hf_overrides", None)
     if callable(overrides):
