@@ -17,7 +17,7 @@ from redis_servers import RedisServer
 
 from kvmesh.integrations.vllm.planner import match_prefix
 from kvmesh.keys import ROOT, ChunkKey, chunk_keys, model_namespace
-from kvmesh.partials import PartialIndex
+from kvmesh.store.partials import PartialIndex
 from kvmesh.store import LowerTier, TieredStore
 from kvmesh.tiers.disk import DiskTier
 from kvmesh.tiers.memory import MemoryTier

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmesh.partials import MAX_CHILDREN_PER_PARENT
+from kvmesh.store.partials import MAX_CHILDREN_PER_PARENT
 from kvmesh.tiers import disk, disk_partials
 from kvmesh.tiers.base import PartialIndexed, Tier
 from kvmesh.tiers.disk import DiskTier, entry_size

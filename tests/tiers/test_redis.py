@@ -69,8 +69,8 @@ def test_repeated_put_is_a_no_op(redis_server: RedisServer) -> None:
 def test_get_many_put_many_lookup_delete(redis_server: RedisServer) -> None:
     tier = _tier(redis_server, max_value_bytes=SMALL_VALUES)
     items = [(_key(i), _payload(i, size)) for i, size in enumerate([10, 250_000, 0, 1_000_000])]
-    assert tier.put_many(items) == 4
-    assert tier.put_many(items[:2]) == 2  # already there: no-ops
+    assert tier.put_many(items) == [True] * 4
+    assert tier.put_many(items[:2]) == [True, True]  # already there: no-ops
     assert tier.stats().stores == 4
     keys = [_key(i) for i in range(6)]
     assert tier.get_many(keys) == [data for _, data in items] + [None, None]
@@ -170,7 +170,7 @@ def test_unreachable_server_is_a_miss_and_opens_the_breaker(caplog: pytest.LogCa
     assert not tier.contains(_key(1))
     assert tier.lookup([_key(1), _key(2)]) == 0
     assert tier.get_many([_key(1), _key(2)]) == [None, None]
-    assert tier.put_many([(_key(1), b"x"), (_key(2), b"y")]) == 0
+    assert tier.put_many([(_key(1), b"x"), (_key(2), b"y")]) == [False, False]
     assert not tier.delete(_key(1))
     assert time.perf_counter() - started < 0.1
     stats = tier.stats()
@@ -259,7 +259,7 @@ def test_cluster_spreads_and_serves_entries(redis_cluster: RedisClusterServers) 
     items = [(_key(i), _payload(i, 1000 + 600 * i)) for i in range(30)]  # from inline to 5 parts
     for key, data in items[:15]:
         assert tier.put(key, data)
-    assert tier.put_many(items[15:]) == 15
+    assert tier.put_many(items[15:]) == [True] * 15
     assert tier.lookup([key for key, _ in items]) == 30
     for key, data in items:
         assert tier.get(key) == data

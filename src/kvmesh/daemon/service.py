@@ -31,7 +31,7 @@ from kvmesh.daemon.metrics import DaemonMetrics, start_http
 from kvmesh.wire import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
 from kvmesh.shm import SharedSegment
 from kvmesh.codecs import Codec, get_codec
-from kvmesh.store import LowerTier, TieredStore
+from kvmesh.store import LeaseTable, LowerTier, TieredStore
 from kvmesh.tiers.memory import Extent, MemoryTier, ReserveStatus
 
 log = logging.getLogger("kvmesh.daemon")
@@ -48,12 +48,6 @@ class _Session:
     reserved: set[bytes] = field(default_factory=set)
     pinned: list[tuple[bytes, Extent]] = field(default_factory=list)
     engine: dict[str, Any] = field(default_factory=dict)  # what the client said it is (pid, model, fingerprint)
-
-
-@dataclass
-class _Lease:
-    deadline: float
-    pins: list[tuple[bytes, Extent]]
 
 
 class NodeDaemon:
@@ -73,8 +67,8 @@ class NodeDaemon:
         self.store = TieredStore(MemoryTier(config.l1_size, self.segment.buffer), build_lower_tiers(config),
                                  None, self.metrics, config.write_queue_size, config.prefetch,
                                  config.prefetch_threads, prefetch_priority=config.prefetch_priority)  # type: ignore[arg-type]
-        self._store_lock = threading.Lock()  # guards leases; the store locks itself
-        self._leases: dict[str, _Lease] = {}
+        self._store_lock = threading.Lock()  # guards the sessions; the store and the leases lock themselves
+        self.leases = LeaseTable(self.store.release, config.lease_seconds)
         self._sessions: set[_Session] = set()  # connections that said which engine they serve
         self._started = time.time()
         self.socket_path.unlink(missing_ok=True)
@@ -203,10 +197,7 @@ class NodeDaemon:
             pins.append((key, extent))
         reply: dict[str, Any] = {"extents": [[e.offset, e.nbytes, e.meta] for _, e in pins]}
         if request.get("lease"):
-            lease_id = secrets.token_hex(8)
-            with self._store_lock:
-                self._leases[lease_id] = _Lease(time.monotonic() + self.config.lease_seconds, pins)
-            reply["lease"] = lease_id
+            reply["lease"] = self.leases.grant(pins)
         else:
             session.pinned.extend(pins)
         return reply
@@ -220,18 +211,14 @@ class NodeDaemon:
         return {}
 
     def _op_release_lease(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
-        with self._store_lock:
-            lease = self._leases.pop(request["lease"], None)
-        if lease is not None:
-            for key, extent in lease.pins:
-                self.store.release(key, extent)
+        known = self.leases.give_back(request["lease"])
         if "seconds" in request:
             self.metrics.load_seconds.observe(request["seconds"])
             self.metrics.loaded_bytes.inc(request.get("bytes", 0))
             self.metrics.loaded_tokens.inc(request.get("tokens", 0))
         self.metrics.verified_chunks.inc(request.get("verified", 0))
         self.metrics.verify_mismatches.inc(request.get("mismatches", 0))
-        return {"known": lease is not None}
+        return {"known": known}
 
     def _op_report_error(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
         self.metrics.errors.labels(str(request.get("kind", "unknown"))[:64]).inc()
@@ -246,7 +233,7 @@ class NodeDaemon:
         with self._store_lock:
             engines = [dict(s.engine) for s in self._sessions]
         return {"tiers": {name: stats.to_dict() for name, stats in self.store.stats().items()},
-                "metrics": self.metrics.snapshot(), "leases": len(self._leases),
+                "metrics": self.metrics.snapshot(), "leases": len(self.leases),
                 "config": self.config.daemon_settings(), "engines": engines}
 
     def _op_shutdown(self, request: dict[str, Any], session: _Session) -> dict[str, Any]:
@@ -254,13 +241,9 @@ class NodeDaemon:
         return {}
 
     def _expire_leases(self) -> None:
-        now = time.monotonic()
-        with self._store_lock:
-            expired = [self._leases.pop(i) for i, lease in list(self._leases.items()) if lease.deadline < now]
-        for lease in expired:
-            for key, extent in lease.pins:
-                self.store.release(key, extent)
-            self.metrics.errors.labels("lease_expired").inc()
+        expired = self.leases.expire()
+        if expired:
+            self.metrics.errors.labels("lease_expired").inc(expired)
 
     def end_session(self, session: _Session) -> None:
         for key in session.reserved:

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import xxhash
 
-from kvmesh.tiers.base import TierStats
+from kvmesh.tiers.base import TierStats, Value
+from kvmesh.tiers.buffers import parts_of
 from kvmesh.tiers.disk_partials import INDEX_SUFFIX, DiskPartials, key_in_name
 from kvmesh.tiers.eviction import LRUPolicy
 
@@ -66,8 +67,6 @@ def entry_size(key: bytes, payload_length: int) -> int:
 
 class DiskTier:
     """Entries as files under ``directory``, at most ``capacity_bytes`` of them in all."""
-
-    accepts_parts = True  # put() takes a sequence of buffers and writes their concatenation
 
     def __init__(self, directory: Path | str, capacity_bytes: int, name: str = "disk",
                  fsync: bool = False) -> None:
@@ -134,12 +133,19 @@ class DiskTier:
                             self.name, fault)
         return None
 
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Each key's entry in turn (files are read one by one; the batch saves the store's calls)."""
+        return [self.get(key) for key in keys]
+
     # -------------------------------------------------------------------- writes
-    def put(self, key: bytes, data: bytes | memoryview | Sequence[bytes | memoryview]) -> bool:
+    def put_many(self, items: Sequence[tuple[bytes, Value]]) -> list[bool]:
+        return [self.put(key, data) for key, data in items]
+
+    def put(self, key: bytes, data: Value) -> bool:
         """Store ``data`` (or the concatenation of its parts, written as they are, with no copy)."""
         if not 1 <= len(key) <= MAX_KEY_BYTES:
             raise ValueError(f"a key is a digest of 1..{MAX_KEY_BYTES} bytes, got {len(key)} bytes")
-        payload = _parts(data)
+        payload = parts_of(data)
         size = entry_size(key, sum(part.nbytes for part in payload))
         with self._lock:
             if key in self._sizes:
@@ -195,6 +201,9 @@ class DiskTier:
             self._partials.discard(parent, gone)
             children = [item for item in children if item[0] not in gone]
         return children
+
+    def close(self) -> None:
+        """Nothing is held open between calls: every file is closed when its read or write is done."""
 
     def stats(self) -> TierStats:
         with self._lock:
@@ -375,12 +384,6 @@ class DiskTier:
 
 class _Corrupt(ValueError):
     """A file that is not a whole, intact entry of the key it is named after."""
-
-
-def _parts(data: bytes | memoryview | Sequence[bytes | memoryview]) -> list[memoryview]:
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return [memoryview(data).cast("B")]
-    return [memoryview(part).cast("B") for part in data]
 
 
 def _writev_all(fd: int, views: list[memoryview]) -> None:

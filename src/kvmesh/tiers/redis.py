@@ -39,7 +39,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +50,9 @@ from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
-from kvmesh.partials import MAX_CHILDREN_PER_PARENT
-from kvmesh.tiers.base import TierStats
+from kvmesh.store.partials import MAX_CHILDREN_PER_PARENT
+from kvmesh.tiers.base import TierStats, Value
+from kvmesh.tiers.buffers import joined, parts_of
 from kvmesh.tiers.breaker import BreakerState, CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -247,27 +248,30 @@ class RedisTier:
         return results
 
     # ----------------------------------------------------------------- writes
-    def put(self, key: bytes, data: bytes | memoryview) -> bool:
-        return self.put_many([(key, data)]) == 1
+    def put(self, key: bytes, data: Value) -> bool:
+        return self.put_many([(key, data)])[0]
 
-    def put_many(self, items: Iterable[tuple[bytes, bytes | memoryview]]) -> int:
-        """Store entries in one pipeline (plus one EXISTS batch if any is split); how many are now stored.
+    def put_many(self, items: Sequence[tuple[bytes, Value]]) -> list[bool]:
+        """Store entries in one pipeline (plus one EXISTS batch if any is split); per item, whether stored.
 
         Parts go first and each head last, with SET NX, so an entry that is
         already there is left as it is (content-addressed: same key, same bytes).
         """
         entries = []
-        for key, data in items:
-            payload = memoryview(data).cast("B")
+        accepted: list[int] = []  # the items' indexes, for each entry
+        for at, (key, data) in enumerate(items):
+            payload = memoryview(joined(parts_of(data))).cast("B")
             if self._parts_for(payload.nbytes) > MAX_PARTS:  # would need more keys than a reader accepts
                 self._count(rejected_stores=1)
             else:
                 entries.append((key, payload))
+                accepted.append(at)
+        stored = [False] * len(items)
         if not entries:
-            return 0
+            return stored
         if not self.breaker.allow():
             self._count(rejected_stores=len(entries))
-            return 0
+            return stored
         try:
             split = [i for i, (_, payload) in enumerate(entries) if self._parts_for(payload.nbytes)]
             present: set[int] = set()
@@ -286,11 +290,13 @@ class RedisTier:
             replies = pipe.execute() if queued else []
         except _FAULTS as err:
             self._fault(err)
-            return 0
+            return stored
         self._ok()
         # SET NX replies True only for a head that was not there: a new entry
         self._count(stores=sum(1 for at in head_replies if replies[at] is True))
-        return len(entries)
+        for at in accepted:
+            stored[at] = True
+        return stored
 
     # --------------------------------------------------------- partial chunks
     def add_partial(self, parent: bytes, child: bytes, tokens: int) -> bool:
