@@ -103,7 +103,7 @@ def test_redis_down_then_back_never_fails_a_request(tmp_path: Path, redis_server
 
 
 def test_tiers_with_one_codec_spec_share_the_codec_so_entries_are_encoded_once(tmp_path: Path) -> None:
-    from kvmesh.daemon.service import build_lower_tiers
+    from kvmesh.store.build import build_lower_tiers
 
     shared = build_lower_tiers(KVMeshConfig.from_mapping(
         {"disk_path": str(tmp_path / "a"), "redis_url": "redis://127.0.0.1:1/0", "codec": "lossless"}))

@@ -21,7 +21,6 @@ import socketserver
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from kvmesh import __version__
@@ -30,8 +29,8 @@ from kvmesh.keys import ROOT
 from kvmesh.daemon.metrics import DaemonMetrics, start_http
 from kvmesh.wire import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
 from kvmesh.shm import SharedSegment
-from kvmesh.codecs import Codec, get_codec
-from kvmesh.store import LeaseTable, LowerTier, TieredStore
+from kvmesh.store import LeaseTable, TieredStore
+from kvmesh.store.build import build_lower_tiers
 from kvmesh.tiers.memory import Extent, MemoryTier, ReserveStatus
 
 log = logging.getLogger("kvmesh.daemon")
@@ -280,35 +279,6 @@ class _Handler(socketserver.BaseRequestHandler):
                 send_message(sock, reply)
         finally:
             daemon.end_session(session)
-
-
-def build_lower_tiers(config: KVMeshConfig) -> list[LowerTier]:
-    """The configured tiers below L1, each imported only when configured.
-
-    Tiers with the same codec spec share one codec object, so the store encodes an entry once for both.
-    """
-    tiers: list[LowerTier] = []
-    codecs: dict[str, Codec] = {}
-
-    def codec_for(tier: str) -> Codec:
-        spec = config.tier_codec(tier)
-        return codecs.setdefault(spec, get_codec(spec))
-
-    if config.disk_path:
-        from kvmesh.tiers.disk import DiskTier
-
-        directory = Path(config.disk_path).expanduser()
-        tiers.append(LowerTier(DiskTier(directory, config.disk_size), config.disk_write_policy,  # type: ignore[arg-type]
-                               codec=codec_for("disk")))
-    if config.redis_url:
-        from kvmesh.tiers.redis import RedisTier
-
-        tier = RedisTier(config.redis_url, namespace=config.redis_namespace,
-                         ttl_seconds=config.redis_ttl_seconds or None,
-                         timeout_seconds=config.redis_timeout_seconds, cluster=config.redis_cluster)
-        tiers.append(LowerTier(tier, config.redis_write_policy, config.redis_admission,  # type: ignore[arg-type]
-                               codec=codec_for("redis")))
-    return tiers
 
 
 def run_daemon(config: KVMeshConfig) -> None:

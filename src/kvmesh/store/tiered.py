@@ -241,9 +241,13 @@ class TieredStore:
     def stats(self) -> dict[str, TierStats]:
         return {tier.name: tier.stats() for tier in [self.l1, *(t.tier for t in self.lower)]}
 
-    def close(self) -> None:
-        """Stop the background threads (``flush`` first to finish the writes behind)."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the background threads, then close the lower tiers (``flush`` first to finish the writes)."""
         if self._behind is not None:
             self._behind.close()
         if self._promoter is not None:
             self._promoter.close()
+        for thread in self.threads:
+            thread.join(timeout)
+        for lower in self.lower:
+            self._guard.call(lower.tier.name, "close", lower.tier.close, None)

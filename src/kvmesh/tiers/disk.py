@@ -38,6 +38,7 @@ import xxhash
 
 from kvmesh.tiers.base import TierStats, Value
 from kvmesh.tiers.buffers import parts_of
+from kvmesh.tiers.config import DiskTierConfig
 from kvmesh.tiers.disk_partials import INDEX_SUFFIX, DiskPartials, key_in_name
 from kvmesh.tiers.eviction import LRUPolicy
 
@@ -87,6 +88,10 @@ class DiskTier:
         self._partials = DiskPartials(self.directory, self._partial_fault, fsync)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._load_index()
+
+    @classmethod
+    def from_config(cls, config: DiskTierConfig, name: str = "disk") -> DiskTier:
+        return cls(config.path, config.size, name=name, fsync=config.fsync)
 
     # --------------------------------------------------------------------- reads
     def contains(self, key: bytes) -> bool:

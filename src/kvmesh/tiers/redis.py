@@ -43,16 +43,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 import xxhash
-from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
-from redis.retry import Retry
+
+try:  # an optional extra: this module is imported only when a Redis tier is configured
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.cluster import RedisCluster
+    from redis.exceptions import RedisClusterException, RedisError
+    from redis.retry import Retry
+except ImportError as err:  # pragma: no cover - depends on the installation
+    raise ImportError("the Redis tier (redis_url) needs the redis package: pip install 'kvmesh[redis]'") from err
 
 from kvmesh.store.partials import MAX_CHILDREN_PER_PARENT
 from kvmesh.tiers.base import TierStats, Value
 from kvmesh.tiers.buffers import joined, parts_of
+from kvmesh.tiers.config import RedisTierConfig
 from kvmesh.tiers.breaker import BreakerState, CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -130,6 +135,11 @@ class RedisTier:
         self._stats = TierStats()
         self._warned: set[str] = set()
         self._client_obj: Any = None if cluster else self._connect()
+
+    @classmethod
+    def from_config(cls, config: RedisTierConfig, name: str = "redis") -> RedisTier:
+        return cls(config.url, name=name, namespace=config.namespace, ttl_seconds=config.ttl_seconds,
+                   timeout_seconds=config.timeout_seconds, cluster=config.cluster)
 
     # ------------------------------------------------------------------ keys
     def redis_key(self, key: bytes) -> str:
