@@ -46,11 +46,11 @@ class Recording(MemoryTier):
         self.put_batches: list[int] = []
         self.get_batches: list[list[bytes]] = []
 
-    def put_many(self, items):  # noqa: ANN001, ANN201
+    def put_many(self, items):
         self.put_batches.append(len(items))
         return super().put_many(items)
 
-    def get_many(self, keys):  # noqa: ANN001, ANN201
+    def get_many(self, keys):
         self.get_batches.append(list(keys))
         return super().get_many(keys)
 
@@ -94,7 +94,7 @@ def test_the_guard_counts_faults_by_action_and_only_put_faults_as_dropped_stores
 
 def test_a_failing_lookup_is_a_tier_fault_not_a_dropped_store() -> None:
     class Down(MemoryTier):
-        def lookup(self, keys):  # noqa: ANN001, ANN201
+        def lookup(self, keys):
             raise TimeoutError("slow")
 
     observer = Counting()
@@ -104,7 +104,7 @@ def test_a_failing_lookup_is_a_tier_fault_not_a_dropped_store() -> None:
     store.close()
 
 
-def test_the_writer_drains_the_queue_into_batches(gated_disk_writes, tmp_path) -> None:  # noqa: ANN001
+def test_the_writer_drains_the_queue_into_batches(gated_disk_writes, tmp_path) -> None:
     from kvmesh.tiers.disk import DiskTier
 
     lower = Recording()
@@ -132,7 +132,7 @@ def test_a_prefetch_reads_several_keys_with_one_get_many() -> None:
     store = TieredStore(_l1(), [lower], prefetch_threads=1)
     original = lower.get_many
 
-    def held(batch):  # noqa: ANN001, ANN202
+    def held(batch):
         gate.wait(30)
         return original(batch)
 

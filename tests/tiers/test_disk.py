@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvmesh.store.partials import MAX_CHILDREN_PER_PARENT
 from kvmesh.codecs import RawCodec
+from kvmesh.store.partials import MAX_CHILDREN_PER_PARENT
 from kvmesh.tiers import disk, disk_partials, legacy
 from kvmesh.tiers.base import PartialIndexed, Tier
 from kvmesh.tiers.disk import DiskTier, entry_size

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+from redis_servers import RedisClusterServers, RedisServer, free_port
 
 from kvmesh.codecs import RawCodec
+from kvmesh.tiers import legacy, redis_values
 from kvmesh.tiers.base import PartialIndexed, Tier
 from kvmesh.tiers.breaker import BreakerState, CircuitBreaker
-from kvmesh.tiers import legacy, redis_values
 from kvmesh.tiers.redis import RedisTier
-from redis_servers import RedisClusterServers, RedisServer, free_port
 
 SMALL_VALUES = 100_000  # max_value_bytes that splits a 1 MB value into 11 parts
 

@@ -27,7 +27,8 @@ def build_lower_tiers(config: KVMeshConfig) -> list[LowerTier]:
                                codec=codec_for(disk.codec)))
     redis = RedisTierConfig.from_config(config)
     if redis is not None:
-        from kvmesh.tiers.redis import RedisTier  # needs the redis extra; says so when it is missing
+        # needs the redis extra, and says so when it is missing
+        from kvmesh.tiers.redis import RedisTier
 
         tiers.append(LowerTier(RedisTier.from_config(redis), redis.write_policy,  # type: ignore[arg-type]
                                redis.admission, codec=codec_for(redis.codec)))  # type: ignore[arg-type]

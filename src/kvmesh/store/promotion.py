@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 
@@ -85,7 +86,7 @@ class Promoter:
             claimed, _ = self._claim(batch)  # keys another thread is promoting are its business
             try:
                 self._bring_up(claimed)
-            except Exception:  # noqa: BLE001 - the prefetch thread must survive; logged with its traceback
+            except Exception:  # the prefetch thread must survive; logged with its traceback
                 log.exception("prefetch of %d entries failed", len(claimed))
             finally:
                 self._finish(claimed)
@@ -138,13 +139,18 @@ class Promoter:
                 return
             tier = lower.tier
             started = time.perf_counter()
-            values = self._guard.call(tier.name, "get", lambda t=tier, k=remaining: t.get_many(k),
-                                      [None] * len(remaining))
+            nothing: list[Buffer | None] = [None] * len(remaining)
+            values = self._guard.call(tier.name, "get", partial(tier.get_many, remaining), nothing)
             seconds = time.perf_counter() - started
-            found = [(key, value) for key, value in zip(remaining, values) if value is not None]
+            found: list[tuple[bytes, Buffer]] = []
+            missed: list[bytes] = []
+            for key, value in zip(remaining, values):
+                if value is None:
+                    missed.append(key)
+                else:
+                    found.append((key, value))
             if found:
                 self._observer.tier_read(tier.name, sum(memoryview(v).nbytes for _, v in found), seconds)
-            missed = [key for key, value in zip(remaining, values) if value is None]
             for key, data in found:
                 if self._decode_into_l1(lower, key, data):
                     self._finish([key])  # its readers need not wait for the rest of the batch
@@ -165,7 +171,7 @@ class Promoter:
             self._drop_corrupt(lower, key, err)
             return False
         reservation = self._l1.reserve(key, meta.nbytes, meta.encode())
-        if reservation.status is not ReserveStatus.OK:
+        if reservation.status is not ReserveStatus.OK or reservation.extent is None:
             return True
         try:
             started = time.perf_counter()
@@ -185,4 +191,4 @@ class Promoter:
         tier = lower.tier
         log.debug("tier %s: dropping corrupt entry %s: %s", tier.name, key.hex(), err)
         self._guard.fault(tier.name, "corrupt", err)
-        self._guard.call(tier.name, "delete", lambda: tier.delete(key), False)
+        self._guard.call(tier.name, "delete", partial(tier.delete, key), False)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 
 import torch
 
@@ -98,7 +99,7 @@ class TieredStore:
         position = count
         while position < len(keys):
             rest = keys[position:]
-            step = max(self._guard.call(t.tier.name, "lookup", lambda t=t: t.tier.lookup(rest), 0)
+            step = max(self._guard.call(t.tier.name, "lookup", partial(t.tier.lookup, rest), 0)
                        for t in self.lower)
             if step == 0:
                 break
@@ -234,12 +235,12 @@ class TieredStore:
     def delete(self, key: bytes) -> bool:
         removed = self.l1.delete(key)
         for lower in self.lower:
-            removed = self._guard.call(lower.tier.name, "delete", lambda t=lower.tier: t.delete(key),
-                                       False) or removed
+            removed = self._guard.call(lower.tier.name, "delete", partial(lower.tier.delete, key), False) or removed
         return removed
 
     def stats(self) -> dict[str, TierStats]:
-        return {tier.name: tier.stats() for tier in [self.l1, *(t.tier for t in self.lower)]}
+        tiers: list[MemoryTier | Tier] = [self.l1, *(t.tier for t in self.lower)]
+        return {tier.name: tier.stats() for tier in tiers}
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the background threads, then close the lower tiers (``flush`` first to finish the writes)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -70,7 +71,7 @@ class TierWriter:
     def _put(self, target: LowerTier, items: list[tuple[bytes, tuple[Buffer, ...]]]) -> None:
         tier = target.tier
         started = time.perf_counter()
-        stored = self._guard.call(tier.name, "put", lambda: tier.put_many(items), [False] * len(items))
+        stored = self._guard.call(tier.name, "put", partial(tier.put_many, items), [False] * len(items))
         seconds = time.perf_counter() - started
         written = [(key, parts) for (key, parts), ok in zip(items, stored) if ok]
         if written:
@@ -78,6 +79,6 @@ class TierWriter:
             self._observer.tier_write(tier.name, nbytes, seconds)
         if isinstance(tier, PartialIndexed):
             for key, _ in written:
-                partial = self._partials.parent_of(key)
-                if partial is not None:  # a fault is the tier's: counted there, a later miss
-                    tier.add_partial(partial[0], key, partial[1])
+                parent = self._partials.parent_of(key)
+                if parent is not None:  # a fault is the tier's: counted there, a later miss
+                    tier.add_partial(parent[0], key, parent[1])

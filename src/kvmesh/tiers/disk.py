@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvmesh.codecs.base import CorruptEntry
-from kvmesh.tiers.base import TierStats, Value
+from kvmesh.tiers.base import Buffer, TierStats, Value
 from kvmesh.tiers.buffers import parts_of
 from kvmesh.tiers.config import DiskTierConfig
 from kvmesh.tiers.disk_partials import INDEX_SUFFIX, DiskPartials, key_in_name
@@ -103,7 +103,7 @@ class DiskTier:
             self._stats.misses += int(count < len(keys))
             return count
 
-    def get(self, key: bytes) -> bytes | None:
+    def get(self, key: bytes) -> Buffer | None:
         with self._lock:
             if key not in self._sizes:
                 self._stats.misses += 1
@@ -132,7 +132,7 @@ class DiskTier:
                             self.name, fault)
         return None
 
-    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[bytes]) -> list[Buffer | None]:
         """Each key's entry in turn (files are read one by one; the batch saves the store's calls)."""
         return [self.get(key) for key in keys]
 

@@ -49,12 +49,12 @@ except ImportError as err:  # pragma: no cover - depends on the installation
 from kvmesh.codecs.base import CorruptEntry
 from kvmesh.store.partials import MAX_CHILDREN_PER_PARENT
 from kvmesh.tiers.base import TierStats, Value
+from kvmesh.tiers.breaker import BreakerState, CircuitBreaker
 from kvmesh.tiers.buffers import joined, parts_of
 from kvmesh.tiers.config import RedisTierConfig
 from kvmesh.tiers.legacy import MAX_PARTS
 from kvmesh.tiers.redis_partials import RedisPartials
 from kvmesh.tiers.redis_values import HEAD_MAGICS, PEEK, SplitHead, parse_head
-from kvmesh.tiers.breaker import BreakerState, CircuitBreaker
 
 log = logging.getLogger(__name__)
 
