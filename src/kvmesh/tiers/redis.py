@@ -14,7 +14,7 @@ Why this shape:
 * **Big values in parts**: an entry that does not fit in ``max_value_bytes``
   goes to ``<head>:0``, ``<head>:1``, ... written before the head in one
   pipeline, so a reader never finds a head whose parts are not there yet; the
-  head then holds only the part count and length (``KVMP``).  A missing or
+  head then holds only the part count and length (``KVMS``).  A missing or
   short part is a miss; the entry is deleted and counted in ``stats().errors``.
 * **Partial chunks findable from their parent**: a sorted set per parent key
   (``tiers.redis_partials``), seen by every node sharing the Redis.

@@ -1,7 +1,7 @@
 """How an entry lies in Redis: inline as the head's value, or in parts under a short head.
 
 The value is the codec's own self-checking entry; only an entry too big for one value gets a head
-of its own (``KVMP``: part count and length), since a reader must know how many parts to fetch.
+of its own (``KVMS``: part count and length), since a reader must know how many parts to fetch.
 Heads written by older kvmesh versions (``KVMR``, ``tiers.legacy``) are read and checked too.
 """
 
@@ -14,7 +14,7 @@ from kvmesh.codecs.base import CorruptEntry
 from kvmesh.tiers.legacy import MAX_PARTS, REDIS_HEADER, REDIS_MAGIC, RedisHeader
 
 # the head of an entry kept in parts: magic, part count, the entry's length (the parts hold the entry)
-MANIFEST_MAGIC = b"KVMP"
+MANIFEST_MAGIC = b"KVMS"  # "split" (the disk's partial index files are KVMP)
 _MANIFEST = struct.Struct("<4sIQ")
 HEAD_MAGICS = (REDIS_MAGIC, MANIFEST_MAGIC)  # an entry starting with one of these goes in parts
 PEEK = max(_MANIFEST.size, REDIS_HEADER.size)  # bytes of a head that say whether it has parts
