@@ -113,7 +113,7 @@ WRITER_PROBE = textwrap.dedent("""
         for i in range(chunks):  # fault L1's pages in first: the writer, not L1, is timed
             store._fill_l1(b"w" + i.to_bytes(15, "little"), chunk)
         keys = [b"w" + i.to_bytes(15, "little") for i in range(chunks)]
-        writer = next(t for t in store._threads if t.name == "kvmesh-writer")
+        writer = next(t for t in getattr(store, "threads", None) or store._threads if t.name == "kvmesh-writer")
         def schedstat():  # the writer thread's (cpu ns, run-queue wait ns)
             with open(f"/proc/self/task/{writer.native_id}/schedstat") as f:
                 return [int(x) for x in f.read().split()[:2]]

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from redis_servers import RedisServer
 
 from kvmesh.integrations.vllm.planner import match_prefix
 from kvmesh.keys import ROOT, ChunkKey, chunk_keys, model_namespace
-from kvmesh.partials import PartialIndex
 from kvmesh.store import LowerTier, TieredStore
+from kvmesh.store.partials import PartialIndex
 from kvmesh.tiers.disk import DiskTier
 from kvmesh.tiers.memory import MemoryTier
 from kvmesh.tiers.redis import RedisTier
+from redis_servers import RedisServer
 
 MiB = 1024 * 1024
 NS = model_namespace("partials-test", "L2.H2.D16.bfloat16")

@@ -10,7 +10,8 @@ import torch
 
 from kvmesh.codecs import KiviCodec, RawCodec, get_codec
 from kvmesh.codecs.base import read_header
-from kvmesh.store import LowerTier, TensorMeta, TieredStore
+from kvmesh.entry import EntryMeta
+from kvmesh.store import LowerTier, TieredStore
 from kvmesh.tiers.disk import DiskTier
 from kvmesh.tiers.memory import MemoryTier
 
@@ -128,12 +129,12 @@ def test_a_failing_tier_is_a_miss_not_an_error() -> None:
     class Broken:
         name = "broken"
 
-        def contains(self, key): raise ConnectionError("down")  # noqa: E704
         def lookup(self, keys): raise ConnectionError("down")  # noqa: E704
-        def get(self, key): raise ConnectionError("down")  # noqa: E704
-        def put(self, key, data): raise ConnectionError("down")  # noqa: E704
+        def get_many(self, keys): raise ConnectionError("down")  # noqa: E704
+        def put_many(self, items): raise ConnectionError("down")  # noqa: E704
         def delete(self, key): raise ConnectionError("down")  # noqa: E704
         def stats(self): raise ConnectionError("down")  # noqa: E704
+        def close(self): raise ConnectionError("down")  # noqa: E704
 
     store = TieredStore(_l1(), [Broken()])
     keys = [b"a" * 16, b"b" * 16]
@@ -185,7 +186,7 @@ def test_each_tier_gets_its_own_codec_and_promotion_decodes_it(tmp_path: Path) -
     extent = store.acquire(key)  # promoted from the disk (the first lower tier), decoded
     assert extent is not None
     try:
-        assert TensorMeta.decode(extent.meta).view == "cpu-pages"  # so a later re-encode finds K and V again
+        assert EntryMeta.decode(extent.meta).view == "cpu-pages"  # so a later re-encode finds K and V again
         back = store.tensor_at(extent).clone()
     finally:
         store.release(key, extent)
@@ -227,9 +228,9 @@ def test_the_writer_thread_runs_in_the_idle_class_unless_told(tmp_path: Path, pr
                         prefetch_priority="normal")
     store.put(b"p" * 16, _chunk(4))
     assert store.flush()  # the writer has started its loop
-    writer = next(t for t in store._threads if t.name == "kvmesh-writer")
+    writer = next(t for t in store.threads if t.name == "kvmesh-writer")
     assert os.sched_getscheduler(writer.native_id) == getattr(os, policy)
-    prefetcher = next(t for t in store._threads if t.name.startswith("kvmesh-prefetcher"))
+    prefetcher = next(t for t in store.threads if t.name.startswith("kvmesh-prefetcher"))
     assert os.sched_getscheduler(prefetcher.native_id) == os.SCHED_OTHER  # as asked: the classes are independent
     store.close()
 
@@ -239,7 +240,7 @@ def test_prefetch_threads_run_in_the_idle_class_when_asked(tmp_path: Path) -> No
     disk = DiskTier(tmp_path, 64 * MiB)
     store = TieredStore(_l1(), [disk], prefetch_priority="idle")
     deadline = time.monotonic() + 10
-    prefetchers = [t for t in store._threads if t.name.startswith("kvmesh-prefetcher")]
+    prefetchers = [t for t in store.threads if t.name.startswith("kvmesh-prefetcher")]
     while time.monotonic() < deadline and any(os.sched_getscheduler(t.native_id) != os.SCHED_IDLE
                                               for t in prefetchers):
         time.sleep(0.01)  # each thread sets its own class as it starts

@@ -24,8 +24,7 @@ import torch
 from kvmesh import wire
 from kvmesh.config import KVMeshConfig, describe_mismatch
 from kvmesh.daemon_spawn import connect, socket_is_live, wait_for_lock_release
-from kvmesh.entry import DTYPES, dtype_name
-from kvmesh.entry import EntryMeta as TensorMeta  # the name this module uses for an entry's description
+from kvmesh.entry import DTYPES, EntryMeta, dtype_name
 from kvmesh.faults import (
     CacheFault,
     ConfigMismatch,
@@ -226,7 +225,7 @@ class KVMeshClient:
         return LookupResult(reply.hits, found, frozenset(reply.below_l1))
 
     # ------------------------------------------------------------------- stores
-    def reserve(self, keys: Sequence[ChunkKey], metas: Sequence[TensorMeta],
+    def reserve(self, keys: Sequence[ChunkKey], metas: Sequence[EntryMeta],
                 parents: Sequence[bytes | None] | None = None) -> list[WriteSlot | None]:
         """Reserve an extent per chunk; None where the chunk is already stored or there is no room.
 
@@ -257,7 +256,7 @@ class KVMeshClient:
 
     def put(self, keys: Sequence[ChunkKey], chunks: Sequence[torch.Tensor]) -> int:
         """Store whole tensors; returns how many were newly written."""
-        metas = [TensorMeta(dtype_name(c.dtype), tuple(c.shape)) for c in chunks]
+        metas = [EntryMeta(dtype_name(c.dtype), tuple(c.shape)) for c in chunks]
         slots = self.reserve(keys, metas)
         written = []
         try:
@@ -276,7 +275,7 @@ class KVMeshClient:
     def acquire(self, keys: Sequence[ChunkKey]) -> Iterator[list[ReadSlot]]:
         """Pin the longest stored prefix of ``keys``; the slots' tensors are valid inside the block."""
         extents = self._call(wire.Acquire([k.digest for k in keys])).extents if keys else []
-        slots = [ReadSlot(key, e.offset, e.nbytes, e.meta, self._view(e.offset, TensorMeta.decode(e.meta)))
+        slots = [ReadSlot(key, e.offset, e.nbytes, e.meta, self._view(e.offset, EntryMeta.decode(e.meta)))
                  for key, e in zip(keys, extents)]
         try:
             yield slots
@@ -314,7 +313,7 @@ class KVMeshClient:
             self._call(wire.Hello(PROTOCOL_VERSION, os.getpid()))  # reconnects and remaps if the daemon restarted
             if epoch != self.epoch:
                 raise LeaseLost(f"the lease belongs to daemon epoch {epoch}, now {self.epoch} (it restarted)")
-        return self._view(offset, TensorMeta.decode(meta))
+        return self._view(offset, EntryMeta.decode(meta))
 
     def report_error(self, kind: str) -> None:
         self._call(wire.ReportError(kind))
@@ -347,6 +346,6 @@ class KVMeshClient:
         wait_for_lock_release(self.config, timeout)
 
     # ---------------------------------------------------------------- internals
-    def _view(self, offset: int, meta: TensorMeta) -> torch.Tensor:
+    def _view(self, offset: int, meta: EntryMeta) -> torch.Tensor:
         raw = torch.frombuffer(self._buffer, dtype=torch.uint8, count=meta.nbytes, offset=offset)
         return raw.view(DTYPES[meta.dtype]).view(meta.shape)

@@ -75,7 +75,7 @@ class Reserved:
 
 @dataclass(frozen=True, slots=True)
 class ExtentRef:
-    """A pinned L1 entry: where it lies in the segment and its ``TensorMeta`` encoding."""
+    """A pinned L1 entry: where it lies in the segment and its ``EntryMeta`` encoding."""
 
     offset: int
     nbytes: int

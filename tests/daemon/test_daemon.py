@@ -8,9 +8,9 @@ import torch
 
 from kvmesh.client import DaemonUnavailable, KVMeshClient
 from kvmesh.config import KVMeshConfig
-from kvmesh.keys import chunk_keys, model_namespace
 from kvmesh.daemon.service import DaemonAlreadyRunning, NodeDaemon
-from kvmesh.store import TensorMeta
+from kvmesh.entry import EntryMeta
+from kvmesh.keys import chunk_keys, model_namespace
 
 NS = model_namespace("test-model", "L4.H2.D32.bfloat16")
 
@@ -24,7 +24,7 @@ def test_another_process_sees_what_this_one_stored(client: KVMeshClient, daemon_
     keys = chunk_keys(list(range(5000, 5300)), NS, 64, include_partial=True)
     chunks = _chunks(keys)
     assert client.put(keys, chunks) == len(keys)
-    code = f"""
+    code = """
 import json, sys, torch
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
@@ -63,13 +63,13 @@ import json, os, sys
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
 from kvmesh.keys import chunk_keys, model_namespace
-from kvmesh.store import TensorMeta
+from kvmesh.entry import EntryMeta
 config = KVMeshConfig.from_mapping(json.loads(sys.argv[1]))
 keys = chunk_keys(list(range(7000, 7128)), model_namespace("test-model", "L4.H2.D32.bfloat16"), 64)
 c = KVMeshClient(config)
 from kvmesh import wire
 c._call(wire.Acquire([keys[0].digest]))
-c.reserve(keys[1:], [TensorMeta("bfloat16", (4, 2, 64, 2, 32))])
+c.reserve(keys[1:], [EntryMeta("bfloat16", (4, 2, 64, 2, 32))])
 os._exit(0)  # die holding a pin and a reservation
 """
     import json
@@ -103,7 +103,7 @@ def test_daemon_reports_stats(client: KVMeshClient) -> None:
 def test_partial_chunks_are_offered_to_a_longer_prompt(client: KVMeshClient) -> None:
     tokens = list(range(20000, 20300))
     short = chunk_keys(tokens[:150], NS, 64, include_partial=True)  # 2 full + 22 tokens
-    metas = [TensorMeta("bfloat16", (4, 2, k.num_tokens, 2, 32)) for k in short]
+    metas = [EntryMeta("bfloat16", (4, 2, k.num_tokens, 2, 32)) for k in short]
     slots = client.reserve(short, metas, [None, None, short[1].digest])
     client.commit([s for s in slots if s is not None])
     longer = chunk_keys(tokens, NS, 64, include_partial=True)

@@ -12,15 +12,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from redis_servers import RedisServer, free_port
 
 from kvmesh import wire
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
+from kvmesh.daemon.service import NodeDaemon
+from kvmesh.entry import EntryMeta
 from kvmesh.integrations.vllm.planner import match_prefix
 from kvmesh.keys import ROOT, chunk_keys, model_namespace
-from kvmesh.daemon.service import NodeDaemon
-from kvmesh.store import TensorMeta
+from redis_servers import RedisServer, free_port
 
 NS = model_namespace("tier-test", "L4.H2.D32.bfloat16")
 
@@ -104,7 +104,7 @@ def test_redis_down_then_back_never_fails_a_request(tmp_path: Path, redis_server
 
 
 def test_tiers_with_one_codec_spec_share_the_codec_so_entries_are_encoded_once(tmp_path: Path) -> None:
-    from kvmesh.daemon.service import build_lower_tiers
+    from kvmesh.store.build import build_lower_tiers
 
     shared = build_lower_tiers(KVMeshConfig.from_mapping(
         {"disk_path": str(tmp_path / "a"), "redis_url": "redis://127.0.0.1:1/0", "codec": "lossless"}))
@@ -134,7 +134,7 @@ def _store_prompt(client: KVMeshClient, tokens: list[int], chunk_size: int = 128
     """Store a prompt's chunks as the connector does: the partial tail names its parent."""
     keys = chunk_keys(tokens, NS, chunk_size, include_partial=True)
     chunks = _chunks(keys, seed)
-    metas = [TensorMeta("bfloat16", tuple(c.shape)) for c in chunks]
+    metas = [EntryMeta("bfloat16", tuple(c.shape)) for c in chunks]
     parents = [(keys[i - 1].digest if i else ROOT) if k.num_tokens < chunk_size else None
                for i, k in enumerate(keys)]
     slots = client.reserve(keys, metas, parents)

@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
-from kvmesh.partials import MAX_CHILDREN_PER_PARENT
-from kvmesh.tiers import disk, disk_partials
+from kvmesh.codecs import RawCodec
+from kvmesh.store.partials import MAX_CHILDREN_PER_PARENT
+from kvmesh.tiers import disk, disk_partials, legacy
 from kvmesh.tiers.base import PartialIndexed, Tier
 from kvmesh.tiers.disk import DiskTier, entry_size
 
@@ -50,7 +52,7 @@ def test_round_trip(tmp_path: Path, size: int) -> None:
     assert tier.put(_key(1), data)
     assert tier.contains(_key(1))
     assert tier.get(_key(1)) == data
-    assert _disk_bytes(tmp_path) == entry_size(_key(1), size) == tier.stats().bytes_used
+    assert _disk_bytes(tmp_path) == entry_size(size) == tier.stats().bytes_used
     stats = tier.stats()
     assert (stats.entries, stats.stores, stats.hits, stats.errors) == (1, 1, 1, 0)
 
@@ -107,14 +109,14 @@ def test_budget_is_never_exceeded_and_lru_goes_first(tmp_path: Path) -> None:
 def test_entry_larger_than_the_budget_is_rejected(tmp_path: Path) -> None:
     tier = DiskTier(tmp_path, 10_000)
     tier.put(_key(1), b"x" * 100)
-    assert not tier.put(_key(2), b"x" * 10_000)
+    assert not tier.put(_key(2), b"x" * 10_001)
     assert tier.stats().rejected_stores == 1
     assert tier.contains(_key(1))  # nothing was evicted for a put that cannot fit
 
 
 def test_warm_restart_rebuilds_index_and_lru_order(tmp_path: Path) -> None:
     size = 50_000
-    capacity = 5 * entry_size(_key(0), size)
+    capacity = 5 * entry_size(size)
     tier = DiskTier(tmp_path, capacity)
     for i in range(5):
         tier.put(_key(i), _payload(i, size))
@@ -125,18 +127,18 @@ def test_warm_restart_rebuilds_index_and_lru_order(tmp_path: Path) -> None:
     (tmp_path / "README").write_text("not an entry")
     (tmp_path / "ab").mkdir(exist_ok=True)
     (tmp_path / "ab" / "zz-not-hex.kv").write_bytes(b"junk")
-    stray = _disk_bytes(tmp_path) - 5 * entry_size(_key(0), size)
+    stray = _disk_bytes(tmp_path) - 5 * entry_size(size)
 
     restarted = DiskTier(tmp_path, capacity + stray)
     stats = restarted.stats()
-    assert (stats.entries, stats.bytes_used) == (5, 5 * entry_size(_key(0), size))
+    assert (stats.entries, stats.bytes_used) == (5, 5 * entry_size(size))
     assert restarted.lookup([_key(i) for i in range(5)]) == 5
     assert restarted.get(_key(2)) == _payload(2, size)
     restarted.put(_key(9), _payload(9, size))  # evicts the least recently used: 3
     assert not restarted.contains(_key(3))
     assert all(restarted.contains(_key(i)) for i in (0, 1, 2, 4, 9))
 
-    smaller = DiskTier(tmp_path, 2 * entry_size(_key(0), size))  # keeps the two most recent
+    smaller = DiskTier(tmp_path, 2 * entry_size(size))  # keeps the two most recent
     assert [i for i in (0, 1, 2, 4, 9) if smaller.contains(_key(i))] == [2, 9]
     assert smaller.stats().bytes_used == _disk_bytes(tmp_path) - stray
 
@@ -152,25 +154,51 @@ def test_restart_is_quick_and_reads_no_payload(tmp_path: Path, monkeypatch: pyte
     assert restarted.stats().entries == 200
 
 
-@pytest.mark.parametrize("damage", ["flip_payload_byte", "truncate", "foreign", "other_key", "empty"])
-def test_damaged_file_is_a_miss_deleted_and_counted(tmp_path: Path, damage: str) -> None:
+def _write_old_file(directory: Path, key: bytes, payload: bytes) -> Path:
+    """A file as kvmesh wrote it before entries lost their disk framing (KVMD header, key, payload)."""
+    path = directory / key.hex()[:2] / (key.hex() + disk.SUFFIX)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(legacy.disk_header(key, [memoryview(payload)]) + payload)
+    return path
+
+
+def test_a_file_in_the_old_framing_still_reads(tmp_path: Path) -> None:
+    entry = RawCodec().encode(torch.arange(1000, dtype=torch.float32))
+    path = _write_old_file(tmp_path, _key(1), entry)
     tier = DiskTier(tmp_path, 1 << 20)
+    assert tier.get(_key(1)) == entry  # the framing is checked and taken off
+    assert torch.equal(RawCodec().decode(tier.get(_key(1))), torch.arange(1000, dtype=torch.float32))
+    assert tier.stats().bytes_used == path.stat().st_size
+    tier.put(_key(2), entry)
+    assert _entry_file(tmp_path, _key(2)).read_bytes() == entry  # new files are the entry itself
+
+
+def test_a_new_file_is_the_entry_and_a_look_alike_of_the_old_framing_stays_readable(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 1 << 20)
+    look_alike = legacy.DISK_MAGIC + b" but not a header"
+    assert tier.put(_key(1), look_alike) and tier.put(_key(2), b"plain")
+    assert _entry_file(tmp_path, _key(2)).read_bytes() == b"plain"
+    assert DiskTier(tmp_path, 1 << 20).get(_key(1)) == look_alike  # written in the old framing, read back
+
+
+@pytest.mark.parametrize("damage", ["flip_payload_byte", "truncate", "foreign", "other_key", "empty"])
+def test_a_damaged_file_in_the_old_framing_is_a_miss_deleted_and_counted(tmp_path: Path, damage: str) -> None:
     data = _payload(1, 10_000)
-    tier.put(_key(1), data)
-    tier.put(_key(2), _payload(2, 10_000))
-    path = _entry_file(tmp_path, _key(1))
+    path = _write_old_file(tmp_path, _key(1), data)
+    other = _write_old_file(tmp_path, _key(2), _payload(2, 10_000))
     raw = bytearray(path.read_bytes())
     if damage == "flip_payload_byte":
         raw[-5000] ^= 0x01
     elif damage == "truncate":
         raw = raw[:len(raw) // 2]
     elif damage == "foreign":
-        raw = bytearray(os.urandom(len(raw)))
+        raw = bytearray(legacy.DISK_MAGIC + os.urandom(len(raw) - 4))
     elif damage == "other_key":
-        raw = bytearray(_entry_file(tmp_path, _key(2)).read_bytes())
+        raw = bytearray(other.read_bytes())
     else:
-        raw = bytearray()
+        raw = bytearray(legacy.DISK_MAGIC)
     path.write_bytes(bytes(raw))
+    tier = DiskTier(tmp_path, 1 << 20)
 
     assert tier.get(_key(1)) is None
     assert not path.exists()
@@ -187,7 +215,7 @@ def test_corruption_is_logged_once_and_counted_always(tmp_path: Path,
     tier = DiskTier(tmp_path, 1 << 20)
     for i in range(3):
         tier.put(_key(i), _payload(i, 1000))
-        _entry_file(tmp_path, _key(i)).write_bytes(b"garbage")
+        _entry_file(tmp_path, _key(i)).write_bytes(legacy.DISK_MAGIC + b"garbage")  # a damaged old file
     with caplog.at_level(logging.WARNING, logger="kvmesh.tiers.disk"):
         assert [tier.get(_key(i)) for i in range(3)] == [None, None, None]
     assert tier.stats().errors == 3
@@ -303,7 +331,7 @@ def test_a_really_full_disk_rejects_the_store(tiny_filesystem: Path) -> None:
 
 def test_threads_keep_the_budget_and_the_bytes(tmp_path: Path) -> None:
     size = 40_000
-    capacity = 6 * entry_size(_key(0), size)
+    capacity = 6 * entry_size(size)
     tier = DiskTier(tmp_path, capacity)
     failures: list[str] = []
 
@@ -402,7 +430,7 @@ def test_the_partial_index_survives_a_restart_and_drops_children_that_are_gone(t
 
 
 def test_an_evicted_child_is_filtered_out_and_the_empty_index_file_removed(tmp_path: Path) -> None:
-    tier = DiskTier(tmp_path, entry_size(_key(1), 1000) * 2)
+    tier = DiskTier(tmp_path, entry_size(1000) * 2)
     tier.put(_key(10), _payload(10, 1000))
     tier.add_partial(_key(1), _key(10), 4)
     tier.put(_key(11), _payload(11, 1000))
@@ -470,8 +498,8 @@ def test_a_put_of_parts_stores_their_concatenation(tmp_path: Path) -> None:
     assert tier.put(_key(1), parts)
     whole = b"".join(bytes(p) for p in parts)
     assert tier.get(_key(1)) == whole
-    assert tier.stats().bytes_used == entry_size(_key(1), len(whole)) == _disk_bytes(tmp_path)
-    assert DiskTier(tmp_path, 1 << 24).get(_key(1)) == whole  # the same checksum a one-piece put writes
+    assert tier.stats().bytes_used == entry_size(len(whole)) == _disk_bytes(tmp_path)
+    assert DiskTier(tmp_path, 1 << 24).get(_key(1)) == whole  # the same file a one-piece put writes
 
 
 def test_writev_all_finishes_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

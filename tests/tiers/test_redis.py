@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 
+from kvmesh.codecs import RawCodec
+from kvmesh.tiers import legacy, redis_values
 from kvmesh.tiers.base import PartialIndexed, Tier
 from kvmesh.tiers.breaker import BreakerState, CircuitBreaker
 from kvmesh.tiers.redis import RedisTier
@@ -69,8 +72,8 @@ def test_repeated_put_is_a_no_op(redis_server: RedisServer) -> None:
 def test_get_many_put_many_lookup_delete(redis_server: RedisServer) -> None:
     tier = _tier(redis_server, max_value_bytes=SMALL_VALUES)
     items = [(_key(i), _payload(i, size)) for i, size in enumerate([10, 250_000, 0, 1_000_000])]
-    assert tier.put_many(items) == 4
-    assert tier.put_many(items[:2]) == 2  # already there: no-ops
+    assert tier.put_many(items) == [True] * 4
+    assert tier.put_many(items[:2]) == [True, True]  # already there: no-ops
     assert tier.stats().stores == 4
     keys = [_key(i) for i in range(6)]
     assert tier.get_many(keys) == [data for _, data in items] + [None, None]
@@ -83,38 +86,72 @@ def test_get_many_put_many_lookup_delete(redis_server: RedisServer) -> None:
     assert tier.get(_key(3)) == items[3][1]
 
 
-@pytest.mark.parametrize("damage", ["garbage_head", "truncated_head", "short_part", "missing_part",
-                                    "flipped_part_byte"])
-def test_damaged_value_is_a_miss_deleted_and_counted(redis_server: RedisServer, damage: str) -> None:
+@pytest.mark.parametrize("damage", ["garbage_split_head", "short_split_head", "short_part", "missing_part"])
+def test_damaged_parts_are_a_miss_deleted_and_counted(redis_server: RedisServer, damage: str) -> None:
+    """What the tier itself checks of an entry in parts: its head and that every part is there, whole."""
     tier = _tier(redis_server, max_value_bytes=SMALL_VALUES)
     raw = redis_server.client()
     inline, split = _payload(1, 5000), _payload(2, 1_000_000)
     tier.put(_key(1), inline)
     tier.put(_key(2), split)
-    head = f"{tier.namespace}:{_key(1 if 'head' in damage else 2).hex()}"
-    if damage == "garbage_head":
-        raw.set(head, b"this is not a kvmesh value at all")
-    elif damage == "truncated_head":
-        raw.set(head, raw.get(head)[:-100])
+    head = f"{tier.namespace}:{_key(2).hex()}"
+    if damage == "garbage_split_head":
+        raw.set(head, redis_values.MANIFEST_MAGIC + b"\xff" * 12)  # a part count over the bound
+    elif damage == "short_split_head":
+        raw.set(head, raw.get(head)[:-1])
     elif damage == "short_part":
         raw.set(f"{head}:3", raw.get(f"{head}:3")[:1000])
-    elif damage == "missing_part":
-        raw.delete(f"{head}:5")
     else:
-        part = bytearray(raw.get(f"{head}:7"))
-        part[123] ^= 0x40
-        raw.set(f"{head}:7", bytes(part))
-    damaged = _key(1 if "head" in damage else 2)
+        raw.delete(f"{head}:5")
 
-    assert tier.get(damaged) is None
-    assert raw.keys(f"{head}*") == []  # the head and all its parts are deleted
+    assert tier.get(_key(2)) is None
+    unreadable = damage in ("garbage_split_head", "short_split_head")  # no part count: only the head goes
+    assert raw.keys(f"{head}*") == [] or unreadable
+    assert raw.get(head) is None
     stats = tier.stats()
     assert (stats.errors, stats.misses) == (1, 1)
-    intact = _key(2 if "head" in damage else 1)
-    assert tier.get(intact) == (split if intact == _key(2) else inline)
-    assert tier.put(damaged, split if damaged == _key(2) else inline)  # can be stored again
-    assert tier.get(damaged) is not None
+    assert tier.get(_key(1)) == inline
+    assert tier.put(_key(2), split)  # can be stored again
+    assert tier.get(_key(2)) == split
     assert tier.breaker.state is BreakerState.CLOSED  # bad data is not a sick server
+
+
+def test_a_value_is_the_entry_itself_and_a_look_alike_of_a_head_goes_in_a_part(redis_server: RedisServer) -> None:
+    tier = _tier(redis_server, max_value_bytes=SMALL_VALUES)
+    raw = redis_server.client()
+    entry = RawCodec().encode(torch.arange(100, dtype=torch.float32))
+    assert tier.put(_key(1), entry)
+    assert raw.get(f"{tier.namespace}:{_key(1).hex()}") == entry  # no framing of the tier's own
+    for magic in (legacy.REDIS_MAGIC, redis_values.MANIFEST_MAGIC):
+        look_alike = magic + b" but not a head"
+        assert tier.put(_key(2), look_alike)
+        assert tier.get(_key(2)) == look_alike
+        assert tier.delete(_key(2)) and raw.keys(f"{tier.namespace}:{_key(2).hex()}*") == []
+
+
+@pytest.mark.parametrize("size", [5000, 1_000_000])
+def test_values_in_the_old_framing_still_read_and_are_checked(redis_server: RedisServer, size: int) -> None:
+    tier = _tier(redis_server, max_value_bytes=SMALL_VALUES)
+    raw = redis_server.client()
+    data = _payload(size, size)
+    head = f"{tier.namespace}:{_key(1).hex()}"
+    if size < SMALL_VALUES:  # as kvmesh wrote them before: a KVMR header, then the payload or its parts
+        raw.set(head, legacy.RedisHeader.of(data).pack() + data)
+    else:
+        step = SMALL_VALUES
+        parts = -(-size // step)
+        for i in range(parts):
+            raw.set(f"{head}:{i}", data[i * step:(i + 1) * step])
+        raw.set(head, legacy.RedisHeader.of(data, parts).pack())
+    assert tier.get(_key(1)) == data
+    assert tier.lookup([_key(1)]) == 1
+    damaged_key = f"{head}:1" if size > SMALL_VALUES else head
+    value = bytearray(raw.get(damaged_key))
+    value[-1] ^= 0x01
+    raw.set(damaged_key, bytes(value))
+    assert tier.get(_key(1)) is None  # the old checksum still guards it
+    assert raw.keys(f"{head}*") == []
+    assert tier.stats().errors == 1
 
 
 def test_corruption_is_logged_once(redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
@@ -122,7 +159,7 @@ def test_corruption_is_logged_once(redis_server: RedisServer, caplog: pytest.Log
     raw = redis_server.client()
     for i in range(3):
         tier.put(_key(i), b"x" * 100)
-        raw.set(f"{tier.namespace}:{_key(i).hex()}", b"junk")
+        raw.set(f"{tier.namespace}:{_key(i).hex()}", redis_values.MANIFEST_MAGIC + b"junk")
     with caplog.at_level(logging.WARNING, logger="kvmesh.tiers.redis"):
         assert tier.get(_key(0)) is None
         assert tier.get_many([_key(1), _key(2)]) == [None, None]
@@ -170,7 +207,7 @@ def test_unreachable_server_is_a_miss_and_opens_the_breaker(caplog: pytest.LogCa
     assert not tier.contains(_key(1))
     assert tier.lookup([_key(1), _key(2)]) == 0
     assert tier.get_many([_key(1), _key(2)]) == [None, None]
-    assert tier.put_many([(_key(1), b"x"), (_key(2), b"y")]) == 0
+    assert tier.put_many([(_key(1), b"x"), (_key(2), b"y")]) == [False, False]
     assert not tier.delete(_key(1))
     assert time.perf_counter() - started < 0.1
     stats = tier.stats()
@@ -259,7 +296,7 @@ def test_cluster_spreads_and_serves_entries(redis_cluster: RedisClusterServers) 
     items = [(_key(i), _payload(i, 1000 + 600 * i)) for i in range(30)]  # from inline to 5 parts
     for key, data in items[:15]:
         assert tier.put(key, data)
-    assert tier.put_many(items[15:]) == 15
+    assert tier.put_many(items[15:]) == [True] * 15
     assert tier.lookup([key for key, _ in items]) == 30
     for key, data in items:
         assert tier.get(key) == data

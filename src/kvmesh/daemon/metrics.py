@@ -73,6 +73,9 @@ class DaemonMetrics:
     def dropped_store(self, reason: str) -> None:
         self.dropped_stores.labels(reason).inc()
 
+    def tier_fault(self, tier: str, action: str) -> None:
+        self.errors.labels(f"{tier}_{action}").inc()
+
     def encoded(self, codec: str, raw_bytes: int, encoded_bytes: int, seconds: float) -> None:
         self.codec_raw_bytes.labels(codec).inc(raw_bytes)
         self.codec_encoded_bytes.labels(codec).inc(encoded_bytes)

@@ -21,19 +21,17 @@ import socketserver
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from kvmesh import __version__
+from kvmesh import __version__, wire
 from kvmesh.config import KVMeshConfig
-from kvmesh.keys import ROOT
 from kvmesh.daemon.metrics import DaemonMetrics, start_http
-from kvmesh import wire
-from kvmesh.wire import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
+from kvmesh.keys import ROOT
 from kvmesh.shm import SharedSegment
-from kvmesh.codecs import Codec, get_codec
-from kvmesh.store import LowerTier, TieredStore
+from kvmesh.store import LeaseTable, TieredStore
+from kvmesh.store.build import build_lower_tiers
 from kvmesh.tiers.memory import Extent, MemoryTier, ReserveStatus
+from kvmesh.wire import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
 
 log = logging.getLogger("kvmesh.daemon")
 
@@ -49,12 +47,6 @@ class _Session:
     reserved: set[bytes] = field(default_factory=set)
     pinned: list[tuple[bytes, Extent]] = field(default_factory=list)
     engine: dict[str, Any] = field(default_factory=dict)  # what the client said it is (pid, model, fingerprint)
-
-
-@dataclass
-class _Lease:
-    deadline: float
-    pins: list[tuple[bytes, Extent]]
 
 
 class NodeDaemon:
@@ -74,8 +66,8 @@ class NodeDaemon:
         self.store = TieredStore(MemoryTier(config.l1_size, self.segment.buffer), build_lower_tiers(config),
                                  None, self.metrics, config.write_queue_size, config.prefetch,
                                  config.prefetch_threads, prefetch_priority=config.prefetch_priority)  # type: ignore[arg-type]
-        self._store_lock = threading.Lock()  # guards leases; the store locks itself
-        self._leases: dict[str, _Lease] = {}
+        self._store_lock = threading.Lock()  # guards the sessions; the store and the leases lock themselves
+        self.leases = LeaseTable(self.store.release, config.lease_seconds)
         self._sessions: set[_Session] = set()  # connections that said which engine they serve
         self._started = time.time()
         self.socket_path.unlink(missing_ok=True)
@@ -200,10 +192,7 @@ class NodeDaemon:
             pins.append((key, extent))
         extents = [wire.ExtentRef(e.offset, e.nbytes, e.meta) for _, e in pins]
         if request.lease:
-            lease_id = secrets.token_hex(8)
-            with self._store_lock:
-                self._leases[lease_id] = _Lease(time.monotonic() + self.config.lease_seconds, pins)
-            return wire.AcquireReply(extents, lease_id)
+            return wire.AcquireReply(extents, self.leases.grant(pins))
         session.pinned.extend(pins)
         return wire.AcquireReply(extents)
 
@@ -216,12 +205,7 @@ class NodeDaemon:
         return wire.Done()
 
     def _op_release_lease(self, request: wire.ReleaseLease, session: _Session) -> wire.ReleaseLeaseReply:
-        with self._store_lock:
-            lease = self._leases.pop(request.lease, None)
-        if lease is not None:
-            for key, extent in lease.pins:
-                self.store.release(key, extent)
-        return wire.ReleaseLeaseReply(lease is not None)
+        return wire.ReleaseLeaseReply(self.leases.give_back(request.lease))
 
     def _op_report_load(self, request: wire.ReportLoad, session: _Session) -> wire.Done:
         self.metrics.load_seconds.observe(request.seconds)
@@ -244,20 +228,16 @@ class NodeDaemon:
         with self._store_lock:
             engines = [dict(s.engine) for s in self._sessions]
         return wire.StatsReply({name: stats.to_dict() for name, stats in self.store.stats().items()},
-                               self.metrics.snapshot(), len(self._leases), self.config.daemon_settings(), engines)
+                               self.metrics.snapshot(), len(self.leases), self.config.daemon_settings(), engines)
 
     def _op_shutdown(self, request: wire.Shutdown, session: _Session) -> wire.Done:
         self.shutdown()
         return wire.Done()
 
     def _expire_leases(self) -> None:
-        now = time.monotonic()
-        with self._store_lock:
-            expired = [self._leases.pop(i) for i, lease in list(self._leases.items()) if lease.deadline < now]
-        for lease in expired:
-            for key, extent in lease.pins:
-                self.store.release(key, extent)
-            self.metrics.errors.labels("lease_expired").inc()
+        expired = self.leases.expire()
+        if expired:
+            self.metrics.errors.labels("lease_expired").inc(expired)
 
     def end_session(self, session: _Session) -> None:
         for key in session.reserved:
@@ -297,35 +277,6 @@ class _Handler(socketserver.BaseRequestHandler):
                 send_message(sock, reply)
         finally:
             daemon.end_session(session)
-
-
-def build_lower_tiers(config: KVMeshConfig) -> list[LowerTier]:
-    """The configured tiers below L1, each imported only when configured.
-
-    Tiers with the same codec spec share one codec object, so the store encodes an entry once for both.
-    """
-    tiers: list[LowerTier] = []
-    codecs: dict[str, Codec] = {}
-
-    def codec_for(tier: str) -> Codec:
-        spec = config.tier_codec(tier)
-        return codecs.setdefault(spec, get_codec(spec))
-
-    if config.disk_path:
-        from kvmesh.tiers.disk import DiskTier
-
-        directory = Path(config.disk_path).expanduser()
-        tiers.append(LowerTier(DiskTier(directory, config.disk_size), config.disk_write_policy,  # type: ignore[arg-type]
-                               codec=codec_for("disk")))
-    if config.redis_url:
-        from kvmesh.tiers.redis import RedisTier
-
-        tier = RedisTier(config.redis_url, namespace=config.redis_namespace,
-                         ttl_seconds=config.redis_ttl_seconds or None,
-                         timeout_seconds=config.redis_timeout_seconds, cluster=config.redis_cluster)
-        tiers.append(LowerTier(tier, config.redis_write_policy, config.redis_admission,  # type: ignore[arg-type]
-                               codec=codec_for("redis")))
-    return tiers
 
 
 def run_daemon(config: KVMeshConfig) -> None:

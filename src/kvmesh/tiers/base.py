@@ -28,23 +28,41 @@ class TierStats:
         return asdict(self)
 
 
+Buffer = bytes | memoryview
+# what a put takes: one buffer, or parts whose concatenation is the entry (written as they lie, no copy)
+Value = Buffer | Sequence[Buffer]
+
+
 @runtime_checkable
 class Tier(Protocol):
-    name: str
+    """A tier below L1, batch first: the store moves several keys per call (one pipeline for Redis).
 
-    def contains(self, key: bytes) -> bool: ...
+    Values are a codec's self-checking entries (``codecs.base``); a tier adds no framing of its own.
+    Each tier turns its own I/O faults into misses, counted in ``stats().errors``; what it raises
+    (``OSError``, ``CorruptEntry``) the store's guard turns into a miss too.
+    """
+
+    name: str
 
     def lookup(self, keys: Sequence[bytes]) -> int:
         """How many of ``keys``, from the first, are present."""
         ...
 
-    def get(self, key: bytes) -> bytes | None: ...
+    def get_many(self, keys: Sequence[bytes]) -> list[Buffer | None]:
+        """The entries of ``keys``, None where absent (or found damaged, then dropped and counted)."""
+        ...
 
-    def put(self, key: bytes, data: bytes | memoryview) -> bool: ...
+    def put_many(self, items: Sequence[tuple[bytes, Value]]) -> list[bool]:
+        """Store entries (a key already there is left as it is); per item, whether it is now stored."""
+        ...
 
     def delete(self, key: bytes) -> bool: ...
 
     def stats(self) -> TierStats: ...
+
+    def close(self) -> None:
+        """Let go of connections and files; the tier is not used afterwards."""
+        ...
 
 
 @runtime_checkable
@@ -52,7 +70,7 @@ class PartialIndexed(Protocol):
     """A tier that can say which partial chunks it stores under a parent key.
 
     A partial chunk's key covers its exact tokens, so a prompt that continues
-    them must enumerate a parent's partial children to find it (``kvmesh.partials``).
+    them must enumerate a parent's partial children to find it (``kvmesh.store.partials``).
     ``add_partial`` is called only after the child entry was stored in this tier;
     ``partials`` returns only children the tier still holds.  Both turn the tier's
     own faults into a miss (False, ``[]``), counted in ``stats().errors``.

@@ -1,4 +1,4 @@
-"""L2 on a local disk: one checksummed file per entry, under a byte budget with LRU eviction.
+"""L2 on a local disk: one file per entry, under a byte budget with LRU eviction.
 
 Why this shape:
 
@@ -10,11 +10,14 @@ Why this shape:
   and renames it into place.  Rename is atomic, so a reader (or a second process
   writing the same content-addressed key) never sees half an entry, even after
   ``kill -9``.  Temp files of writers that are gone are removed at start-up.
-* **Checked on every read**: each file starts with a small header (magic,
-  format version, key, payload length, xxh3-64 of the payload).  A file that is
-  truncated, damaged or not ours is a miss; it is deleted and counted in
-  ``stats().errors`` (the first one is logged, the rest only counted).
-* **Budget counted in file bytes**, header included, and never exceeded:
+* **The file is the entry**: a codec's self-checking bytes (magic, version,
+  header and payload checksums, ``codecs.base``) with no framing of its own, so
+  a write is checksummed once.  A truncated or damaged file fails those checks
+  where the store decodes it, and the store deletes it through :meth:`delete`
+  and counts it.  Files of older versions (``KVMD`` framing, ``tiers.legacy``)
+  are still read and checked here: a damaged one is a miss, deleted and counted
+  in ``stats().errors`` (the first one is logged, the rest only counted).
+* **Budget counted in file bytes** and never exceeded:
   room is reserved, and victims deleted, before the new file is written.
 * **Partial chunks findable from their parent**: a small index file per parent
   key lists the partial chunks stored under it (``tiers.disk_partials``); it is
@@ -28,24 +31,21 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import struct
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import xxhash
-
-from kvmesh.tiers.base import TierStats
+from kvmesh.codecs.base import CorruptEntry
+from kvmesh.tiers.base import Buffer, TierStats, Value
+from kvmesh.tiers.buffers import parts_of
+from kvmesh.tiers.config import DiskTierConfig
 from kvmesh.tiers.disk_partials import INDEX_SUFFIX, DiskPartials, key_in_name
 from kvmesh.tiers.eviction import LRUPolicy
+from kvmesh.tiers.legacy import DISK_MAGIC, disk_header, read_disk
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"KVMD"
-FORMAT_VERSION = 1
-# magic, format version, key length, payload length, xxh3-64 of the payload; the key follows
-_HEADER = struct.Struct("<4sHHQQ")
 SUFFIX = ".kv"
 TEMP_SUFFIX = ".tmp"
 # a temp file whose writer's pid is alive is left alone unless it is older than this (pid reuse)
@@ -55,19 +55,13 @@ MAX_KEY_BYTES = 64  # its hex is the file name, which must stay short
 _IOV_MAX = 512  # buffers per writev call (Linux allows 1024)
 
 
-def header_size(key: bytes) -> int:
-    return _HEADER.size + len(key)
-
-
-def entry_size(key: bytes, payload_length: int) -> int:
-    """Bytes an entry occupies in the budget: its whole file."""
-    return header_size(key) + payload_length
+def entry_size(length: int) -> int:
+    """Bytes an entry of ``length`` bytes occupies in the budget: its whole file, which is the entry."""
+    return length
 
 
 class DiskTier:
     """Entries as files under ``directory``, at most ``capacity_bytes`` of them in all."""
-
-    accepts_parts = True  # put() takes a sequence of buffers and writes their concatenation
 
     def __init__(self, directory: Path | str, capacity_bytes: int, name: str = "disk",
                  fsync: bool = False) -> None:
@@ -89,6 +83,10 @@ class DiskTier:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._load_index()
 
+    @classmethod
+    def from_config(cls, config: DiskTierConfig, name: str = "disk") -> DiskTier:
+        return cls(config.path, config.size, name=name, fsync=config.fsync)
+
     # --------------------------------------------------------------------- reads
     def contains(self, key: bytes) -> bool:
         with self._lock:
@@ -105,7 +103,7 @@ class DiskTier:
             self._stats.misses += int(count < len(keys))
             return count
 
-    def get(self, key: bytes) -> bytes | None:
+    def get(self, key: bytes) -> Buffer | None:
         with self._lock:
             if key not in self._sizes:
                 self._stats.misses += 1
@@ -115,7 +113,7 @@ class DiskTier:
             payload = self._read(key)
         except FileNotFoundError:  # evicted or deleted since we looked
             payload, fault = None, None
-        except _Corrupt as err:
+        except CorruptEntry as err:
             payload, fault = None, f"corrupt entry {key.hex()}: {err}"
         except OSError as err:
             payload, fault = None, f"cannot read entry {key.hex()}: {err}"
@@ -134,13 +132,22 @@ class DiskTier:
                             self.name, fault)
         return None
 
+    def get_many(self, keys: Sequence[bytes]) -> list[Buffer | None]:
+        """Each key's entry in turn (files are read one by one; the batch saves the store's calls)."""
+        return [self.get(key) for key in keys]
+
     # -------------------------------------------------------------------- writes
-    def put(self, key: bytes, data: bytes | memoryview | Sequence[bytes | memoryview]) -> bool:
+    def put_many(self, items: Sequence[tuple[bytes, Value]]) -> list[bool]:
+        return [self.put(key, data) for key, data in items]
+
+    def put(self, key: bytes, data: Value) -> bool:
         """Store ``data`` (or the concatenation of its parts, written as they are, with no copy)."""
         if not 1 <= len(key) <= MAX_KEY_BYTES:
             raise ValueError(f"a key is a digest of 1..{MAX_KEY_BYTES} bytes, got {len(key)} bytes")
-        payload = _parts(data)
-        size = entry_size(key, sum(part.nbytes for part in payload))
+        payload = parts_of(data)
+        if _starts_with(payload, DISK_MAGIC):  # would read as an old file: keep it in the old framing
+            payload = [memoryview(disk_header(key, payload)), *payload]
+        size = entry_size(sum(part.nbytes for part in payload))
         with self._lock:
             if key in self._sizes:
                 self._policy.touch(key)
@@ -196,6 +203,9 @@ class DiskTier:
             children = [item for item in children if item[0] not in gone]
         return children
 
+    def close(self) -> None:
+        """Nothing is held open between calls: every file is closed when its read or write is done."""
+
     def stats(self) -> TierStats:
         with self._lock:
             self._stats.entries = len(self._sizes)
@@ -207,60 +217,38 @@ class DiskTier:
         hexkey = key.hex()
         return self.directory / hexkey[:2] / (hexkey + SUFFIX)
 
-    def _read(self, key: bytes) -> bytes:
-        """The payload of ``key``'s file after checking its header and checksum.
-
-        Two reads: the header, then the whole payload straight into a new
-        ``bytes`` object (``os.pread`` allocates it and the kernel fills it), so
-        a 40 MB entry costs one large read and no extra copy.
+    def _read(self, key: bytes) -> bytes | memoryview:
+        """The entry in ``key``'s file: one read straight into a new ``bytes`` (``os.pread`` allocates
+        it and the kernel fills it), so a 40 MB entry costs one large read and no extra copy.
+        An old file's framing is checked and taken off.
         """
         fd = os.open(self._path(key), os.O_RDONLY)
         try:
             file_size = os.fstat(fd).st_size
-            head = os.pread(fd, header_size(key), 0)
-            if len(head) < header_size(key):
-                raise _Corrupt(f"file of {file_size} bytes is shorter than a header")
-            magic, version, key_length, length, checksum = _HEADER.unpack_from(head)
-            if magic != MAGIC:
-                raise _Corrupt(f"bad magic {magic!r}: not a kvmesh disk entry")
-            if version != FORMAT_VERSION:
-                raise _Corrupt(f"format version {version}, this kvmesh reads {FORMAT_VERSION}")
-            if key_length != len(key) or head[_HEADER.size:] != key:
-                raise _Corrupt("the file holds another key")
-            if file_size != header_size(key) + length:
-                raise _Corrupt(f"file is {file_size} bytes, header says {header_size(key) + length}")
-            payload = os.pread(fd, length, header_size(key))
-            if len(payload) != length:
-                raise _Corrupt(f"read {len(payload)} payload bytes of {length}")
-            if xxhash.xxh3_64_intdigest(payload) != checksum:
-                raise _Corrupt("payload checksum mismatch")
+            data = os.pread(fd, file_size, 0)
+            if len(data) != file_size:
+                raise CorruptEntry(f"read {len(data)} bytes of a {file_size}-byte file")
             try:  # a hit refreshes the mtime, which orders LRU after a restart
                 os.utime(fd)
             except OSError:
                 pass
-            return payload
         finally:
             os.close(fd)
+        return read_disk(data, key) if data[:len(DISK_MAGIC)] == DISK_MAGIC else data
 
     def _write(self, key: bytes, payload: list[memoryview]) -> OSError | None:
         """Write ``key``'s file through a temp file and a rename; the error if it failed.
 
-        Header and payload parts go down in one ``writev``: the kernel copies them into the page
-        cache straight from where they lie (an L1 extent, for the raw codec), and the GIL is released
-        for the whole copy, as it is for the checksum.
+        The parts go down in one ``writev``: the kernel copies them into the page cache straight
+        from where they lie (an L1 extent, for the raw codec), with the GIL released.
         """
         path = self._path(key)
         temp = path.parent / f".{path.stem}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}"
-        checksum = xxhash.xxh3_64()
-        for part in payload:
-            checksum.update(part)
-        header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(key), sum(part.nbytes for part in payload),
-                              checksum.intdigest()) + key
         try:
             self._ensure_dir(path.parent)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                _writev_all(fd, [memoryview(header), *payload])
+                _writev_all(fd, payload)
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -373,14 +361,9 @@ class DiskTier:
             log.debug(message, *args)
 
 
-class _Corrupt(ValueError):
-    """A file that is not a whole, intact entry of the key it is named after."""
-
-
-def _parts(data: bytes | memoryview | Sequence[bytes | memoryview]) -> list[memoryview]:
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return [memoryview(data).cast("B")]
-    return [memoryview(part).cast("B") for part in data]
+def _starts_with(parts: list[memoryview], magic: bytes) -> bool:
+    head = b"".join(bytes(part[:len(magic)]) for part in parts[:len(magic)])
+    return head[:len(magic)] == magic
 
 
 def _writev_all(fd: int, views: list[memoryview]) -> None:

@@ -13,7 +13,7 @@ sees half of one.  A file that is damaged, truncated or names another parent is
 a miss: it is removed and counted, never an error.  At start-up every file is
 read, children whose entries are gone are dropped (the file is rewritten, or
 removed when nothing is left), and the newest children are kept within the
-bounds of :class:`~kvmesh.partials.PartialIndex`.
+bounds of :class:`~kvmesh.store.partials.PartialIndex`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import xxhash
 
-from kvmesh.partials import MAX_CHILDREN, MAX_CHILDREN_PER_PARENT, PartialIndex
+from kvmesh.store.partials import MAX_CHILDREN, MAX_CHILDREN_PER_PARENT, PartialIndex
 
 log = logging.getLogger(__name__)
 

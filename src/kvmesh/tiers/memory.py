@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvmesh.tiers.arena import ExtentAllocator
-from kvmesh.tiers.base import TierStats
+from kvmesh.tiers.base import TierStats, Value
+from kvmesh.tiers.buffers import joined, parts_of
 from kvmesh.tiers.eviction import LRUPolicy
 
 
@@ -164,7 +165,7 @@ class MemoryTier:
                 self._drop(key)
             return True
 
-    # ------------------------------------------------------- the byte Tier protocol
+    # ------------------------------------------------------- the byte Tier protocol (a lower tier in tests)
     def put(self, key: bytes, data: bytes | memoryview, meta: str = "") -> bool:
         assert self.buffer is not None, "put() needs a tier that holds its buffer"
         reservation = self.reserve(key, len(data), meta)
@@ -188,6 +189,15 @@ class MemoryTier:
             with self._lock:
                 self._stats.hits += 1
             self.release(key, extent)
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        return [self.get(key) for key in keys]
+
+    def put_many(self, items: Sequence[tuple[bytes, Value]]) -> list[bool]:
+        return [self.put(key, joined(parts_of(data))) for key, data in items]
+
+    def close(self) -> None:
+        """Nothing to let go of: the arena belongs to whoever mapped it."""
 
     def stats(self) -> TierStats:
         with self._lock:

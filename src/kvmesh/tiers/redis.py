@@ -6,21 +6,18 @@ Why this shape:
   models or deployments can share one Redis.  In cluster mode the hex key is a
   hash tag (``<namespace>:{<hex key>}``) so an entry's parts land on one shard
   and come back from one node in one pipelined round trip.
-* **Checked values**: the head value starts with a small header (magic, format
-  version, part count, payload length, xxh3-64 of the payload).  A value that is
-  damaged, truncated or missing a part is a miss; the entry is deleted and
-  counted in ``stats().errors``.
-* **Big values in parts**: a payload that does not fit in ``max_value_bytes``
+* **The value is the entry**: a codec's self-checking bytes (``codecs.base``)
+  with no framing of its own, so a write is checksummed once; the store's decode
+  finds a damaged one, deletes it through :meth:`delete` and counts it.  Values
+  of older versions (``KVMR`` framing, ``tiers.legacy``) are still read and
+  checked here.
+* **Big values in parts**: an entry that does not fit in ``max_value_bytes``
   goes to ``<head>:0``, ``<head>:1``, ... written before the head in one
-  pipeline, so a reader never finds a head whose parts are not there yet.
-* **Partial chunks findable from their parent**: a sorted set per parent key,
-  ``<namespace>:p:<parent hex>`` (``<namespace>:p:{<parent hex>}`` in a
-  cluster), holds ``<child hex>:<tokens>`` members scored by the time they were
-  indexed.  A member is added only after its entry's SET succeeded, the set is
-  trimmed to the newest ``max_partials_per_parent`` in the same pipeline and
-  given the entries' TTL; members whose entry is gone (expired, evicted) are
-  filtered out, and removed, when the set is read.  Every node sharing the
-  Redis sees the same sets.
+  pipeline, so a reader never finds a head whose parts are not there yet; the
+  head then holds only the part count and length (``KVMS``).  A missing or
+  short part is a miss; the entry is deleted and counted in ``stats().errors``.
+* **Partial chunks findable from their parent**: a sorted set per parent key
+  (``tiers.redis_partials``), seen by every node sharing the Redis.
 * **A cache, never a dependency**: connection refused, timeouts and any other
   Redis or socket error make the call a miss (``get`` None, ``put`` False),
   counted in ``stats().errors`` and logged once per kind.  A
@@ -36,67 +33,42 @@ and its memory is Redis's to manage.
 from __future__ import annotations
 
 import logging
-import struct
 import threading
-import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-import redis
-import xxhash
-from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
-from redis.retry import Retry
+try:  # an optional extra: this module is imported only when a Redis tier is configured
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.cluster import RedisCluster
+    from redis.exceptions import RedisClusterException, RedisError
+    from redis.retry import Retry
+except ImportError as err:  # pragma: no cover - depends on the installation
+    raise ImportError("the Redis tier (redis_url) needs the redis package: pip install 'kvmesh[redis]'") from err
 
-from kvmesh.partials import MAX_CHILDREN_PER_PARENT
-from kvmesh.tiers.base import TierStats
+from kvmesh.codecs.base import CorruptEntry
+from kvmesh.store.partials import MAX_CHILDREN_PER_PARENT
+from kvmesh.tiers.base import TierStats, Value
 from kvmesh.tiers.breaker import BreakerState, CircuitBreaker
+from kvmesh.tiers.buffers import joined, parts_of
+from kvmesh.tiers.config import RedisTierConfig
+from kvmesh.tiers.legacy import MAX_PARTS
+from kvmesh.tiers.redis_partials import RedisPartials
+from kvmesh.tiers.redis_values import HEAD_MAGICS, PEEK, SplitHead, parse_head
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"KVMR"
-FORMAT_VERSION = 1
-# magic, format version, part count (0: the payload follows the header), payload length, xxh3-64
-_HEADER = struct.Struct("<4sHIQQ")
 # parts outlive their head by this much, so a head never outlives its parts under a TTL
 PART_TTL_SLACK_SECONDS = 10
 MIN_VALUE_BYTES = 1024
-MAX_PARTS = 65536  # a bound that keeps a damaged part count from asking for millions of keys
 # what a failed call may raise: server errors, socket errors, cluster topology errors
 _FAULTS = (RedisError, OSError, RedisClusterException)
 
 
-class _Corrupt(ValueError):
-    """A stored value that is not a whole, intact entry."""
-
-
-@dataclass(frozen=True, slots=True)
-class ValueHeader:
-    parts: int  # 0: the payload is inline after the header
-    length: int
-    checksum: int
-
-    def pack(self) -> bytes:
-        return _HEADER.pack(MAGIC, FORMAT_VERSION, self.parts, self.length, self.checksum)
-
-    @classmethod
-    def unpack(cls, value: bytes) -> ValueHeader:
-        if len(value) < _HEADER.size:
-            raise _Corrupt(f"value of {len(value)} bytes is shorter than a header")
-        magic, version, parts, length, checksum = _HEADER.unpack_from(value)
-        if magic != MAGIC:
-            raise _Corrupt(f"bad magic {magic!r}: not a kvmesh value")
-        if version != FORMAT_VERSION:
-            raise _Corrupt(f"format version {version}, this kvmesh reads {FORMAT_VERSION}")
-        if parts > MAX_PARTS:
-            raise _Corrupt(f"part count {parts} is over {MAX_PARTS}")
-        return cls(parts, length, checksum)
-
-
-class RedisTier:
+class RedisTier(RedisPartials):
     """Entries in Redis at ``url`` (``redis://``, ``rediss://``, ``redis://user:password@host:port/db``)."""
+
+    _FAULTS = _FAULTS
 
     def __init__(self, url: str, name: str = "redis", namespace: str = "kvmesh",
                  ttl_seconds: int | None = None, max_value_bytes: int = 64 * 1024 * 1024,
@@ -130,6 +102,11 @@ class RedisTier:
         self._warned: set[str] = set()
         self._client_obj: Any = None if cluster else self._connect()
 
+    @classmethod
+    def from_config(cls, config: RedisTierConfig, name: str = "redis") -> RedisTier:
+        return cls(config.url, name=name, namespace=config.namespace, ttl_seconds=config.ttl_seconds,
+                   timeout_seconds=config.timeout_seconds, cluster=config.cluster)
+
     # ------------------------------------------------------------------ keys
     def redis_key(self, key: bytes) -> str:
         """The Redis key of an entry's head (its parts add ``:<i>``)."""
@@ -139,11 +116,6 @@ class RedisTier:
     def part_keys(self, key: bytes, parts: int) -> list[str]:
         head = self.redis_key(key)
         return [f"{head}:{i}" for i in range(parts)]
-
-    def partials_key(self, parent: bytes) -> str:
-        """The Redis key of the sorted set that lists ``parent``'s partial children."""
-        hexkey = parent.hex()
-        return f"{self.namespace}:p:{{{hexkey}}}" if self.cluster else f"{self.namespace}:p:{hexkey}"
 
     # ------------------------------------------------------------------ reads
     def contains(self, key: bytes) -> bool:
@@ -196,39 +168,36 @@ class RedisTier:
         if not self.breaker.allow():
             self._count(misses=len(keys))
             return results
-        corrupt: dict[int, tuple[str, ValueHeader | None]] = {}
+        corrupt: dict[int, tuple[str, SplitHead | None]] = {}
         try:
             pipe = self._client.pipeline(transaction=False)
             for key in keys:
                 pipe.get(self.redis_key(key))
             heads = pipe.execute()
-            split: dict[int, ValueHeader] = {}
+            split: dict[int, SplitHead] = {}
             for i, value in enumerate(heads):
                 if value is None:
                     continue
                 try:
-                    header = ValueHeader.unpack(value)
-                    if header.parts == 0:
-                        results[i] = _checked(header, memoryview(value)[_HEADER.size:])  # no copy
-                    else:
-                        split[i] = header
-                except _Corrupt as err:
+                    head = parse_head(value)
+                except CorruptEntry as err:
                     corrupt[i] = (str(err), None)
+                    continue
+                if isinstance(head, SplitHead):
+                    split[i] = head
+                else:
+                    results[i] = head
             if split:
                 pipe = self._client.pipeline(transaction=False)
-                for i, header in split.items():
-                    for part_key in self.part_keys(keys[i], header.parts):
+                for i, head in split.items():
+                    for part_key in self.part_keys(keys[i], head.parts):
                         pipe.get(part_key)
                 replies = iter(pipe.execute())
-                for i, header in split.items():
-                    parts = [next(replies) for _ in range(header.parts)]
+                for i, head in split.items():
                     try:
-                        missing = sum(part is None for part in parts)
-                        if missing:
-                            raise _Corrupt(f"{missing} of {header.parts} parts missing")
-                        results[i] = _checked(header, b"".join(parts))
-                    except _Corrupt as err:
-                        corrupt[i] = (str(err), header)
+                        results[i] = head.joined([next(replies) for _ in range(head.parts)])
+                    except CorruptEntry as err:
+                        corrupt[i] = (str(err), head)
             if corrupt:
                 self._drop_corrupt([(keys[i], header) for i, (_, header) in corrupt.items()])
         except _FAULTS as err:
@@ -247,29 +216,32 @@ class RedisTier:
         return results
 
     # ----------------------------------------------------------------- writes
-    def put(self, key: bytes, data: bytes | memoryview) -> bool:
-        return self.put_many([(key, data)]) == 1
+    def put(self, key: bytes, data: Value) -> bool:
+        return self.put_many([(key, data)])[0]
 
-    def put_many(self, items: Iterable[tuple[bytes, bytes | memoryview]]) -> int:
-        """Store entries in one pipeline (plus one EXISTS batch if any is split); how many are now stored.
+    def put_many(self, items: Sequence[tuple[bytes, Value]]) -> list[bool]:
+        """Store entries in one pipeline (plus one EXISTS batch if any is split); per item, whether stored.
 
         Parts go first and each head last, with SET NX, so an entry that is
         already there is left as it is (content-addressed: same key, same bytes).
         """
         entries = []
-        for key, data in items:
-            payload = memoryview(data).cast("B")
-            if self._parts_for(payload.nbytes) > MAX_PARTS:  # would need more keys than a reader accepts
+        accepted: list[int] = []  # the items' indexes, for each entry
+        for at, (key, data) in enumerate(items):
+            payload = memoryview(joined(parts_of(data))).cast("B")
+            if self._parts_for(payload) > MAX_PARTS:  # would need more keys than a reader accepts
                 self._count(rejected_stores=1)
             else:
                 entries.append((key, payload))
+                accepted.append(at)
+        stored = [False] * len(items)
         if not entries:
-            return 0
+            return stored
         if not self.breaker.allow():
             self._count(rejected_stores=len(entries))
-            return 0
+            return stored
         try:
-            split = [i for i, (_, payload) in enumerate(entries) if self._parts_for(payload.nbytes)]
+            split = [i for i, (_, payload) in enumerate(entries) if self._parts_for(payload)]
             present: set[int] = set()
             if split:  # skip writing the parts of entries that are already whole
                 pipe = self._client.pipeline(transaction=False)
@@ -286,70 +258,27 @@ class RedisTier:
             replies = pipe.execute() if queued else []
         except _FAULTS as err:
             self._fault(err)
-            return 0
+            return stored
         self._ok()
         # SET NX replies True only for a head that was not there: a new entry
         self._count(stores=sum(1 for at in head_replies if replies[at] is True))
-        return len(entries)
-
-    # --------------------------------------------------------- partial chunks
-    def add_partial(self, parent: bytes, child: bytes, tokens: int) -> bool:
-        """Index a partial chunk whose entry was just stored: one pipeline (add, trim, expire)."""
-        if not self.breaker.allow():
-            return False
-        index = self.partials_key(parent)
-        try:
-            pipe = self._client.pipeline(transaction=False)
-            pipe.zadd(index, {f"{child.hex()}:{int(tokens)}": time.time()})
-            pipe.zremrangebyrank(index, 0, -(self.max_partials_per_parent + 1))  # keep the newest
-            if self.ttl_seconds is not None:
-                pipe.expire(index, self.ttl_seconds)
-            pipe.execute()
-        except _FAULTS as err:
-            self._fault(err)
-            return False
-        self._ok()
-        return True
-
-    def partials(self, parent: bytes) -> list[tuple[bytes, int]]:
-        """(child, tokens) of the partial chunks stored under ``parent``, newest first; [] on a fault.
-
-        Two round trips: the set, then an EXISTS per child.  Members whose entry
-        is gone, or that do not parse, are removed from the set.
-        """
-        if not self.breaker.allow():
-            return []
-        index = self.partials_key(parent)
-        try:
-            members = self._client.zrevrange(index, 0, self.max_partials_per_parent - 1)
-            parsed = [(member, _parse_member(member)) for member in members]
-            candidates = [(member, item) for member, item in parsed if item is not None]
-            found: list[int] = []
-            if candidates:
-                pipe = self._client.pipeline(transaction=False)
-                for _, (child, _tokens) in candidates:
-                    pipe.exists(self.redis_key(child))
-                found = pipe.execute()
-            stale = [member for member, item in parsed if item is None]
-            stale += [member for (member, _), present in zip(candidates, found) if not present]
-            if stale:
-                self._client.zrem(index, *stale)
-        except _FAULTS as err:
-            self._fault(err)
-            return []
-        self._ok()
-        return [item for (_, item), present in zip(candidates, found) if present]
+        for at in accepted:
+            stored[at] = True
+        return stored
 
     def delete(self, key: bytes) -> bool:
         if not self.breaker.allow():
             return False
         head = self.redis_key(key)
         try:
-            header_bytes = self._client.getrange(head, 0, _HEADER.size - 1)
-            try:
-                parts = ValueHeader.unpack(header_bytes).parts
-            except _Corrupt:
-                parts = 0
+            peeked = self._client.getrange(head, 0, PEEK - 1)
+            parts = 0
+            if peeked[:4] in HEAD_MAGICS:
+                try:  # the head of a split entry is short: what the peek read is all of it
+                    found = parse_head(peeked)
+                    parts = found.parts if isinstance(found, SplitHead) else 0
+                except CorruptEntry:
+                    parts = 0
             removed = self._delete_keys([head, *self.part_keys(key, parts)])[0]
         except _FAULTS as err:
             self._fault(err)
@@ -389,25 +318,25 @@ class RedisTier:
             return RedisCluster.from_url(self.url, **options)
         return redis.Redis.from_url(self.url, **options)
 
-    def _parts_for(self, length: int) -> int:
-        """How many parts a payload of ``length`` bytes is split into (0: it fits in the head)."""
-        if _HEADER.size + length <= self.max_value_bytes:
+    def _parts_for(self, payload: memoryview) -> int:
+        """How many parts an entry is split into (0: it is the head's value)."""
+        magic = bytes(payload[:4])
+        if payload.nbytes <= self.max_value_bytes and magic not in HEAD_MAGICS:
             return 0
-        return -(-length // self.max_value_bytes)
+        return max(1, -(-payload.nbytes // self.max_value_bytes))  # a look-alike of a head goes in a part
 
     def _queue_writes(self, pipe: Any, key: bytes, payload: memoryview) -> int:
         """Queue an entry's SETs, parts first and the head last; how many commands were queued."""
-        parts = self._parts_for(payload.nbytes)
-        header = ValueHeader(parts, payload.nbytes, xxhash.xxh3_64_intdigest(payload)).pack()
+        parts = self._parts_for(payload)
         part_ttl = None if self.ttl_seconds is None else self.ttl_seconds + PART_TTL_SLACK_SECONDS
         step = self.max_value_bytes
         for i, part_key in enumerate(self.part_keys(key, parts)):
             pipe.set(part_key, payload[i * step:(i + 1) * step], ex=part_ttl)
-        head = header if parts else header + payload
+        head = SplitHead(parts, payload.nbytes).pack() if parts else payload
         pipe.set(self.redis_key(key), head, ex=self.ttl_seconds, nx=True)
         return parts + 1
 
-    def _drop_corrupt(self, bad: list[tuple[bytes, ValueHeader | None]]) -> None:
+    def _drop_corrupt(self, bad: list[tuple[bytes, SplitHead | None]]) -> None:
         """Delete bad entries: the head, and the parts its header names (if it could be read)."""
         doomed = []
         for key, header in bad:
@@ -451,24 +380,6 @@ class RedisTier:
             first = kind not in self._warned
             self._warned.add(kind)
         (log.warning if first else log.debug)(message, *args)
-
-
-def _checked(header: ValueHeader, payload: bytes | memoryview) -> bytes | memoryview:
-    if len(payload) != header.length:
-        raise _Corrupt(f"payload is {len(payload)} bytes, header says {header.length}")
-    if xxhash.xxh3_64_intdigest(payload) != header.checksum:
-        raise _Corrupt("payload checksum mismatch")
-    return payload
-
-
-def _parse_member(member: bytes) -> tuple[bytes, int] | None:
-    """(child, tokens) from a ``<child hex>:<tokens>`` member of a partials set; None if it is not one."""
-    hexkey, sep, count = member.partition(b":")
-    try:
-        child, tokens = bytes.fromhex(hexkey.decode("ascii")), int(count)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return (child, tokens) if sep and child and tokens >= 1 else None
 
 
 def _safe_url(url: str) -> str:

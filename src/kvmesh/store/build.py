@@ -1,0 +1,35 @@
+"""The configured tiers below L1, each built from its own config section and imported only when configured."""
+
+from __future__ import annotations
+
+from kvmesh.codecs import Codec, get_codec
+from kvmesh.config import KVMeshConfig
+from kvmesh.store.types import LowerTier
+from kvmesh.tiers.config import DiskTierConfig, RedisTierConfig
+
+
+def build_lower_tiers(config: KVMeshConfig) -> list[LowerTier]:
+    """Disk first, then Redis (a lookup and a promotion try them in this order).
+
+    Tiers with the same codec spec share one codec object, so the store encodes an entry once for both.
+    """
+    tiers: list[LowerTier] = []
+    codecs: dict[str, Codec] = {}
+
+    def codec_for(spec: str) -> Codec:
+        return codecs.setdefault(spec, get_codec(spec))
+
+    disk = DiskTierConfig.from_config(config)
+    if disk is not None:
+        from kvmesh.tiers.disk import DiskTier
+
+        tiers.append(LowerTier(DiskTier.from_config(disk), disk.write_policy,  # type: ignore[arg-type]
+                               codec=codec_for(disk.codec)))
+    redis = RedisTierConfig.from_config(config)
+    if redis is not None:
+        # needs the redis extra, and says so when it is missing
+        from kvmesh.tiers.redis import RedisTier
+
+        tiers.append(LowerTier(RedisTier.from_config(redis), redis.write_policy,  # type: ignore[arg-type]
+                               redis.admission, codec=codec_for(redis.codec)))  # type: ignore[arg-type]
+    return tiers

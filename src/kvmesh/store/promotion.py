@@ -1,0 +1,192 @@
+"""Promotion: bringing entries up from a lower tier into L1, on demand or ahead of it (prefetch).
+
+Why one coordinator: a lookup that finds chunks below L1 starts promoting them at once while the
+scheduler may already be pinning the same chunks, so each key is promoted by one thread and the
+others wait for it (a lease never comes back short).  Prefetch threads take what is queued in small
+batches and read each batch from a tier with one ``get_many`` (one round trip to Redis); each entry
+is decoded straight into its L1 extent, and the codec header's checksums make a damaged entry a miss
+that is dropped from its tier and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+
+from kvmesh.codecs import CorruptEntry, decode_any
+from kvmesh.codecs.base import read_header
+from kvmesh.store.guard import TierGuard
+from kvmesh.store.threads import start_thread
+from kvmesh.store.types import LowerTier, Priority, StoreObserver
+from kvmesh.tiers.base import Buffer
+from kvmesh.tiers.memory import Extent, MemoryTier, ReserveStatus
+
+log = logging.getLogger("kvmesh.store")
+
+MAX_BATCH = 4  # keys a prefetch thread reads together (more would keep the other threads idle)
+WAIT_SECONDS = 30.0  # how long a reader waits for another thread's promotion of the same key
+
+
+class Promoter:
+    """Per-key single-flight promotion into L1, and the prefetch threads that start it early."""
+
+    def __init__(self, l1: MemoryTier, lower: Sequence[LowerTier], guard: TierGuard, observer: StoreObserver,
+                 tensor_at: Callable[[Extent], torch.Tensor], threads: int, priority: Priority) -> None:
+        if threads < 1:
+            raise ValueError(f"prefetch_threads must be at least 1, got {threads}")
+        self._l1 = l1
+        self._lower = list(lower)
+        self._guard = guard
+        self._observer = observer
+        self._tensor_at = tensor_at
+        self._lock = threading.Lock()  # guards the two tables below
+        self._queued: set[bytes] = set()
+        self._promoting: dict[bytes, threading.Event] = {}
+        self._queue: queue.Queue[bytes | None] = queue.Queue()
+        self._count = threads
+        self.threads = [start_thread(f"prefetcher-{i}", self._loop, priority) for i in range(threads)]
+
+    def prefetch(self, keys: Sequence[bytes]) -> None:
+        """Start promoting ``keys`` (those not in L1 or on their way already) on the prefetch threads."""
+        for key in keys:
+            with self._lock:
+                if key in self._queued or self._l1.contains(key):
+                    continue
+                self._queued.add(key)
+            self._queue.put(key)
+
+    def promote(self, key: bytes) -> bool:
+        """Bring ``key`` into L1 now (or wait for the thread doing it); whether it is there."""
+        claimed, waits = self._claim([key])
+        for event in waits:
+            event.wait(timeout=WAIT_SECONDS)
+        if claimed:
+            try:
+                self._bring_up(claimed)
+            finally:
+                self._finish(claimed)
+        return self._l1.contains(key)
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self._queue.put(None)
+
+    # ------------------------------------------------------------------ internals
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            with self._lock:
+                self._queued.difference_update(batch)
+            claimed, _ = self._claim(batch)  # keys another thread is promoting are its business
+            try:
+                self._bring_up(claimed)
+            except Exception:  # the prefetch thread must survive; logged with its traceback
+                log.exception("prefetch of %d entries failed", len(claimed))
+            finally:
+                self._finish(claimed)
+
+    def _take(self) -> list[bytes] | None:
+        """The next queued key and this thread's share of those behind it; None when closed."""
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        share = min(MAX_BATCH, 1 + self._queue.qsize() // self._count)
+        while len(batch) < share:
+            try:
+                key = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if key is None:  # closing: promote this batch, then stop
+                self._queue.put(None)
+                break
+            batch.append(key)
+        return batch
+
+    def _claim(self, keys: Sequence[bytes]) -> tuple[list[bytes], list[threading.Event]]:
+        """The keys this thread will promote, and the events of those another thread is promoting."""
+        claimed, waits = [], []
+        with self._lock:
+            for key in keys:
+                if self._l1.contains(key):
+                    continue
+                running = self._promoting.get(key)
+                if running is None:
+                    self._promoting[key] = threading.Event()
+                    claimed.append(key)
+                else:
+                    waits.append(running)
+        return claimed, waits
+
+    def _finish(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            for key in keys:
+                event = self._promoting.pop(key, None)
+                if event is not None:
+                    event.set()
+
+    def _bring_up(self, keys: list[bytes]) -> None:
+        """Read ``keys`` from the first lower tier that has each (one ``get_many`` per tier) into L1."""
+        remaining = keys
+        for lower in self._lower:
+            if not remaining:
+                return
+            tier = lower.tier
+            started = time.perf_counter()
+            nothing: list[Buffer | None] = [None] * len(remaining)
+            values = self._guard.call(tier.name, "get", partial(tier.get_many, remaining), nothing)
+            seconds = time.perf_counter() - started
+            found: list[tuple[bytes, Buffer]] = []
+            missed: list[bytes] = []
+            for key, value in zip(remaining, values):
+                if value is None:
+                    missed.append(key)
+                else:
+                    found.append((key, value))
+            if found:
+                self._observer.tier_read(tier.name, sum(memoryview(v).nbytes for _, v in found), seconds)
+            for key, data in found:
+                if self._decode_into_l1(lower, key, data):
+                    self._finish([key])  # its readers need not wait for the rest of the batch
+                else:
+                    missed.append(key)  # corrupt here: the next tier may hold a good copy
+            again = set(missed)
+            remaining = [key for key in remaining if key in again]
+
+    def _decode_into_l1(self, lower: LowerTier, key: bytes, data: Buffer) -> bool:
+        """Decode an entry straight into a new L1 extent; False if it is corrupt (then dropped and counted).
+
+        True also when L1 has no room or already holds the key: nothing more to try for it.
+        """
+        try:
+            meta = read_header(data).meta
+        except CorruptEntry as err:
+            self._drop_corrupt(lower, key, err)
+            return False
+        reservation = self._l1.reserve(key, meta.nbytes, meta.encode())
+        if reservation.status is not ReserveStatus.OK or reservation.extent is None:
+            return True
+        try:
+            started = time.perf_counter()
+            decode_any(data, out=self._tensor_at(reservation.extent))
+            self._observer.decoded(meta.nbytes, time.perf_counter() - started)
+        except CorruptEntry as err:
+            self._l1.abort(key)
+            self._drop_corrupt(lower, key, err)
+            return False
+        except BaseException:
+            self._l1.abort(key)
+            raise
+        self._l1.commit(key)
+        return True
+
+    def _drop_corrupt(self, lower: LowerTier, key: bytes, err: Exception) -> None:
+        tier = lower.tier
+        log.debug("tier %s: dropping corrupt entry %s: %s", tier.name, key.hex(), err)
+        self._guard.fault(tier.name, "corrupt", err)
+        self._guard.call(tier.name, "delete", partial(tier.delete, key), False)

@@ -1,0 +1,89 @@
+"""A damaged entry below L1 is found by the codec's own checks when the store promotes it: a miss,
+deleted from its tier and counted (the tiers add no checksum of their own)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvmesh.store import TieredStore
+from kvmesh.store.types import NullObserver
+from kvmesh.tiers import disk
+from kvmesh.tiers.disk import DiskTier
+from kvmesh.tiers.memory import MemoryTier
+from kvmesh.tiers.redis import RedisTier
+from redis_servers import RedisServer
+
+MiB = 1024 * 1024
+KEY = b"d" * 16
+
+
+class Faults(NullObserver):
+    def __init__(self) -> None:
+        self.faults: list[tuple[str, str]] = []
+
+    def tier_fault(self, tier: str, action: str) -> None:
+        self.faults.append((tier, action))
+
+
+def _chunk() -> torch.Tensor:
+    return torch.randn(4, 2, 64, 2, 32, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+
+
+def _damaged(raw: bytes, damage: str) -> bytes:
+    data = bytearray(raw)
+    if damage == "flip_payload_byte":
+        data[-5000] ^= 0x01
+    elif damage == "flip_header_byte":
+        data[10] ^= 0x01
+    elif damage == "truncate":
+        data = data[:len(data) // 2]
+    elif damage == "foreign":
+        data = bytearray(os.urandom(len(data)))
+    else:
+        data = bytearray()
+    return bytes(data)
+
+
+DAMAGES = ["flip_payload_byte", "flip_header_byte", "truncate", "foreign", "empty"]
+
+
+def _stored(tier: object, observer: Faults) -> TieredStore:
+    store = TieredStore(MemoryTier(4 * MiB, memoryview(bytearray(4 * MiB))), [tier], observer=observer,
+                        prefetch=False)
+    assert store.put(KEY, _chunk())
+    assert store.flush()
+    store.l1.delete(KEY)
+    return store
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_disk_file_is_a_miss_deleted_and_counted(tmp_path: Path, damage: str) -> None:
+    tier, observer = DiskTier(tmp_path, 64 * MiB), Faults()
+    store = _stored(tier, observer)
+    path = tmp_path / KEY.hex()[:2] / (KEY.hex() + disk.SUFFIX)
+    path.write_bytes(_damaged(path.read_bytes(), damage))
+    assert store.get(KEY) is None
+    assert not path.exists() and not tier.contains(KEY)
+    assert observer.faults == [("disk", "corrupt")]
+    assert store.put(KEY, _chunk()) and store.flush()  # stored again, whole
+    store.l1.delete(KEY)
+    assert torch.equal(store.get(KEY).view(torch.uint8), _chunk().view(torch.uint8))
+    store.close()
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_redis_value_is_a_miss_deleted_and_counted(redis_server: RedisServer, damage: str) -> None:
+    tier, observer = RedisTier(redis_server.url, namespace=f"c{uuid.uuid4().hex[:8]}"), Faults()
+    store = _stored(tier, observer)
+    raw = redis_server.client()
+    head = tier.redis_key(KEY)
+    raw.set(head, _damaged(raw.get(head), damage))
+    assert store.get(KEY) is None
+    assert raw.keys(f"{head}*") == []
+    assert observer.faults == [("redis", "corrupt")]
+    store.close()
