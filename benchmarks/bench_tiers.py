@@ -479,7 +479,8 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, object]]:
             print(f"disk: {root} on {fstype}; fsync {'on' if args.fsync else 'off'} for tier and reference; "
                   f"cold reads: {CACHE_DROP}")
             for name, entries in data.items():
-                rows.append(measure_disk(root / "x", name, entries, args.rounds, args.warmup, args.fsync, args.drop_caches))
+                rows.append(measure_disk(root / "x", name, entries, args.rounds, args.warmup, args.fsync,
+                                         args.drop_caches))
                 shutil.rmtree(root / "x", ignore_errors=True)
     if "redis" in args.tiers:
         with redis_server() as server:

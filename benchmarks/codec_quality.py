@@ -51,7 +51,7 @@ DEFAULT_CODECS = ["raw", "lossless", "lossless:compressor=lz4", "fp8", "kivi:bit
                   "ecq:profile=smollm2-135m-heads,key_step=0.12,value_step=0.144"]
 
 
-def chunks_of(cache, length: int) -> list[torch.Tensor]:  # noqa: ANN001 - a DynamicCache
+def chunks_of(cache, length: int) -> list[torch.Tensor]:
     return [cache_to_chunk(cache, start, min(start + CHUNK, length)).contiguous() for start in range(0, length, CHUNK)]
 
 
@@ -65,13 +65,13 @@ def through_codec(codec_spec: str, chunks: list[torch.Tensor]) -> tuple[list[tor
     return decoded, size
 
 
-def continue_from(model, chunks: list[torch.Tensor], follow: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+def continue_from(model, chunks: list[torch.Tensor], follow: torch.Tensor) -> torch.Tensor:
     """Log-probabilities of the model reading ``follow`` after the KV in ``chunks``."""
     out = model(input_ids=follow, past_key_values=chunks_to_cache(chunks), use_cache=True)
     return torch.log_softmax(out.logits[0].float(), dim=-1)
 
 
-def greedy_from(model, chunks: list[torch.Tensor], first: torch.Tensor, steps: int) -> list[int]:  # noqa: ANN001
+def greedy_from(model, chunks: list[torch.Tensor], first: torch.Tensor, steps: int) -> list[int]:
     cache = chunks_to_cache(chunks)
     token, produced = first, []
     for _ in range(steps):

@@ -179,7 +179,7 @@ def test_a_store_that_shares_only_redis_finds_the_partial_another_stored(redis_s
 
 
 def test_redis_down_leaves_l1_and_disk_candidates_and_counts_the_fault(tmp_path: Path,
-                                                                     redis_server_factory) -> None:  # noqa: ANN001
+                                                                     redis_server_factory) -> None:
     server: RedisServer = redis_server_factory()
     redis_tier = RedisTier(server.url, namespace="down", timeout_seconds=0.5)
     store = TieredStore(_l1(), [LowerTier(DiskTier(tmp_path, 64 * MiB)), LowerTier(redis_tier)], prefetch=False)

@@ -129,12 +129,12 @@ def test_a_failing_tier_is_a_miss_not_an_error() -> None:
     class Broken:
         name = "broken"
 
-        def lookup(self, keys): raise ConnectionError("down")  # noqa: E704
-        def get_many(self, keys): raise ConnectionError("down")  # noqa: E704
-        def put_many(self, items): raise ConnectionError("down")  # noqa: E704
-        def delete(self, key): raise ConnectionError("down")  # noqa: E704
-        def stats(self): raise ConnectionError("down")  # noqa: E704
-        def close(self): raise ConnectionError("down")  # noqa: E704
+        def lookup(self, keys): raise ConnectionError("down")
+        def get_many(self, keys): raise ConnectionError("down")
+        def put_many(self, items): raise ConnectionError("down")
+        def delete(self, key): raise ConnectionError("down")
+        def stats(self): raise ConnectionError("down")
+        def close(self): raise ConnectionError("down")
 
     store = TieredStore(_l1(), [Broken()])
     keys = [b"a" * 16, b"b" * 16]
@@ -154,7 +154,7 @@ def test_concurrent_promotions_of_one_key_all_see_it(tmp_path: Path) -> None:
         store = TieredStore(_l1(), [disk])
         results: list[int] = []
 
-        def read_all() -> None:
+        def read_all(store: TieredStore = store, results: list[int] = results) -> None:
             extents = [store.acquire(key) for key in keys]
             results.append(sum(e is not None for e in extents))
 
@@ -248,7 +248,7 @@ def test_prefetch_threads_run_in_the_idle_class_when_asked(tmp_path: Path) -> No
     store.close()
 
 
-def test_an_entry_stays_pinned_in_l1_until_its_disk_write_is_done(tmp_path: Path, gated_disk_writes) -> None:  # noqa: ANN001
+def test_an_entry_stays_pinned_in_l1_until_its_disk_write_is_done(tmp_path: Path, gated_disk_writes) -> None:
     writing, finish = gated_disk_writes.writing, gated_disk_writes.finish
     disk = DiskTier(tmp_path, 64 * MiB)
     chunk_bytes = _chunk(0).numel() * 2

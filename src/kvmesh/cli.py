@@ -279,7 +279,7 @@ def bench_run(
 
     model = str(prepare_demo_model(default_model_dir()))
     tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
-    def build(workload_seed: int) -> list:  # noqa: ANN202
+    def build(workload_seed: int) -> list:
         if workload == "multi-round":
             return multi_round(tokenizer, MultiRoundSpec(users=users, rounds=rounds, context_tokens=context,
                                                          seed=workload_seed))

@@ -365,8 +365,8 @@ class KVMeshConfig:
 DAEMON_KEYS: tuple[str, ...] = (
     "l1_size", "disk_path", "disk_size", "disk_write_policy", "redis_url", "redis_cluster", "redis_namespace",
     "redis_ttl_seconds", "redis_timeout_seconds", "redis_write_policy", "redis_admission", "write_queue_size",
-    "prefetch", "prefetch_threads", "prefetch_priority", "lease_seconds", "codec", "disk_codec", "redis_codec", "http_port",
-    "http_host",
+    "prefetch", "prefetch_threads", "prefetch_priority", "lease_seconds", "codec", "disk_codec", "redis_codec",
+    "http_port", "http_host",
 )
 
 

@@ -76,7 +76,7 @@ def test_two_daemons_share_what_either_stored_through_redis(tmp_path: Path, redi
             b.shutdown_daemon()
 
 
-def test_redis_down_then_back_never_fails_a_request(tmp_path: Path, redis_server_factory) -> None:  # noqa: ANN001
+def test_redis_down_then_back_never_fails_a_request(tmp_path: Path, redis_server_factory) -> None:
     server: RedisServer = redis_server_factory()
     config = _config(tmp_path, redis_url=server.url, redis_timeout_seconds=0.5)
     keys = chunk_keys(list(range(5000, 5512)), NS, 128)
@@ -144,7 +144,7 @@ def _store_prompt(client: KVMeshClient, tokens: list[int], chunk_size: int = 128
     return keys, chunks
 
 
-def _raw_partials(client: KVMeshClient, keys) -> list[list]:  # noqa: ANN001
+def _raw_partials(client: KVMeshClient, keys) -> list[list]:
     reply = client._call(wire.Lookup([wire.ChunkRef(k.digest, k.num_tokens) for k in keys]))
     return [[p.key.hex(), p.tokens, p.resident] for p in reply.partials]
 

@@ -513,7 +513,7 @@ def test_writev_all_finishes_short_writes(tmp_path: Path, monkeypatch: pytest.Mo
     assert (tmp_path / "f").read_bytes() == b"abcdefghij"
 
 
-def test_an_entry_being_written_is_invisible_until_renamed(tmp_path: Path, gated_disk_writes) -> None:  # noqa: ANN001
+def test_an_entry_being_written_is_invisible_until_renamed(tmp_path: Path, gated_disk_writes) -> None:
     tier = DiskTier(tmp_path, 1 << 24)
     writing, finish = gated_disk_writes.writing, gated_disk_writes.finish
     writer = threading.Thread(target=tier.put, args=(_key(1), [b"x" * 10, b"y" * 10]))

@@ -50,7 +50,7 @@ def test_budget_holds_and_contents_stay_intact(ops) -> None:
             assert a.offset + a.nbytes <= b.offset
         assert tier.stats().bytes_used <= CAPACITY
         # a pinned entry is never evicted while its key stays stored
-        for pinned_key, extent in pins:
+        for pinned_key, _extent in pins:
             if pinned_key in written:
                 assert tier.contains(pinned_key)
     for key, data in written.items():

@@ -217,7 +217,7 @@ def test_unreachable_server_is_a_miss_and_opens_the_breaker(caplog: pytest.LogCa
     assert any("failures in a row" in w for w in warnings)
 
 
-def test_server_stopped_and_restarted(redis_server_factory) -> None:  # noqa: F811
+def test_server_stopped_and_restarted(redis_server_factory) -> None:
     server = redis_server_factory()
     breaker = CircuitBreaker(failure_threshold=3, reset_seconds=0.5)
     tier = RedisTier(server.url, namespace=_namespace(), timeout_seconds=0.5, breaker=breaker)
@@ -243,7 +243,7 @@ def test_server_stopped_and_restarted(redis_server_factory) -> None:  # noqa: F8
     assert tier.lookup([_key(2)]) == 1
 
 
-def test_acl_user_and_password_in_the_url(redis_server_factory) -> None:  # noqa: F811
+def test_acl_user_and_password_in_the_url(redis_server_factory) -> None:
     server = redis_server_factory(extra_args=(
         "--user", "default", "off",
         "--user", "kvuser", "on", ">s3cret", "~*", "+@all"))
@@ -291,7 +291,7 @@ def test_bad_settings_are_refused() -> None:
 
 
 @pytest.mark.slow
-def test_cluster_spreads_and_serves_entries(redis_cluster: RedisClusterServers) -> None:  # noqa: F811
+def test_cluster_spreads_and_serves_entries(redis_cluster: RedisClusterServers) -> None:
     tier = RedisTier(redis_cluster.url, namespace="cl", cluster=True, max_value_bytes=4096)
     items = [(_key(i), _payload(i, 1000 + 600 * i)) for i in range(30)]  # from inline to 5 parts
     for key, data in items[:15]:
@@ -366,7 +366,7 @@ def test_partials_with_redis_down_are_a_counted_miss(caplog: pytest.LogCaptureFi
 
 
 @pytest.mark.slow
-def test_partials_in_a_cluster(redis_cluster: RedisClusterServers) -> None:  # noqa: F811
+def test_partials_in_a_cluster(redis_cluster: RedisClusterServers) -> None:
     tier = RedisTier(redis_cluster.url, namespace=_namespace(), cluster=True)
     children = [_key(200 + i) for i in range(8)]  # spread over the shards
     for i, child in enumerate(children):

@@ -143,7 +143,7 @@ def write_plots(runs: Sequence[RunRecord], out: Path) -> list[Path]:
     return written
 
 
-def _save(figure, path: Path) -> Path:  # noqa: ANN001
+def _save(figure, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     return path
 

@@ -98,10 +98,10 @@ class _TierCollector:
     def __init__(self, tier_stats: Callable[[], dict[str, TierStats]]) -> None:
         self._tier_stats = tier_stats
 
-    def describe(self) -> list:  # noqa: D102 - keeps the registry from collecting at registration
+    def describe(self) -> list:
         return []
 
-    def collect(self):  # noqa: ANN201 - prometheus collector protocol
+    def collect(self):
         stats = self._tier_stats()
         fields = list(TierStats.__dataclass_fields__)
         for field in fields:
@@ -117,7 +117,7 @@ def start_http(host: str, port: int, metrics: DaemonMetrics,
     """Serve /metrics and /health in a background thread; None (with a warning) if the port is taken."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             if self.path.startswith("/metrics"):
                 body, kind = generate_latest(metrics.registry), "text/plain; version=0.0.4"
             elif self.path.startswith("/health"):

@@ -55,7 +55,7 @@ class NodeDaemon:
         self.epoch = secrets.token_hex(8)  # changes at every start: offsets of an old segment mean nothing
         self.socket_path = config.socket_path()
         self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_file = open(self.socket_path.with_suffix(".lock"), "w")  # noqa: SIM115
+        self._lock_file = open(self.socket_path.with_suffix(".lock"), "w")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -154,7 +154,7 @@ class NodeDaemon:
                                              item.tokens if item.parent is not None else 0)
             if reservation.status is ReserveStatus.OK:
                 session.reserved.add(item.key)
-                results.append(wire.Reserved("ok", reservation.extent.offset))
+                results.append(wire.Reserved("ok", reservation.granted.offset))
             else:
                 if reservation.status is ReserveStatus.NO_ROOM:
                     self.metrics.errors.labels("l1_no_room").inc()

@@ -182,7 +182,7 @@ def check_demo_model(path: Path) -> str:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
             str(path), local_files_only=True, output_loading_info=True)
-    except Exception as e:  # noqa: BLE001 - any load failure means a broken checkpoint
+    except Exception as e:
         raise DemoModelError(
             f"The demo checkpoint in {path} cannot be loaded ({type(e).__name__}: {e}). "
             f"Rebuild it with: {_REBUILD}") from e

@@ -51,21 +51,21 @@ class DemoResult:
         return self.cold_seconds / self.warm_seconds
 
 
-def layout_of(model_config) -> KVLayout:  # noqa: ANN001 - a transformers PretrainedConfig
+def layout_of(model_config) -> KVLayout:
     head_size = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     # the demo stores transformers' KV as canonical chunks (cache_to_chunk), not an engine's pages
     return KVLayout(model_config.num_hidden_layers, model_config.num_key_value_heads, head_size, "bfloat16",
                     page_view="chunk")
 
 
-def cache_to_chunk(cache, start: int, end: int) -> torch.Tensor:  # noqa: ANN001 - a DynamicCache
+def cache_to_chunk(cache, start: int, end: int) -> torch.Tensor:
     """[layers, 2, tokens, kv_heads, head_size] from a transformers cache ([batch, heads, tokens, dim])."""
     return torch.stack([
         torch.stack([layer.keys[0, :, start:end].transpose(0, 1), layer.values[0, :, start:end].transpose(0, 1)])
         for layer in cache.layers])
 
 
-def chunks_to_cache(chunks: list[torch.Tensor]):  # noqa: ANN202
+def chunks_to_cache(chunks: list[torch.Tensor]):
     from transformers import DynamicCache
 
     whole = torch.cat(chunks, dim=2)  # [layers, 2, tokens, heads, dim]

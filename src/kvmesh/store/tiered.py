@@ -56,6 +56,7 @@ class TieredStore:
         if l1.buffer is None:
             raise ValueError("the store's L1 tier must hold its buffer")
         self.l1 = l1
+        self._buffer: memoryview = l1.buffer
         self.codec = codec or RawCodec()
         self.lower = [replace(t, codec=t.codec or self.codec) if isinstance(t, LowerTier)
                       else LowerTier(t, codec=self.codec) for t in lower]
@@ -183,8 +184,8 @@ class TieredStore:
         meta = EntryMeta.of(chunk, view)
         reservation = self.l1.reserve(key, meta.nbytes, meta.encode())
         if reservation.status is ReserveStatus.OK:
-            extent = reservation.extent
-            self.l1.buffer[extent.offset:extent.offset + extent.nbytes] = tensor_bytes(chunk)
+            extent = reservation.granted
+            self._buffer[extent.offset:extent.offset + extent.nbytes] = tensor_bytes(chunk)
             self.l1.commit(key)
         return reservation.status
 
@@ -229,7 +230,7 @@ class TieredStore:
     def tensor_at(self, extent: Extent) -> torch.Tensor:
         """A tensor viewing an L1 extent in place (valid while the extent is pinned)."""
         meta = EntryMeta.decode(extent.meta)
-        raw = torch.frombuffer(self.l1.buffer, dtype=torch.uint8, count=meta.nbytes, offset=extent.offset)
+        raw = torch.frombuffer(self._buffer, dtype=torch.uint8, count=meta.nbytes, offset=extent.offset)
         return raw.view(DTYPES[meta.dtype]).view(meta.shape)
 
     def delete(self, key: bytes) -> bool:

@@ -26,7 +26,7 @@ def joined(parts: Sequence[Buffer]) -> Buffer:
     for view in views:
         np.copyto(out[at:at + view.nbytes], np.frombuffer(view, dtype=np.uint8))
         at += view.nbytes
-    return memoryview(out)
+    return out.data
 
 
 def value_bytes(data: Value) -> int:

@@ -7,32 +7,32 @@ entry may not) and frees the bytes.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 
 
 class LRUPolicy:
     """Least recently used first."""
 
     def __init__(self) -> None:
-        self._order: OrderedDict[Hashable, None] = OrderedDict()
+        self._order: OrderedDict[bytes, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._order)
 
-    def __contains__(self, key: Hashable) -> bool:
+    def __contains__(self, key: bytes) -> bool:
         return key in self._order
 
-    def add(self, key: Hashable) -> None:
+    def add(self, key: bytes) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
 
-    def touch(self, key: Hashable) -> None:
+    def touch(self, key: bytes) -> None:
         if key in self._order:
             self._order.move_to_end(key)
 
-    def remove(self, key: Hashable) -> None:
+    def remove(self, key: bytes) -> None:
         self._order.pop(key, None)
 
-    def candidates(self) -> Iterator[Hashable]:
+    def candidates(self) -> Iterator[bytes]:
         """Keys from the first to evict to the last (a snapshot: safe to remove while iterating)."""
         return iter(list(self._order))

@@ -37,7 +37,14 @@ class Extent:
 @dataclass(frozen=True, slots=True)
 class Reservation:
     status: ReserveStatus
-    extent: Extent | None = None
+    extent: Extent | None = None  # set exactly when status is OK
+
+    @property
+    def granted(self) -> Extent:
+        """The reserved extent; asking for it when nothing was reserved is a caller's bug."""
+        if self.extent is None:
+            raise RuntimeError(f"no extent was reserved (status {self.status.name})")
+        return self.extent
 
 
 @dataclass(slots=True)
@@ -171,7 +178,7 @@ class MemoryTier:
         reservation = self.reserve(key, len(data), meta)
         if reservation.status is not ReserveStatus.OK:
             return reservation.status is ReserveStatus.EXISTS
-        extent = reservation.extent
+        extent = reservation.granted
         self.buffer[extent.offset:extent.offset + extent.nbytes] = data
         self.commit(key)
         return True

@@ -186,7 +186,7 @@ class WorkerSide:
         except ABSORBED as err:
             self.link.fault("report", f"kvmesh could not report metrics: {err}", err)
 
-    def _abort(self, client, slots) -> None:  # noqa: ANN001
+    def _abort(self, client, slots) -> None:
         try:
             client.abort(slots)
         except ABSORBED:
