@@ -27,10 +27,10 @@ from kvmesh import __version__, wire
 from kvmesh.config import KVMeshConfig
 from kvmesh.daemon.metrics import DaemonMetrics, start_http
 from kvmesh.keys import ROOT
-from kvmesh.shm import SharedSegment
 from kvmesh.store import LeaseTable, TieredStore
 from kvmesh.store.build import build_lower_tiers
 from kvmesh.tiers.memory import Extent, MemoryTier, ReserveStatus
+from kvmesh.tiers.shm import SharedSegment
 from kvmesh.wire import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
 
 log = logging.getLogger("kvmesh.daemon")

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from kvmesh.client.faults import DaemonUnavailable
 from kvmesh.config import KVMeshConfig
-from kvmesh.faults import DaemonUnavailable
 
 log = logging.getLogger("kvmesh.client")
 

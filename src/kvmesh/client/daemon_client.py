@@ -22,19 +22,18 @@ from typing import Any, TypeVar
 import torch
 
 from kvmesh import wire
-from kvmesh.config import KVMeshConfig, describe_mismatch
-from kvmesh.daemon_spawn import connect, socket_is_live, wait_for_lock_release
-from kvmesh.entry import DTYPES, EntryMeta, dtype_name
-from kvmesh.faults import (
-    CacheFault,
+from kvmesh.client.faults import (
     ConfigMismatch,
     DaemonError,
     DaemonUnavailable,
     LeaseLost,
 )
+from kvmesh.client.spawn import connect, wait_for_lock_release
+from kvmesh.config import KVMeshConfig, describe_mismatch
+from kvmesh.entry import DTYPES, EntryMeta, dtype_name
 from kvmesh.keys import ChunkKey
-from kvmesh.shm import SharedSegment
 from kvmesh.tensorbytes import copy_tensor
+from kvmesh.tiers.shm import SharedSegment
 from kvmesh.wire import (
     PROTOCOL_VERSION,
     ExtentRef,
@@ -42,9 +41,6 @@ from kvmesh.wire import (
     receive_message,
     send_message,
 )
-
-__all__ = ["CacheFault", "ConfigMismatch", "DaemonError", "DaemonUnavailable", "KVMeshClient", "Lease",
-           "LeaseLost", "LookupResult", "PartialCandidate", "ReadSlot", "WriteSlot", "socket_is_live"]
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
