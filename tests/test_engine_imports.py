@@ -1,4 +1,4 @@
-"""Engine processes load no codec library: describing and copying entries needs none of them."""
+"""Engine processes load no codec or Redis library, and none of the daemon's modules."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("numba", "llvmlite", "zstandard", "lz4")
+HEAVY = ("numba", "llvmlite", "zstandard", "lz4", "redis")
 
 
 def _modules_after(code: str) -> list[str]:
@@ -32,3 +32,11 @@ def test_a_codec_that_runs_loads_what_it_needs() -> None:
     code = ("import torch\nfrom kvmesh.codecs import get_codec\n"
             "get_codec('ecq').encode(torch.zeros(1, 2, 16, 1, 16, dtype=torch.bfloat16))")
     assert {"numba", "zstandard"} <= {name.partition(".")[0] for name in _modules_after(code)}
+
+
+def test_the_engine_side_modules_import_nothing_of_the_daemon() -> None:
+    probe = ("import kvmesh.client, kvmesh.integrations.vllm.scheduler, kvmesh.integrations.vllm.worker\n"
+             "import sys\nprint(sorted(m for m in sys.modules if m.startswith(('kvmesh.store', 'kvmesh.codecs', "
+             "'kvmesh.daemon', 'kvmesh.tiers.disk', 'kvmesh.tiers.redis', 'kvmesh.tiers.memory'))))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]"

@@ -1,4 +1,4 @@
-"""The ``kvmesh`` command: ``demo``, ``model prepare``, ``server``, ``stats``, ``config``."""
+"""The ``kvmesh`` command: ``demo``, ``serve``, ``daemon``, ``stats``, ``model``, ``config``, ``bench``."""
 
 from __future__ import annotations
 
