@@ -1,0 +1,23 @@
+"""The command names users type: `kvmesh daemon`, and `kvmesh server` kept as its old name."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from kvmesh.cli import app
+
+
+def test_the_daemon_command_and_its_old_name_both_run_the_node_daemon() -> None:
+    runner = CliRunner()
+    daemon = runner.invoke(app, ["daemon", "--help"])
+    old = runner.invoke(app, ["server", "--help"])
+    assert daemon.exit_code == 0, daemon.output
+    assert old.exit_code == 0, old.output
+    assert "Run the node daemon in the foreground" in daemon.output
+    assert "kvmesh daemon" in old.output  # the alias says what it is the old name of
+
+
+def test_the_top_level_help_lists_daemon_not_server() -> None:
+    commands = [line.strip("│ ").split(" ")[0] for line in CliRunner().invoke(app, ["--help"]).output.splitlines()]
+    assert "daemon" in commands
+    assert "server" not in commands  # hidden: scripts keep working, new users see one name
