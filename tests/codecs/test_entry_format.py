@@ -1,4 +1,5 @@
-"""The entry header: format 2 carries the KV view as a field; entries of format 1 still decode the same."""
+"""The entry header: format 2 carries the KV view and the chunk key as fields; entries of format 1 still decode
+the same, for any key."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import xxhash
 
-from kvmesh.codecs import CorruptEntry, decode_any, entry_view, get_codec
+from kvmesh.codecs import CorruptEntry, RawCodec, decode_any, entry_view, get_codec
 from kvmesh.codecs.base import FORMAT_VERSION, pack_entry, read_header
 from kvmesh.entry import EntryMeta
 
@@ -47,7 +48,8 @@ def test_format2_keeps_the_payload_and_moves_the_view_into_the_header(case: dict
     new = read_header(data)
     assert (new.version, new.meta, new.params, new.payload_checksum) == (
         FORMAT_VERSION, old.meta, old.params, old.payload_checksum)
-    assert new.size == old.size + 1 - (0 if case["spec"] == "raw" and case["view"] == "chunk" else 1)
+    # format 2 adds a view code and a key length (no key named here); format 1 had a view byte in the params
+    assert new.size == old.size + 2 - (0 if case["spec"] == "raw" and case["view"] == "chunk" else 1)
     assert _digest(decode_any(data)) == case["decoded_sha256"]
 
 
@@ -86,3 +88,52 @@ def test_unknown_views_and_versions_are_corrupt_entries_naming_them() -> None:
     forged[len(head):len(head) + 4] = struct.pack("<I", xxhash.xxh32_intdigest(head))
     with pytest.raises(CorruptEntry, match="KV view code 7"):
         read_header(bytes(forged))
+
+
+KEY, OTHER = b"k" * 16, b"o" * 16
+SPECS = ["raw", "lossless", "lossless:compressor=lz4", "fp8", "kivi", "cachegen", "ecq"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_format2_names_the_key_and_a_read_for_another_key_is_a_corrupt_entry(spec: str) -> None:
+    chunk = _source({"seed": 3, "shape": [4, 2, 16, 2, 16]})
+    unkeyed = get_codec(spec).encode(chunk, "chunk")
+    data = get_codec(spec).encode(chunk, "chunk", key=KEY)
+    header = read_header(data, expected_key=KEY)
+    assert header.key == KEY and header.version == FORMAT_VERSION
+    assert header.size == read_header(unkeyed).size + len(KEY)
+    assert bytes(data[header.size:]) == bytes(unkeyed[read_header(unkeyed).size:])  # the same payload
+    assert torch.equal(decode_any(data, expected_key=KEY), decode_any(unkeyed))
+    with pytest.raises(CorruptEntry, match=f"written for key {KEY.hex()}, read for {OTHER.hex()}"):
+        read_header(data, expected_key=OTHER)
+    with pytest.raises(CorruptEntry, match="written for key"):
+        decode_any(data, expected_key=OTHER)
+    assert read_header(unkeyed, expected_key=OTHER).key == b""  # names no key: read for any
+
+
+def test_the_key_is_covered_by_the_header_checksum() -> None:
+    data = bytearray(get_codec("raw").encode(torch.zeros(1, 2, 4, 1, 8, dtype=torch.bfloat16), key=KEY))
+    start = data.index(KEY)
+    data[start:start + len(KEY)] = OTHER  # renamed by hand: the header checksum no longer holds
+    with pytest.raises(CorruptEntry, match="header checksum mismatch"):
+        read_header(bytes(data), expected_key=OTHER)
+
+
+def test_raw_parts_name_the_key_as_the_joined_entry_does() -> None:
+    chunk = _source({"seed": 4, "shape": [2, 2, 16, 1, 16]})
+    header, payload = RawCodec().encode_parts(chunk, "chunk", KEY)
+    assert header + bytes(payload) == RawCodec().encode(chunk, "chunk", KEY)
+    assert read_header(header + bytes(payload), expected_key=KEY).key == KEY
+
+
+def test_a_key_too_long_for_the_header_is_refused_when_encoding() -> None:
+    with pytest.raises(ValueError, match="at most 255 bytes"):
+        get_codec("raw").encode(torch.zeros(1, 2, 4, 1, 8, dtype=torch.bfloat16), key=b"x" * 256)
+
+
+@pytest.mark.parametrize("case", FORMAT1, ids=lambda case: f"{case['spec']}-{case['view']}")
+def test_format1_entries_name_no_key_and_are_read_for_any_key(case: dict) -> None:
+    data = bytes.fromhex(case["entry"])
+    assert read_header(data, expected_key=KEY).key == b""
+    decoded = decode_any(data, tuple(case["shape"]), torch.bfloat16, expected_key=OTHER)
+    assert _digest(decoded) == case["decoded_sha256"]

@@ -182,9 +182,10 @@ def test_opaque_entries_fall_back_to_bit_exact() -> None:
     tensor = torch.randn(4, 5, 6).to(torch.bfloat16)
     with pytest.raises(ViewError, match="opaque"):
         KiviCodec().encode(tensor, "opaque")
-    encoded = encode_for_tier(KiviCodec(), tensor, "opaque")
+    encoded = encode_for_tier(KiviCodec(), tensor, "opaque", b"q" * 16)
     assert encoded.codec == "lossless"
     assert torch.equal(decode_any(encoded.data).view(torch.int16), tensor.view(torch.int16))
+    assert read_header(encoded.data).key == b"q" * 16  # the fallback names the key too
 
 
 def test_a_shape_that_does_not_fit_its_view_is_refused() -> None:

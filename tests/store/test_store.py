@@ -194,6 +194,20 @@ def test_each_tier_gets_its_own_codec_and_promotion_decodes_it(tmp_path: Path) -
     assert float((back.float() - pages.float()).abs().max()) < 0.05  # ... but close
 
 
+def test_every_entry_written_down_names_its_key(tmp_path: Path) -> None:
+    disk, lower = DiskTier(tmp_path, 64 * MiB), _lower()
+    store = TieredStore(_l1(), [LowerTier(disk, codec=get_codec("kivi:bits=8")), LowerTier(lower)])
+    opaque = torch.randn(4, 5, 6).to(torch.bfloat16)  # no K/V axes: kivi falls back to lossless
+    entries = {b"c" * 16: (_chunk(8), "chunk"), b"o" * 16: (opaque, "opaque")}
+    for key, (tensor, view) in entries.items():
+        assert store.put(key, tensor, view=view)
+    assert store.flush()
+    for key in entries:
+        assert read_header(disk.get(key)).key == key  # encode_for_tier, kivi or its fallback
+        assert read_header(lower.get(key)).key == key  # raw: the header of encode_parts
+    store.close()
+
+
 def test_entries_stay_readable_after_the_codec_changes(tmp_path: Path) -> None:
     first = TieredStore(_l1(), [LowerTier(DiskTier(tmp_path, 64 * MiB), codec=get_codec("cachegen"))])
     chunks = {bytes([i]) * 16: _chunk(i) for i in range(3)}
@@ -218,7 +232,7 @@ def test_a_raw_entry_reaches_disk_and_a_byte_tier_as_the_same_bytes(tmp_path: Pa
     chunk = _chunk(3)
     store.put(b"r" * 16, chunk)
     assert store.flush()
-    assert disk.get(b"r" * 16) == lower.get(b"r" * 16) == RawCodec().encode(chunk)
+    assert disk.get(b"r" * 16) == lower.get(b"r" * 16) == RawCodec().encode(chunk, key=b"r" * 16)
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="no idle scheduling class here")
@@ -261,4 +275,4 @@ def test_an_entry_stays_pinned_in_l1_until_its_disk_write_is_done(tmp_path: Path
     assert store.l1.contains(first) and not disk.contains(first)
     finish.set()
     assert store.flush()
-    assert disk.get(first) == RawCodec().encode(_chunk(0))
+    assert disk.get(first) == RawCodec().encode(_chunk(0), key=first)

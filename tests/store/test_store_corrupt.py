@@ -1,5 +1,6 @@
 """A damaged entry below L1 is found by the codec's own checks when the store promotes it: a miss,
-deleted from its tier and counted (the tiers add no checksum of their own)."""
+deleted from its tier and counted (the tiers add no checksum of their own).  So is another key's valid
+entry in its place: the codec header names the key each entry was written for."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvmesh.store import TieredStore
+from kvmesh.codecs import get_codec
+from kvmesh.codecs.base import read_header
+from kvmesh.store import LowerTier, TieredStore
 from kvmesh.store.types import NullObserver
 from kvmesh.tiers import disk
 from kvmesh.tiers.disk import DiskTier
@@ -20,6 +23,7 @@ from redis_servers import RedisServer
 
 MiB = 1024 * 1024
 KEY = b"d" * 16
+OTHER = b"e" * 16  # another chunk, whose valid entry ends up under KEY
 
 
 class Faults(NullObserver):
@@ -86,4 +90,55 @@ def test_a_damaged_redis_value_is_a_miss_deleted_and_counted(redis_server: Redis
     assert store.get(KEY) is None
     assert raw.keys(f"{head}*") == []
     assert observer.faults == [("redis", "corrupt")]
+    store.close()
+
+
+def _other_chunk() -> torch.Tensor:
+    return torch.randn(4, 2, 64, 2, 32, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+
+
+def _both_stored(tier: object, observer: Faults, codec: str) -> TieredStore:
+    """KEY and OTHER written down to ``tier`` (encoded with ``codec``), neither left in L1."""
+    lower = LowerTier(tier, codec=get_codec(codec))  # type: ignore[arg-type]
+    store = TieredStore(MemoryTier(4 * MiB, memoryview(bytearray(4 * MiB))), [lower], observer=observer,
+                        prefetch=False)
+    assert store.put(KEY, _chunk()) and store.put(OTHER, _other_chunk())
+    assert store.flush()
+    store.l1.delete(KEY)
+    store.l1.delete(OTHER)
+    return store
+
+
+@pytest.mark.parametrize("codec", ["raw", "lossless"])
+def test_a_disk_file_holding_another_keys_valid_entry_is_a_miss_deleted_and_counted(
+        tmp_path: Path, codec: str) -> None:
+    tier, observer = DiskTier(tmp_path, 64 * MiB), Faults()
+    store = _both_stored(tier, observer, codec)
+    path, other = (tmp_path / k.hex()[:2] / (k.hex() + disk.SUFFIX) for k in (KEY, OTHER))
+    path.write_bytes(other.read_bytes())  # copied by hand: a valid entry, of OTHER
+    assert read_header(path.read_bytes()).key == OTHER
+    assert store.get(KEY) is None
+    assert not path.exists() and not tier.contains(KEY)
+    assert observer.faults == [("disk", "corrupt")]
+    assert torch.equal(store.get(OTHER).view(torch.uint8), _other_chunk().view(torch.uint8))  # its own still is
+    assert store.put(KEY, _chunk()) and store.flush()  # stored again, its own
+    store.l1.delete(KEY)
+    assert torch.equal(store.get(KEY).view(torch.uint8), _chunk().view(torch.uint8))
+    store.close()
+
+
+@pytest.mark.parametrize("codec", ["raw", "lossless"])
+def test_a_redis_value_holding_another_keys_valid_entry_is_a_miss_deleted_and_counted(
+        redis_server: RedisServer, codec: str) -> None:
+    tier, observer = RedisTier(redis_server.url, namespace=f"c{uuid.uuid4().hex[:8]}"), Faults()
+    store = _both_stored(tier, observer, codec)
+    raw = redis_server.client()
+    head = tier.redis_key(KEY)
+    value = raw.get(tier.redis_key(OTHER))
+    assert read_header(value).key == OTHER  # inline: the codec's entry as it is
+    raw.set(head, value)
+    assert store.get(KEY) is None
+    assert raw.keys(f"{head}*") == []
+    assert observer.faults == [("redis", "corrupt")]
+    assert torch.equal(store.get(OTHER).view(torch.uint8), _other_chunk().view(torch.uint8))
     store.close()

@@ -119,7 +119,7 @@ def test_the_writer_drains_the_queue_into_batches(gated_disk_writes, tmp_path) -
     assert store.flush()
     assert lower.put_batches[0] == 1 and lower.put_batches[1:] == [len(keys)]  # one put_many for the rest
     for i, key in enumerate(keys, 1):
-        assert lower.get(key) == RawCodec().encode(_chunk(i))
+        assert lower.get(key) == RawCodec().encode(_chunk(i), key=key)
     store.close()
 
 

@@ -100,9 +100,13 @@ def get_codec(spec: str) -> Codec:
 
 
 def decode_any(data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
-               expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode an entry with whichever codec wrote it, so changing the configured codec loses nothing."""
-    header = read_header(data)
+               expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+               expected_key: bytes | None = None) -> torch.Tensor:
+    """Decode an entry with whichever codec wrote it, so changing the configured codec loses nothing.
+
+    ``expected_key``: the key it was read under (an entry naming another key is :class:`CorruptEntry`).
+    """
+    header = read_header(data, expected_key)
     known = _BY_ID.get(header.codec_id)
     if known is None:
         raise CorruptEntry(f"entry was written by unknown codec id {header.codec_id}")
@@ -128,13 +132,13 @@ class Encoded:
     codec: str  # the codec that wrote it (a lossy codec falls back to lossless for an opaque entry)
 
 
-def encode_for_tier(codec: Codec, chunk: torch.Tensor, view: str) -> Encoded:
-    """Encode with ``codec``; an entry whose K/V axes are unknown is stored bit-exact instead of lossy."""
+def encode_for_tier(codec: Codec, chunk: torch.Tensor, view: str, key: bytes) -> Encoded:
+    """Encode with ``codec`` for ``key``; an entry whose K/V axes are unknown is stored bit-exact instead of lossy."""
     try:
-        return Encoded(codec.encode(chunk, view), codec.name)
+        return Encoded(codec.encode(chunk, view, key), codec.name)
     except ViewError:
         fallback = get_codec("lossless")
-        return Encoded(fallback.encode(chunk, view), fallback.name)
+        return Encoded(fallback.encode(chunk, view, key), fallback.name)
 
 
 __all__ = ["CacheGenCodec", "Codec", "CorruptEntry", "DEFAULT_LOSSY", "EcqCodec", "Encoded", "Fp8Codec", "KiviCodec",

@@ -60,7 +60,7 @@ class CacheGenCodec:
         self.key_group, self.value_group, self.level = key_group, value_group, level
         extras.require(self.name, "numba", "zstandard")
 
-    def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
+    def encode(self, chunk: torch.Tensor, view: str = "chunk", key: bytes = b"") -> bytes:
         parts = kv_parts(chunk, view)
         num_layers, heads, head_size = parts[0].shape[0], parts[0].shape[2], parts[0].shape[-1]
         if head_size % 2:
@@ -82,7 +82,7 @@ class CacheGenCodec:
         params = _PARAMS.pack(self.key_group, self.value_group, self.level, num_layers) + \
             np.concatenate(all_bits).astype(np.uint8).tobytes()
         table = np.array(lengths, dtype="<u4").tobytes()
-        return pack_entry(self.codec_id, EntryMeta.of(chunk, view), b"".join(stats + [table] + frames), params)
+        return pack_entry(self.codec_id, EntryMeta.of(chunk, view), b"".join(stats + [table] + frames), params, key)
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -154,7 +154,7 @@ class EcqCodec:
         self.outliers, self.level = float(outliers), level
         extras.require(self.name, "numba", "zstandard")
 
-    def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
+    def encode(self, chunk: torch.Tensor, view: str = "chunk", key: bytes = b"") -> bytes:
         keys, values = (quant.as_float32(part) for part in kv_parts(chunk, view))
         num_layers, num_blocks, heads, tokens, _ = keys.shape
         sinks = sink_tokens(keys, self.outliers)
@@ -192,7 +192,7 @@ class EcqCodec:
         params = _PARAMS.pack(self.level, num_layers, self.key_step, self.value_step,
                               PROFILE_CODES[self.profile], self.outliers)
         table = np.array(lengths, dtype="<u4").tobytes()
-        return pack_entry(self.codec_id, EntryMeta.of(chunk, view), b"".join(sections + [table] + frames), params)
+        return pack_entry(self.codec_id, EntryMeta.of(chunk, view), b"".join(sections + [table] + frames), params, key)
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

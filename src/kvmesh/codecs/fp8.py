@@ -31,7 +31,7 @@ class Fp8Codec:
     def __init__(self) -> None:
         extras.require(self.name, "numba")
 
-    def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
+    def encode(self, chunk: torch.Tensor, view: str = "chunk", key: bytes = b"") -> bytes:
         scales, codes = [], []
         for part in kv_parts(chunk, view):
             values = part.to(torch.float32)
@@ -40,7 +40,7 @@ class Fp8Codec:
             scaled = (values / scale.to(torch.float32).unsqueeze(-1)).clamp_(-E4M3_MAX, E4M3_MAX)
             scales.append(scale.contiguous().numpy().tobytes())
             codes.append(scaled.to(torch.float8_e4m3fn).view(torch.uint8).contiguous().numpy().tobytes())
-        return pack_entry(self.codec_id, EntryMeta.of(chunk, view), b"".join(scales + codes), _PARAMS.pack())
+        return pack_entry(self.codec_id, EntryMeta.of(chunk, view), b"".join(scales + codes), _PARAMS.pack(), key)
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -45,7 +45,7 @@ class KiviCodec:
         self.key_group, self.value_group = key_group, value_group
         extras.require(self.name, "numba")
 
-    def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
+    def encode(self, chunk: torch.Tensor, view: str = "chunk", key: bytes = b"") -> bytes:
         parts = kv_parts(chunk, view)
         sections, packed = [], []
         groupings = quant.kv_groupings(self.key_group, self.value_group)
@@ -55,7 +55,7 @@ class KiviCodec:
             sections += [q.low.tobytes(), q.step.tobytes()]
             packed.append(quant.pack(q.symbols, bits).tobytes())
         params = _PARAMS.pack(self.key_bits, self.key_group, self.value_group, self.value_bits)
-        return pack_entry(self.codec_id, EntryMeta.of(chunk, view), b"".join(sections + packed), params)
+        return pack_entry(self.codec_id, EntryMeta.of(chunk, view), b"".join(sections + packed), params, key)
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

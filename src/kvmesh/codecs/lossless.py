@@ -37,7 +37,7 @@ class LosslessCodec:
         self.compressor, self.level = compressor, level
         extras.require(self.name, "numba", _COMPRESSOR_MODULES[compressor])
 
-    def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
+    def encode(self, chunk: torch.Tensor, view: str = "chunk", key: bytes = b"") -> bytes:
         planes = _split(chunk.contiguous())
         meta = EntryMeta.of(chunk, view)
         if self.compressor == "zstd":
@@ -47,7 +47,7 @@ class LosslessCodec:
             lz4_block = extras.lz4_block()
             blobs = [lz4_block.compress(plane, store_size=False) for plane in planes]
         body = b"".join(_LENGTH.pack(len(blob)) + blob for blob in blobs)
-        return pack_entry(self.codec_id, meta, body, _PARAMS.pack(COMPRESSORS[self.compressor], self.level))
+        return pack_entry(self.codec_id, meta, body, _PARAMS.pack(COMPRESSORS[self.compressor], self.level), key)
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

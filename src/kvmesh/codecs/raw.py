@@ -17,17 +17,17 @@ class RawCodec:
     codec_id = 1
     lossless = True
 
-    def encode(self, chunk: torch.Tensor, view: str = "chunk") -> bytes:
-        return b"".join(self.encode_parts(chunk, view))
+    def encode(self, chunk: torch.Tensor, view: str = "chunk", key: bytes = b"") -> bytes:
+        return b"".join(self.encode_parts(chunk, view, key))
 
-    def encode_parts(self, chunk: torch.Tensor, view: str = "chunk") -> tuple[bytes, memoryview]:
+    def encode_parts(self, chunk: torch.Tensor, view: str = "chunk", key: bytes = b"") -> tuple[bytes, memoryview]:
         """The entry as (header, payload) without copying the payload: a view of ``chunk``'s own bytes.
 
         What :meth:`encode` returns is the two joined; a tier that writes both parts (one ``writev``)
         stores the same bytes with no copy of a 6 MB chunk, and the view stays valid while ``chunk`` does.
         """
         payload = tensor_bytes(chunk.cpu())
-        return pack_header(self.codec_id, EntryMeta.of(chunk, view), payload), payload
+        return pack_header(self.codec_id, EntryMeta.of(chunk, view), payload, key=key), payload
 
     def decode(self, data: bytes | memoryview, expected_shape: tuple[int, ...] | None = None,
                expected_dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,7 +5,8 @@ scheduler may already be pinning the same chunks, so each key is promoted by one
 others wait for it (a lease never comes back short).  Prefetch threads take what is queued in small
 batches and read each batch from a tier with one ``get_many`` (one round trip to Redis); each entry
 is decoded straight into its L1 extent, and the codec header's checksums make a damaged entry a miss
-that is dropped from its tier and counted.
+that is dropped from its tier and counted; so does a header that names another key (a file or value
+holding another chunk's valid entry is never served as this one).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class Promoter:
         True also when L1 has no room or already holds the key: nothing more to try for it.
         """
         try:
-            meta = read_header(data).meta
+            meta = read_header(data, expected_key=key).meta
         except CorruptEntry as err:
             self._drop_corrupt(lower, key, err)
             return False

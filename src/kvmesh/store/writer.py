@@ -51,19 +51,21 @@ class TierWriter:
                 codec = target.codec  # set for every tier by the store
                 assert codec is not None
                 if id(codec) not in encoded:
-                    encoded[id(codec)] = self._encode(codec, entry.extent)
+                    encoded[id(codec)] = self._encode(codec, entry)
                 batches.setdefault(id(target), (target, []))[1].append((entry.key, encoded[id(codec)]))
         for target, items in batches.values():
             self._put(target, items)
 
-    def _encode(self, codec: Codec, extent: Extent) -> tuple[Buffer, ...]:
-        meta = EntryMeta.decode(extent.meta)
+    def _encode(self, codec: Codec, entry: Pinned) -> tuple[Buffer, ...]:
+        """The entry's bytes as ``codec`` writes them, naming its key (checked when it is read back)."""
+        meta = EntryMeta.decode(entry.extent.meta)
         started = time.perf_counter()
+        chunk = self._tensor_at(entry.extent)
         if isinstance(codec, RawCodec):  # header + a view of the pinned extent
-            parts: tuple[Buffer, ...] = tuple(codec.encode_parts(self._tensor_at(extent), meta.view))
+            parts: tuple[Buffer, ...] = tuple(codec.encode_parts(chunk, meta.view, entry.key))
             name = codec.name
         else:
-            result = encode_for_tier(codec, self._tensor_at(extent), meta.view)
+            result = encode_for_tier(codec, chunk, meta.view, entry.key)
             parts, name = (result.data,), result.codec
         self._observer.encoded(name, meta.nbytes, sum(memoryview(p).nbytes for p in parts),
                                time.perf_counter() - started)
