@@ -10,6 +10,7 @@ Only torch is imported here: engine processes describe entries without loading a
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "float32": torch.float32,
 }
+ELEMENT_BYTES: dict[str, int] = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
 
 # KV view name -> the code stored in an entry's header (codes are part of the entry format: never reuse one)
 VIEWS: dict[str, int] = {"chunk": 0, "cpu-pages": 1, "vllm-cpu-vec": 2, "vllm-cpu-amx": 3, "opaque": 255}
@@ -65,7 +67,7 @@ class EntryMeta:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.torch_dtype).element_size()
+        return math.prod(self.shape) * ELEMENT_BYTES[self.dtype]
 
     def encode(self) -> str:
         """``dtype:d0,d1,...[:view]`` (the view left out when it is ``chunk``, as entries before views were)."""
@@ -74,13 +76,21 @@ class EntryMeta:
 
     @classmethod
     def decode(cls, text: str) -> EntryMeta:
-        """Read :meth:`encode`'s form; anything else raises :class:`EntryMetaError` quoting it."""
-        dtype, _, rest = text.partition(":")
-        shape, _, view = rest.partition(":")
-        try:
-            dims = tuple(int(part) for part in shape.split(","))
-        except ValueError:
-            raise EntryMetaError(f"not an entry description: {text!r}") from None
-        if dtype not in DTYPES or (view and view not in VIEWS):
-            raise EntryMetaError(f"not an entry description: {text!r}")
-        return cls(dtype, dims, view or "chunk")
+        """Read :meth:`encode`'s form; anything else raises :class:`EntryMetaError` quoting it.
+
+        Every chunk of a request carries the same few descriptions, so parsed ones are remembered.
+        """
+        return _decode(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode(text: str) -> EntryMeta:
+    dtype, _, rest = text.partition(":")
+    shape, _, view = rest.partition(":")
+    try:
+        dims = tuple(int(part) for part in shape.split(","))
+    except ValueError:
+        raise EntryMetaError(f"not an entry description: {text!r}") from None
+    if dtype not in DTYPES or (view and view not in VIEWS):
+        raise EntryMetaError(f"not an entry description: {text!r}")
+    return EntryMeta(dtype, dims, view or "chunk")
