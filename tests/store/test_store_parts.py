@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -149,4 +150,43 @@ def test_a_prefetch_reads_several_keys_with_one_get_many() -> None:
         got = store.get(key)
         assert got is not None and torch.equal(got.view(torch.uint8), _chunk(i).view(torch.uint8))
     assert any(len(batch) > 1 for batch in lower.get_batches)
+    store.close()
+
+
+def _scheduling(thread: threading.Thread) -> int:
+    assert thread.native_id is not None
+    return os.sched_getscheduler(thread.native_id)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's idle scheduling class")
+def test_an_idle_prefetch_thread_runs_at_normal_priority_while_someone_waits_for_it() -> None:
+    """A second ask for a key still on its way up means an engine waits: the idle class would starve it."""
+    lower = Recording()
+    key = b"w" * 16
+    lower.put(key, RawCodec().encode(_chunk(1), key=key))
+    gate, reading = threading.Event(), threading.Event()
+    original = lower.get_many
+
+    def held(batch):
+        reading.set()
+        gate.wait(30)
+        return original(batch)
+
+    lower.get_many = held  # type: ignore[method-assign]
+    store = TieredStore(_l1(), [lower], prefetch_threads=1, prefetch_priority="idle")
+    thread = store._promoter.threads[0]
+    deadline = time.monotonic() + 10
+    while _scheduling(thread) != os.SCHED_IDLE:
+        assert time.monotonic() < deadline, "the prefetch thread never entered the idle class"
+        time.sleep(0.01)
+    store._promoter.prefetch([key])
+    assert reading.wait(30)
+    assert _scheduling(thread) == os.SCHED_IDLE  # asked once: nobody is known to wait
+    store._promoter.prefetch([key])  # asked again while it is promoted: an engine is waiting
+    assert _scheduling(thread) == os.SCHED_OTHER
+    gate.set()
+    while _scheduling(thread) != os.SCHED_IDLE:  # back to the idle class once nothing is queued
+        assert time.monotonic() < deadline + 20, "the prefetch thread stayed at normal priority"
+        time.sleep(0.01)
+    assert store.l1.contains(key)
     store.close()

@@ -23,7 +23,7 @@ import torch
 from kvmesh.codecs import CorruptEntry, decode_any
 from kvmesh.codecs.base import read_header
 from kvmesh.store.guard import TierGuard
-from kvmesh.store.threads import start_thread
+from kvmesh.store.threads import set_scheduling, start_thread
 from kvmesh.store.types import LowerTier, Priority, StoreObserver
 from kvmesh.tiers.base import Buffer
 from kvmesh.tiers.memory import Extent, MemoryTier, ReserveStatus
@@ -51,16 +51,29 @@ class Promoter:
         self._promoting: dict[bytes, threading.Event] = {}
         self._queue: queue.Queue[bytes | None] = queue.Queue()
         self._count = threads
+        self._priority = priority
+        self._boosted = False  # idle-class threads moved to normal priority while an engine waits on them
         self.threads = [start_thread(f"prefetcher-{i}", self._loop, priority) for i in range(threads)]
 
     def prefetch(self, keys: Sequence[bytes]) -> None:
-        """Start promoting ``keys`` (those not in L1 or on their way already) on the prefetch threads."""
+        """Start promoting ``keys`` (those not in L1 or on their way already) on the prefetch threads.
+
+        Asked again for a key still on its way up, the promotion has someone waiting for it (an engine's
+        scheduler asks again while it skips the request): idle-class threads then run at normal priority
+        until the queue is empty.
+        """
+        waited_on = False
         for key in keys:
             with self._lock:
-                if key in self._queued or self._l1.contains(key):
+                if key in self._queued or key in self._promoting:
+                    waited_on = True
+                    continue
+                if self._l1.contains(key):
                     continue
                 self._queued.add(key)
             self._queue.put(key)
+        if waited_on:
+            self._set_boost(True)
 
     def promote(self, key: bytes) -> bool:
         """Bring ``key`` into L1 now (or wait for the thread doing it); whether it is there."""
@@ -90,6 +103,20 @@ class Promoter:
                 log.exception("prefetch of %d entries failed", len(claimed))
             finally:
                 self._finish(claimed)
+            if self._queue.empty():
+                self._set_boost(False)
+
+    def _set_boost(self, boosted: bool) -> None:
+        """Move the idle-class prefetch threads to normal priority (True) or back to the idle class."""
+        if self._priority != "idle":
+            return
+        with self._lock:
+            if self._boosted == boosted or (not boosted and self._promoting):
+                return
+            self._boosted = boosted
+        for thread in self.threads:
+            if thread.native_id is not None:
+                set_scheduling(thread.native_id, idle=not boosted)
 
     def _take(self) -> list[bytes] | None:
         """The next queued key and this thread's share of those behind it; None when closed."""

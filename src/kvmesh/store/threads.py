@@ -18,16 +18,25 @@ def run_when_idle() -> None:
     Linux schedules a SCHED_IDLE thread only on a core no normal thread wants, and preempts it as soon
     as one does, so writes behind and promotions never take time from an engine's compute threads.
     """
-    tid = threading.get_native_id()
+    set_scheduling(threading.get_native_id(), idle=True)
+
+
+def set_scheduling(tid: int, idle: bool) -> None:
+    """Move thread ``tid`` into the idle scheduling class, or back into the normal one; best effort.
+
+    Back to normal matters when an engine waits: an engine that skips a request while its chunks are
+    promoted may keep both cores busy (vLLM's scheduler loop, OpenMP threads spinning), and an idle-class
+    thread then never runs (measured: the promotion missed the 5 s wait and the engine computed instead).
+    """
     try:
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        os.sched_setscheduler(tid, os.SCHED_IDLE if idle else os.SCHED_OTHER, os.sched_param(0))
         return
     except (AttributeError, OSError):
         pass
     try:
-        os.setpriority(os.PRIO_PROCESS, tid, 19)
+        os.setpriority(os.PRIO_PROCESS, tid, 19 if idle else 0)
     except (AttributeError, OSError):
-        log.debug("cannot lower a background thread's priority", exc_info=True)
+        log.debug("cannot change a background thread's priority", exc_info=True)
 
 
 def start_thread(name: str, loop: Callable[[], None], priority: Priority) -> threading.Thread:
