@@ -192,8 +192,8 @@ class KVMeshConfig:
         "promotions run only on CPU time the engine's compute threads do not want; a decoding request's p99 "
         "inter-token latency stayed within 1.02x during a promotion from disk, against 1.23x at normal, with "
         "the same time to first token for the promoted request) or normal. While an engine waits for a "
-        "promotion (it asks again for a chunk still on its way up), idle threads run at normal priority "
-        "until nothing is queued: a busy engine would otherwise starve them.")
+        "promotion (it asks again for a chunk still on its way up), idle threads run at normal priority, nice "
+        "19, until nothing is queued: a busy engine would otherwise starve them.")
     instance: str = _opt(
         "default", parse_str,
         "Name of the node daemon; engines that name the same instance share one L1. "

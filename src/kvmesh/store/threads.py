@@ -22,7 +22,7 @@ def run_when_idle() -> None:
 
 
 def set_scheduling(tid: int, idle: bool) -> None:
-    """Move thread ``tid`` into the idle scheduling class, or back into the normal one; best effort.
+    """Move thread ``tid`` into the idle scheduling class, or into the normal one at nice 19; best effort.
 
     Back to normal matters when an engine waits: an engine that skips a request while its chunks are
     promoted may keep both cores busy (vLLM's scheduler loop, OpenMP threads spinning), and an idle-class
@@ -30,11 +30,10 @@ def set_scheduling(tid: int, idle: bool) -> None:
     """
     try:
         os.sched_setscheduler(tid, os.SCHED_IDLE if idle else os.SCHED_OTHER, os.sched_param(0))
-        return
     except (AttributeError, OSError):
         pass
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, 19 if idle else 0)
+    try:  # out of the idle class: the lowest normal priority, a small but certain share of a busy core
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
     except (AttributeError, OSError):
         log.debug("cannot change a background thread's priority", exc_info=True)
 
