@@ -169,12 +169,14 @@ def run_serving_demo(model_path: Path, overrides: dict[str, object], prompt_toke
             hit, hit_text = ask("document A again (vLLM's own prefix cache hit)", prompts[0])
             ask(f"document B ({len(prompts[1]):,} tokens), pushes A out of vLLM's pool", prompts[1])
             ask(f"document C ({len(prompts[2]):,} tokens)", prompts[2])
-            with KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config)) as client:
+            with KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config),
+                              check_config=False) as client:  # an observer: serve added its disk default
                 before = client.metrics().get("kvmesh_loaded_tokens_total", 0.0)
                 warm, warm_text = ask("document A after eviction (loaded from kvmesh)", prompts[0])
                 loaded = int(client.metrics().get("kvmesh_loaded_tokens_total", 0.0) - before)
     finally:
         if not daemon_was_running and socket_is_live(config.socket_path()):
-            with KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config)) as client:
+            with KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config),
+                              check_config=False) as client:  # an observer: serve added its disk default
                 client.shutdown_daemon()
     return ServingDemoResult(len(prompts[0]), cold, hit, warm, loaded, warm_text == hit_text, warm_text == cold_text)
