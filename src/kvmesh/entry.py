@@ -69,6 +69,11 @@ class EntryMeta:
     def nbytes(self) -> int:
         return math.prod(self.shape) * ELEMENT_BYTES[self.dtype]
 
+    def tensor_in(self, buffer: memoryview, offset: int) -> torch.Tensor:
+        """This entry viewed in place in ``buffer`` at ``offset`` (an L1 extent: no copy)."""
+        raw = torch.frombuffer(buffer, dtype=torch.uint8, count=self.nbytes, offset=offset)
+        return raw.view(self.torch_dtype).view(self.shape)
+
     def encode(self) -> str:
         """``dtype:d0,d1,...[:view]`` (the view left out when it is ``chunk``, as entries before views were)."""
         text = f"{self.dtype}:{','.join(map(str, self.shape))}"

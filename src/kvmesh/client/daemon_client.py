@@ -30,7 +30,7 @@ from kvmesh.client.faults import (
 )
 from kvmesh.client.spawn import connect, wait_for_lock_release
 from kvmesh.config import KVMeshConfig, describe_mismatch
-from kvmesh.entry import DTYPES, EntryMeta, dtype_name
+from kvmesh.entry import EntryMeta, dtype_name
 from kvmesh.keys import ChunkKey
 from kvmesh.tensorbytes import copy_tensor
 from kvmesh.tiers.shm import SharedSegment
@@ -233,7 +233,7 @@ class KVMeshClient:
                                   key.num_tokens if parent is not None else 0)
                  for key, meta, parent in zip(keys, metas, parents, strict=True)]
         reply = self._call(wire.Reserve(items))
-        return [WriteSlot(key, result.offset, self._view(result.offset, meta))
+        return [WriteSlot(key, result.offset, meta.tensor_in(self._buffer, result.offset))
                 if result.status == "ok" and result.offset is not None else None
                 for key, meta, result in zip(keys, metas, reply.results, strict=True)]
 
@@ -271,7 +271,7 @@ class KVMeshClient:
     def acquire(self, keys: Sequence[ChunkKey]) -> Iterator[list[ReadSlot]]:
         """Pin the longest stored prefix of ``keys``; the slots' tensors are valid inside the block."""
         extents = self._call(wire.Acquire([k.digest for k in keys])).extents if keys else []
-        slots = [ReadSlot(key, e.offset, e.nbytes, e.meta, self._view(e.offset, EntryMeta.decode(e.meta)))
+        slots = [ReadSlot(key, e.offset, e.nbytes, e.meta, EntryMeta.decode(e.meta).tensor_in(self._buffer, e.offset))
                  for key, e in zip(keys, extents)]
         try:
             yield slots
@@ -309,7 +309,7 @@ class KVMeshClient:
             self._call(wire.Hello(PROTOCOL_VERSION, os.getpid()))  # reconnects and remaps if the daemon restarted
             if epoch != self.epoch:
                 raise LeaseLost(f"the lease belongs to daemon epoch {epoch}, now {self.epoch} (it restarted)")
-        return self._view(offset, EntryMeta.decode(meta))
+        return EntryMeta.decode(meta).tensor_in(self._buffer, offset)
 
     def report_error(self, kind: str) -> None:
         self._call(wire.ReportError(kind))
@@ -342,6 +342,3 @@ class KVMeshClient:
         wait_for_lock_release(self.config, timeout)
 
     # ---------------------------------------------------------------- internals
-    def _view(self, offset: int, meta: EntryMeta) -> torch.Tensor:
-        raw = torch.frombuffer(self._buffer, dtype=torch.uint8, count=meta.nbytes, offset=offset)
-        return raw.view(DTYPES[meta.dtype]).view(meta.shape)

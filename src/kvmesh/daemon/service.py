@@ -20,6 +20,7 @@ import socket
 import socketserver
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,14 @@ class _Session:
     reserved: set[bytes] = field(default_factory=set)
     pinned: list[tuple[bytes, Extent]] = field(default_factory=list)
     engine: dict[str, Any] = field(default_factory=dict)  # what the client said it is (pid, model, fingerprint)
+
+
+def _own_reservations(keys: list[bytes], session: _Session) -> Iterator[bytes]:
+    """The keys this connection reserved, each handed out once (and no longer the session's to clean up)."""
+    for key in keys:
+        if key in session.reserved:
+            session.reserved.discard(key)
+            yield key
 
 
 class NodeDaemon:
@@ -162,10 +171,8 @@ class NodeDaemon:
         return wire.ReserveReply(results)
 
     def _op_commit(self, request: wire.Commit, session: _Session) -> wire.Done:
-        for key in request.keys:
-            if key in session.reserved:
-                session.reserved.discard(key)
-                self.store.commit(key)
+        for key in _own_reservations(request.keys, session):
+            self.store.commit(key)
         return wire.Done()
 
     def _op_report_store(self, request: wire.ReportStore, session: _Session) -> wire.Done:
@@ -175,10 +182,8 @@ class NodeDaemon:
         return wire.Done()
 
     def _op_abort(self, request: wire.Abort, session: _Session) -> wire.Done:
-        for key in request.keys:
-            if key in session.reserved:
-                session.reserved.discard(key)
-                self.store.abort(key)
+        for key in _own_reservations(request.keys, session):
+            self.store.abort(key)
         return wire.Done()
 
     def _op_acquire(self, request: wire.Acquire, session: _Session) -> wire.AcquireReply:

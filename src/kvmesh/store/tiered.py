@@ -29,7 +29,7 @@ from functools import partial
 import torch
 
 from kvmesh.codecs import Codec, RawCodec
-from kvmesh.entry import DTYPES, EntryMeta
+from kvmesh.entry import EntryMeta
 from kvmesh.store.admission import Admission
 from kvmesh.store.guard import TierGuard
 from kvmesh.store.partials import PartialIndex
@@ -229,9 +229,7 @@ class TieredStore:
 
     def tensor_at(self, extent: Extent) -> torch.Tensor:
         """A tensor viewing an L1 extent in place (valid while the extent is pinned)."""
-        meta = EntryMeta.decode(extent.meta)
-        raw = torch.frombuffer(self._buffer, dtype=torch.uint8, count=meta.nbytes, offset=extent.offset)
-        return raw.view(DTYPES[meta.dtype]).view(meta.shape)
+        return EntryMeta.decode(extent.meta).tensor_in(self._buffer, extent.offset)
 
     def delete(self, key: bytes) -> bool:
         removed = self.l1.delete(key)

@@ -332,8 +332,9 @@ def test_the_default_lossy_codec_serves_vllm_pages_from_disk(
         "instance": f"vllm-codec-{uuid.uuid4().hex[:8]}", "socket_dir": str(tmp_path / "sock"),
         "l1_size": "128MiB", "l1_prefault": False, "http_port": 0, "chunk_size": BLOCK,
         "save_partial_chunks": False, "disk_path": str(tmp_path / "disk"), "disk_codec": DEFAULT_LOSSY,
-        # what is tested is the decoded pages, not how long a loaded machine takes to decode them (the idle-class
-        # prefetch threads get no CPU while other processes want it; after the default 5 s the engine computes)
+        # what is tested is the decoded pages, not how long a loaded machine takes to decode them (waited-on
+        # prefetch threads run at nice 19: on a machine other processes load, after the default 5 s the engine
+        # would compute instead)
         "promotion_wait_seconds": 120,
     }
     names, fillers = ["A", "B", "C", "D", "E", "F"], ["G", "H"]
