@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,33 @@ from types import TracebackType
 
 from kvmesh.bench.openai_client import EndpointError, wait_until_ready
 from kvmesh.integrations.vllm.serve import build_serve_command
+from kvmesh.machine_dtype import explicit_dtype, machine_dtype
+
+# vLLM's --dtype names -> bytes per value; "auto" is resolved from the checkpoint's config
+DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float16": 2, "half": 2, "fp16": 2, "float32": 4, "float": 4, "fp32": 4}
+DEFAULT_POOL_TOKENS = 4340  # 100 MB of the demo model's bf16 KV
+
+
+def kv_bytes_per_token(model: str, dtype: str) -> int:
+    """Bytes of KV one token takes in the engine's pool: every layer's K and V for every KV head.
+
+    Read from the checkpoint's ``config.json`` (a local model directory), so that a pool given in tokens
+    holds as many tokens in fp32 as in bf16.  Attention-only, full-attention models (what the demo and the
+    benchmarks run); a model that is not a local directory is refused, naming it.
+    """
+    path = Path(model) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot size a KV pool in tokens for {model!r}: {path} unreadable ({err})") from None
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_size = config.get("head_dim") or config["hidden_size"] // heads
+    if dtype == "auto":
+        dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}, auto")
+    return config["num_hidden_layers"] * 2 * kv_heads * head_size * DTYPE_BYTES[dtype]
 
 
 def free_port() -> int:
@@ -23,24 +51,42 @@ def free_port() -> int:
 
 @dataclass
 class EngineSpec:
-    """One engine configuration; ``kvmesh=None`` runs plain vLLM."""
+    """One engine configuration; ``kvmesh=None`` runs plain vLLM.
+
+    The engine's own KV pool is given in tokens and sized in bytes for the dtype the engine runs in
+    (``dtype``, else a ``--dtype`` in ``extra_args``, else this machine's choice): fp32 KV is twice as large.
+    """
 
     model: str
     kvmesh: dict[str, object] | None = None
-    kv_cache_bytes: int | None = 100_000_000
+    kv_pool_tokens: int | None = DEFAULT_POOL_TOKENS
     max_model_len: int = 4096
     prefix_caching: bool = True
     extra_args: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
     python: str = sys.executable  # another virtual environment's interpreter runs a peer system
     embedded_defaults: bool = False  # True: kvmesh serve's defaults (a disk tier) where kvmesh names none
+    dtype: str | None = None  # vLLM's --dtype (a --dtype in extra_args wins); None: this machine's choice
+
+    @property
+    def engine_dtype(self) -> str:
+        return explicit_dtype(self.extra_args) or self.dtype or machine_dtype().dtype
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        if not self.kv_pool_tokens:
+            return None
+        return self.kv_pool_tokens * kv_bytes_per_token(self.model, self.engine_dtype)
 
     def vllm_args(self, port: int) -> list[str]:
         args = ["--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--gpu-memory-utilization", "0.4",
                 "--max-model-len", str(self.max_model_len),
                 "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching"]
-        if self.kv_cache_bytes:
-            args += ["--kv-cache-memory-bytes", str(self.kv_cache_bytes)]
+        if explicit_dtype(self.extra_args) is None:
+            args += ["--dtype", self.engine_dtype]
+        pool_bytes = self.kv_cache_bytes
+        if pool_bytes:
+            args += ["--kv-cache-memory-bytes", str(pool_bytes)]
         return args + list(self.extra_args)
 
 

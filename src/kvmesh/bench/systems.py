@@ -112,18 +112,21 @@ class PreparedSystem:
                 pass
 
 
-def prepare_system(name: str, model: str, pool_bytes: int, max_model_len: int, work: Path,
-                   big_pool_bytes: int, lmcache_venv: Path | None = None,
-                   kvmesh_overrides: dict[str, object] | None = None) -> PreparedSystem:
-    """An engine configuration for ``name`` (see SYSTEMS); starts LMCache's server when needed."""
+def prepare_system(name: str, model: str, pool_tokens: int, max_model_len: int, work: Path,
+                   big_pool_tokens: int, lmcache_venv: Path | None = None,
+                   kvmesh_overrides: dict[str, object] | None = None, dtype: str | None = None) -> PreparedSystem:
+    """An engine configuration for ``name`` (see SYSTEMS); starts LMCache's server when needed.
+
+    Every system runs in the same ``dtype`` (None: this machine's choice) with pools of the same tokens.
+    """
     if name not in SYSTEMS:
         raise ValueError(f"unknown system {name!r}; known: {', '.join(SYSTEMS)}")
-    spec = EngineSpec(model, kv_cache_bytes=pool_bytes, max_model_len=max_model_len)
+    spec = EngineSpec(model, kv_pool_tokens=pool_tokens, max_model_len=max_model_len, dtype=dtype)
     system = PreparedSystem(name, spec)
     if name == "vllm-nocache":
         spec.prefix_caching = False
     elif name == "vllm-big":
-        spec.kv_cache_bytes = big_pool_bytes
+        spec.kv_pool_tokens = big_pool_tokens
     elif name.startswith("kvmesh"):
         settings: dict[str, object] = {"instance": f"bench-{name}-{uuid.uuid4().hex[:6]}",
                                        "socket_dir": str(work / "sock"), "l1_size": f"{CACHE_GIB}GiB", "http_port": 0,

@@ -19,8 +19,10 @@ import torch
 from kvmesh.bench.texts import topic_texts
 from kvmesh.client import KVMeshClient, socket_is_live
 from kvmesh.config import KVMeshConfig
+from kvmesh.entry import DTYPES
 from kvmesh.keys import chunk_keys
 from kvmesh.layout import KVLayout
+from kvmesh.machine_dtype import machine_dtype
 
 
 def demo_document(min_chars: int) -> str:
@@ -45,16 +47,17 @@ class DemoResult:
     warm_seconds: float
     same_next_token: bool
     kv_bit_identical: bool
+    dtype: str
 
     @property
     def speedup(self) -> float:
         return self.cold_seconds / self.warm_seconds
 
 
-def layout_of(model_config) -> KVLayout:
+def layout_of(model_config, dtype: str) -> KVLayout:
     head_size = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     # the demo stores transformers' KV as canonical chunks (cache_to_chunk), not an engine's pages
-    return KVLayout(model_config.num_hidden_layers, model_config.num_key_value_heads, head_size, "bfloat16",
+    return KVLayout(model_config.num_hidden_layers, model_config.num_key_value_heads, head_size, dtype,
                     page_view="chunk")
 
 
@@ -77,14 +80,15 @@ def chunks_to_cache(chunks: list[torch.Tensor]):
 
 
 def run_core_demo(model_path: Path, config: KVMeshConfig, prompt_tokens: int = 2048,
-                  say: Callable[[str], None] = print) -> DemoResult:
+                  say: Callable[[str], None] = print, dtype: str | None = None) -> DemoResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = dtype or machine_dtype().dtype
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype], local_files_only=True)
     model.eval()
-    layout = layout_of(model.config)
+    layout = layout_of(model.config, dtype)
     ids = tokenizer(demo_document(prompt_tokens * 6), return_tensors="pt").input_ids[:, :prompt_tokens]
     total = ids.shape[1]
     say(f"model {model_path.name}: KV {layout.bytes_per_token:,} bytes/token; prompt {total} tokens")
@@ -117,9 +121,9 @@ def run_core_demo(model_path: Path, config: KVMeshConfig, prompt_tokens: int = 2
                 client.shutdown_daemon()  # leave the node as we found it
         identical = len(loaded) == len(chunks) and all(
             torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(loaded, chunks))
-    return DemoResult(total, config.chunk_size, hit_tokens, sum(c.numel() * 2 for c in chunks), store_seconds,
-                      load_seconds, cold_seconds, warm_seconds, int(warm.logits[0, -1].argmax()) == cold_next,
-                      identical)
+    return DemoResult(total, config.chunk_size, hit_tokens, sum(c.numel() * c.element_size() for c in chunks),
+                      store_seconds, load_seconds, cold_seconds, warm_seconds,
+                      int(warm.logits[0, -1].argmax()) == cold_next, identical, dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +135,7 @@ class ServingDemoResult:
     loaded_tokens: int
     same_answer_as_engine_hit: bool
     same_answer_as_cold: bool
+    dtype: str
 
     @property
     def speedup(self) -> float:
@@ -138,7 +143,8 @@ class ServingDemoResult:
 
 
 def run_serving_demo(model_path: Path, overrides: dict[str, object], prompt_tokens: int = 3500,
-                     log_dir: Path | None = None, say: Callable[[str], None] = print) -> ServingDemoResult:
+                     log_dir: Path | None = None, say: Callable[[str], None] = print,
+                     dtype: str | None = None) -> ServingDemoResult:
     """vLLM with kvmesh on the demo model: a long-document question cold, then again after eviction."""
     from transformers import AutoTokenizer
 
@@ -154,10 +160,11 @@ def run_serving_demo(model_path: Path, overrides: dict[str, object], prompt_toke
     prompts = [question_prompt(tokenizer, doc, question)
                for doc in document_token_ids(tokenizer, 3, prompt_tokens - 20)]
     log_dir = log_dir or Path(config.model_dir).expanduser().parent / "logs"
-    spec = EngineSpec(str(model_path), kvmesh=overrides, kv_cache_bytes=100_000_000, max_model_len=4096,
-                      embedded_defaults=True)
-    say(f"starting vLLM with kvmesh on {model_path.name} (KV pool of 100 MB, ~4,300 tokens; "
-        f"about 30-60 s); log: {log_dir / 'demo-vllm.log'}")
+    spec = EngineSpec(str(model_path), kvmesh=overrides, kv_pool_tokens=4340, max_model_len=4096,
+                      embedded_defaults=True, dtype=dtype)
+    pool_mb = (spec.kv_cache_bytes or 0) / 1e6
+    say(f"starting vLLM with kvmesh on {model_path.name} in {spec.engine_dtype} (KV pool of ~4,300 tokens, "
+        f"{pool_mb:,.0f} MB; about 30-60 s); log: {log_dir / 'demo-vllm.log'}")
     try:
         with EngineServer(spec, log_dir / "demo-vllm.log") as server:
             def ask(label: str, prompt: list[int]) -> tuple[float, str]:
@@ -179,4 +186,5 @@ def run_serving_demo(model_path: Path, overrides: dict[str, object], prompt_toke
             with KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config),
                               check_config=False) as client:  # an observer: serve added its disk default
                 client.shutdown_daemon()
-    return ServingDemoResult(len(prompts[0]), cold, hit, warm, loaded, warm_text == hit_text, warm_text == cold_text)
+    return ServingDemoResult(len(prompts[0]), cold, hit, warm, loaded, warm_text == hit_text, warm_text == cold_text,
+                             spec.engine_dtype)

@@ -29,13 +29,14 @@ from kvmesh.bench.texts import document_token_ids, question_prompt
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
 from kvmesh.demo.model import default_model_dir, prepare_demo_model
+from kvmesh.machine_dtype import machine_dtype
 from redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 
 BLOCK = 128
 POOL_BLOCKS = 10  # the engine's own pool: 1,280 tokens, so three ~520-token prompts push the first out
-POOL_BYTES = POOL_BLOCKS * BLOCK * 23_040
+POOL_TOKENS = POOL_BLOCKS * BLOCK  # sized in bytes for the dtype the engines run in (fp32 KV is twice bf16's)
 MAX_LEN = 1024
 ANSWER = 24
 
@@ -62,7 +63,7 @@ def reference(model: str, prompts: dict[str, list[int]], tmp_path_factory: pytes
               ) -> dict[str, tuple[str, str]]:
     """(no-cache answer, vLLM-own-cache-hit answer) of every prompt, from plain vLLM with a pool that holds all."""
     logs = tmp_path_factory.mktemp("logs")
-    spec = EngineSpec(model, kvmesh=None, kv_cache_bytes=POOL_BYTES * 4, max_model_len=MAX_LEN)
+    spec = EngineSpec(model, kvmesh=None, kv_pool_tokens=POOL_TOKENS * 4, max_model_len=MAX_LEN)
     answers = {}
     with EngineServer(spec, logs / "reference.log") as server:
         for name, prompt in prompts.items():
@@ -88,7 +89,7 @@ def kvmesh_settings(tmp_path_factory: pytest.TempPathFactory, redis_server: Redi
 @pytest.fixture(scope="module")
 def engine(model: str, kvmesh_settings: dict[str, object], tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[EngineServer]:
-    spec = EngineSpec(model, kvmesh=kvmesh_settings, kv_cache_bytes=POOL_BYTES, max_model_len=MAX_LEN)
+    spec = EngineSpec(model, kvmesh=kvmesh_settings, kv_pool_tokens=POOL_TOKENS, max_model_len=MAX_LEN)
     server = EngineServer(spec, tmp_path_factory.mktemp("logs") / "kvmesh-engine.log")
     server.start()
     yield server
@@ -201,7 +202,7 @@ def test_a_second_engine_on_another_node_is_served_through_redis(
     with _client(kvmesh_settings) as client:
         client.flush()  # A's write-behind to Redis is done
     other = {**kvmesh_settings, "instance": f"{kvmesh_settings['instance']}-b", "socket_dir": str(tmp_path)}
-    spec = EngineSpec(engine.model, kvmesh=other, kv_cache_bytes=POOL_BYTES, max_model_len=MAX_LEN)
+    spec = EngineSpec(engine.model, kvmesh=other, kv_pool_tokens=POOL_TOKENS, max_model_len=MAX_LEN)
     try:
         with EngineServer(spec, tmp_path / "engine-b.log") as engine_b:
             answer = _ask(engine_b, prompts["F"]).text
@@ -239,7 +240,7 @@ def test_another_model_in_a_folder_of_the_same_name_never_gets_this_models_kv(
     tuned = _checkpoint_copy(engine.model, tmp_path / "tuned" / Path(engine.model).name, change_one_weight=True)
     copied = _checkpoint_copy(engine.model, tmp_path / "copy" / "elsewhere", change_one_weight=False)
     for path, expect_hit in ((tuned, False), (copied, True)):
-        spec = EngineSpec(path, kvmesh=kvmesh_settings, kv_cache_bytes=POOL_BYTES, max_model_len=MAX_LEN)
+        spec = EngineSpec(path, kvmesh=kvmesh_settings, kv_pool_tokens=POOL_TOKENS, max_model_len=MAX_LEN)
         with EngineServer(spec, tmp_path / f"engine-{Path(path).parent.name}.log") as other:
             loaded = _metric(kvmesh_settings, "kvmesh_loaded_tokens_total")
             answer = _ask(other, prompts["G"]).text
@@ -293,7 +294,8 @@ def test_unknown_key_stops_vllm_with_kvmeshs_message(model: str, tmp_path: Path)
              '"kv_role":"kv_both","kv_connector_extra_config":{"chunk_sise":128}}'
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
             "--enforce-eager", "--gpu-memory-utilization", "0.4", "--max-model-len", str(MAX_LEN),
-            "--kv-cache-memory-bytes", str(POOL_BYTES), "--kv-transfer-config", config]
+            "--kv-cache-memory-bytes", str(EngineSpec(model, kv_pool_tokens=POOL_TOKENS).kv_cache_bytes),
+            "--dtype", machine_dtype().dtype, "--kv-transfer-config", config]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, start_new_session=True)
     assert done.returncode != 0
@@ -303,7 +305,7 @@ def test_unknown_key_stops_vllm_with_kvmeshs_message(model: str, tmp_path: Path)
 def test_unreachable_daemon_falls_back_to_compute(model: str, prompts: dict[str, list[int]],
                                                  reference: dict[str, tuple[str, str]], tmp_path: Path) -> None:
     settings = {"socket_dir": "/proc/kvmesh-cannot-live-here", "instance": "nowhere", "http_port": 0}
-    spec = EngineSpec(model, kvmesh=settings, kv_cache_bytes=POOL_BYTES, max_model_len=MAX_LEN)
+    spec = EngineSpec(model, kvmesh=settings, kv_pool_tokens=POOL_TOKENS, max_model_len=MAX_LEN)
     with EngineServer(spec, tmp_path / "engine.log") as server:
         answer = _ask(server, prompts["E"])
         assert answer.completion_tokens == ANSWER
@@ -326,7 +328,7 @@ def test_the_default_lossy_codec_serves_vllm_pages_from_disk(
     from kvmesh.entry import DTYPES
     from kvmesh.integrations.vllm.connector import cpu_page_view
 
-    if cpu_page_view(DTYPES["bfloat16"], BLOCK, 64) == "opaque":
+    if cpu_page_view(DTYPES[machine_dtype().dtype], BLOCK, 64) == "opaque":
         pytest.skip("this machine's vLLM-CPU attention kernel packs pages in an order kvmesh does not know")
     settings: dict[str, object] = {
         "instance": f"vllm-codec-{uuid.uuid4().hex[:8]}", "socket_dir": str(tmp_path / "sock"),
@@ -338,7 +340,7 @@ def test_the_default_lossy_codec_serves_vllm_pages_from_disk(
         "promotion_wait_seconds": 120,
     }
     names, fillers = ["A", "B", "C", "D", "E", "F"], ["G", "H"]
-    spec = EngineSpec(model, kvmesh=settings, kv_cache_bytes=POOL_BYTES, max_model_len=MAX_LEN)
+    spec = EngineSpec(model, kvmesh=settings, kv_pool_tokens=POOL_TOKENS, max_model_len=MAX_LEN)
     try:
         with EngineServer(spec, tmp_path / "engine-codec.log") as server:
             for name in names:
