@@ -40,3 +40,12 @@ def test_every_field_of_the_format_changes_the_namespace() -> None:
               KVLayout(30, 3, 64, "bfloat16", 32, "vllm-cpu-vec"), KVLayout(30, 3, 64, "bfloat16", 16, "vllm-cpu-amx")]
     names = {layout.namespace("m") for layout in [base, *others]}
     assert len(names) == 1 + len(others)
+
+
+def test_the_engines_kernel_is_part_of_the_namespace_even_where_the_view_is_the_same() -> None:
+    opaque = [KVLayout(30, 3, 64, "bfloat16", 128, "opaque", page_kernel=name)
+              for name in ("", "vllm-cpu.vec16", "vllm-cpu.neon")]
+    assert len({layout.namespace("m") for layout in opaque}) == 3
+    assert opaque[1].fingerprint() == "L30.H3.D64.bfloat16.pages128.opaque.kernel=vllm-cpu.vec16"
+    with pytest.raises(ValueError, match="page_kernel"):
+        KVLayout(30, 3, 64, "bfloat16", page_kernel="two words")

@@ -3,7 +3,8 @@
 Two engines share stored entries only when their page formats agree, so :meth:`KVLayout.fingerprint`
 (everything below) is part of every key's namespace.  The connector's entries are the engine's own pages
 (``page_copy``); ``page_view`` names the order of K, V, tokens and channels inside a page (a
-:mod:`kvmesh.entry` KV view), so that lossy codecs find them.  A caller that stores the canonical
+:mod:`kvmesh.entry` KV view), so that lossy codecs find them, and ``page_kernel`` the engine's kernel that
+packed them, exactly, so that pages of kernels one view cannot tell apart never mix.  A caller that stores the canonical
 ``[layers, 2, tokens, kv_heads, head_size]`` tensor instead (the demo) says ``page_view="chunk"``.
 """
 
@@ -27,6 +28,9 @@ class KVLayout:
     dtype: str = "bfloat16"
     block_size: int = 16
     page_view: str = "opaque"  # a kvmesh.entry KV view name; "opaque": lower tiers store pages lossless
+    # the engine's kernel that packed the pages, exactly ("vllm-cpu.vec16"); "": no engine kernel (canonical
+    # chunks, tools).  Two kernels the view cannot tell apart (every "opaque" one) still never share keys.
+    page_kernel: str = ""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_size", "block_size"):
@@ -37,6 +41,8 @@ class KVLayout:
             raise ValueError(f"KVLayout.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.page_view not in VIEWS:
             raise ValueError(f"KVLayout.page_view must be one of {', '.join(VIEWS)}, got {self.page_view!r}")
+        if not isinstance(self.page_kernel, str) or any(c.isspace() for c in self.page_kernel):
+            raise ValueError(f"KVLayout.page_kernel must be a name without spaces, got {self.page_kernel!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -64,8 +70,9 @@ class KVLayout:
 
     def fingerprint(self) -> str:
         """What must match for two engines to share stored KV: the part of the namespace the layout gives."""
+        kernel = f".kernel={self.page_kernel}" if self.page_kernel else ""
         return (f"L{self.num_layers}.H{self.num_kv_heads}.D{self.head_size}.{self.dtype}.pages{self.block_size}"
-                f".{self.page_view}")
+                f".{self.page_view}{kernel}")
 
     def namespace(self, model_identity: str, salt: str = "") -> Namespace:
         """The keys' namespace of a model (its identity) stored in this layout, for one tenant ``salt``."""

@@ -29,24 +29,59 @@ def engine_dtype(value: object) -> torch.dtype:
     return value
 
 
-def cpu_page_view(dtype: torch.dtype, block_size: int, head_size: int) -> str:
-    """How vLLM-CPU's attention kernel orders tokens and channels inside its pages (a ``kvmesh.entry`` view).
+# vLLM-CPU's attention kernels whose in-page order kvmesh's codecs can read (a kvmesh.entry KV view each)
+KNOWN_KERNEL_VIEWS = {"amx": "vllm-cpu-amx", "vec": "vllm-cpu-vec"}
 
-    The kernel is chosen per machine (``amx`` on CPUs with AMX for bf16, ``vec`` on other x86, others
-    elsewhere) and each packs K and V its own way; lossy codecs need to know which, or they quantize the
-    wrong groups.  Layouts kvmesh does not know are ``opaque``: lower tiers then store them lossless.
+
+@dataclass(frozen=True, slots=True)
+class PageKernel:
+    """The attention kernel that packs the engine's pages: its exact name and the view codecs read.
+
+    ``name`` is part of every key's namespace, so engines whose kernels pack pages differently never share
+    an entry, through Redis or a shared disk included.  Kernels kvmesh cannot read (``vec16``, ``neon``,
+    ``vsx``, ``rvv``, ...) keep their own name with the ``opaque`` view: stored lossless, shared only with
+    the same kernel.  A kernel vLLM does not name is identified by what could decide its order: vLLM's
+    version, the CPU's architecture and torch's vector ISA.
+    """
+
+    name: str  # e.g. "vllm-cpu.amx", "vllm-cpu.vec16", "vllm-cpu.unnamed-0.32.0-x86_64-AVX512"
+    view: str  # a kvmesh.entry KV view: what the lossy codecs may read
+
+    @classmethod
+    def of_cpu_isa(cls, isa: str) -> PageKernel:
+        return cls(f"vllm-cpu.{isa}", KNOWN_KERNEL_VIEWS.get(isa, "opaque"))
+
+
+def _unnamed_kernel(platform: str) -> PageKernel:
+    import platform as host
+
+    import vllm
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    return PageKernel(f"{platform}.unnamed-{vllm.__version__}-{host.machine()}-{capability}", "opaque")
+
+
+def page_kernel(dtype: torch.dtype, block_size: int, head_size: int) -> PageKernel:
+    """Which attention kernel vLLM runs on this machine for these pages (vLLM's own choice, asked).
+
+    The kernel is chosen per machine (``amx`` on CPUs with AMX for bf16, ``vec`` on other x86 at block sizes
+    that are multiples of 32, ``vec16`` otherwise, ``neon`` on Arm, ...), and each packs K and V its own way.
     """
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
-        return "opaque"
+        return _unnamed_kernel(str(current_platform.device_type or "unknown"))
     try:
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
     except ImportError as err:  # a vLLM-CPU without this helper: the order is unknown, stay lossless
-        log.info("kvmesh: vLLM-CPU's attention kernel is unknown (%s); pages stored lossless", err)
-        return "opaque"
-    isa = _get_attn_isa(dtype, block_size, head_size)
-    return {"amx": "vllm-cpu-amx", "vec": "vllm-cpu-vec"}.get(isa, "opaque")
+        log.info("kvmesh: vLLM-CPU's attention kernel is not named (%s); pages stored lossless", err)
+        return _unnamed_kernel("vllm-cpu")
+    return PageKernel.of_cpu_isa(_get_attn_isa(dtype, block_size, head_size))
+
+
+def cpu_page_view(dtype: torch.dtype, block_size: int, head_size: int) -> str:
+    """The KV view of this machine's pages (``opaque`` where kvmesh cannot read the kernel's order)."""
+    return page_kernel(dtype, block_size, head_size).view
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,14 +103,16 @@ class EngineKVShape:
         if torch_dtype is None:
             raise ValueError(f"kvmesh stores bf16/fp16/fp32 KV; cache_dtype={cache_dtype!r} is not supported yet")
         block_size = vllm_config.cache_config.block_size
+        # the kernel is in the namespace: engines whose kernels pack pages differently never share
+        kernel = page_kernel(torch_dtype, block_size, model_config.get_head_size())
         layout = KVLayout(
             num_layers=model_config.get_num_layers(parallel),
             num_kv_heads=model_config.get_num_kv_heads(parallel),
             head_size=model_config.get_head_size(),
             dtype=dtype_name(torch_dtype),
             block_size=block_size,
-            # the in-page order is in the namespace: engines whose kernels pack pages differently never share
-            page_view=cpu_page_view(torch_dtype, block_size, model_config.get_head_size()),
+            page_view=kernel.view,
+            page_kernel=kernel.name,
         )
         return cls(model_identity, layout)
 
