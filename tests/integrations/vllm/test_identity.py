@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -74,3 +75,23 @@ def test_a_lora_adapter_is_named_by_its_weights(tmp_path: Path) -> None:
         adapters.append(lora_identity(SimpleNamespace(lora_name="adapter", lora_path=str(directory))))
     assert adapters[0] != adapters[1]
     assert adapters[0] == adapters[2]
+
+
+def test_a_lora_adapter_retrained_in_place_gets_a_new_identity(tmp_path: Path) -> None:
+    """Same path, same process: the new weights are a new namespace, never the old adapter's KV."""
+    directory = tmp_path / "adapter"
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    request = SimpleNamespace(lora_name="adapter", lora_path=str(directory))
+    weights = directory / "adapter_model.safetensors"
+    save_file({"base_model.model.lora_A.weight": torch.full((8, 4), 0.0)}, str(weights))
+    before = lora_identity(request)
+    assert lora_identity(request) == before
+    replacement = tmp_path / "retrained.safetensors"
+    save_file({"base_model.model.lora_A.weight": torch.full((8, 4), 2.0)}, str(replacement))
+    os.replace(replacement, weights)  # as a trainer saving over the old checkpoint
+    after = lora_identity(request)
+    assert after != before
+    save_file({"base_model.model.lora_A.weight": torch.full((8, 4), 0.0)}, str(replacement))
+    os.replace(replacement, weights)
+    assert lora_identity(request) == before  # the old weights again: the old namespace

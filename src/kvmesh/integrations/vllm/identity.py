@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from typing import TYPE_CHECKING, Any
 
 from kvmesh.config import KVMeshConfig
@@ -49,10 +50,26 @@ def engine_model_identity(vllm_config: VllmConfig, config: KVMeshConfig) -> tupl
 
 
 def lora_identity(lora_request: Any) -> str:
-    """A LoRA adapter is named by its own weights' digest (its name alone could be reused)."""
-    return _lora_identity(str(lora_request.lora_path))
+    """A LoRA adapter is named by its own weights' digest (its name alone could be reused).
+
+    The digest is remembered per path *and* the identity of the files in it (name, size, mtime, inode),
+    as the weights' digest cache does: an adapter retrained in place and reloaded gets a new namespace.
+    Asking costs one directory listing per request.
+    """
+    path = str(lora_request.lora_path)
+    return _lora_identity(path, _files_identity(path))
+
+
+def _files_identity(path: str) -> tuple[tuple[str, int, int, int], ...]:
+    """What changes when any file of the adapter's directory is rewritten, replaced, added or removed."""
+    directory = resolve_model_dir(path)
+    try:
+        entries = [(entry.name, entry.stat()) for entry in os.scandir(directory) if entry.is_file()]
+    except OSError:
+        return ()  # lora_fingerprint names what is wrong with the directory
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in entries))
 
 
 @functools.lru_cache(maxsize=256)
-def _lora_identity(path: str) -> str:
+def _lora_identity(path: str, files: tuple[tuple[str, int, int, int], ...]) -> str:
     return f"fp:{lora_fingerprint(resolve_model_dir(path))}"
