@@ -2,7 +2,8 @@
 
 A prompt's token ids are cut into chunks of ``chunk_size`` tokens.  Chunk ``i``
 is keyed by ``blake3(parent key || namespace || chunk length || token ids)``,
-where the parent is chunk ``i-1``'s key and the namespace folds in the model's
+where the parent is chunk ``i-1``'s key (chunk 0's: the namespace's own root,
+:func:`namespace_root`) and the namespace folds in the model's
 identity, its page format (``layout.KVLayout.fingerprint``) and the tenant salt.  Because keys chain, a key names its
 whole prefix: finding chunk ``i`` means chunks ``0..i`` were the same tokens, so a
 hit is always a true prefix.  Keys depend only on these bytes (token ids as
@@ -27,8 +28,8 @@ import blake3
 import numpy as np
 
 KEY_BYTES = 16  # 128-bit keys: collisions are out of reach for any cache size
-ROOT = b"\x00" * KEY_BYTES
 HASH_VERSION = b"kvmesh-chunk-v1"
+ROOT_VERSION = b"kvmesh-root-v1"
 
 Namespace = NewType("Namespace", bytes)
 
@@ -74,7 +75,7 @@ def chunk_keys(tokens: Sequence[int] | np.ndarray, ns: Namespace, chunk_size: in
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     array = np.asarray(tokens, dtype=np.int64)
     keys: list[ChunkKey] = []
-    parent = ROOT
+    parent = namespace_root(ns)
     total = len(array)
     stop = total if include_partial else total - total % chunk_size
     for start in range(0, stop, chunk_size):
@@ -82,6 +83,17 @@ def chunk_keys(tokens: Sequence[int] | np.ndarray, ns: Namespace, chunk_size: in
         parent = chunk_digest(parent, ns, array[start:end])
         keys.append(ChunkKey(parent, start, end))
     return keys
+
+
+def namespace_root(ns: Namespace) -> bytes:
+    """The parent of a namespace's first chunk: where its chain of keys starts.
+
+    Partial chunks are found by listing their parent's children, so a prompt shorter than a chunk is
+    indexed under this root; one root shared by every model, tenant and LoRA (the all-zero parent keys
+    once started from) mixed their candidates in one list (in Redis one hot key fleet-wide, its 64 slots
+    for everyone).  Each namespace has its own.
+    """
+    return blake3.blake3(ROOT_VERSION + ns).digest(KEY_BYTES)
 
 
 def model_namespace(model_id: str, layout_fingerprint: str, salt: str = "") -> Namespace:

@@ -21,7 +21,7 @@ from kvmesh.wire_codec import ConnectionClosed, ProtocolError, decode, encode
 __all__ = ["PROTOCOL_VERSION", "ConnectionClosed", "ProtocolError", "VersionMismatch", "receive_message",
            "send_message"]
 
-PROTOCOL_VERSION = 4  # bump on any change a client of the previous version would misread
+PROTOCOL_VERSION = 5  # bump on any change a client of the previous version would misread
 _LENGTH = struct.Struct("<I")
 MAX_MESSAGE = 64 * 1024 * 1024
 R = TypeVar("R")
@@ -179,13 +179,18 @@ class Hello(Request[HelloReply]):
 
 @dataclass(frozen=True, slots=True)
 class Lookup(Request[LookupReply]):
-    """How many chunks from the first are stored; ``count`` False: a re-ask the metrics must not count."""
+    """How many chunks from the first are stored; ``count`` False: a re-ask the metrics must not count.
+
+    ``root`` is the parent of the namespace's first chunk (``keys.namespace_root``): partial chunks that
+    follow no full hit are listed under it; empty: none are offered.
+    """
 
     op = "lookup"
     reply = LookupReply
     chunks: list[ChunkRef]
     partials: bool = True
     count: bool = True
+    root: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from kvmesh.client import DaemonUnavailable, KVMeshClient
 from kvmesh.config import KVMeshConfig
 from kvmesh.daemon.service import DaemonAlreadyRunning, NodeDaemon
 from kvmesh.entry import EntryMeta
-from kvmesh.keys import chunk_keys, model_namespace
+from kvmesh.keys import chunk_keys, model_namespace, namespace_root
 
 NS = model_namespace("test-model", "L4.H2.D32.bfloat16")
 
@@ -28,7 +28,7 @@ def test_another_process_sees_what_this_one_stored(client: KVMeshClient, daemon_
 import json, sys, torch
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
-from kvmesh.keys import chunk_keys, model_namespace
+from kvmesh.keys import chunk_keys, model_namespace, namespace_root
 config = KVMeshConfig.from_mapping(json.loads(sys.argv[1]))
 keys = chunk_keys(list(range(5000, 5300)), model_namespace("test-model", "L4.H2.D32.bfloat16"), 64, True)
 with KVMeshClient(config) as other:
@@ -62,7 +62,7 @@ def test_a_dead_clients_pins_and_reservations_are_given_back(client: KVMeshClien
 import json, os, sys
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
-from kvmesh.keys import chunk_keys, model_namespace
+from kvmesh.keys import chunk_keys, model_namespace, namespace_root
 from kvmesh.entry import EntryMeta
 config = KVMeshConfig.from_mapping(json.loads(sys.argv[1]))
 keys = chunk_keys(list(range(7000, 7128)), model_namespace("test-model", "L4.H2.D32.bfloat16"), 64)
@@ -111,6 +111,21 @@ def test_partial_chunks_are_offered_to_a_longer_prompt(client: KVMeshClient) -> 
     assert found.hits == 2
     assert [(p.digest, p.tokens, p.resident) for p in found.partials] == [(short[2].digest, 22, True)]
     assert client.lookup_with_partials(longer, partials=False).partials == []
+
+
+def test_a_prompt_shorter_than_a_chunk_is_offered_only_within_its_namespace(client: KVMeshClient) -> None:
+    """The first partial chunk is indexed under its namespace's root: another tenant is offered none of it."""
+    tenant_b = model_namespace("test-model", "L4.H2.D32.bfloat16", "tenant-b")
+    tokens = list(range(21000, 21040))
+    [short] = chunk_keys(tokens, NS, 64, include_partial=True)
+    slots = client.reserve([short], [EntryMeta("bfloat16", (4, 2, 40, 2, 32))], [namespace_root(NS)])
+    client.commit([s for s in slots if s is not None])
+    longer = chunk_keys(tokens + [1, 2, 3], NS, 64, include_partial=True)
+    found = client.lookup_with_partials(longer, root=namespace_root(NS))
+    assert found.hits == 0 and [(p.digest, p.tokens) for p in found.partials] == [(short.digest, 40)]
+    theirs = chunk_keys(tokens + [1, 2, 3], tenant_b, 64, include_partial=True)
+    assert client.lookup_with_partials(theirs, root=namespace_root(tenant_b)).partials == []
+    assert client.lookup_with_partials(longer).partials == []  # no root named: none offered
 
 
 def test_http_endpoint_serves_metrics_and_health(tmp_path) -> None:

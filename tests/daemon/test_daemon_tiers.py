@@ -19,7 +19,7 @@ from kvmesh.config import KVMeshConfig
 from kvmesh.daemon.service import NodeDaemon
 from kvmesh.entry import EntryMeta
 from kvmesh.integrations.vllm.planner import match_prefix
-from kvmesh.keys import ROOT, chunk_keys, model_namespace
+from kvmesh.keys import chunk_keys, model_namespace, namespace_root
 from redis_servers import RedisServer, free_port
 
 NS = model_namespace("tier-test", "L4.H2.D32.bfloat16")
@@ -135,7 +135,7 @@ def _store_prompt(client: KVMeshClient, tokens: list[int], chunk_size: int = 128
     keys = chunk_keys(tokens, NS, chunk_size, include_partial=True)
     chunks = _chunks(keys, seed)
     metas = [EntryMeta("bfloat16", tuple(c.shape)) for c in chunks]
-    parents = [(keys[i - 1].digest if i else ROOT) if k.num_tokens < chunk_size else None
+    parents = [(keys[i - 1].digest if i else namespace_root(NS)) if k.num_tokens < chunk_size else None
                for i, k in enumerate(keys)]
     slots = client.reserve(keys, metas, parents)
     for slot, chunk in zip(slots, chunks):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kvmesh.integrations.vllm.planner import match_prefix
-from kvmesh.keys import ROOT, ChunkKey, chunk_keys, model_namespace
+from kvmesh.keys import ChunkKey, chunk_keys, model_namespace, namespace_root
 from kvmesh.store import LowerTier, TieredStore
 from kvmesh.store.partials import PartialIndex
 from kvmesh.tiers.disk import DiskTier
@@ -94,7 +94,7 @@ def _store_prompt(store: TieredStore, tokens: list[int], seed: int = 0) -> list[
     stored = []
     for i, key in enumerate(keys):
         chunk = _chunk(key, seed + i)
-        parent = (keys[i - 1].digest if i else ROOT) if key.num_tokens < CHUNK else None
+        parent = (keys[i - 1].digest if i else namespace_root(NS)) if key.num_tokens < CHUNK else None
         assert store.put(key.digest, chunk, parent=parent, tokens=key.num_tokens)
         stored.append((key, chunk))
     assert store.flush()

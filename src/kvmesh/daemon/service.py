@@ -27,7 +27,6 @@ from typing import Any
 from kvmesh import __version__, wire
 from kvmesh.config import KVMeshConfig
 from kvmesh.daemon.metrics import DaemonMetrics, start_http
-from kvmesh.keys import ROOT
 from kvmesh.store import LeaseTable, TieredStore
 from kvmesh.store.build import build_lower_tiers
 from kvmesh.tiers.memory import Extent, MemoryTier, ReserveStatus
@@ -145,8 +144,8 @@ class NodeDaemon:
         located = self.store.locate(keys)
         hits = located.hits
         partials: list[wire.PartialFound] = []
-        if hits < len(keys) and request.partials:
-            parent = keys[hits - 1] if hits else ROOT
+        parent = keys[hits - 1] if hits else request.root
+        if hits < len(keys) and request.partials and parent:
             rest = sum(tokens[hits:])  # the prompt's tokens after the hits
             partials = [wire.PartialFound(child, count, self.store.l1.contains(child))
                         for child, count in self.store.partials(parent, rest)]

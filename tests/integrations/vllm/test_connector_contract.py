@@ -39,6 +39,7 @@ class FakeRequest:
     cache_salt: str | None = None
     lora_request: Any = None
     mm_features: Any = None
+    prompt_embeds: Any = None
 
 
 @dataclass
@@ -149,6 +150,22 @@ def test_a_load_copies_the_stored_pages_into_the_engines_blocks(config: KVMeshCo
     assert target.worker.take_failed_blocks() == set()
     for stored, loaded in zip(source.pages(SOURCE_BLOCKS[:8]), target.pages(TARGET_BLOCKS[:8])):
         assert torch.equal(stored, loaded)
+
+
+@pytest.mark.parametrize("extra", [{"prompt_embeds": torch.zeros(4 * CHUNK + 5, 8)}, {"mm_features": ["image"]}])
+def test_requests_whose_kv_is_not_named_by_their_tokens_are_neither_loaded_nor_saved(
+        config: KVMeshConfig, extra: dict[str, Any]) -> None:
+    """Prompt embeddings (or images) sit behind placeholder token ids: same ids, other KV, so no key."""
+    source, target = Engine(config, seed=4), Engine(config)
+    plain = _prompt("e")
+    source.compute_and_save(plain, SOURCE_BLOCKS)
+    embedded = FakeRequest(plain.request_id + "-embeds", plain.prompt_token_ids, **extra)
+    assert target.scheduler.num_new_matched_tokens(embedded, 0) == 0  # the same ids are stored: no hit
+    stored = _metric(config, "kvmesh_stored_tokens_total")
+    _, saves = target.scheduler.build_meta([(embedded.request_id, 0, len(plain.prompt_token_ids))],
+                                           lambda _: TARGET_BLOCKS)
+    assert saves == []
+    assert _metric(config, "kvmesh_stored_tokens_total") == stored
 
 
 def test_loads_and_saves_report_their_own_metrics(config: KVMeshConfig) -> None:

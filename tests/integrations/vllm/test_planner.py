@@ -6,7 +6,7 @@ from kvmesh.integrations.vllm.planner import (
     plan_load_chunks,
     plan_save_chunks,
 )
-from kvmesh.keys import ROOT, chunk_keys, model_namespace
+from kvmesh.keys import chunk_keys, model_namespace, namespace_root
 from kvmesh.wire import ExtentRef
 
 NS = model_namespace("m", "L1")
@@ -40,7 +40,7 @@ def test_load_plan_skips_pages_the_engine_already_holds() -> None:
 
 def test_save_plan_follows_computed_tokens_and_indexes_the_partial_tail() -> None:
     keys = chunk_keys(TOKENS, NS, 256, include_partial=True)
-    tracker = RequestTracker("r", TOKENS, 256, keys)
+    tracker = RequestTracker("r", TOKENS, 256, keys, NS)
     block_ids = list(range(10, 16))
     assert plan_save_chunks(tracker, 200, block_ids, 128) == []
     first = plan_save_chunks(tracker, 600, block_ids, 128)
@@ -50,11 +50,23 @@ def test_save_plan_follows_computed_tokens_and_indexes_the_partial_tail() -> Non
     assert plan_save_chunks(tracker, 700, block_ids, 128) == []
 
 
-def test_a_prompt_shorter_than_a_chunk_is_a_partial_under_the_root() -> None:
+def test_a_prompt_shorter_than_a_chunk_is_a_partial_under_its_namespaces_root() -> None:
     keys = chunk_keys(TOKENS[:100], NS, 256, include_partial=True)
-    tracker = RequestTracker("r", TOKENS[:100], 256, keys)
+    tracker = RequestTracker("r", TOKENS[:100], 256, keys, NS)
     [only] = plan_save_chunks(tracker, 100, [7], 128)
-    assert only.parent == ROOT and only.block_ids == [7]
+    assert only.parent == namespace_root(NS) and only.block_ids == [7]
+    # every model, tenant and LoRA has its own first parent, none the all-zero one they once shared
+    others = [model_namespace("m", "L1", "tenant-b"), model_namespace("other", "L1")]
+    assert len({namespace_root(ns) for ns in [NS, *others]} | {bytes(16)}) == 4
+
+
+def test_a_partial_under_another_namespaces_root_is_not_matched() -> None:
+    short = TOKENS[:100]
+    keys = chunk_keys(short, NS, 256, include_partial=True)
+    other = model_namespace("m", "L1", "tenant-b")
+    theirs = chunk_keys(short, other, 256, include_partial=True)[0]
+    assert match_prefix(short, keys, 0, [(theirs.digest, 100)], NS) == []
+    assert match_prefix(short, keys, 0, [(keys[0].digest, 100)], NS) == keys
 
 
 def test_load_plan_pairs_each_chunk_with_its_pinned_extent_and_marks_the_rest_unpinned() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvmesh.keys import ROOT, ChunkKey, Namespace, chunk_digest
+from kvmesh.keys import ChunkKey, Namespace, chunk_digest, namespace_root
 from kvmesh.page_copy import pages_for_tokens
 from kvmesh.wire import ExtentRef
 
@@ -83,10 +83,10 @@ class RequestTracker:
     tokens: list[int]
     chunk_size: int
     keys: list[ChunkKey]  # full chunks of the prompt, then its partial tail chunk if any
+    namespace: Namespace  # the keys' namespace (model, layout, tenant, LoRA)
     hit_keys: list[ChunkKey] = field(default_factory=list)  # what the last lookup found
     stored_chunks: int = 0  # leading chunks of ``keys`` known to be stored (hit or saved)
     local_tokens: int = 0  # the engine's own hit, as last presented to the lookup
-    namespace: Namespace = Namespace(b"")  # the keys' namespace (model, layout, tenant, LoRA)
 
     @property
     def hit_tokens(self) -> int:
@@ -105,7 +105,7 @@ def match_prefix(tokens: Sequence[int], keys: Sequence[ChunkKey], hits: int,
     if hits == len(keys):
         return found
     start = found[-1].end if found else 0
-    parent = found[-1].digest if found else ROOT
+    parent = found[-1].digest if found else namespace_root(ns)
     for digest, count in sorted(partials, key=lambda item: -item[1]):
         end = start + count
         if end > len(tokens):
@@ -148,7 +148,8 @@ def plan_save_chunks(tracker: RequestTracker, computed_tokens: int, block_ids: S
             break  # blocks not allocated (cannot happen for computed tokens, but never read past them)
         parent = None
         if key.num_tokens < tracker.chunk_size:  # the partial tail: index it under its parent
-            parent = tracker.keys[tracker.stored_chunks - 1].digest if tracker.stored_chunks else ROOT
+            parent = (tracker.keys[tracker.stored_chunks - 1].digest if tracker.stored_chunks
+                      else namespace_root(tracker.namespace))
         transfers.append(ChunkTransfer(key, [block_ids[p] for p in pages], 0, parent))
         tracker.stored_chunks += 1
     return transfers

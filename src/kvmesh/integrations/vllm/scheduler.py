@@ -33,7 +33,7 @@ from kvmesh.integrations.vllm.planner import (
     plan_load_chunks,
     plan_save_chunks,
 )
-from kvmesh.keys import ChunkKey, Namespace, chunk_keys
+from kvmesh.keys import ChunkKey, Namespace, chunk_keys, namespace_root
 
 log = logging.getLogger("kvmesh.vllm")
 
@@ -48,6 +48,7 @@ class RequestLike(Protocol):
     cache_salt: str | None
     lora_request: Any
     mm_features: Any
+    prompt_embeds: Any
 
 
 class BlocksLike(Protocol):
@@ -74,6 +75,7 @@ class SchedulerSide:
         self.trackers: dict[str, RequestTracker] = {}
         self.waiting: dict[str, _Waiting] = {}
         self.pending_loads: list[LoadPlan] = []
+        self.uncached_reasons: set[str] = set()  # logged once each
 
     def _namespace(self, request: RequestLike) -> Namespace:
         salt = self.config.tenant_salt
@@ -87,8 +89,15 @@ class SchedulerSide:
         tracker = self.trackers.get(request.request_id)
         if tracker is None:
             tokens = list(request.prompt_token_ids or [])
-            if len(tokens) < 2 or request.mm_features:
-                return None  # nothing worth caching, or token ids that do not name the content
+            if len(tokens) < 2:
+                return None  # nothing worth caching
+            reason = content_beyond_tokens(request)
+            if reason is not None:
+                if reason not in self.uncached_reasons:
+                    self.uncached_reasons.add(reason)
+                    log.info("kvmesh: requests with %s are not cached (their token ids do not name all "
+                             "that their KV depends on)", reason)
+                return None
             namespace = self._namespace(request)
             keys = chunk_keys(tokens, namespace, self.config.chunk_size,
                               include_partial=self.config.save_partial_chunks)
@@ -109,7 +118,8 @@ class SchedulerSide:
         if client is None:
             return 0
         try:
-            found = client.lookup_with_partials(tracker.keys, count=waiting is None)
+            found = client.lookup_with_partials(tracker.keys, count=waiting is None,
+                                                root=namespace_root(tracker.namespace))
         except ABSORBED as err:
             self.link.fault("lookup", f"kvmesh lookup failed, treating as a miss: {err}", err)
             self.waiting.pop(request.request_id, None)
@@ -174,6 +184,20 @@ class SchedulerSide:
     def finished(self, req_id: str) -> None:
         self.trackers.pop(req_id, None)
         self.waiting.pop(req_id, None)
+
+
+def content_beyond_tokens(request: RequestLike) -> str | None:
+    """What in a request changes its KV without being in its token ids (and so not in kvmesh's keys).
+
+    Such a request is not cached: two requests with the same token ids but other images or other prompt
+    embeddings (whose positions hold placeholder ids) would otherwise share keys and load each other's KV.
+    LoRA and the cache salt change KV too, but are in the namespace.
+    """
+    if request.mm_features:
+        return "multimodal inputs"
+    if request.prompt_embeds is not None:
+        return "prompt embeddings"
+    return None
 
 
 class _PromotionSlow(CacheFault):
