@@ -196,3 +196,23 @@ def test_with_redis_down_the_lookup_still_offers_what_l1_holds(tmp_path: Path) -
         assert _raw_partials(client, longer) == [[keys[1].hex, 10, True]]
         assert client.lookup_with_partials(chunk_keys(list(range(50, 400)), NS, 128)).partials == []
         assert client.stats()["redis"]["errors"] >= 1
+
+
+def test_an_engine_at_work_holds_writes_behind_back_and_an_observer_does_not(tmp_path: Path) -> None:
+    """While an engine talks to the daemon, nothing is written down; once it is quiet, everything is."""
+    import time
+
+    config = _config(tmp_path, disk_path=str(tmp_path / "disk"), prefetch=False, write_quiet_seconds=0.3)
+    keys = chunk_keys(list(range(3000, 3000 + 3 * 128)), NS, 128)
+    with _daemon(config) as observer, \
+            KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config),
+                         engine={"role": "scheduler", "model": "m", "fingerprint": "fp"}) as engine:
+        engine.put(keys, _chunks(keys))
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:  # an engine asking every 20 ms, as a scheduler does
+            engine.lookup(keys)
+            time.sleep(0.02)
+        assert observer.stats()["disk"]["stores"] == 0
+        for _ in range(20):  # an observer's questions do not hold the writer back
+            observer.stats()
+        assert observer.flush()["disk"]["stores"] == 3

@@ -29,6 +29,7 @@ from kvmesh.config import KVMeshConfig
 from kvmesh.daemon.metrics import DaemonMetrics, start_http
 from kvmesh.store import LeaseTable, TieredStore
 from kvmesh.store.build import build_lower_tiers
+from kvmesh.store.quiet import QuietGate
 from kvmesh.tiers.memory import Extent, MemoryTier, ReserveStatus
 from kvmesh.tiers.shm import SharedSegment
 from kvmesh.wire import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
@@ -71,9 +72,12 @@ class NodeDaemon:
             raise DaemonAlreadyRunning(f"a kvmesh daemon already serves {self.socket_path}") from None
         self.segment = SharedSegment.create(config.shm_name(), config.l1_size, prefault=config.l1_prefault)
         self.metrics = DaemonMetrics(lambda: self.store.stats())
+        # writes behind wait while engines are served (store/quiet.py says why)
+        self.quiet = QuietGate(config.write_quiet_seconds)
         self.store = TieredStore(MemoryTier(config.l1_size, self.segment.buffer), build_lower_tiers(config),
                                  None, self.metrics, config.write_queue_size, config.prefetch,
-                                 config.prefetch_threads, prefetch_priority=config.prefetch_priority)  # type: ignore[arg-type]
+                                 config.prefetch_threads, prefetch_priority=config.prefetch_priority,  # type: ignore[arg-type]
+                                 quiet_gate=self.quiet)
         self._store_lock = threading.Lock()  # guards the sessions; the store and the leases lock themselves
         self.leases = LeaseTable(self.store.release, config.lease_seconds)
         self._sessions: set[_Session] = set()  # connections that said which engine they serve
@@ -118,6 +122,8 @@ class NodeDaemon:
     def handle(self, message: dict[str, Any], session: _Session) -> dict[str, Any]:
         """Decode a request, call its ``_op_*`` handler, encode the reply (a malformed one raises ProtocolError)."""
         request = wire.decode_request(message)
+        if session.engine:  # an engine at work: writes behind hold back (observers do not count)
+            self.quiet.busy()
         handler = getattr(self, f"_op_{request.op}")
         self._expire_leases()
         return wire.encode_reply(handler(request, session))

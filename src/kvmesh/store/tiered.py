@@ -34,6 +34,7 @@ from kvmesh.store.admission import Admission
 from kvmesh.store.guard import TierGuard
 from kvmesh.store.partials import PartialIndex
 from kvmesh.store.promotion import Promoter
+from kvmesh.store.quiet import QuietGate
 from kvmesh.store.types import Located, LowerTier, NullObserver, Priority, StoreObserver
 from kvmesh.store.write_behind import WriteBehind
 from kvmesh.store.writer import Pinned, TierWriter
@@ -50,7 +51,8 @@ class TieredStore:
                  observer: StoreObserver | None = None, write_queue_bytes: int = 1 << 30,
                  prefetch: bool = True, prefetch_threads: int = 2,
                  partial_index: PartialIndex | None = None,
-                 writer_priority: Priority = "idle", prefetch_priority: Priority = "idle") -> None:
+                 writer_priority: Priority = "idle", prefetch_priority: Priority = "idle",
+                 quiet_gate: QuietGate | None = None) -> None:
         if prefetch_threads < 1:
             raise ValueError(f"prefetch_threads must be at least 1, got {prefetch_threads}")
         if l1.buffer is None:
@@ -74,7 +76,7 @@ class TieredStore:
             # idle: the writer runs only on CPU time nothing else wants (the engine's compute threads share
             # these cores; a writer at their priority slows every forward pass, docs/benchmarks.md)
             self._behind = WriteBehind(l1, self._writer, lambda key: self._targets(key, "write_behind"),
-                                       self.observer, write_queue_bytes, writer_priority)
+                                       self.observer, write_queue_bytes, writer_priority, quiet_gate)
             # several prefetchers: one chunk's read overlaps another's decode, and decoding uses every core
             self._promoter = Promoter(l1, self.lower, self._guard, self.observer, self.tensor_at,
                                       prefetch_threads, prefetch_priority)

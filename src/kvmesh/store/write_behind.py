@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from kvmesh.store.quiet import QuietGate
 from kvmesh.store.threads import start_thread
 from kvmesh.store.types import LowerTier, Priority, StoreObserver
 from kvmesh.store.writer import Pinned, TierWriter
@@ -32,8 +33,11 @@ class WriteBehind:
     """The write-behind queue, its byte budget and its writer thread."""
 
     def __init__(self, l1: MemoryTier, writer: TierWriter, targets_for: Callable[[bytes], list[LowerTier]],
-                 observer: StoreObserver, queue_bytes: int, priority: Priority) -> None:
+                 observer: StoreObserver, queue_bytes: int, priority: Priority,
+                 gate: QuietGate | None = None, force_fraction: float = 0.5) -> None:
         self._l1 = l1
+        self._gate = gate
+        self._force_bytes = force_fraction * min(queue_bytes, l1.capacity // 2)
         self._writer = writer
         self._targets_for = targets_for
         self._observer = observer
@@ -69,8 +73,15 @@ class WriteBehind:
     def close(self) -> None:
         self._queue.put(None)
 
+    def _backlogged(self) -> bool:
+        """Enough is waiting that it is written even while engines are served (delayed, never lost)."""
+        with self._lock:
+            return self._pending >= self._force_bytes
+
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
+            if self._gate is not None:
+                self._gate.wait_until_quiet(self._backlogged)
             try:
                 self._writer.write(batch, self._targets_for)
             except Exception:  # the writer thread must survive anything; logged with its traceback

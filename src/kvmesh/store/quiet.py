@@ -1,0 +1,50 @@
+"""Holding writes behind back while engines are being served: the foreground never waits on the background.
+
+Measured (benchmarks/bench_foreground.py, docs/benchmarks.md "The foreground under writes behind"): while the
+writer thread wrote stores down to disk, every request an engine sent, even a hit of vLLM's own cache, reached
+its first token 7-10x later, and the node daemon's control round trips, normally under 1 ms, took up to
+100 ms. The writer already runs in the idle scheduling class; a separate idle-class process writing the same
+files beside the engine did not slow it, a writer thread in the daemon did: it shares the interpreter (and its
+lock) with the threads that answer the engine. So the writer now waits, between batches, until no engine has
+sent the daemon a message for ``quiet_seconds``: requests are answered with the writer asleep. Under load
+that never pauses, the queue would only grow; once it holds ``force_fraction`` of its byte budget the writer
+writes anyway, so stores are delayed, not lost.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+
+class QuietGate:
+    """When engines last talked to the daemon, and a wait until they have been quiet for a while."""
+
+    def __init__(self, quiet_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if quiet_seconds < 0:
+            raise ValueError(f"quiet_seconds must be >= 0, got {quiet_seconds}")
+        self.quiet_seconds = quiet_seconds
+        self._clock = clock
+        self._last = float("-inf")
+        self._lock = threading.Lock()
+        self.waits = 0  # how often the writer waited (a count, for tests and metrics)
+
+    def busy(self) -> None:
+        """An engine's message arrived: background work holds back for ``quiet_seconds`` from now."""
+        now = self._clock()
+        with self._lock:
+            self._last = now
+
+    def wait_until_quiet(self, give_up: Callable[[], bool], poll: float = 0.01) -> None:
+        """Return once engines have been quiet for ``quiet_seconds``, or ``give_up()`` says to go on anyway."""
+        waited = False
+        while True:
+            with self._lock:
+                remaining = self._last + self.quiet_seconds - self._clock()
+            if remaining <= 0 or give_up():
+                break
+            waited = True
+            time.sleep(min(remaining, poll))
+        if waited:
+            self.waits += 1

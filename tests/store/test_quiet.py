@@ -1,0 +1,103 @@
+"""Writes behind hold back while engines are served, and write anyway once their queue is backlogged."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvmesh.store import TieredStore
+from kvmesh.store.quiet import QuietGate
+from kvmesh.tiers.disk import DiskTier
+from kvmesh.tiers.memory import MemoryTier
+
+MiB = 1024 * 1024
+
+
+def _chunk(seed: int) -> torch.Tensor:  # 64 KiB
+    return torch.randn(4, 2, 64, 2, 32, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_gate_waits_for_quiet_and_gives_up_when_told() -> None:
+    clock = Clock()
+    gate = QuietGate(0.25, clock)
+    gate.wait_until_quiet(lambda: False)  # never busy: no wait
+    assert gate.waits == 0
+    gate.busy()
+    calls = []
+
+    def give_up() -> bool:
+        calls.append(clock.now)
+        clock.now += 0.1  # time passes while the writer waits
+        return False
+
+    gate.wait_until_quiet(give_up)
+    assert gate.waits == 1 and clock.now >= 100.25 and len(calls) >= 2
+    gate.busy()
+    gate.wait_until_quiet(lambda: True)  # a backlog: go on at once
+    assert gate.waits == 1
+    with pytest.raises(ValueError, match="quiet_seconds"):
+        QuietGate(-1)
+
+
+class Busy:
+    """An engine sending the daemon a message every few milliseconds until stopped."""
+
+    def __init__(self, gate: QuietGate) -> None:
+        self.gate, self.stop = gate, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.gate.busy()
+            time.sleep(0.005)
+
+    def __enter__(self) -> Busy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def test_writes_behind_wait_while_engines_are_served(tmp_path: Path) -> None:
+    gate = QuietGate(0.2)
+    disk = DiskTier(tmp_path, 64 * MiB)
+    store = TieredStore(MemoryTier(8 * MiB, memoryview(bytearray(8 * MiB))), [disk], prefetch=False,
+                        quiet_gate=gate)
+    with Busy(gate):
+        assert store.put(b"k" * 16, _chunk(0))
+        time.sleep(0.5)
+        assert disk.stats().stores == 0  # held back while the engine talks
+    assert store.flush(10)
+    assert disk.stats().stores == 1  # written once it went quiet
+    assert gate.waits >= 1
+
+
+def test_a_backlogged_queue_is_written_even_while_engines_are_served(tmp_path: Path) -> None:
+    gate = QuietGate(0.2)
+    disk = DiskTier(tmp_path, 64 * MiB)
+    # L1 of 2 MiB: the queue may hold 1 MiB and is written anyway from 512 KiB on (8 chunks of 64 KiB)
+    store = TieredStore(MemoryTier(2 * MiB, memoryview(bytearray(2 * MiB))), [disk], prefetch=False,
+                        quiet_gate=gate)
+    with Busy(gate):
+        for seed in range(10):
+            assert store.put(bytes([seed]) * 16, _chunk(seed))
+        deadline = time.monotonic() + 10
+        while disk.stats().stores < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert disk.stats().stores >= 2  # the backlog went down while the engine kept talking
+    assert store.flush(10)
+    assert disk.stats().stores == 10
