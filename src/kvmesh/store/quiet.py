@@ -3,10 +3,11 @@
 Measured (benchmarks/bench_foreground.py, docs/benchmarks.md "The foreground under writes behind"): while the
 writer thread wrote stores down to disk, every request an engine sent, even a hit of vLLM's own cache, reached
 its first token 7-10x later, and the node daemon's control round trips, normally under 1 ms, took up to
-100 ms. The writer already runs in the idle scheduling class; a separate idle-class process writing the same
-files beside the engine did not slow it, a writer thread in the daemon did: it shares the interpreter (and its
-lock) with the threads that answer the engine. So the writer now waits, between batches, until no engine has
-sent the daemon a message for ``quiet_seconds``: requests are answered with the writer asleep. Under load
+100 ms. Neither the writer's scheduling class (idle, or normal at nice 19 or 0: all as slow) nor the size of
+its write calls mattered, and a separate idle-class process writing 6 MB files beside the engine did not slow
+it: what differs is that the writer thread shares the daemon's interpreter (and its lock) with the threads
+that answer the engine (the likely cause; not proven). So the writer now waits, between batches, until no
+engine has sent the daemon a message for ``quiet_seconds``: requests are answered with the writer asleep. Under load
 that never pauses, the queue would only grow; once it holds ``force_fraction`` of its byte budget the writer
 writes anyway, so stores are delayed, not lost.
 """
