@@ -524,3 +524,17 @@ def test_an_entry_being_written_is_invisible_until_renamed(tmp_path: Path, gated
     finish.set()
     writer.join(30)
     assert tier.get(_key(1)) == b"x" * 10 + b"y" * 10
+
+
+def test_entries_and_indexes_are_readable_by_their_user_alone(tmp_path: Path) -> None:
+    """KV reveals prompts: no other local user may read a tenant's entries (files 0600, directories 0700)."""
+    root = tmp_path / "kv"
+    root.mkdir(mode=0o755)
+    os.chmod(root, 0o755)  # as an older kvmesh (or a umask of 022) left it
+    tier = DiskTier(root, 1 << 20)
+    assert tier.put(_key(1), _payload(1, 1000)) and tier.add_partial(_key(2), _key(1), 7)
+    paths = [root, *root.rglob("*")]
+    assert len(paths) >= 4  # the root, a subdirectory, the entry and the partial index
+    for path in paths:
+        mode = path.stat().st_mode & 0o777
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}"

@@ -52,6 +52,8 @@ TEMP_SUFFIX = ".tmp"
 STALE_TEMP_SECONDS = 3600.0
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 MAX_KEY_BYTES = 64  # its hex is the file name, which must stay short
+FILE_MODE = 0o600  # entries and index files: this user's only
+DIR_MODE = 0o700
 _IOV_MAX = 512  # buffers per writev call (Linux allows 1024)
 
 
@@ -80,7 +82,7 @@ class DiskTier:
         self._warned: set[str] = set()
         self._made_dirs: set[str] = set()
         self._partials = DiskPartials(self.directory, self._partial_fault, fsync)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.directory)
         self._load_index()
 
     @classmethod
@@ -246,7 +248,7 @@ class DiskTier:
         temp = path.parent / f".{path.stem}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}"
         try:
             self._ensure_dir(path.parent)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
             try:
                 _writev_all(fd, payload)
                 if self.fsync:
@@ -263,7 +265,7 @@ class DiskTier:
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory.name not in self._made_dirs:
-            directory.mkdir(exist_ok=True)
+            directory.mkdir(mode=DIR_MODE, exist_ok=True)
             self._made_dirs.add(directory.name)
 
     def _unlink(self, path: Path) -> None:
@@ -359,6 +361,19 @@ class DiskTier:
             log.warning(message, *args)
         else:
             log.debug(message, *args)
+
+
+def make_private_dir(directory: Path) -> None:
+    """Create the tier's directory readable by its user alone; narrow one of ours that is wider.
+
+    Entries hold KV, from which prompts can be recovered (layer 0's keys and values are a function of the
+    tokens): files are 0600 and directories 0700, so no other local user reads another tenant's KV.
+    """
+    directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+        os.chmod(directory, DIR_MODE)
+        log.info("disk tier: %s was readable by other users; now 0700", directory)
 
 
 def _starts_with(parts: list[memoryview], magic: bytes) -> bool:

@@ -148,8 +148,8 @@ class DiskPartials:
                 return self._unlink(path)
             temp = path.parent / f".{path.stem}p.{os.getpid()}.{threading.get_ident()}.tmp"
             try:
-                path.parent.mkdir(exist_ok=True)
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                path.parent.mkdir(mode=0o700, exist_ok=True)
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
                 try:
                     view = memoryview(encode_index(parent, children))
                     while view:
