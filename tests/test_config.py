@@ -90,3 +90,13 @@ def test_tier_codecs_inherit_the_default_codec() -> None:
     config = KVMeshConfig.from_mapping({"codec": "lossless", "redis_codec": "cachegen:key_bits=6"})
     assert config.tier_codec("disk") == "lossless"
     assert config.tier_codec("redis") == "cachegen:key_bits=6"
+
+
+def test_kvmeshs_own_other_variables_are_not_read_as_keys(tmp_path: Path) -> None:
+    """KVMESH_FINGERPRINT_CACHE (which the docs name) once stopped every kvmesh process as an unknown key."""
+    env = {"KVMESH_FINGERPRINT_CACHE": str(tmp_path / "digests.json"), "KVMESH_L1_SIZE": "1GiB"}
+    assert KVMeshConfig.load(env=env).l1_size == 1 << 30
+    with pytest.raises(ConfigError, match="fingerprint_cach"):
+        KVMeshConfig.load(env={"KVMESH_FINGERPRINT_CACH": "x"})  # a typo still stops start-up, named
+    docs = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    assert "`KVMESH_FINGERPRINT_CACHE`" in docs

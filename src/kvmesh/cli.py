@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvmesh.config import DAEMON_KEYS, ConfigError, KVMeshConfig, describe_keys
+from kvmesh.config import DAEMON_KEYS, OTHER_ENV_VARS, ConfigError, KVMeshConfig, describe_keys
 from kvmesh.integrations.vllm.serve import DEFAULT_DISK_DIR
 
 app = typer.Typer(help="kvmesh: a KV-cache layer for LLM serving engines.", no_args_is_help=True,
@@ -382,7 +382,9 @@ def configuration_markdown() -> str:
         "",
         "1. built-in defaults;",
         "2. a YAML file named by `KVMESH_CONFIG` (a mapping of the keys below);",
-        "3. environment variables `KVMESH_<KEY>` (upper case);",
+        "3. environment variables `KVMESH_<KEY>` (upper case; "
+        + ", ".join(f"`{name}` ({what})" for name, what in OTHER_ENV_VARS.items())
+        + " are not keys);",
         "4. an explicit mapping: vLLM's `kv_connector_extra_config`, or `--set KEY=VALUE` on the command line.",
         "",
         "An unknown key or a bad value stops start-up with a message naming the key and what is allowed.",

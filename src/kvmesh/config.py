@@ -23,6 +23,13 @@ import yaml
 
 ENV_PREFIX = "KVMESH_"
 CONFIG_FILE_ENV = "KVMESH_CONFIG"
+# kvmesh's environment variables that are not configuration keys (what each is for); every other KVMESH_*
+# variable names a key, and an unknown one stops start-up (a typo must not be ignored)
+OTHER_ENV_VARS: dict[str, str] = {
+    CONFIG_FILE_ENV: "a YAML file of configuration keys",
+    "KVMESH_FINGERPRINT_CACHE": "where model fingerprints remember file digests "
+                                "(default ~/.cache/kvmesh/fingerprints.json)",
+}
 
 
 class ConfigError(ValueError):
@@ -316,7 +323,7 @@ class KVMeshConfig:
     def from_env(cls, env: Mapping[str, str], base: KVMeshConfig | None = None) -> KVMeshConfig:
         values = {}
         for name, raw in env.items():
-            if not name.startswith(ENV_PREFIX) or name == CONFIG_FILE_ENV:
+            if not name.startswith(ENV_PREFIX) or name in OTHER_ENV_VARS:
                 continue
             values[name[len(ENV_PREFIX):].lower()] = raw
         return cls.from_mapping(values, source="environment (KVMESH_*)", base=base)

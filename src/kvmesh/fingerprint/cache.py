@@ -17,7 +17,7 @@ from typing import Any
 
 log = logging.getLogger("kvmesh.fingerprint")
 
-CACHE_ENV = "KVMESH_FINGERPRINT_CACHE"
+CACHE_ENV = "KVMESH_FINGERPRINT_CACHE"  # listed in config.OTHER_ENV_VARS: not a configuration key
 DEFAULT_CACHE_PATH = "~/.cache/kvmesh/fingerprints.json"
 _CACHE_FORMAT = 1
 
