@@ -72,11 +72,17 @@ class Busy:
         self.thread.join()
 
 
-def test_writes_behind_wait_while_engines_are_served(tmp_path: Path) -> None:
+def _gated_store(tmp_path: Path, l1_bytes: int) -> tuple[TieredStore, DiskTier, QuietGate]:
+    """A store writing behind to a real disk tier, held back by a gate that waits for 0.2 s of quiet."""
     gate = QuietGate(0.2)
     disk = DiskTier(tmp_path, 64 * MiB)
-    store = TieredStore(MemoryTier(8 * MiB, memoryview(bytearray(8 * MiB))), [disk], prefetch=False,
+    store = TieredStore(MemoryTier(l1_bytes, memoryview(bytearray(l1_bytes))), [disk], prefetch=False,
                         quiet_gate=gate)
+    return store, disk, gate
+
+
+def test_writes_behind_wait_while_engines_are_served(tmp_path: Path) -> None:
+    store, disk, gate = _gated_store(tmp_path, 8 * MiB)
     with Busy(gate):
         assert store.put(b"k" * 16, _chunk(0))
         time.sleep(0.5)
@@ -87,11 +93,8 @@ def test_writes_behind_wait_while_engines_are_served(tmp_path: Path) -> None:
 
 
 def test_a_backlogged_queue_is_written_even_while_engines_are_served(tmp_path: Path) -> None:
-    gate = QuietGate(0.2)
-    disk = DiskTier(tmp_path, 64 * MiB)
     # L1 of 2 MiB: the queue may hold 1 MiB and is written anyway from 512 KiB on (8 chunks of 64 KiB)
-    store = TieredStore(MemoryTier(2 * MiB, memoryview(bytearray(2 * MiB))), [disk], prefetch=False,
-                        quiet_gate=gate)
+    store, disk, gate = _gated_store(tmp_path, 2 * MiB)
     with Busy(gate):
         for seed in range(10):
             assert store.put(bytes([seed]) * 16, _chunk(seed))

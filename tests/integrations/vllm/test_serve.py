@@ -48,3 +48,13 @@ def test_the_package_path_of_earlier_configurations_still_names_the_connector() 
     assert package.KVMeshConnector is KVMeshConnector
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         _ = package.Nope
+
+
+def test_the_connector_refuses_a_policy_that_fails_requests_on_a_cache_fault() -> None:
+    from kvmesh.integrations.vllm.connector import require_recompute_policy
+    from kvmesh.integrations.vllm.serve import CONNECTOR
+
+    require_recompute_policy(CONNECTOR["kv_load_failure_policy"])  # what kvmesh serve passes
+    for policy in ("fail", None):
+        with pytest.raises(ValueError, match="kv_load_failure_policy 'recompute', got"):
+            require_recompute_policy(policy)

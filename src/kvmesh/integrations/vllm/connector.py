@@ -79,12 +79,24 @@ class KVMeshConnectorMetadata(KVConnectorMetadata):
     saves: list[SavePlan] = field(default_factory=list)
 
 
+def require_recompute_policy(policy: object) -> None:
+    """Refuse to start unless vLLM recomputes what a failed load did not bring.
+
+    A cache fault (an expired lease, a daemon restarted between lookup and load) is a load failure that
+    kvmesh reports; with vLLM's default policy, ``fail``, each one fails a user's request.
+    """
+    if policy != "recompute":
+        raise ValueError(f"kvmesh needs vLLM's kv_load_failure_policy 'recompute', got {policy!r}: add "
+                         '"kv_load_failure_policy":"recompute" to --kv-transfer-config (kvmesh serve sets it)')
+
+
 class KVMeshConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.config = KVMeshConfig.load(extra)
+        require_recompute_policy(getattr(self._kv_transfer_config, "kv_load_failure_policy", "fail"))
         _log_to_engine_log(self.config.log_level)
         model = str(vllm_config.model_config.model)
         engine: dict[str, Any] = {"model": model, "role": role.name.lower(), "pid": os.getpid()}
