@@ -83,12 +83,16 @@ def model_path(set_: SetOption = None) -> None:
 def daemon(set_: SetOption = None) -> None:
     """Run the node daemon in the foreground (engines auto-start one when none runs)."""
     from kvmesh.daemon.service import DaemonAlreadyRunning, run_daemon
+    from kvmesh.tiers.shm import SharedMemoryTooSmall
 
     config = _load_config(set_)
     try:
         run_daemon(config)
     except DaemonAlreadyRunning as err:
         err_console.print(f"[red]kvmesh daemon: {err}[/red]")
+        raise typer.Exit(1) from None
+    except SharedMemoryTooSmall as err:
+        err_console.print(f"[red]kvmesh daemon: {err.strerror}[/red]")
         raise typer.Exit(1) from None
 
 

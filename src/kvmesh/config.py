@@ -157,8 +157,9 @@ class KVMeshConfig:
         "Never exceeded: least recently used entries are evicted first.")
     l1_prefault: bool = _opt(
         True, parse_bool,
-        "Touch every page of the L1 segment when the daemon starts, so the first stores "
-        "copy at memory speed instead of paying page faults.")
+        "Map every page of the L1 segment when the daemon starts, so the first stores "
+        "copy at memory speed instead of paying page faults. The memory itself is reserved at start "
+        "either way: an L1 larger than /dev/shm's free space is refused, naming both.")
     disk_path: str = _opt(
         "", parse_str,
         "Directory of the L2 disk tier; empty turns it off. Entries survive daemon and engine restarts.")

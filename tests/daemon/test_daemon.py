@@ -149,3 +149,24 @@ def test_http_endpoint_serves_metrics_and_health(tmp_path) -> None:
             assert health["status"] == "ok" and health["l1_entries"] == 4
         finally:
             http_client.shutdown_daemon()
+
+
+def test_an_l1_larger_than_dev_shm_is_refused_naming_the_setting_and_the_free_space(tmp_path) -> None:
+    """On a container's 64 MiB /dev/shm an L1 of 1 GiB once started, and the first write past 64 MiB was a
+    SIGBUS in whichever process wrote (the engine's worker included)."""
+    import os
+
+    from kvmesh.tiers.shm import SHM_DIR
+
+    stats = os.statvfs(SHM_DIR)
+    too_big = stats.f_bavail * stats.f_frsize + (1 << 30)
+    config = KVMeshConfig.from_mapping({"socket_dir": str(tmp_path / "sock"), "instance": "shm-too-small",
+                                        "l1_size": too_big, "l1_prefault": False, "http_port": 0})
+    done = subprocess.run([sys.executable, "-m", "kvmesh.cli", "daemon", "--set", f"socket_dir={tmp_path / 'sock'}",
+                           "--set", "instance=shm-too-small", "--set", f"l1_size={too_big}", "--set",
+                           "l1_prefault=false", "--set", "http_port=0"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    message = " ".join(done.stderr.split())
+    assert "does not fit /dev/shm" in message and "GiB free of" in message and "l1_size" in message
+    assert not (SHM_DIR / config.shm_name()).exists()  # nothing left behind

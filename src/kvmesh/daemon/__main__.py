@@ -25,6 +25,7 @@ def main() -> int:
 
     from kvmesh.config import ConfigError, KVMeshConfig
     from kvmesh.daemon.service import DaemonAlreadyRunning, run_daemon
+    from kvmesh.tiers.shm import SharedMemoryTooSmall
 
     try:
         config = KVMeshConfig.load(json.loads(args.config_json))
@@ -35,6 +36,9 @@ def main() -> int:
     except DaemonAlreadyRunning as err:
         print(f"kvmesh daemon: {err}", file=sys.stderr)
         return 0
+    except SharedMemoryTooSmall as err:
+        print(f"kvmesh daemon: {err.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 
