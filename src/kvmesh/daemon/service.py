@@ -27,6 +27,7 @@ from typing import Any
 from kvmesh import __version__, wire
 from kvmesh.config import KVMeshConfig
 from kvmesh.daemon.metrics import DaemonMetrics, start_http
+from kvmesh.entry import EntryMeta, EntryMetaError
 from kvmesh.store import LeaseTable, TieredStore
 from kvmesh.store.build import build_lower_tiers
 from kvmesh.store.quiet import QuietGate
@@ -162,6 +163,14 @@ class NodeDaemon:
         return wire.LookupReply(hits, partials, sorted(located.below_l1))
 
     def _op_reserve(self, request: wire.Reserve, session: _Session) -> wire.ReserveReply:
+        for index, item in enumerate(request.items):  # all checked before any is reserved
+            try:
+                described = EntryMeta.decode(item.meta).nbytes
+            except EntryMetaError as err:
+                raise ProtocolError(f"reserve.items[{index}].meta: {err}") from None
+            if item.nbytes != described:  # a client bug or version skew: never an extent of the wrong size
+                raise ProtocolError(f"reserve.items[{index}].nbytes: {item.nbytes} bytes for an entry "
+                                    f"whose description says {described}")
         results = []
         for item in request.items:
             reservation = self.store.reserve(item.key, item.nbytes, item.meta, item.parent,

@@ -324,3 +324,42 @@ def test_kv_caches_off_the_cpu_are_refused_at_start(tmp_path: Path) -> None:
               for i in range(SHAPE.layout.num_layers)}
     with pytest.raises(UnsupportedEngine, match="KV cache is on meta.*GPU engines are not supported yet"):
         worker.register(layers, BLOCKS)
+
+
+def test_a_stored_entry_that_does_not_fit_the_engines_pages_is_a_load_failure(config: KVMeshConfig) -> None:
+    """Its description is checked against its extent and the engine's pages before any page is copied."""
+    from kvmesh.entry import EntryMeta
+    from kvmesh.integrations.vllm.worker import StoredEntryMismatch
+    from kvmesh.wire import ExtentRef
+
+    engine = Engine(config)
+    page = (1, BLOCK, 16)
+
+    def extent(meta: EntryMeta, nbytes: int | None = None) -> ExtentRef:
+        return ExtentRef(0, meta.nbytes if nbytes is None else nbytes, meta.encode())
+
+    good = EntryMeta("bfloat16", (2, 2, *page), "opaque")
+    engine.worker._check_fits(extent(good), 2)  # fits: no error
+    for bad, needed, fragment in [
+        (extent(good, good.nbytes * 2), 2, "describes"),  # the entry says it is smaller than its extent
+        (extent(EntryMeta("float32", (2, 2, *page), "opaque")), 2, "holds float32"),
+        (extent(EntryMeta("bfloat16", (2, 1, *page), "opaque")), 2, "holds 1 pages where the load reads 2"),
+        (extent(EntryMeta("bfloat16", (3, 2, *page), "opaque")), 2, "has shape"),
+    ]:
+        with pytest.raises(StoredEntryMismatch, match=fragment):
+            engine.worker._check_fits(bad, needed)
+
+
+def test_the_daemon_refuses_a_reservation_whose_size_is_not_its_entrys(config: KVMeshConfig) -> None:
+    from kvmesh import wire
+    from kvmesh.client import DaemonError
+    from kvmesh.entry import EntryMeta
+
+    meta = EntryMeta("bfloat16", (2, 2, 1, BLOCK, 16), "opaque")
+    with KVMeshClient(config) as client:
+        item = wire.ReserveItem(b"r" * 16, meta.nbytes + 4096, meta.encode(), None, 0)
+        with pytest.raises(DaemonError, match=r"reserve.items\[0\].nbytes"):
+            client._call(wire.Reserve([item]))
+        assert client.stats()["l1"]["entries"] == 0
+        with pytest.raises(DaemonError, match=r"reserve.items\[0\].meta"):
+            client._call(wire.Reserve([wire.ReserveItem(b"s" * 16, 64, "not a description", None, 0)]))

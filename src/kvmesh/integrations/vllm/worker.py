@@ -20,11 +20,12 @@ import torch
 
 from kvmesh.client import CacheFault, LeaseLost
 from kvmesh.config import KVMeshConfig
-from kvmesh.entry import EntryMeta
+from kvmesh.entry import EntryMeta, EntryMetaError
 from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
 from kvmesh.integrations.vllm.engine_shape import EngineKVShape
 from kvmesh.integrations.vllm.planner import LoadPlan, SavePlan
 from kvmesh.page_copy import PageJob, move_pages
+from kvmesh.wire import ExtentRef
 
 log = logging.getLogger("kvmesh.vllm")
 
@@ -107,10 +108,8 @@ class WorkerSide:
                 transfer, extent = chunk.transfer, chunk.extent
                 if extent is None:
                     continue  # reported failed above
+                self._check_fits(extent, transfer.first_page + len(transfer.block_ids))
                 entry = client.view(extent.offset, extent.meta, plan.lease.epoch)
-                if entry.shape[0] != len(self.layers) or tuple(entry.shape[2:]) != self.page_shape:
-                    raise StoredEntryMismatch(f"stored pages {tuple(entry.shape)} under this engine's "
-                                              f"namespace do not fit its pages {self.page_shape}")
                 pages = entry[:, transfer.first_page:transfer.first_page + len(transfer.block_ids)]
                 jobs.append((pages, torch.tensor(transfer.block_ids, dtype=torch.long)))
         except ABSORBED as err:  # the daemon restarted since the lease: its offsets name nothing now
@@ -138,6 +137,33 @@ class WorkerSide:
                             "recomputes those tokens (raise lease_seconds if this repeats)",
                             LeaseLost(plan.lease.lease_id))
             self._fail_all(plan)
+
+    def _check_fits(self, extent: ExtentRef, pages_needed: int) -> None:
+        """The pinned entry's description against its extent and this engine's pages, before any copy.
+
+        An entry that says it is larger than its extent, holds another dtype, other pages or fewer pages than
+        the plan reads would make ``index_copy_`` read a neighbour's bytes or fail inside the engine: it is
+        a corrupt entry (a client bug, version skew), so a load failure that vLLM recomputes.
+        """
+        try:
+            meta = EntryMeta.decode(extent.meta)
+        except EntryMetaError as err:
+            raise StoredEntryMismatch(f"a stored entry's description is unreadable: {err}") from None
+        shape = meta.shape
+        problems = []
+        if meta.nbytes != extent.nbytes:
+            problems.append(f"describes {meta.nbytes} bytes in an extent of {extent.nbytes}")
+        if meta.dtype != self.shape.layout.dtype:
+            problems.append(f"holds {meta.dtype}, the engine's pages {self.shape.layout.dtype}")
+        if len(shape) != 2 + len(self.page_shape) or shape[0] != len(self.layers) \
+                or tuple(shape[2:]) != self.page_shape:
+            problems.append(f"has shape {shape}, not [{len(self.layers)}, pages, "
+                            f"{', '.join(map(str, self.page_shape))}]")
+        elif shape[1] < pages_needed:
+            problems.append(f"holds {shape[1]} pages where the load reads {pages_needed}")
+        if problems:
+            raise StoredEntryMismatch("a stored entry under this engine's namespace does not fit its pages: "
+                                      + "; ".join(problems))
 
     def _fail_all(self, plan: LoadPlan) -> None:
         for chunk in plan.chunks:
