@@ -100,3 +100,14 @@ def test_kvmeshs_own_other_variables_are_not_read_as_keys(tmp_path: Path) -> Non
         KVMeshConfig.load(env={"KVMESH_FINGERPRINT_CACH": "x"})  # a typo still stops start-up, named
     docs = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     assert "`KVMESH_FINGERPRINT_CACHE`" in docs
+
+
+def test_secrets_are_shown_masked() -> None:
+    from kvmesh.config import masked, shown
+
+    assert shown("redis_url", "rediss://user:pa/ss@w@host:6380/0") == "rediss://***@host:6380/0"
+    assert shown("redis_url", "redis://host:6379") == "redis://host:6379"
+    config = KVMeshConfig.from_mapping({"redis_url": "redis://:hunter2@h:1/0", "tenant_salt": "acme"})
+    shown_settings = config.shown_dict()
+    assert shown_settings["redis_url"] == "redis://***@h:1/0" and shown_settings["tenant_salt"] == "***"
+    assert "hunter2" not in str(masked(config.daemon_settings()))

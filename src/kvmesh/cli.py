@@ -369,7 +369,7 @@ def bench_run(
 @config_app.command("show")
 def config_show(set_: SetOption = None) -> None:
     """Print the effective configuration (defaults < $KVMESH_CONFIG < KVMESH_* < --set)."""
-    print(json.dumps(_load_config(set_).to_dict(), indent=2))
+    print(json.dumps(_load_config(set_).shown_dict(), indent=2))
 
 
 @config_app.command("docs")

@@ -365,6 +365,10 @@ class KVMeshConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def shown_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with secrets masked: what may be printed."""
+        return masked(self.to_dict())
+
     def daemon_settings(self) -> dict[str, Any]:
         """The settings a node daemon runs with: every engine that shares it must agree on them."""
         return {key: getattr(self, key) for key in DAEMON_KEYS}
@@ -388,16 +392,32 @@ DAEMON_KEYS: tuple[str, ...] = (
 def describe_mismatch(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
     """``key: this engine's value vs the daemon's`` for every daemon setting that differs (secrets masked)."""
     lines = []
-    for key in DAEMON_KEYS:
-        if key in theirs and mine.get(key) != theirs[key]:
-            lines.append(f"{key}={_shown(key, mine.get(key))!r} here, {_shown(key, theirs[key])!r} in the daemon")
+    for key in DAEMON_KEYS:  # the daemon sends its settings masked: compare them masked
+        if key in theirs and shown(key, mine.get(key)) != theirs[key]:
+            lines.append(f"{key}={shown(key, mine.get(key))!r} here, {theirs[key]!r} in the daemon")
+    if not lines and any(key in SECRET_KEYS for key in DAEMON_KEYS):
+        lines.append("a secret setting (" + ", ".join(k for k in DAEMON_KEYS if k in SECRET_KEYS)
+                     + ") differs beyond what may be shown")
     return lines
 
 
-def _shown(key: str, value: Any) -> Any:
+# settings that must never be shown or put in a command line (ps shows every user's): a Redis URL may hold a
+# password, the tenant salt separates tenants.  They travel through the environment or a pipe instead.
+SECRET_KEYS: tuple[str, ...] = ("redis_url", "tenant_salt")
+
+
+def shown(key: str, value: Any) -> Any:
+    """``value`` as it may be printed: a Redis URL without its credentials, a tenant salt hidden."""
     if key == "redis_url" and isinstance(value, str):
-        return re.sub(r"//([^@/]*)@", "//***@", value)
+        return re.sub(r"//.*@", "//***@", value)  # up to the last "@": a password may hold "/" or "@"
+    if key in SECRET_KEYS and value:
+        return "***"
     return value
+
+
+def masked(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings with every secret shown masked (``kvmesh config show``, ``kvmesh stats``, ``hello``)."""
+    return {key: shown(key, value) for key, value in settings.items()}
 
 
 def _default_socket_dir() -> Path:

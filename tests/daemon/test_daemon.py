@@ -170,3 +170,20 @@ def test_an_l1_larger_than_dev_shm_is_refused_naming_the_setting_and_the_free_sp
     message = " ".join(done.stderr.split())
     assert "does not fit /dev/shm" in message and "GiB free of" in message and "l1_size" in message
     assert not (SHM_DIR / config.shm_name()).exists()  # nothing left behind
+
+
+def test_a_spawned_daemons_command_line_and_replies_hold_no_secret(tmp_path) -> None:
+    import os
+    from pathlib import Path
+
+    config = KVMeshConfig.from_mapping({"socket_dir": str(tmp_path / "sock"), "instance": "secrets",
+                                        "l1_size": "16MiB", "l1_prefault": False, "http_port": 0,
+                                        "tenant_salt": "tenant-secret-salt"})
+    with KVMeshClient(config) as client:  # starts the daemon
+        try:
+            cmdline = Path(f"/proc/{client.daemon_pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            assert "kvmesh.daemon" in cmdline and "tenant-secret-salt" not in cmdline
+            assert "tenant-secret-salt" not in str(client.info())
+        finally:
+            client.shutdown_daemon()
+    assert os.environ.get("KVMESH_TENANT_SALT") is None

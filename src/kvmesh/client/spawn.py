@@ -63,11 +63,14 @@ def _spawn_daemon(config: KVMeshConfig) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     log.info("starting kvmesh daemon for instance %s", config.instance)
     with open(daemon_log_path(config), "ab") as out:
+        # the settings go through a pipe, not the command line: every user's `ps` shows command lines
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "kvmesh.daemon", "--detach",
-             "--config-json", json.dumps(config.to_dict())],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+            [sys.executable, "-m", "kvmesh.daemon", "--detach", "--config-stdin"],
+            stdin=subprocess.PIPE, stdout=out, stderr=out, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert launcher.stdin is not None
+        launcher.stdin.write(json.dumps(config.to_dict()).encode())
+        launcher.stdin.close()
     launcher.wait(timeout=30)  # returns as soon as the daemon has forked away
 
 

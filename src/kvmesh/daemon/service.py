@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvmesh import __version__, wire
-from kvmesh.config import KVMeshConfig
+from kvmesh.config import KVMeshConfig, masked
 from kvmesh.daemon.metrics import DaemonMetrics, start_http
 from kvmesh.entry import EntryMeta, EntryMetaError
 from kvmesh.store import LeaseTable, TieredStore
@@ -139,7 +139,7 @@ class NodeDaemon:
             with self._store_lock:
                 self._sessions.add(session)
         return wire.HelloReply(__version__, PROTOCOL_VERSION, os.getpid(), self.epoch, self.segment.name,
-                               self.segment.size, self.config.daemon_digest(), self.config.daemon_settings())
+                               self.segment.size, self.config.daemon_digest(), masked(self.config.daemon_settings()))
 
     def _op_lookup(self, request: wire.Lookup, session: _Session) -> wire.LookupReply:
         """Consecutive hits from the first key, and the partial entries that could extend them.
@@ -247,7 +247,8 @@ class NodeDaemon:
         with self._store_lock:
             engines = [dict(s.engine) for s in self._sessions]
         return wire.StatsReply({name: stats.to_dict() for name, stats in self.store.stats().items()},
-                               self.metrics.snapshot(), len(self.leases), self.config.daemon_settings(), engines)
+                               self.metrics.snapshot(), len(self.leases), masked(self.config.daemon_settings()),
+                               engines)
 
     def _op_shutdown(self, request: wire.Shutdown, session: _Session) -> wire.Done:
         self.shutdown()

@@ -58,3 +58,17 @@ def test_the_connector_refuses_a_policy_that_fails_requests_on_a_cache_fault() -
     for policy in ("fail", None):
         with pytest.raises(ValueError, match="kv_load_failure_policy 'recompute', got"):
             require_recompute_policy(policy)
+
+
+def test_secrets_reach_vllm_through_its_environment_not_its_command_line() -> None:
+    """Every user of the machine reads every command line (ps): a Redis password or a tenant salt there leaks."""
+    from kvmesh.config import KVMeshConfig
+
+    url = "redis://kv:pa/ss@word@cache-host:6379/0"
+    command = build_serve_command("m", [], {"redis_url": url, "tenant_salt": "acme-salt"})
+    line = " ".join(command.argv)
+    assert "pa/ss" not in line and "acme-salt" not in line
+    assert command.env["KVMESH_REDIS_URL"] == url and command.env["KVMESH_TENANT_SALT"] == "acme-salt"
+    transfer = json.loads(command.argv[command.argv.index("--kv-transfer-config") + 1])
+    config = KVMeshConfig.load(transfer["kv_connector_extra_config"], env=command.env)  # as the connector reads it
+    assert config.redis_url == url and config.tenant_salt == "acme-salt"

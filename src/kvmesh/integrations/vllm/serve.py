@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvmesh.config import KVMeshConfig
+from kvmesh.config import SECRET_KEYS, KVMeshConfig
 from kvmesh.machine_dtype import DtypeChoice, with_machine_dtype
 
 CONNECTOR = {"kv_connector": "KVMeshConnector", "kv_connector_module_path": "kvmesh.integrations.vllm.connector",
@@ -53,11 +53,13 @@ def build_serve_command(model: str, vllm_args: Sequence[str], overrides: dict[st
         raise ValueError("kvmesh serve sets --kv-transfer-config itself; pass kvmesh settings with --set KEY=VALUE")
     # without --dtype, the dtype this CPU runs fast (fp32 where bf16 is only emulated: ~4x faster prefill)
     engine_args, dtype_choice = with_machine_dtype(vllm_args)
+    settings = serve_settings(overrides) if embedded_defaults else dict(overrides)
+    kv_transfer_config(settings)  # every key checked, secrets included, before any leaves the command line
+    # secrets reach the connector through vLLM's environment (readable by this user alone), never its argv
+    secrets = {f"KVMESH_{key.upper()}": str(settings.pop(key)) for key in SECRET_KEYS if settings.get(key)}
     argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-            "--kv-transfer-config",
-            json.dumps(kv_transfer_config(serve_settings(overrides) if embedded_defaults else overrides)),
-            *engine_args]
-    env = dict(os.environ)
+            "--kv-transfer-config", json.dumps(kv_transfer_config(settings)), *engine_args]
+    env = {**os.environ, **secrets}
     # vLLM-CPU keeps a core for its scheduler unless told otherwise; kvmesh wants both for prefill.
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     return ServeCommand(argv, env, dtype_choice)
