@@ -83,6 +83,7 @@ def model_path(set_: SetOption = None) -> None:
 def daemon(set_: SetOption = None) -> None:
     """Run the node daemon in the foreground (engines auto-start one when none runs)."""
     from kvmesh.daemon.service import DaemonAlreadyRunning, run_daemon
+    from kvmesh.socket_dir import UntrustedPath
     from kvmesh.tiers.shm import SharedMemoryTooSmall
 
     config = _load_config(set_)
@@ -91,8 +92,8 @@ def daemon(set_: SetOption = None) -> None:
     except DaemonAlreadyRunning as err:
         err_console.print(f"[red]kvmesh daemon: {err}[/red]")
         raise typer.Exit(1) from None
-    except SharedMemoryTooSmall as err:
-        err_console.print(f"[red]kvmesh daemon: {err.strerror}[/red]")
+    except (SharedMemoryTooSmall, UntrustedPath) as err:
+        err_console.print(f"[red]kvmesh daemon: {err.strerror or err}[/red]")
         raise typer.Exit(1) from None
 
 

@@ -32,6 +32,7 @@ from kvmesh.client.spawn import connect, wait_for_lock_release
 from kvmesh.config import KVMeshConfig, describe_mismatch
 from kvmesh.entry import EntryMeta, dtype_name
 from kvmesh.keys import ChunkKey
+from kvmesh.socket_dir import UntrustedPath
 from kvmesh.tensorbytes import copy_tensor
 from kvmesh.tiers.shm import SharedSegment
 from kvmesh.wire import (
@@ -113,11 +114,13 @@ class KVMeshClient:
         self.epoch = ""
         try:
             self._open()
+        except UntrustedPath:
+            raise  # an unsafe socket directory or peer: refused, loudly, not a missing daemon
         except OSError:  # reached a daemon that was just stopping: start or find the next
             time.sleep(0.2)
             try:
                 self._open()
-            except DaemonUnavailable:
+            except (DaemonUnavailable, UntrustedPath):
                 raise
             except OSError as err:
                 raise DaemonUnavailable(f"cannot reach the kvmesh daemon on {self.config.socket_path()}: {err}") \

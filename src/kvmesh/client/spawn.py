@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kvmesh.client.faults import DaemonUnavailable
 from kvmesh.config import KVMeshConfig
+from kvmesh.socket_dir import UntrustedPath, check_peer, open_private, peer_uid, private_dir
 
 log = logging.getLogger("kvmesh.client")
 
@@ -38,6 +39,8 @@ def connect(config: KVMeshConfig) -> socket.socket:
             "or set autostart_daemon: true")
     try:
         _spawn_daemon(config)
+    except UntrustedPath:
+        raise  # not a fault of the cache: the setup is unsafe, and says so
     except (OSError, subprocess.SubprocessError) as err:  # no socket directory, no process: no daemon
         raise DaemonUnavailable(f"cannot start a kvmesh daemon for {path}: {err}") from err
     started = time.monotonic()
@@ -60,9 +63,10 @@ def daemon_log_path(config: KVMeshConfig) -> str:
 
 def _spawn_daemon(config: KVMeshConfig) -> None:
     path = config.socket_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path.parent)  # this user's own, 0700, or refused (socket_dir.py)
     log.info("starting kvmesh daemon for instance %s", config.instance)
-    with open(daemon_log_path(config), "ab") as out:
+    log_fd = open_private(Path(daemon_log_path(config)), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    with os.fdopen(log_fd, "ab") as out:
         # the settings go through a pipe, not the command line: every user's `ps` shows command lines
         launcher = subprocess.Popen(
             [sys.executable, "-m", "kvmesh.daemon", "--detach", "--config-stdin"],
@@ -77,7 +81,7 @@ def _spawn_daemon(config: KVMeshConfig) -> None:
 def daemon_holds_lock(lock_path: Path) -> bool:
     """True while some process (a starting or running daemon) holds the instance's lock."""
     try:
-        with open(lock_path, "a") as lock:
+        with os.fdopen(open_private(lock_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -113,10 +117,16 @@ def socket_is_live(path: Path) -> bool:
 
 
 def try_connect(path: str) -> socket.socket | None:
+    """A connection to the daemon at ``path``, None if none answers; a daemon of another user is refused."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
-        return sock
     except OSError:
         sock.close()
         return None
+    try:
+        check_peer(peer_uid(sock), f"the kvmesh daemon on {path}")
+    except UntrustedPath:
+        sock.close()
+        raise
+    return sock

@@ -29,6 +29,7 @@ def main() -> int:
 
     from kvmesh.config import ConfigError, KVMeshConfig
     from kvmesh.daemon.service import DaemonAlreadyRunning, run_daemon
+    from kvmesh.socket_dir import UntrustedPath
     from kvmesh.tiers.shm import SharedMemoryTooSmall
 
     try:
@@ -40,8 +41,8 @@ def main() -> int:
     except DaemonAlreadyRunning as err:
         print(f"kvmesh daemon: {err}", file=sys.stderr)
         return 0
-    except SharedMemoryTooSmall as err:
-        print(f"kvmesh daemon: {err.strerror}", file=sys.stderr)
+    except (SharedMemoryTooSmall, UntrustedPath) as err:
+        print(f"kvmesh daemon: {err.strerror or err}", file=sys.stderr)
         return 1
     return 0
 

@@ -28,6 +28,7 @@ from kvmesh import __version__, wire
 from kvmesh.config import KVMeshConfig, masked
 from kvmesh.daemon.metrics import DaemonMetrics, start_http
 from kvmesh.entry import EntryMeta, EntryMetaError
+from kvmesh.socket_dir import UntrustedPath, check_peer, open_private, peer_uid, private_dir
 from kvmesh.store import LeaseTable, TieredStore
 from kvmesh.store.build import build_lower_tiers
 from kvmesh.store.quiet import QuietGate
@@ -64,8 +65,9 @@ class NodeDaemon:
         self.config = config
         self.epoch = secrets.token_hex(8)  # changes at every start: offsets of an old segment mean nothing
         self.socket_path = config.socket_path()
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_file = open(self.socket_path.with_suffix(".lock"), "w")
+        private_dir(self.socket_path.parent)  # this user's own, 0700, or refused (socket_dir.py)
+        self._lock_file = os.fdopen(open_private(self.socket_path.with_suffix(".lock"), os.O_WRONLY | os.O_CREAT),
+                                    "w")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -280,6 +282,11 @@ class _Handler(socketserver.BaseRequestHandler):
         daemon: NodeDaemon = self.server.daemon  # type: ignore[attr-defined]
         session = _Session()
         sock: socket.socket = self.request
+        try:
+            check_peer(peer_uid(sock), "a client of this daemon")
+        except UntrustedPath as err:
+            log.warning("%s", err)
+            return
         try:
             while True:
                 try:
