@@ -12,7 +12,7 @@ import pytest
 import torch
 import xxhash
 
-from kvmesh.codecs import CorruptEntry, RawCodec, decode_any, entry_view, get_codec
+from kvmesh.codecs import CorruptEntry, RawCodec, UnreadableEntry, decode_any, entry_view, get_codec
 from kvmesh.codecs.base import FORMAT_VERSION, pack_entry, read_header
 from kvmesh.entry import EntryMeta
 
@@ -72,13 +72,17 @@ def test_format1_raw_entries_without_parameters_are_chunks_and_with_one_byte_nam
     assert torch.equal(decode_any(paged), tensor.view(2, 1, 1, 8, 8))
 
 
-def test_unknown_views_and_versions_are_corrupt_entries_naming_them() -> None:
+def test_unknown_views_and_versions_name_them_newer_ones_unreadable_not_corrupt() -> None:
+    """A newer writer's format, view or codec is intact, only unreadable here (a rolling upgrade)."""
     tensor = torch.zeros(1, 2, 4, 1, 8, dtype=torch.bfloat16)
-    with pytest.raises(CorruptEntry, match="KV view code 9"):
+    with pytest.raises(CorruptEntry, match="KV view code 9"):  # format 1 had no such code: damage
         read_header(_format1(bytes([9]), tensor))
     data = bytearray(get_codec("raw").encode(tensor))
     data[4:6] = struct.pack("<H", 3)
-    with pytest.raises(CorruptEntry, match="format version 3"):
+    with pytest.raises(UnreadableEntry, match="format version 3"):
+        read_header(bytes(data))
+    data[4:6] = struct.pack("<H", 0)
+    with pytest.raises(CorruptEntry, match="format version 0"):
         read_header(bytes(data))
     payload = tensor.view(torch.uint8).numpy().tobytes()
     good = pack_entry(1, EntryMeta.of(tensor), payload)
@@ -86,7 +90,7 @@ def test_unknown_views_and_versions_are_corrupt_entries_naming_them() -> None:
     forged[10] = 7  # the view code of format 2, after magic, version, codec id, dtype code and rank
     head = bytes(forged[:len(good) - len(payload) - 4])
     forged[len(head):len(head) + 4] = struct.pack("<I", xxhash.xxh32_intdigest(head))
-    with pytest.raises(CorruptEntry, match="KV view code 7"):
+    with pytest.raises(UnreadableEntry, match="KV view code 7"):
         read_header(bytes(forged))
 
 

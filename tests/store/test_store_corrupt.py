@@ -142,3 +142,36 @@ def test_a_redis_value_holding_another_keys_valid_entry_is_a_miss_deleted_and_co
     assert observer.faults == [("redis", "corrupt")]
     assert torch.equal(store.get(OTHER).view(torch.uint8), _other_chunk().view(torch.uint8))
     store.close()
+
+
+def _from_a_newer_kvmesh(raw: bytes, change: str) -> bytes:
+    """An intact entry as a newer kvmesh could write it: another format version, or an unknown codec id."""
+    import struct
+
+    import xxhash
+
+    from kvmesh.codecs.base import read_header
+
+    data = bytearray(raw)
+    if change == "format":
+        data[4:6] = struct.pack("<H", 9)
+        return bytes(data)
+    data[6] = 200  # the codec id (after magic and version); the header checksum recomputed as a writer would
+    header_end = read_header(raw).size - 4
+    data[header_end:header_end + 4] = struct.pack("<I", xxhash.xxh32_intdigest(bytes(data[:header_end])))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("change", ["format", "codec"])
+def test_an_entry_of_a_newer_kvmesh_is_a_miss_left_in_place_and_not_offered_again(tmp_path: Path,
+                                                                                  change: str) -> None:
+    """A rolling upgrade: what this node cannot read stays for the nodes that can, and costs no waiting."""
+    tier, observer = DiskTier(tmp_path, 64 * MiB), Faults()
+    store = _stored(tier, observer)
+    path = next(p for p in tmp_path.rglob("*") if p.is_file() and KEY.hex() in p.name)
+    path.write_bytes(_from_a_newer_kvmesh(path.read_bytes(), change))
+    assert store.lookup([KEY]) == 1  # on disk: this node does not know yet that it cannot read it
+    assert store.acquire(KEY) is None  # a miss
+    assert path.exists() and tier.contains(KEY)  # left in place: not damage
+    assert ("disk", "unreadable") in observer.faults and ("disk", "corrupt") not in observer.faults
+    assert store.lookup([KEY]) == 0  # no longer offered: a request does not wait on a promotion that fails

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kvmesh.codecs.base import Codec, CorruptEntry, EntryHeader, read_header
+from kvmesh.codecs.base import Codec, CorruptEntry, EntryHeader, UnreadableEntry, read_header
 from kvmesh.codecs.extras import MissingCodecDependency
 from kvmesh.codecs.kvview import ViewError
 from kvmesh.codecs.raw import RawCodec
@@ -108,12 +108,14 @@ def decode_any(data: bytes | memoryview, expected_shape: tuple[int, ...] | None 
     """
     header = read_header(data, expected_key)
     known = _BY_ID.get(header.codec_id)
-    if known is None:
-        raise CorruptEntry(f"entry was written by unknown codec id {header.codec_id}")
+    if known is None:  # its header checksum held: a codec of a newer kvmesh
+        raise UnreadableEntry(f"entry was written by codec id {header.codec_id}, which this kvmesh does not know")
     try:
         return _codec_class(known)().decode(data, expected_shape, expected_dtype, out)
     except ViewError as err:  # a checksummed entry whose KV view cannot hold its shape: a writer's bug
         raise CorruptEntry(f"entry's KV view does not fit it: {err}") from err
+    except MissingCodecDependency as err:
+        raise UnreadableEntry(f"entry cannot be decoded here: {err}") from None
 
 
 def entry_view(data: bytes | memoryview) -> str:
@@ -142,5 +144,5 @@ def encode_for_tier(codec: Codec, chunk: torch.Tensor, view: str, key: bytes) ->
 
 
 __all__ = ["CacheGenCodec", "Codec", "CorruptEntry", "DEFAULT_LOSSY", "EcqCodec", "Encoded", "Fp8Codec", "KiviCodec",
-           "LosslessCodec", "MissingCodecDependency", "RawCodec", "decode_any", "encode_for_tier", "entry_view",
-           "get_codec", "header_view"]
+           "LosslessCodec", "MissingCodecDependency", "RawCodec", "UnreadableEntry", "decode_any", "encode_for_tier",
+           "entry_view", "get_codec", "header_view"]

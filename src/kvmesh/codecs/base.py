@@ -29,6 +29,7 @@ from kvmesh.entry import VIEW_NAMES, VIEWS, EntryMeta
 
 MAGIC = b"KVMC"
 FORMAT_VERSION = 2
+NEWER_FORMATS = 16  # format versions above ours read as a newer kvmesh's; further ones as damage
 _PREFIX = struct.Struct("<4sH")  # magic, version: the same in every format
 # magic, version, codec id, dtype code, ndim, view code, key length, shape (5 x u32), params length,
 # payload length, checksum; the key, then the codec's parameters follow
@@ -39,6 +40,16 @@ MAX_KEY = 255  # bytes of a key the header can name (chunk keys are 16)
 
 DTYPE_CODES: dict[str, int] = {"bfloat16": 1, "float16": 2, "float32": 3}
 CODE_DTYPES = {code: name for name, code in DTYPE_CODES.items()}
+
+
+class UnreadableEntry(ValueError):
+    """An intact entry this node cannot read: a newer entry format, a codec id, dtype or KV view it does not
+    know, or a codec whose library is not installed here.
+
+    Not damage: during a rolling upgrade a newer node writes what an older one cannot read.  It is a miss
+    that leaves the entry where it is (for the nodes that can read it), never a :class:`CorruptEntry`,
+    which is deleted.
+    """
 
 
 class CorruptEntry(ValueError):
@@ -124,6 +135,8 @@ def read_header(data: bytes | memoryview, expected_key: bytes | None = None) -> 
     magic, version = _PREFIX.unpack_from(view)
     if magic != MAGIC:
         raise CorruptEntry(f"bad magic {bytes(magic)!r}: not a kvmesh entry")
+    if FORMAT_VERSION < version <= FORMAT_VERSION + NEWER_FORMATS:  # far beyond: a damaged field, below
+        raise UnreadableEntry(f"entry format version {version}, this kvmesh reads 1 to {FORMAT_VERSION}")
     if version not in (1, FORMAT_VERSION):
         raise CorruptEntry(f"entry format version {version}, this kvmesh reads 1 and {FORMAT_VERSION}")
     fixed = _FIXED if version == FORMAT_VERSION else _FIXED_V1
@@ -140,8 +153,10 @@ def read_header(data: bytes | memoryview, expected_key: bytes | None = None) -> 
     (stored,) = _HEADER_CHECKSUM.unpack_from(view, end)
     if xxhash.xxh32_intdigest(view[:end]) != stored:
         raise CorruptEntry("header checksum mismatch")
+    # checksummed codes this kvmesh does not know: a newer writer's, unless the format is older than ours
+    unknown = UnreadableEntry if version == FORMAT_VERSION else CorruptEntry
     if dtype_code not in CODE_DTYPES or ndim > 5:
-        raise CorruptEntry(f"unknown dtype code {dtype_code} or rank {ndim}")
+        raise unknown(f"unknown dtype code {dtype_code} or rank {ndim}")
     key = bytes(view[fixed.size:start])
     if expected_key is not None and key and key != expected_key:
         raise CorruptEntry(f"entry was written for key {key.hex()}, read for {expected_key.hex()}")
@@ -149,7 +164,7 @@ def read_header(data: bytes | memoryview, expected_key: bytes | None = None) -> 
     if view_code is None:  # format 1: the view led the codec's parameters; none at all meant chunk
         view_code, params = (params[0], params[1:]) if params else (VIEWS["chunk"], b"")
     if view_code not in VIEW_NAMES:
-        raise CorruptEntry(f"unknown KV view code {view_code}")
+        raise unknown(f"unknown KV view code {view_code}")
     meta = EntryMeta(CODE_DTYPES[dtype_code], tuple(shape_padded[:ndim]), VIEW_NAMES[view_code])
     return EntryHeader(codec_id, meta, params, payload_length, checksum, end + _HEADER_CHECKSUM.size, version, key)
 

@@ -20,7 +20,7 @@ from functools import partial
 
 import torch
 
-from kvmesh.codecs import CorruptEntry, decode_any
+from kvmesh.codecs import CorruptEntry, UnreadableEntry, decode_any
 from kvmesh.codecs.base import read_header
 from kvmesh.store.guard import TierGuard
 from kvmesh.store.threads import set_scheduling, start_thread
@@ -32,6 +32,7 @@ log = logging.getLogger("kvmesh.store")
 
 MAX_BATCH = 4  # keys a prefetch thread reads together (more would keep the other threads idle)
 WAIT_SECONDS = 30.0  # how long a reader waits for another thread's promotion of the same key
+MAX_UNREADABLE = 65536  # entries this node found it cannot read, remembered so lookups stop offering them
 
 
 class Promoter:
@@ -46,7 +47,8 @@ class Promoter:
         self._guard = guard
         self._observer = observer
         self._tensor_at = tensor_at
-        self._lock = threading.Lock()  # guards the two tables below
+        self._lock = threading.Lock()  # guards the tables below
+        self.unreadable: dict[bytes, None] = {}  # intact entries of a newer format or codec, oldest first
         self._queued: set[bytes] = set()
         self._promoting: dict[bytes, threading.Event] = {}
         self._queue: queue.Queue[bytes | None] = queue.Queue()
@@ -196,6 +198,9 @@ class Promoter:
         except CorruptEntry as err:
             self._drop_corrupt(lower, key, err)
             return False
+        except UnreadableEntry as err:
+            self._leave_unreadable(lower, key, err)
+            return False
         reservation = self._l1.reserve(key, meta.nbytes, meta.encode())
         if reservation.status is not ReserveStatus.OK or reservation.extent is None:
             return True
@@ -207,11 +212,27 @@ class Promoter:
             self._l1.abort(key)
             self._drop_corrupt(lower, key, err)
             return False
+        except UnreadableEntry as err:
+            self._l1.abort(key)
+            self._leave_unreadable(lower, key, err)
+            return False
         except BaseException:
             self._l1.abort(key)
             raise
         self._l1.commit(key)
         return True
+
+    def _leave_unreadable(self, lower: LowerTier, key: bytes, err: Exception) -> None:
+        """An intact entry this node cannot read (a rolling upgrade): a miss; the entry stays for others.
+
+        Counted as ``<tier>_unreadable`` and logged once; the key is remembered so that lookups stop
+        offering it (a request would otherwise wait for a promotion that cannot succeed).
+        """
+        self._guard.fault(lower.tier.name, "unreadable", err)
+        with self._lock:
+            self.unreadable[key] = None
+            while len(self.unreadable) > MAX_UNREADABLE:
+                self.unreadable.pop(next(iter(self.unreadable)))
 
     def _drop_corrupt(self, lower: LowerTier, key: bytes, err: Exception) -> None:
         tier = lower.tier

@@ -100,8 +100,11 @@ class TieredStore:
             return Located(count, [])
         self._admission.note_asked(keys[count:])
         position = count
-        while position < len(keys):
-            rest = keys[position:]
+        end = len(keys)
+        if self._promoter is not None and self._promoter.unreadable:  # what this node cannot read is a miss
+            end = next((i for i in range(count, len(keys)) if keys[i] in self._promoter.unreadable), end)
+        while position < end:
+            rest = keys[position:end]
             step = max(self._guard.call(t.tier.name, "lookup", partial(t.tier.lookup, rest), 0)
                        for t in self.lower)
             if step == 0:
