@@ -216,3 +216,21 @@ def test_an_engine_at_work_holds_writes_behind_back_and_an_observer_does_not(tmp
         for _ in range(20):  # an observer's questions do not hold the writer back
             observer.stats()
         assert observer.flush()["disk"]["stores"] == 3
+
+
+def test_a_lookup_that_misses_holds_writes_behind_until_the_engine_stores_what_it_computed(tmp_path: Path) -> None:
+    """A cold prefill sends nothing for seconds; its missed chunks keep the writer waiting until committed."""
+    import time
+
+    config = _config(tmp_path, disk_path=str(tmp_path / "disk"), prefetch=False, write_quiet_seconds=0.1)
+    stored = chunk_keys(list(range(4000, 4000 + 128)), NS, 128)
+    computing = chunk_keys(list(range(5000, 5000 + 2 * 128)), NS, 128)
+    with _daemon(config) as observer, \
+            KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config),
+                         engine={"role": "scheduler", "model": "m", "fingerprint": "fp"}) as engine:
+        engine.put(stored, _chunks(stored))  # queued to be written down
+        assert engine.lookup(computing) == 0  # a miss: the engine computes these two chunks now
+        time.sleep(0.6)  # long past the quiet period
+        assert observer.stats()["disk"]["stores"] == 0
+        engine.put(computing, _chunks(computing, seed=1))  # what the prefill computed, committed
+        assert observer.flush()["disk"]["stores"] == 3

@@ -51,6 +51,33 @@ def test_the_gate_waits_for_quiet_and_gives_up_when_told() -> None:
         QuietGate(-1)
 
 
+def test_chunks_an_engine_computes_hold_the_writer_until_they_arrive_or_time_out() -> None:
+    """A cold prefill sends no message for seconds: the chunks its lookup missed keep the writer waiting."""
+    clock = Clock()
+    gate = QuietGate(0.25, clock, hold_seconds=30)
+    gate.busy()
+    gate.expect([b"a", b"b"])
+    clock.now += 5  # long past the quiet period, the prefill still runs
+    assert gate.computing() == 2
+    steps = []
+
+    def give_up() -> bool:
+        steps.append(clock.now)
+        if len(steps) == 3:
+            gate.arrived([b"a", b"b"])  # the engine committed what it computed
+        clock.now += 0.01
+        return False
+
+    gate.wait_until_quiet(give_up, poll=0)
+    assert len(steps) == 3 and gate.computing() == 0
+    gate.expect([b"c"])
+    clock.now += 31  # a request cancelled mid-prefill never commits: the hold ends
+    assert gate.computing() == 0
+    gate.expect([b"d"])
+    assert gate.computing() == 1
+    assert QuietGate(0, clock).computing() == 0 and not QuietGate(0, clock).expect([b"e"])
+
+
 class Busy:
     """An engine sending the daemon a message every few milliseconds until stopped."""
 

@@ -158,6 +158,8 @@ class NodeDaemon:
             rest = sum(tokens[hits:])  # the prompt's tokens after the hits
             partials = [wire.PartialFound(child, count, self.store.l1.contains(child))
                         for child, count in self.store.partials(parent, rest)]
+        if session.engine and request.count and hits < len(keys):  # the engine computes the rest now
+            self.quiet.expect(keys[hits:])
         if tokens and request.count:  # a request asking again while it waits is not counted twice
             self.metrics.lookups.inc()
             self.metrics.lookup_tokens.inc(sum(tokens))
@@ -181,6 +183,7 @@ class NodeDaemon:
                 session.reserved.add(item.key)
                 results.append(wire.Reserved("ok", reservation.granted.offset))
             else:
+                self.quiet.arrived([item.key])  # already stored, or no room: it will not be committed
                 if reservation.status is ReserveStatus.NO_ROOM:
                     self.metrics.errors.labels("l1_no_room").inc()
                 results.append(wire.Reserved(reservation.status.value))
@@ -189,6 +192,7 @@ class NodeDaemon:
     def _op_commit(self, request: wire.Commit, session: _Session) -> wire.Done:
         for key in _own_reservations(request.keys, session):
             self.store.commit(key)
+        self.quiet.arrived(request.keys)
         return wire.Done()
 
     def _op_report_store(self, request: wire.ReportStore, session: _Session) -> wire.Done:
@@ -200,6 +204,7 @@ class NodeDaemon:
     def _op_abort(self, request: wire.Abort, session: _Session) -> wire.Done:
         for key in _own_reservations(request.keys, session):
             self.store.abort(key)
+        self.quiet.arrived(request.keys)
         return wire.Done()
 
     def _op_acquire(self, request: wire.Acquire, session: _Session) -> wire.AcquireReply:

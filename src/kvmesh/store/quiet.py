@@ -10,26 +10,62 @@ that answer the engine (the likely cause; not proven). So the writer now waits, 
 engine has sent the daemon a message for ``quiet_seconds``: requests are answered with the writer asleep. Under load
 that never pauses, the queue would only grow; once it holds ``force_fraction`` of its byte budget the writer
 writes anyway, so stores are delayed, not lost.
+
+A cold prefill sends no message while it computes (seconds), so quiet alone let the writer run during it.
+A lookup that misses therefore announces the chunks the engine is about to compute (``expect``), and the
+writer also waits until they are committed (or reserved and refused, or aborted: ``arrived``), at most
+``hold_seconds`` after the lookup (a request cancelled mid-prefill never commits).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+MAX_EXPECTED = 1 << 16
 
 
 class QuietGate:
     """When engines last talked to the daemon, and a wait until they have been quiet for a while."""
 
-    def __init__(self, quiet_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, quiet_seconds: float, clock: Callable[[], float] = time.monotonic,
+                 hold_seconds: float = 30.0) -> None:
         if quiet_seconds < 0:
             raise ValueError(f"quiet_seconds must be >= 0, got {quiet_seconds}")
         self.quiet_seconds = quiet_seconds
+        self.hold_seconds = hold_seconds
         self._clock = clock
         self._last = float("-inf")
         self._lock = threading.Lock()
+        self._expected: dict[bytes, float] = {}  # chunks an engine is computing -> until when to wait for them
         self.waits = 0  # how often the writer waited (a count, for tests and metrics)
+
+    def expect(self, keys: Iterable[bytes]) -> None:
+        """An engine missed these chunks and computes them now: hold back until they arrive (or time out)."""
+        if not self.quiet_seconds:
+            return
+        until = self._clock() + self.hold_seconds
+        with self._lock:
+            for key in keys:
+                self._expected[key] = until
+            if len(self._expected) > MAX_EXPECTED:  # never unbounded: the oldest expectations go first
+                for key in list(self._expected)[:len(self._expected) - MAX_EXPECTED]:
+                    del self._expected[key]
+
+    def arrived(self, keys: Iterable[bytes]) -> None:
+        """These chunks were committed, refused or aborted: nobody computes them any more."""
+        with self._lock:
+            for key in keys:
+                self._expected.pop(key, None)
+
+    def computing(self) -> int:
+        """How many chunks engines are still expected to store (expired expectations dropped)."""
+        now = self._clock()
+        with self._lock:
+            for key in [k for k, until in self._expected.items() if until <= now]:
+                del self._expected[key]
+            return len(self._expected)
 
     def busy(self) -> None:
         """An engine's message arrived: background work holds back for ``quiet_seconds`` from now."""
@@ -43,9 +79,10 @@ class QuietGate:
         while True:
             with self._lock:
                 remaining = self._last + self.quiet_seconds - self._clock()
-            if remaining <= 0 or give_up():
+            busy = remaining > 0 or self.computing() > 0
+            if not busy or give_up():
                 break
             waited = True
-            time.sleep(min(remaining, poll))
+            time.sleep(min(remaining, poll) if remaining > 0 else poll)
         if waited:
             self.waits += 1
