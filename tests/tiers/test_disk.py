@@ -538,3 +538,23 @@ def test_entries_and_indexes_are_readable_by_their_user_alone(tmp_path: Path) ->
     for path in paths:
         mode = path.stat().st_mode & 0o777
         assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
+
+
+def test_files_are_deleted_outside_the_lock_that_lookups_take(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evictions and deletes unlink files with the tier's lock released; the budget still holds on disk."""
+    tier = DiskTier(tmp_path, 3 * entry_size(10_000))
+    held_during_unlink = []
+    real_unlink = os.unlink
+
+    def watched_unlink(path, *args, **kwargs):
+        held_during_unlink.append(tier._lock.locked())
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(disk.os, "unlink", watched_unlink)
+    for i in range(6):  # the fourth and later evict the oldest
+        assert tier.put(_key(i), _payload(i, 10_000))
+        assert _disk_bytes(tmp_path) <= tier.capacity
+    assert tier.delete(_key(5))
+    assert len(held_during_unlink) >= 4 and not any(held_during_unlink)
+    assert tier.stats().evictions == 3

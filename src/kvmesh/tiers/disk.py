@@ -119,6 +119,7 @@ class DiskTier:
             payload, fault = None, f"corrupt entry {key.hex()}: {err}"
         except OSError as err:
             payload, fault = None, f"cannot read entry {key.hex()}: {err}"
+        gone: list[tuple[bytes, int]] = []
         with self._lock:
             if payload is not None:
                 self._stats.hits += 1
@@ -126,9 +127,12 @@ class DiskTier:
             self._stats.misses += 1
             if fault is not None:
                 self._stats.errors += 1
-                self._drop(key)
-            elif key in self._sizes and not self._path(key).exists():
-                self._forget(key)  # removed behind our back (another process, a person)
+                gone = self._take(key)
+            vanished = fault is None and key in self._sizes
+        if vanished and not self._path(key).exists():  # removed behind our back (another process, a person)
+            with self._lock:
+                self._forget(key)
+        self._delete_files(gone)
         if fault is not None:
             self._warn_once("read", "disk tier %s: dropped %s (further read faults are only counted)",
                             self.name, fault)
@@ -159,9 +163,10 @@ class DiskTier:
             if sum(self._writing.values()) + size > self.capacity:  # too big, or no evictable room
                 self._stats.rejected_stores += 1
                 return False
-            self._make_room(size)
+            victims = self._make_room(size)
             self._writing[key] = size
             self._used += size
+        self._delete_files(victims)  # outside the lock: lookups never wait on file I/O
         fault = self._write(key, payload)
         with self._lock:
             del self._writing[key]
@@ -185,8 +190,9 @@ class DiskTier:
         with self._lock:
             if key not in self._sizes:
                 return False
-            self._drop(key)
-            return True
+            gone = self._take(key)
+        self._delete_files(gone)
+        return True
 
     # ------------------------------------------------------- partial chunks
     def add_partial(self, parent: bytes, child: bytes, tokens: int) -> bool:
@@ -309,7 +315,7 @@ class DiskTier:
             self._sizes[key] = size
             self._policy.add(key)
             self._used += size
-        self._make_room(0)  # the budget may be smaller than last time
+        self._delete_files(self._make_room(0))  # the budget may be smaller than last time
         self._partials.load([Path(path) for _, path in sorted(index_files)], self._sizes.__contains__)
         if found:
             log.info("disk tier %s: found %d entries (%d bytes) in %s", self.name, len(self._sizes),
@@ -326,22 +332,40 @@ class DiskTier:
             return  # a writer in this process or a live one elsewhere may still rename it
         self._unlink(Path(item.path))
 
-    def _make_room(self, size: int) -> None:
-        """Evict least recently used entries until ``size`` more bytes fit (lock held).
+    def _make_room(self, size: int) -> list[tuple[bytes, int]]:
+        """Take least recently used entries out of the index until ``size`` more bytes fit (lock held).
 
-        Victims' files are deleted here, under the lock, so the bytes on disk
-        never exceed what the index counts, even while other puts are writing.
+        Returns them for :meth:`_delete_files`, which the caller runs once the lock is released: their
+        bytes stay counted until their files are gone, so the bytes on disk never exceed what the index
+        counts, and no lookup waits on an unlink.
         """
+        victims: list[tuple[bytes, int]] = []
+        freed = 0  # by this call's victims, once deleted (others' pending deletions are not counted on)
         for victim in self._policy.candidates():
-            if self._used + size <= self.capacity:
+            if self._used - freed + size <= self.capacity:
                 break
-            self._drop(victim)
+            taken = self._take(victim)
+            victims += taken
+            freed += sum(nbytes for _, nbytes in taken)
             self._stats.evictions += 1
+        return victims
 
-    def _drop(self, key: bytes) -> None:
-        """Forget an entry and delete its file (lock held: unlinking is quick, a metadata change)."""
-        self._forget(key)
-        self._unlink(self._path(key))
+    def _take(self, key: bytes) -> list[tuple[bytes, int]]:
+        """Forget an entry, its bytes still counted until its file is deleted (lock held)."""
+        size = self._sizes.pop(key, None)
+        if size is None:
+            return []
+        self._policy.remove(key)
+        return [(key, size)]
+
+    def _delete_files(self, taken: list[tuple[bytes, int]]) -> None:
+        """Delete the files of entries :meth:`_take` took, then give their bytes back (lock not held)."""
+        if not taken:
+            return
+        for key, _ in taken:
+            self._unlink(self._path(key))
+        with self._lock:
+            self._used -= sum(size for _, size in taken)
 
     def _forget(self, key: bytes) -> None:
         size = self._sizes.pop(key, None)
