@@ -9,6 +9,7 @@ Requests and replies are the typed messages of ``wire.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -95,6 +96,10 @@ class ReadSlot:
     tensor: torch.Tensor
 
 
+# requests that may take long by design (a flush waits for writes; stats may flush): no deadline
+UNBOUNDED_OPS = frozenset({"stats", "shutdown"})
+
+
 class KVMeshClient:
     """One connection to the node daemon.
 
@@ -111,6 +116,7 @@ class KVMeshClient:
         self.engine = engine or {}
         self._lock = threading.RLock()
         self._sock: socket.socket | None = None
+        self._closed = False
         self.epoch = ""
         try:
             self._open()
@@ -126,12 +132,13 @@ class KVMeshClient:
                 raise DaemonUnavailable(f"cannot reach the kvmesh daemon on {self.config.socket_path()}: {err}") \
                     from err
 
-    def _open(self) -> None:
-        """Connect (starting a daemon if allowed) and map the segment it names."""
-        self._sock = connect(self.config)
+    def _open(self, start: bool = True) -> None:
+        """Connect (starting a daemon if allowed and ``start``) and map the segment it names."""
+        self._sock = connect(self.config if start or not self.config.autostart_daemon
+                             else dataclasses.replace(self.config, autostart_daemon=False))
         digest = self.config.daemon_digest() if self.check_config else None
         request = wire.Hello(PROTOCOL_VERSION, os.getpid(), self.engine, digest)
-        message = self._exchange_raw(wire.encode_request(request))
+        message = self._exchange_raw(wire.encode_request(request), self.config.call_timeout_seconds)
         try:
             wire.check_version(message, f"the kvmesh daemon on {self.config.socket_path()}", "this client")
         except wire.VersionMismatch as err:
@@ -162,23 +169,39 @@ class KVMeshClient:
         and does nothing (a store lost this way is a later miss, never an error).
         """
         message = wire.encode_request(request)
+        deadline = None if request.op in UNBOUNDED_OPS else self.config.call_timeout_seconds
         with self._lock:
+            if self._closed:
+                raise RuntimeError("this KVMeshClient is closed")
             try:
-                reply = self._exchange_raw(message)
+                if self._sock is None:  # an earlier call gave up on the daemon
+                    raise ConnectionError("no connection")
+                reply = self._exchange_raw(message, deadline)
+            except TimeoutError as err:  # stopped, swapping, stuck: the engine does not wait any longer
+                self._abandon()
+                raise DaemonUnavailable(f"the kvmesh daemon did not answer {request.op!r} within "
+                                        f"{deadline}s (call_timeout_seconds)") from err
             except OSError as first:  # includes a connection the daemon closed (wire.ConnectionClosed)
                 log.warning("lost the kvmesh daemon (%s); reconnecting", first)
                 try:
-                    if self._sock is not None:
-                        self._sock.close()
-                    self._open()
-                    reply = self._exchange_raw(message)
+                    self._abandon()
+                    self._open(start=False)  # never start a daemon inside a call: callers are on a hot path
+                    reply = self._exchange_raw(message, deadline)
                 except OSError as err:
+                    self._abandon()
                     raise DaemonUnavailable(f"lost the kvmesh daemon: {err}") from err
         return self._reply(request, reply)
 
-    def _exchange_raw(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _abandon(self) -> None:
+        """Drop a connection whose stream can no longer be trusted (a reply may still be on its way)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _exchange_raw(self, message: dict[str, Any], deadline: float | None = None) -> dict[str, Any]:
         if self._sock is None:
-            raise RuntimeError("this KVMeshClient is closed")
+            raise ConnectionError("no connection to the kvmesh daemon")
+        self._sock.settimeout(deadline)
         send_message(self._sock, message)
         return receive_message(self._sock)
 
@@ -192,6 +215,7 @@ class KVMeshClient:
         return reply
 
     def close(self) -> None:
+        self._closed = True
         try:
             if self._sock is not None:
                 self._sock.close()

@@ -58,8 +58,11 @@ class Engine:
         self.layers = {f"model.layers.{i}.attn": (torch.randn(BLOCKS, 1, BLOCK, 16, generator=generator)
                                                   if seed is not None else torch.zeros(BLOCKS, 1, BLOCK, 16)
                                                   ).to(torch.bfloat16) for i in range(SHAPE.layout.num_layers)}
-        self.scheduler = SchedulerSide(config, SHAPE, DaemonLink(config))
-        self.worker = WorkerSide(config, SHAPE, DaemonLink(config))
+        links = DaemonLink(config), DaemonLink(config)
+        for link in links:  # as the connector does while vLLM starts: later calls never start a daemon
+            link.connect_at_start()
+        self.scheduler = SchedulerSide(config, SHAPE, links[0])
+        self.worker = WorkerSide(config, SHAPE, links[1])
         self.worker.register(self.layers, BLOCKS)
 
     def compute_and_save(self, request: FakeRequest, blocks: list[int]) -> None:
@@ -113,6 +116,19 @@ def _errors(config: KVMeshConfig, kind: str) -> float:
 def _metric(config: KVMeshConfig, name: str) -> float:
     with KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config)) as client:
         return client.metrics().get(name, 0.0)
+
+
+def _wait_until_gone(pid: int, timeout: float = 30.0) -> None:
+    import os
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, f"process {pid} did not exit"
+        time.sleep(0.02)
 
 
 def _prompt(name: str, tokens: int = 4 * CHUNK + 5) -> FakeRequest:
@@ -198,10 +214,17 @@ def test_a_daemon_restart_between_lookup_and_load_reports_the_blocks_failed(conf
     request = _prompt("c")
     source.compute_and_save(request, SOURCE_BLOCKS)
     _, loads = target.plan_load(request, TARGET_BLOCKS)
-    _stop(config)  # the worker's next call starts a new daemon: a new epoch, a new segment
+    worker_client = target.worker.link.client()
+    assert worker_client is not None
+    _stop(config)  # the daemon the lease belongs to is gone (its segment still mapped here, unlinked)
+    _wait_until_gone(worker_client.daemon_pid)  # not just its lock: a handler of its last connections too
+    target.worker.load(loads)
+    assert target.worker.take_failed_blocks() == set(TARGET_BLOCKS[:8])  # vLLM recomputes every planned block
+    Engine(config)  # a new daemon: a new epoch, a new segment; the old plan can no longer be served
+    target.worker.link.close()
+    target.worker.link.connect_at_start()
     target.worker.load(loads)
     assert target.worker.take_failed_blocks() == set(TARGET_BLOCKS[:8])
-    assert all(not page.any() for page in target.pages(TARGET_BLOCKS))  # nothing was copied from the new segment
 
 
 def test_an_entry_evicted_before_the_lease_is_reported_failed(config: KVMeshConfig) -> None:
@@ -231,7 +254,12 @@ def test_a_failing_save_is_dropped_and_counted(config: KVMeshConfig, monkeypatch
     monkeypatch.setattr(client, "commit", lost)
     engine.compute_and_save(request, SOURCE_BLOCKS)  # no exception: the request goes on
     monkeypatch.undo()
-    assert _errors(config, "save") == 1
+    assert engine.worker.link.client() is None  # the link was dropped; re-made in the background, after a pause
+    deadline = time.monotonic() + 10
+    while engine.worker.link.client() is None:
+        assert time.monotonic() < deadline, "the link was not re-made"
+        time.sleep(0.05)
+    assert _errors(config, "save") == 1  # counted once the link was back
     assert Engine(config).matched(request) == 0  # nothing became visible
 
 
@@ -363,3 +391,36 @@ def test_the_daemon_refuses_a_reservation_whose_size_is_not_its_entrys(config: K
         assert client.stats()["l1"]["entries"] == 0
         with pytest.raises(DaemonError, match=r"reserve.items\[0\].meta"):
             client._call(wire.Reserve([wire.ReserveItem(b"s" * 16, 64, "not a description", None, 0)]))
+
+
+def test_a_stopped_daemon_costs_a_request_its_deadline_and_the_link_is_remade_in_the_background(
+        tmp_path: Path) -> None:
+    """A daemon stopped (SIGSTOP), swapping or stuck: the scheduler waits at most call_timeout_seconds."""
+    import os
+    import signal
+    import threading
+
+    config = _config(tmp_path, call_timeout_seconds=0.5)
+    engine = Engine(config, seed=6)
+    request = _prompt("s")
+    engine.compute_and_save(request, SOURCE_BLOCKS)
+    client = engine.scheduler.link.client()
+    assert client is not None
+    pid = client.daemon_pid
+    answers: list[int | None] = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        asking = threading.Thread(target=lambda: answers.append(
+            engine.scheduler.num_new_matched_tokens(FakeRequest("again", request.prompt_token_ids), 0)))
+        asking.start()
+        asking.join(timeout=30)
+        assert not asking.is_alive() and answers == [0]  # a miss, not a hang
+        assert engine.scheduler.link.client() is None  # dropped; no daemon is started on this thread
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while engine.scheduler.link.client() is None:  # re-made in the background once the daemon answers
+        assert time.monotonic() < deadline, "the link was not re-made"
+        time.sleep(0.1)
+    assert engine.matched(FakeRequest("later", request.prompt_token_ids)) == 4 * CHUNK
+    _stop(config)

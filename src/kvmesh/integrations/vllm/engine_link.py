@@ -15,7 +15,9 @@ Both sides of the vLLM connector (scheduler and worker) hold one.  The failure c
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import Counter
 from typing import Any
 
 from kvmesh.client import CacheFault, ConfigMismatch, DaemonUnavailable, KVMeshClient
@@ -24,6 +26,7 @@ from kvmesh.config import KVMeshConfig
 log = logging.getLogger("kvmesh.vllm")
 
 RECONNECT_SECONDS = 10.0  # after a failed connection, how long requests run without cache before the next try
+LOST_BACKOFF_SECONDS = 1.0  # after a call lost the daemon (or its deadline passed), before the next try
 # what a connector call may absorb as "no cache this time"; everything else propagates
 ABSORBED = (CacheFault, ConfigMismatch)
 
@@ -35,23 +38,47 @@ class DaemonLink:
         self._client: KVMeshClient | None = None
         self._retry_at = 0.0
         self._warned: set[str] = set()
+        self._lock = threading.Lock()  # guards _client and _connecting against the reconnecting thread
+        self._connecting = False
+        self._unreported: Counter[str] = Counter()  # faults of a lost link, counted once it is re-made
 
     def connect_at_start(self) -> None:
         """Reach (or start) the daemon while the engine starts; a mismatching daemon stops the engine."""
         self._open(absorbed=(CacheFault,))
 
     def client(self) -> KVMeshClient | None:
-        """The daemon connection, opened on first use; None (a miss) while no usable daemon can be had."""
-        if self._client is None and time.monotonic() >= self._retry_at:  # a recent failure waits its turn
+        """The daemon connection; None (a miss) while there is none.
+
+        A lost connection is re-made on a background thread (which may start a daemon, taking seconds),
+        never on the caller's: the engine's scheduler and forward pass run on, without cache meanwhile.
+        """
+        with self._lock:
+            if self._client is not None or self._connecting or time.monotonic() < self._retry_at:
+                return self._client
+            self._connecting = True
+        threading.Thread(target=self._reconnect, name="kvmesh-reconnect", daemon=True).start()
+        return None
+
+    def _reconnect(self) -> None:
+        try:
             self._open(absorbed=ABSORBED)
-        return self._client
+        finally:
+            with self._lock:
+                self._connecting = False
 
     def _open(self, absorbed: tuple[type[BaseException], ...]) -> None:
         try:
-            self._client = KVMeshClient(self.config, engine=self.engine)
+            client = KVMeshClient(self.config, engine=self.engine)
         except absorbed as err:
             self._retry_at = time.monotonic() + RECONNECT_SECONDS
             self.fault("connect", f"kvmesh daemon unavailable, serving without cache: {err}", err)
+        else:
+            with self._lock:
+                self._client = client
+            unreported, self._unreported = self._unreported, Counter()
+            for kind, times in unreported.items():  # faults met while the link was down
+                for _ in range(times):
+                    self.count(kind)
 
     def fault(self, kind: str, message: str, err: BaseException) -> None:
         """Record a fault of the cache: logged once per kind (a config mismatch every time), counted."""
@@ -65,7 +92,12 @@ class DaemonLink:
         if kind not in self._warned:
             self._warned.add(kind)
             log.warning("%s", message)
-        self.count(kind)
+        if isinstance(err, DaemonUnavailable):  # the link is broken: drop it, back off, count once re-made
+            self._unreported[kind] += 1
+            self._drop_client()
+            self._retry_at = max(self._retry_at, time.monotonic() + LOST_BACKOFF_SECONDS)
+        else:
+            self.count(kind)
 
     def count(self, kind: str) -> None:
         """Count a fault in the daemon's metrics, if one is reachable (best effort: it may be the fault)."""
@@ -76,11 +108,10 @@ class DaemonLink:
                 pass
 
     def _drop_client(self) -> None:
-        if self._client is not None:
-            try:
-                self._client.close()
-            finally:
-                self._client = None
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     def close(self) -> None:
         self._drop_client()
