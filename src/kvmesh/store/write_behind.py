@@ -100,7 +100,9 @@ class WriteBehind:
         if first is None:
             return None
         batch, nbytes = [first], first.extent.nbytes
-        while len(batch) < MAX_BATCH and nbytes < MAX_BATCH_BYTES:
+        # held back by engines: one entry at a time, so a request that arrives meets at most one write
+        most = 1 if self._gate is not None and self._gate.quiet_seconds else MAX_BATCH
+        while len(batch) < most and nbytes < MAX_BATCH_BYTES:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
