@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon_stop import stop_daemon
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
 from redis_servers import RedisClusterServers, RedisServer, start_cluster
@@ -31,11 +32,7 @@ def daemon_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KVMeshCo
     """A config naming a fresh instance; the first client auto-starts its daemon."""
     config = _daemon_config(str(tmp_path_factory.mktemp("kvmesh-sock")), "64MiB")
     yield config
-    try:
-        with KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config)) as client:
-            client.shutdown_daemon()
-    except ConnectionError:
-        pass
+    stop_daemon(config)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from daemon_stop import stop_daemon
 from kvmesh.client import ConfigMismatch, DaemonUnavailable, KVMeshClient
 from kvmesh.config import KVMeshConfig
 from kvmesh.integrations.vllm.engine_link import DaemonLink
@@ -101,11 +102,7 @@ def _config(tmp_path: Path, **extra: object) -> KVMeshConfig:
 
 
 def _stop(config: KVMeshConfig) -> None:
-    try:
-        with KVMeshClient(KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config)) as client:
-            client.shutdown_daemon()
-    except ConnectionError:
-        pass
+    stop_daemon(config)
 
 
 def _errors(config: KVMeshConfig, kind: str) -> float:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon_stop import stop_daemon
 from kvmesh.bench.openai_client import CompletionResult, stream_completion
 from kvmesh.bench.servers import EngineServer, EngineSpec, free_port
 from kvmesh.bench.texts import document_token_ids, question_prompt
@@ -101,11 +102,7 @@ def _client(settings: dict[str, object]) -> KVMeshClient:
 
 
 def _shutdown_daemon(settings: dict[str, object]) -> None:
-    try:
-        with _client(settings) as client:
-            client.shutdown_daemon()
-    except ConnectionError:
-        pass
+    stop_daemon(KVMeshConfig.load({**settings, "autostart_daemon": False}, env={}))
 
 
 def _metric(settings: dict[str, object], name: str) -> float:

@@ -1,0 +1,31 @@
+"""Stopping a test's daemon for good, including one an engine was still starting in the background."""
+
+from __future__ import annotations
+
+import time
+
+from kvmesh.client import KVMeshClient
+from kvmesh.client.spawn import daemon_holds_lock
+from kvmesh.config import KVMeshConfig
+
+
+def stop_daemon(config: KVMeshConfig, timeout: float = 30.0) -> None:
+    """Shut the instance's daemon down, and one that is still starting (it holds the lock, not yet the socket).
+
+    Engines re-make a lost link on a background thread, which may start a (detached) daemon just before the
+    engine is stopped; a test that only asked the socket once would leave that daemon running.
+    """
+    observer = KVMeshConfig.from_mapping({"autostart_daemon": False}, base=config)
+    lock = config.socket_path().with_suffix(".lock")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with KVMeshClient(observer, check_config=False) as client:
+                client.shutdown_daemon()
+        except ConnectionError:
+            if not daemon_holds_lock(lock):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"a kvmesh daemon for {config.socket_path()} holds its lock but never "
+                                     "answered") from None
+            time.sleep(0.1)
