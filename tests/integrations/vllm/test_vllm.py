@@ -102,7 +102,8 @@ def _client(settings: dict[str, object]) -> KVMeshClient:
 
 
 def _shutdown_daemon(settings: dict[str, object]) -> None:
-    stop_daemon(KVMeshConfig.load({**settings, "autostart_daemon": False}, env={}))
+    """The daemon of an engine that has stopped, and a late one its background reconnect may have launched."""
+    stop_daemon(KVMeshConfig.load({**settings, "autostart_daemon": False}, env={}), settle=10.0)
 
 
 def _metric(settings: dict[str, object], name: str) -> float:
