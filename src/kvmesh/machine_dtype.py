@@ -23,6 +23,9 @@ log = logging.getLogger("kvmesh")
 
 X86_NATIVE_BF16 = ("amx_bf16", "avx512_bf16")
 ARM_NATIVE_BF16 = ("bf16",)
+# platform.machine() -> the flags that mean native bf16 there
+NATIVE_BF16_BY_ARCH = {**dict.fromkeys(("x86_64", "amd64", "i686", "i386"), X86_NATIVE_BF16),
+                       **dict.fromkeys(("aarch64", "arm64"), ARM_NATIVE_BF16)}
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -48,18 +51,14 @@ def cpu_flags(cpuinfo: str) -> frozenset[str]:
 
 def choose_dtype(flags: frozenset[str], machine: str) -> DtypeChoice:
     """bf16 where ``flags`` show native bf16 on ``machine`` (``platform.machine()``), fp32 where they do not."""
-    arch = machine.lower()
-    if arch in ("x86_64", "amd64", "i686", "i386"):
-        native = [flag for flag in X86_NATIVE_BF16 if flag in flags]
-    elif arch in ("aarch64", "arm64"):
-        native = [flag for flag in ARM_NATIVE_BF16 if flag in flags]
-    else:
+    wanted = NATIVE_BF16_BY_ARCH.get(machine.lower())
+    if wanted is None:
         return DtypeChoice("bfloat16", f"{machine}: bf16 support unknown, vLLM's own choice kept")
     if not flags:
         return DtypeChoice("bfloat16", "the CPU's flags could not be read: vLLM's own choice kept")
+    native = [flag for flag in wanted if flag in flags]
     if native:
         return DtypeChoice("bfloat16", f"native bf16 on this CPU ({', '.join(native)})")
-    wanted = X86_NATIVE_BF16 if arch in ("x86_64", "amd64", "i686", "i386") else ARM_NATIVE_BF16
     return DtypeChoice("float32", f"this CPU has no native bf16 (none of {', '.join(wanted)}): "
                                   "bf16 would be emulated, about 4x slower to prefill")
 
