@@ -21,3 +21,11 @@ def test_the_top_level_help_lists_daemon_not_server() -> None:
     commands = [line.strip("│ ").split(" ")[0] for line in CliRunner().invoke(app, ["--help"]).output.splitlines()]
     assert "daemon" in commands
     assert "server" not in commands  # hidden: scripts keep working, new users see one name
+
+
+def test_a_bad_dtype_is_refused_naming_it_before_anything_starts() -> None:
+    runner = CliRunner()
+    bench = runner.invoke(app, ["bench", "run", "--dtype", "int4", "--systems", "vllm"])
+    assert bench.exit_code == 2 and "int4" in bench.output and "float32" in bench.output
+    demo = runner.invoke(app, ["demo", "--dtype", "float16"])
+    assert demo.exit_code == 2 and "float16" in demo.output

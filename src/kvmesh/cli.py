@@ -177,15 +177,15 @@ def demo(
     """Prepare the demo model, serve it with kvmesh, show cold vs warm time to first token."""
     from kvmesh.demo.model import DemoModelError, prepare_demo_model
 
+    if dtype is not None and dtype not in ("bfloat16", "float32"):
+        err_console.print(f"[red]kvmesh demo: --dtype must be bfloat16 or float32, got {dtype!r}[/red]")
+        raise typer.Exit(2)
     config = _load_config(set_)
     try:
         path = prepare_demo_model(_model_dir(config, None), progress=lambda m: console.print(f"  {m}"))
     except DemoModelError as err:
         err_console.print(f"[red]kvmesh demo: {err}[/red]")
         raise typer.Exit(1) from None
-    if dtype is not None and dtype not in ("bfloat16", "float32"):
-        err_console.print(f"[red]kvmesh demo: --dtype must be bfloat16 or float32, got {dtype!r}[/red]")
-        raise typer.Exit(2)
     if engine == "transformers":
         _core_demo(path, config, tokens, dtype)
     elif engine == "vllm":
@@ -289,11 +289,14 @@ def bench_run(
 
     from kvmesh.bench.report import summarize, sustained_throughput, write_report
     from kvmesh.bench.runner import run_workload
-    from kvmesh.bench.servers import EngineServer
+    from kvmesh.bench.servers import DTYPE_BYTES, EngineServer
     from kvmesh.bench.systems import SYSTEMS, prepare_system
     from kvmesh.bench.workloads import LongDocSpec, MultiRoundSpec, RagSpec, long_doc, multi_round, rag
     from kvmesh.demo.model import default_model_dir, prepare_demo_model
 
+    if dtype is not None and dtype not in (*DTYPE_BYTES, "auto"):
+        err_console.print(f"[red]--dtype must be auto or one of {', '.join(DTYPE_BYTES)}, got {dtype!r}[/red]")
+        raise typer.Exit(2)
     names = [n.strip() for n in systems.split(",") if n.strip()]
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown:
