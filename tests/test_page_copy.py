@@ -56,3 +56,31 @@ def test_page_moves_without_a_pool_match_indexing() -> None:
     blocks = torch.tensor([6, 1])
     move_pages([(pages, blocks)], layers, into_engine=False)
     assert all(torch.equal(pages[i], layer[blocks]) for i, layer in enumerate(layers))
+
+
+def test_block_runs_split_at_every_gap() -> None:
+    from kvmesh.page_copy import BlockRun, block_runs
+
+    assert block_runs([4, 5, 6, 9, 10, 2]) == [BlockRun(0, 4, 3), BlockRun(3, 9, 2), BlockRun(5, 2, 1)]
+    assert block_runs([7]) == [BlockRun(0, 7, 1)]
+    assert block_runs([]) == []
+
+
+def test_runs_of_blocks_copy_as_slices_and_match_indexing_both_ways() -> None:
+    # consecutive blocks (copied as slices), scattered ones (indexed) and a mix, against plain indexing
+    generator = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        layers = [torch.randn(40, 3, 16, 8, generator=generator).to(torch.bfloat16) for _ in range(4)]
+    for ids in ([10, 11, 12, 13], [30, 3, 17, 8], [5, 6, 7, 20, 21, 39]):
+        blocks = torch.tensor(ids)
+        pages = torch.empty(4, len(ids), 3, 16, 8, dtype=torch.bfloat16)
+        move_pages([(pages, blocks)], layers, into_engine=False)
+        assert all(torch.equal(pages[i].view(torch.int16), layer[blocks].view(torch.int16))
+                   for i, layer in enumerate(layers))
+        with torch.inference_mode():
+            target = [torch.zeros_like(layer) for layer in layers]
+        move_pages([(pages, blocks)], target, into_engine=True)
+        untouched = sorted(set(range(40)) - set(ids))
+        for layer, copy in zip(layers, target):
+            assert torch.equal(copy[blocks].view(torch.int16), layer[blocks].view(torch.int16))
+            assert not copy[untouched].any()  # nothing beyond the blocks written

@@ -1,16 +1,24 @@
 """Copies between an engine's paged KV and kvmesh's L1 entries, which hold the engine's own pages.
 
 vLLM hands kvmesh one tensor per layer whose first dimension is the block (page) index.  An L1 entry
-keeps a chunk as those pages, ``[layers, pages, *page_shape]``: saving and loading are then one
-index_select / index_copy per layer, and the bytes are exactly the engine's.
+keeps a chunk as those pages, ``[layers, pages, *page_shape]``, so the bytes are exactly the engine's.
+
+A chunk's blocks are mostly consecutive (vLLM hands out free blocks in order), and a run of consecutive
+blocks is one contiguous range of both tensors: it is copied as one slice, at memcpy speed.  Blocks
+scattered one by one go through ``index_select`` / ``index_copy_`` instead, one call per layer, which
+costs less than a slice copy per page (measured: benchmarks/bench_page_copy.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 
 import torch
+
+# a job is copied as slices when its runs are on average at least this many blocks long
+MIN_MEAN_RUN = 2
 
 
 def pages_for_tokens(start: int, end: int, block_size: int) -> range:
@@ -21,6 +29,36 @@ def pages_for_tokens(start: int, end: int, block_size: int) -> range:
 PageJob = tuple[torch.Tensor, torch.Tensor]  # (stored pages [layers, n, *page], engine block ids [n])
 
 
+@dataclass(frozen=True, slots=True)
+class BlockRun:
+    """``length`` consecutive engine blocks from ``first_block``, held at ``offset`` in the stored pages."""
+
+    offset: int
+    first_block: int
+    length: int
+
+
+def block_runs(blocks: Sequence[int]) -> list[BlockRun]:
+    """The maximal runs of consecutive block ids, in order."""
+    runs: list[BlockRun] = []
+    start = 0
+    for index in range(1, len(blocks) + 1):
+        if index == len(blocks) or blocks[index] != blocks[index - 1] + 1:
+            runs.append(BlockRun(start, int(blocks[start]), index - start))
+            start = index
+    return runs
+
+
+def _copy_plan(jobs: Sequence[PageJob]) -> list[tuple[torch.Tensor, torch.Tensor, list[BlockRun] | None]]:
+    """Each job with its runs when they are long enough to copy as slices, else None (indexed copy)."""
+    plan = []
+    for pages, blocks in jobs:
+        runs = block_runs(blocks.tolist())
+        long_enough = bool(runs) and len(blocks) >= MIN_MEAN_RUN * len(runs)
+        plan.append((pages, blocks, runs if long_enough else None))
+    return plan
+
+
 def move_pages(jobs: Sequence[PageJob], layers: Sequence[torch.Tensor], into_engine: bool,
                pool: Executor | None = None, workers: int = 1) -> None:
     """Run many page copies, the layers split over ``workers`` threads of ``pool``.
@@ -29,15 +67,23 @@ def move_pages(jobs: Sequence[PageJob], layers: Sequence[torch.Tensor], into_eng
     one tensor; torch releases the GIL while it copies, and the engine's cores
     sit idle during a load anyway.
     """
+    plan = _copy_plan(jobs)
+
     def run(layer_indices: range) -> None:
         # inference mode is per thread: engines keep KV in inference tensors, which only it may update
         with torch.inference_mode():
-            for pages, blocks in jobs:
+            for pages, blocks, runs in plan:
                 for index in layer_indices:
-                    if into_engine:
-                        layers[index].index_copy_(0, blocks, pages[index])
+                    layer, stored = layers[index], pages[index]
+                    if runs is not None:
+                        for r in runs:
+                            engine = layer[r.first_block:r.first_block + r.length]
+                            mine = stored[r.offset:r.offset + r.length]
+                            (engine if into_engine else mine).copy_(mine if into_engine else engine)
+                    elif into_engine:
+                        layer.index_copy_(0, blocks, stored)
                     else:
-                        torch.index_select(layers[index], 0, blocks, out=pages[index])
+                        torch.index_select(layer, 0, blocks, out=stored)
 
     if pool is None or workers <= 1 or not jobs:
         run(range(len(layers)))
