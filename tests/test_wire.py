@@ -32,8 +32,8 @@ REQUESTS: list[wire.Request[Any]] = [
     wire.Acquire([KEY], lease=True, promote=False),
     wire.Release([wire.PinRef(KEY, 4096, 128, "m")]),
     wire.ReleaseLease("00ff"),
-    wire.ReportStore(0.25, 1 << 20, 512),
-    wire.ReportLoad(0.5, 4096, 256, verified=2, mismatches=1),
+    wire.Commit([KEY], wire.StoreCost(0.25, 1 << 20, 512)),
+    wire.ReleaseLease("00ff", wire.LoadCost(0.5, 4096, 256, verified=2, mismatches=1)),
     wire.ReportError("lease_expired"),
     wire.Delete([KEY]),
     wire.Stats(flush=True),
@@ -79,7 +79,7 @@ def test_replies_round_trip_through_json(reply: Any) -> None:
 
 def test_keys_travel_as_hex_and_come_back_as_the_same_bytes() -> None:
     encoded = wire.encode_request(wire.Commit([KEY]))
-    assert encoded == {"op": "commit", "keys": [KEY.hex()]}
+    assert encoded == {"op": "commit", "keys": [KEY.hex()], "cost": None}
     assert wire.decode_request(encoded).keys == [KEY]  # type: ignore[attr-defined]
 
 

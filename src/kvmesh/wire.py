@@ -21,7 +21,7 @@ from kvmesh.wire_codec import ConnectionClosed, ProtocolError, decode, encode
 __all__ = ["PROTOCOL_VERSION", "ConnectionClosed", "ProtocolError", "VersionMismatch", "receive_message",
            "send_message"]
 
-PROTOCOL_VERSION = 5  # bump on any change a client of the previous version would misread
+PROTOCOL_VERSION = 6  # bump on any change a client of the previous version would misread
 _LENGTH = struct.Struct("<I")
 MAX_MESSAGE = 64 * 1024 * 1024
 R = TypeVar("R")
@@ -201,12 +201,33 @@ class Reserve(Request[ReserveReply]):
 
 
 @dataclass(frozen=True, slots=True)
+class StoreCost:
+    """What one engine save cost: its copy time, bytes and tokens (the store-latency metrics)."""
+
+    seconds: float
+    nbytes: int
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoadCost:
+    """What one engine load cost, and how many loaded chunks were checked against the entry and differed."""
+
+    seconds: float
+    nbytes: int
+    tokens: int
+    verified: int = 0
+    mismatches: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Commit(Request[Done]):
-    """Make reserved, written extents visible."""
+    """Make reserved, written extents visible; ``cost``: what writing them cost (no round trip of its own)."""
 
     op = "commit"
     reply = Done
     keys: list[bytes]
+    cost: StoreCost | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,33 +257,12 @@ class Release(Request[Done]):
 
 @dataclass(frozen=True, slots=True)
 class ReleaseLease(Request[ReleaseLeaseReply]):
+    """Give a lease back; ``cost``: what the load under it cost (no round trip of its own)."""
+
     op = "release_lease"
     reply = ReleaseLeaseReply
     lease: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReportStore(Request[Done]):
-    """What one engine save cost: its copy time, bytes and tokens (the store-latency metrics)."""
-
-    op = "report_store"
-    reply = Done
-    seconds: float
-    nbytes: int
-    tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class ReportLoad(Request[Done]):
-    """What one engine load cost, and how many loaded chunks were checked against the entry and differed."""
-
-    op = "report_load"
-    reply = Done
-    seconds: float
-    nbytes: int
-    tokens: int
-    verified: int = 0
-    mismatches: int = 0
+    cost: LoadCost | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +297,7 @@ class Shutdown(Request[Done]):
 
 
 REQUESTS: dict[str, type[Request[Any]]] = {cls.op: cls for cls in (
-    Hello, Lookup, Reserve, Commit, Abort, Acquire, Release, ReleaseLease, ReportStore, ReportLoad,
+    Hello, Lookup, Reserve, Commit, Abort, Acquire, Release, ReleaseLease,
     ReportError, Delete, Stats, Shutdown)}
 
 

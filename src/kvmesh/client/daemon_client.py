@@ -266,14 +266,10 @@ class KVMeshClient:
                 if result.status == "ok" and result.offset is not None else None
                 for key, meta, result in zip(keys, metas, reply.results, strict=True)]
 
-    def commit(self, slots: Sequence[WriteSlot]) -> None:
-        """Make written slots visible."""
+    def commit(self, slots: Sequence[WriteSlot], cost: wire.StoreCost | None = None) -> None:
+        """Make written slots visible; ``cost`` (what writing them took) goes into the daemon's metrics."""
         if slots:
-            self._call(wire.Commit([s.key.digest for s in slots]))
-
-    def report_store(self, seconds: float, nbytes: int, tokens: int) -> None:
-        """What a save cost (its copy time, bytes, tokens), for the daemon's store-latency metrics."""
-        self._call(wire.ReportStore(seconds, nbytes, tokens))
+            self._call(wire.Commit([s.key.digest for s in slots], cost))
 
     def abort(self, slots: Sequence[WriteSlot]) -> None:
         if slots:
@@ -319,18 +315,14 @@ class KVMeshClient:
             raise ProtocolError("acquire reply.lease: missing for a lease request")
         return Lease(reply.lease, self.epoch, reply.extents)
 
-    def release_lease(self, lease_id: str) -> bool:
+    def release_lease(self, lease_id: str, cost: wire.LoadCost | None = None) -> bool:
         """Give a lease back; False when the daemon no longer knew it (expired, or a restarted daemon).
 
         A lease still known here was held for the whole time since it was acquired, so pages read under
-        it were the pinned entries; after False they may have been overwritten.
+        it were the pinned entries; after False they may have been overwritten.  ``cost`` (what the load
+        under it took) goes into the daemon's metrics, with no round trip of its own.
         """
-        return self._call(wire.ReleaseLease(lease_id)).known
-
-    def report_load(self, seconds: float, nbytes: int, tokens: int, verified: int = 0,
-                    mismatches: int = 0) -> None:
-        """What a load cost, and how many loaded chunks were verified and differed, for the daemon's metrics."""
-        self._call(wire.ReportLoad(seconds, nbytes, tokens, verified, mismatches))
+        return self._call(wire.ReleaseLease(lease_id, cost)).known
 
     def view(self, offset: int, meta: str, epoch: str) -> torch.Tensor:
         """A tensor over an extent that another process pinned (its lease names the daemon's epoch)."""

@@ -193,12 +193,10 @@ class NodeDaemon:
         for key in _own_reservations(request.keys, session):
             self.store.commit(key)
         self.quiet.arrived(request.keys)
-        return wire.Done()
-
-    def _op_report_store(self, request: wire.ReportStore, session: _Session) -> wire.Done:
-        self.metrics.store_seconds.observe(request.seconds)
-        self.metrics.stored_bytes.inc(request.nbytes)
-        self.metrics.stored_tokens.inc(request.tokens)
+        if request.cost is not None:
+            self.metrics.store_seconds.observe(request.cost.seconds)
+            self.metrics.stored_bytes.inc(request.cost.nbytes)
+            self.metrics.stored_tokens.inc(request.cost.tokens)
         return wire.Done()
 
     def _op_abort(self, request: wire.Abort, session: _Session) -> wire.Done:
@@ -231,15 +229,14 @@ class NodeDaemon:
         return wire.Done()
 
     def _op_release_lease(self, request: wire.ReleaseLease, session: _Session) -> wire.ReleaseLeaseReply:
-        return wire.ReleaseLeaseReply(self.leases.give_back(request.lease))
-
-    def _op_report_load(self, request: wire.ReportLoad, session: _Session) -> wire.Done:
-        self.metrics.load_seconds.observe(request.seconds)
-        self.metrics.loaded_bytes.inc(request.nbytes)
-        self.metrics.loaded_tokens.inc(request.tokens)
-        self.metrics.verified_chunks.inc(request.verified)
-        self.metrics.verify_mismatches.inc(request.mismatches)
-        return wire.Done()
+        known = self.leases.give_back(request.lease)
+        if (cost := request.cost) is not None:
+            self.metrics.load_seconds.observe(cost.seconds)
+            self.metrics.loaded_bytes.inc(cost.nbytes)
+            self.metrics.loaded_tokens.inc(cost.tokens)
+            self.metrics.verified_chunks.inc(cost.verified)
+            self.metrics.verify_mismatches.inc(cost.mismatches)
+        return wire.ReleaseLeaseReply(known)
 
     def _op_report_error(self, request: wire.ReportError, session: _Session) -> wire.Done:
         self.metrics.errors.labels(request.kind[:64]).inc()

@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from kvmesh import wire
 from kvmesh.client import CacheFault, LeaseLost
 from kvmesh.config import KVMeshConfig
 from kvmesh.entry import EntryMeta, EntryMetaError
@@ -124,14 +124,12 @@ class WorkerSide:
                 verified += 1
                 mismatches += int(not all(torch.equal(layer.index_select(0, blocks), pages[i])
                                           for i, layer in enumerate(self.layers)))
+        cost = wire.LoadCost(time.perf_counter() - started, loaded_bytes, plan.num_tokens, verified, mismatches)
         try:
-            known = client.release_lease(plan.lease.lease_id)
+            known = client.release_lease(plan.lease.lease_id, cost)
         except ABSORBED as err:
             known = False
             self.link.fault("release", f"kvmesh could not release a lease: {err}", err)
-        else:
-            self._report(client.report_load, time.perf_counter() - started, loaded_bytes, plan.num_tokens,
-                         verified, mismatches)
         if not known:  # the lease expired before or during the copy: the pages may have been reused
             self.link.fault("lease_expired", "kvmesh: a lease expired before its load finished; vLLM "
                             "recomputes those tokens (raise lease_seconds if this repeats)",
@@ -175,42 +173,32 @@ class WorkerSide:
 
     # -------------------------------------------------------------------- saves
     def save(self, plans: list[SavePlan]) -> None:
-        client = self.link.client() if plans else None
+        """Store every chunk that this step's requests completed: one reserve and one commit for them all."""
+        chunks = [chunk for plan in plans for chunk in plan.chunks]
+        client = self.link.client() if chunks else None
         if client is None:
             return
-        for plan in plans:
-            started = time.perf_counter()
-            try:
-                slots = client.reserve([c.key for c in plan.chunks],
-                                       [self._meta(len(c.block_ids)) for c in plan.chunks],
-                                       [c.parent for c in plan.chunks])
-            except ABSORBED as err:
-                self.link.fault("save", f"kvmesh store failed, dropped: {err}", err)
-                continue
-            written = [(slot, chunk) for slot, chunk in zip(slots, plan.chunks) if slot is not None]
-            try:
-                self._move([(slot.tensor, torch.tensor(chunk.block_ids, dtype=torch.long))
-                            for slot, chunk in written], into_engine=False)
-            except BaseException:
-                self._abort(client, [slot for slot, _ in written])
-                raise
-            try:
-                client.commit([slot for slot, _ in written])
-            except ABSORBED as err:  # the daemon gives reservations back when the connection drops
-                self.link.fault("save", f"kvmesh store failed, dropped: {err}", err)
-                continue
-            if written:
-                seconds = time.perf_counter() - started
-                nbytes = sum(slot.tensor.numel() * slot.tensor.element_size() for slot, _ in written)
-                tokens = sum(chunk.key.num_tokens for _, chunk in written)
-                self._report(client.report_store, seconds, nbytes, tokens)
-
-    def _report(self, send: Callable[..., None], *values: float) -> None:
-        """Send a metrics report; a daemon lost meanwhile only loses the sample (a fault, counted)."""
+        started = time.perf_counter()
         try:
-            send(*values)
+            slots = client.reserve([c.key for c in chunks], [self._meta(len(c.block_ids)) for c in chunks],
+                                   [c.parent for c in chunks])
         except ABSORBED as err:
-            self.link.fault("report", f"kvmesh could not report metrics: {err}", err)
+            self.link.fault("save", f"kvmesh store failed, dropped: {err}", err)
+            return
+        written = [(slot, chunk) for slot, chunk in zip(slots, chunks) if slot is not None]
+        try:
+            self._move([(slot.tensor, torch.tensor(chunk.block_ids, dtype=torch.long))
+                        for slot, chunk in written], into_engine=False)
+        except BaseException:
+            self._abort(client, [slot for slot, _ in written])
+            raise
+        nbytes = sum(slot.tensor.numel() * slot.tensor.element_size() for slot, _ in written)
+        tokens = sum(chunk.key.num_tokens for _, chunk in written)
+        try:  # the daemon gives reservations back when the connection drops
+            client.commit([slot for slot, _ in written],
+                          wire.StoreCost(time.perf_counter() - started, nbytes, tokens))
+        except ABSORBED as err:
+            self.link.fault("save", f"kvmesh store failed, dropped: {err}", err)
 
     def _abort(self, client, slots) -> None:
         try:
