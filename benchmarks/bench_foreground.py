@@ -45,6 +45,8 @@ from kvmesh.machine_dtype import machine_dtype
 CONFIGS: dict[str, dict[str, object]] = {
     "disk": {},  # kvmesh serve's default: its embedded disk tier (a fresh directory per run)
     "disk-nogate": {"write_quiet_seconds": 0},  # the disk tier, writes behind not held back (before the gate)
+    "disk-normal": {"write_priority": "normal"},  # the writer thread at the daemon's priority, not idle class
+    "disk-evict": {"disk_write_policy": "on_eviction"},  # written to disk only when L1 is about to evict
     "nodisk": {"disk_path": ""},
     "tmpfs": {},  # the disk tier on /dev/shm: no disk I/O at all
 }
@@ -96,15 +98,16 @@ class DaemonSampler:
         return "\n".join(lines)
 
 
-def run_config(name: str, model: str, prompts: dict[str, list[int]], idle: float, work: Path,
+def run_config(name: str, model: str, rounds: list[dict[str, list[int]]], idle: float, work: Path,
                profile: bool, dtype: str | None) -> list[tuple[str, float, int]]:
+    """Every round's rows, in order; each round has its own prompts, so it stores and writes anew."""
     settings: dict[str, object] = {"instance": f"fg-{name}-{uuid.uuid4().hex[:6]}", "socket_dir": str(work / "sock"),
                                    "http_port": 0, **CONFIGS[name]}
     if name.startswith("disk"):
         settings["disk_path"] = str(work / f"disk-{uuid.uuid4().hex[:6]}")
     elif name == "tmpfs":
         settings["disk_path"] = f"/dev/shm/kvmesh-fg-{uuid.uuid4().hex[:6]}"
-    longest = max(len(p) for p in prompts.values())
+    longest = max(len(p) for prompts in rounds for p in prompts.values())
     spec = EngineSpec(model, kvmesh=settings, kv_pool_tokens=2 * longest + 256, max_model_len=longest + 128,
                       dtype=dtype)
     rows: list[tuple[str, float, int]] = []
@@ -112,6 +115,8 @@ def run_config(name: str, model: str, prompts: dict[str, list[int]], idle: float
         with EngineServer(spec, work / f"{name}.log") as server, \
                 KVMeshClient(KVMeshConfig.load({**settings, "autostart_daemon": False}, env={}),
                              check_config=False) as client:
+            prompts: dict[str, list[int]] = {}
+
             def ask(label: str, prompt: str, sampler: DaemonSampler | None = None) -> None:
                 before = client.metrics().get("kvmesh_loaded_tokens_total", 0.0)
                 if sampler is not None:
@@ -134,20 +139,23 @@ def run_config(name: str, model: str, prompts: dict[str, list[int]], idle: float
                       f"max {max(times) * 1e3:.2f} ms", flush=True)
 
             sampler = DaemonSampler(client.daemon_pid) if profile else None
-            ask("A cold", "A")
-            ask("A again at once: vLLM's own hit right after a store", "A", sampler)
-            for prompt in "BCD":
-                ask(f"{prompt} cold", prompt)
-            round_trips("after three stores")
-            ask("A: from kvmesh right after three stores", "A", sampler)
-            for prompt in "BCD":
-                ask(f"{prompt} again: from kvmesh, back to back", prompt)
-            time.sleep(idle)
-            round_trips(f"after {idle:g} s idle")
-            ask(f"A after {idle:g} s idle: from kvmesh", "A")
-            ask("E cold", "E")
-            time.sleep(idle)
-            ask(f"E after {idle:g} s idle: vLLM's own hit", "E")
+            for prompts_of_round in rounds:
+                prompts.clear()
+                prompts.update(prompts_of_round)
+                ask("A cold", "A")
+                ask("A again at once: vLLM's own hit right after a store", "A", sampler)
+                for prompt in "BCD":
+                    ask(f"{prompt} cold", prompt)
+                round_trips("after three stores")
+                ask("A: from kvmesh right after three stores", "A", sampler)
+                for prompt in "BCD":
+                    ask(f"{prompt} again: from kvmesh, back to back", prompt)
+                time.sleep(idle)
+                round_trips(f"after {idle:g} s idle")
+                ask(f"A after {idle:g} s idle: from kvmesh", "A")
+                ask("E cold", "E")
+                time.sleep(idle)
+                ask(f"E after {idle:g} s idle: vLLM's own hit", "E")
             if sampler is not None:
                 print(sampler.report(), flush=True)
             client.shutdown_daemon()
@@ -164,28 +172,40 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=12.0, help="seconds without requests before the idle rows")
     parser.add_argument("--dtype", default=None, help="the engine's dtype (default: this machine's choice)")
     parser.add_argument("--profile", action="store_true", help="sample the daemon's GIL holder with py-spy")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds per configuration, each with new prompts; the table gives median and max")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
     model = str(prepare_demo_model(default_model_dir()))
     tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
-    docs = document_token_ids(tokenizer, 5, args.tokens - 20, seed=11)
-    prompts = {name: question_prompt(tokenizer, doc, "What is this about?") for name, doc in zip("ABCDE", docs)}
-    print(f"engine dtype: {args.dtype or machine_dtype().describe()}; prompts of {len(prompts['A']):,} tokens")
+    docs = document_token_ids(tokenizer, 5 * args.repeat, args.tokens - 20, seed=11)
+    rounds = [{name: question_prompt(tokenizer, doc, "What is this about?")
+               for name, doc in zip("ABCDE", docs[5 * r:5 * r + 5])} for r in range(args.repeat)]
+    print(f"engine dtype: {args.dtype or machine_dtype().describe()}; prompts of {len(rounds[0]['A']):,} tokens, "
+          f"{args.repeat} round(s) per configuration")
     results = {}
     with tempfile.TemporaryDirectory(prefix="kvmesh-fg-") as work:
         for name in args.configs.split(","):
-            results[name] = run_config(name, model, prompts, args.idle, Path(work), args.profile, args.dtype)
-    labels = [label for label, _, _ in next(iter(results.values()))]
+            results[name] = run_config(name, model, rounds, args.idle, Path(work), args.profile, args.dtype)
+    per_round = len(next(iter(results.values()))) // args.repeat
+    labels = [label for label, _, _ in next(iter(results.values()))[:per_round]]
     print("\n| request | " + " | ".join(results) + " |")
     print("| --- |" + " --- |" * len(results))
     for index, label in enumerate(labels):
-        print(f"| {label} | " + " | ".join(f"{rows[index][1]:.3f} s ({rows[index][2]:,})"
-                                          for rows in results.values()) + " |")
+        cells = []
+        for rows in results.values():
+            ttfts = [rows[r * per_round + index][1] for r in range(args.repeat)]
+            cells.append(f"{ttfts[0]:.3f} s ({rows[index][2]:,})" if args.repeat == 1
+                         else f"{statistics.median(ttfts):.3f} / {max(ttfts):.3f} s")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    if args.repeat > 1:
+        print(f"(median / max over {args.repeat} rounds)")
     for name, rows in results.items():
         back_to_back = [ttft for label, ttft, _ in rows if "back to back" in label]
-        print(f"{name}: kvmesh back to back median {statistics.median(back_to_back):.3f} s")
+        print(f"{name}: kvmesh back to back median {statistics.median(back_to_back):.3f} s, "
+              f"max {max(back_to_back):.3f} s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

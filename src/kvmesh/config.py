@@ -198,6 +198,10 @@ class KVMeshConfig:
         "Writes behind wait until no engine has sent the daemon a message for this long (0: never wait): "
         "a writer busy while a request was served made its time to first token 7-10x longer. Once half the "
         "write queue is full, it writes anyway.")
+    write_priority: str = _opt(
+        "idle", _choice("idle", "normal"),
+        "CPU priority of the write-behind thread: idle (Linux's idle scheduling class: it writes only on CPU "
+        "time the engines' compute threads do not want) or normal (the daemon's own).")
     prefetch: bool = _opt(
         True, parse_bool, "Start moving chunks found on disk or in Redis into L1 as soon as a lookup finds them.")
     prefetch_threads: int = _opt(
@@ -389,8 +393,8 @@ class KVMeshConfig:
 DAEMON_KEYS: tuple[str, ...] = (
     "l1_size", "disk_path", "disk_size", "disk_write_policy", "redis_url", "redis_cluster", "redis_namespace",
     "redis_ttl_seconds", "redis_timeout_seconds", "redis_write_policy", "redis_admission", "write_queue_size",
-    "write_quiet_seconds", "prefetch", "prefetch_threads", "prefetch_priority", "lease_seconds", "codec",
-    "disk_codec", "redis_codec", "http_port", "http_host",
+    "write_quiet_seconds", "write_priority", "prefetch", "prefetch_threads",
+    "prefetch_priority", "lease_seconds", "codec", "disk_codec", "redis_codec", "http_port", "http_host",
 )
 
 

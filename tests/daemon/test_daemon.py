@@ -187,3 +187,29 @@ def test_a_spawned_daemons_command_line_and_replies_hold_no_secret(tmp_path) -> 
         finally:
             client.shutdown_daemon()
     assert os.environ.get("KVMESH_TENANT_SALT") is None
+
+
+def test_a_daemon_started_from_a_thread_bound_to_one_core_runs_on_every_core(tmp_path) -> None:
+    """vLLM binds each compute thread to a core; a daemon its worker starts must not inherit that one core."""
+    import json
+    import os
+
+    from daemon_stop import stop_daemon
+
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs two cores to tell one core from all")
+    settings = {"socket_dir": str(tmp_path / "sock"), "instance": "cores", "l1_size": "16MiB",
+                "l1_prefault": False, "http_port": 0}
+    starter = ("import json, os, sys\n"
+               f"os.sched_setaffinity(0, {{{min(allowed)}}})\n"
+               "from kvmesh.client import KVMeshClient\n"
+               "from kvmesh.config import KVMeshConfig\n"
+               "print(KVMeshClient(KVMeshConfig.from_mapping(json.loads(sys.argv[1]))).daemon_pid)\n")
+    config = KVMeshConfig.from_mapping(settings)
+    try:
+        done = subprocess.run([sys.executable, "-c", starter, json.dumps(settings)], capture_output=True,
+                              text=True, timeout=60, check=True)
+        assert os.sched_getaffinity(int(done.stdout.split()[-1])) == allowed
+    finally:
+        stop_daemon(config)

@@ -26,6 +26,7 @@ from typing import Any
 
 from kvmesh import __version__, wire
 from kvmesh.config import KVMeshConfig, masked
+from kvmesh.daemon.affinity import use_every_core
 from kvmesh.daemon.metrics import DaemonMetrics, start_http
 from kvmesh.entry import EntryMeta, EntryMetaError
 from kvmesh.socket_dir import UntrustedPath, check_peer, open_private, peer_uid, private_dir
@@ -80,6 +81,7 @@ class NodeDaemon:
         self.store = TieredStore(MemoryTier(config.l1_size, self.segment.buffer), build_lower_tiers(config),
                                  None, self.metrics, config.write_queue_size, config.prefetch,
                                  config.prefetch_threads, prefetch_priority=config.prefetch_priority,  # type: ignore[arg-type]
+                                 writer_priority=config.write_priority,  # type: ignore[arg-type]
                                  quiet_gate=self.quiet)
         self._store_lock = threading.Lock()  # guards the sessions; the store and the leases lock themselves
         self.leases = LeaseTable(self.store.release, config.lease_seconds)
@@ -311,6 +313,7 @@ class _Handler(socketserver.BaseRequestHandler):
 def run_daemon(config: KVMeshConfig) -> None:
     """Run in the foreground until SIGTERM/SIGINT or a shutdown message."""
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    use_every_core()  # before any thread: an engine's worker that started us may be bound to one core
     daemon = NodeDaemon(config)
     signal.signal(signal.SIGTERM, lambda *_: daemon.shutdown())
     signal.signal(signal.SIGINT, lambda *_: daemon.shutdown())
