@@ -62,7 +62,7 @@ def main() -> None:
     page = (args.kv_heads, args.block_size, 2 * args.head_size)
     with torch.inference_mode():
         layers = [torch.randn(num_blocks, *page).to(torch.bfloat16) for _ in range(args.layers)]
-    stored = [torch.empty(args.layers, pages_per_chunk, *page, dtype=torch.bfloat16) for _ in range(chunks)]
+    stored = [torch.randn(args.layers, pages_per_chunk, *page).to(torch.bfloat16) for _ in range(chunks)]
     nbytes = sum(s.numel() * s.element_size() for s in stored)
     flat_a = torch.empty(nbytes, dtype=torch.uint8)
     flat_b = torch.ones(nbytes, dtype=torch.uint8)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from kvmesh.page_copy import move_pages, pages_for_tokens
@@ -66,8 +67,13 @@ def test_block_runs_split_at_every_gap() -> None:
     assert block_runs([]) == []
 
 
-def test_runs_of_blocks_copy_as_slices_and_match_indexing_both_ways() -> None:
-    # consecutive blocks (copied as slices), scattered ones (indexed) and a mix, against plain indexing
+@pytest.mark.parametrize("min_run_bytes", [0, 1 << 40], ids=["slices", "indexed"])
+def test_runs_of_blocks_copy_as_slices_and_match_indexing_both_ways(monkeypatch: pytest.MonkeyPatch,
+                                                                    min_run_bytes: int) -> None:
+    # consecutive blocks, scattered ones and a mix, against plain indexing, each way of copying
+    from kvmesh import page_copy
+
+    monkeypatch.setattr(page_copy, "MIN_RUN_BYTES", min_run_bytes)
     generator = torch.Generator().manual_seed(3)
     with torch.inference_mode():
         layers = [torch.randn(40, 3, 16, 8, generator=generator).to(torch.bfloat16) for _ in range(4)]
@@ -84,3 +90,14 @@ def test_runs_of_blocks_copy_as_slices_and_match_indexing_both_ways() -> None:
         for layer, copy in zip(layers, target):
             assert torch.equal(copy[blocks].view(torch.int16), layer[blocks].view(torch.int16))
             assert not copy[untouched].any()  # nothing beyond the blocks written
+
+
+def test_loads_copy_as_slices_only_runs_that_hold_enough_bytes_and_saves_never() -> None:
+    from kvmesh.page_copy import MIN_RUN_BYTES, _copy_plan
+
+    page = (MIN_RUN_BYTES // 4 // 2,)  # bf16 pages of a quarter of the threshold
+    pages = torch.zeros(2, 8, *page, dtype=torch.bfloat16)
+    consecutive, scattered = torch.arange(10, 18), torch.tensor([3, 9, 1, 30, 7, 22, 5, 40])
+    assert _copy_plan([(pages, consecutive)], into_engine=True)[0][2] is not None  # one run of 2x the bytes
+    assert _copy_plan([(pages, scattered)], into_engine=True)[0][2] is None  # runs of a quarter: indexed
+    assert _copy_plan([(pages, consecutive)], into_engine=False)[0][2] is None  # saves: index_select

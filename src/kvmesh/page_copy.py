@@ -3,10 +3,12 @@
 vLLM hands kvmesh one tensor per layer whose first dimension is the block (page) index.  An L1 entry
 keeps a chunk as those pages, ``[layers, pages, *page_shape]``, so the bytes are exactly the engine's.
 
-A chunk's blocks are mostly consecutive (vLLM hands out free blocks in order), and a run of consecutive
-blocks is one contiguous range of both tensors: it is copied as one slice, at memcpy speed.  Blocks
-scattered one by one go through ``index_select`` / ``index_copy_`` instead, one call per layer, which
-costs less than a slice copy per page (measured: benchmarks/bench_page_copy.py, docs/benchmarks.md).
+Loads: ``index_copy_`` into the engine's blocks ran at about half of memcpy speed.  A chunk's blocks are
+mostly consecutive (vLLM hands out free blocks in order), and a run of consecutive blocks is one contiguous
+range of both tensors, so a load copies each run as one slice, near memcpy speed.  That pays while a run
+holds at least ``MIN_RUN_BYTES`` per layer (a slice costs a Python call: pages of a few KB scattered one by
+one go faster through one ``index_copy_`` per layer).  Saves: ``index_select`` already copies at memcpy
+speed, slices did not beat it.  Measured: benchmarks/bench_page_copy.py, docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-# a job is copied as slices when its runs are on average at least this many blocks long
-MIN_MEAN_RUN = 2
+# a load copies a job as slices when its runs hold on average at least this many bytes per layer
+MIN_RUN_BYTES = 64 * 1024
 
 
 def pages_for_tokens(start: int, end: int, block_size: int) -> range:
@@ -49,13 +51,18 @@ def block_runs(blocks: Sequence[int]) -> list[BlockRun]:
     return runs
 
 
-def _copy_plan(jobs: Sequence[PageJob]) -> list[tuple[torch.Tensor, torch.Tensor, list[BlockRun] | None]]:
-    """Each job with its runs when they are long enough to copy as slices, else None (indexed copy)."""
+def _copy_plan(jobs: Sequence[PageJob], into_engine: bool) -> list[tuple[torch.Tensor, torch.Tensor,
+                                                                        list[BlockRun] | None]]:
+    """Each job with its runs when a load should copy them as slices, else None (one indexed copy per layer)."""
     plan = []
     for pages, blocks in jobs:
-        runs = block_runs(blocks.tolist())
-        long_enough = bool(runs) and len(blocks) >= MIN_MEAN_RUN * len(runs)
-        plan.append((pages, blocks, runs if long_enough else None))
+        runs = None
+        if into_engine and len(blocks):
+            page_bytes = pages[0, 0].numel() * pages.element_size()
+            found = block_runs(blocks.tolist())
+            if len(blocks) * page_bytes >= MIN_RUN_BYTES * len(found):
+                runs = found
+        plan.append((pages, blocks, runs))
     return plan
 
 
@@ -67,7 +74,7 @@ def move_pages(jobs: Sequence[PageJob], layers: Sequence[torch.Tensor], into_eng
     one tensor; torch releases the GIL while it copies, and the engine's cores
     sit idle during a load anyway.
     """
-    plan = _copy_plan(jobs)
+    plan = _copy_plan(jobs, into_engine)
 
     def run(layer_indices: range) -> None:
         # inference mode is per thread: engines keep KV in inference tensors, which only it may update
@@ -75,11 +82,9 @@ def move_pages(jobs: Sequence[PageJob], layers: Sequence[torch.Tensor], into_eng
             for pages, blocks, runs in plan:
                 for index in layer_indices:
                     layer, stored = layers[index], pages[index]
-                    if runs is not None:
+                    if runs is not None:  # a load, as slices
                         for r in runs:
-                            engine = layer[r.first_block:r.first_block + r.length]
-                            mine = stored[r.offset:r.offset + r.length]
-                            (engine if into_engine else mine).copy_(mine if into_engine else engine)
+                            layer[r.first_block:r.first_block + r.length].copy_(stored[r.offset:r.offset + r.length])
                     elif into_engine:
                         layer.index_copy_(0, blocks, stored)
                     else:
