@@ -166,9 +166,10 @@ class KVMeshConfig:
     disk_size: int = _opt(
         20 * 1024**3, parse_size, "Byte budget of the disk tier (never exceeded; least recently used first out).")
     disk_write_policy: str = _opt(
-        "write_behind", _choice("write_behind", "write_through"),
+        "write_behind", _choice("write_behind", "write_through", "on_eviction"),
         "write_behind: stored after the request, from a bounded queue; write_through: before the store "
-        "returns to the engine.")
+        "returns to the engine; on_eviction: only when L1 is about to evict it (L1 is the disk's write-back "
+        "cache: the oldest quarter of a nearly full L1 is kept written down) and at a graceful shutdown.")
     redis_url: str = _opt(
         "", parse_str,
         "URL of the shared L3 tier, e.g. redis://host:6379/0, rediss://user:password@host:6380 (TLS), "
@@ -180,7 +181,7 @@ class KVMeshConfig:
     redis_timeout_seconds: float = _opt(
         2.0, parse_float, "Socket timeout of Redis calls; a slower call is a miss.")
     redis_write_policy: str = _opt(
-        "write_behind", _choice("write_behind", "write_through"), "As disk_write_policy, for Redis.")
+        "write_behind", _choice("write_behind", "write_through", "on_eviction"), "As disk_write_policy, for Redis.")
     redis_admission: str = _opt(
         "all", _choice("all", "on_reuse"),
         "all: every stored chunk goes to Redis; on_reuse: only chunks that two or more lookups asked for.")

@@ -6,6 +6,7 @@ Partial chunks too: found from their parent key after a restart, from another da
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +48,24 @@ def test_a_restarted_daemon_finds_what_is_on_disk(tmp_path: Path) -> None:
         client.put(keys, chunks)
         assert client.flush()["disk"]["stores"] == len(keys)
         client.shutdown_daemon()
+    with KVMeshClient(config) as client:  # a new daemon, an empty L1
+        try:
+            assert client.stats()["l1"]["entries"] == 0
+            assert client.lookup(keys) == len(keys)
+            assert _same(client.get(keys), chunks)
+        finally:
+            client.shutdown_daemon()
+
+
+def test_written_on_eviction_nothing_goes_to_disk_until_a_graceful_shutdown_writes_it_all(tmp_path: Path) -> None:
+    config = _config(tmp_path, disk_path=str(tmp_path / "disk"), disk_write_policy="on_eviction")
+    keys = chunk_keys(list(range(3000, 3512)), NS, 128)
+    chunks = _chunks(keys, seed=5)
+    with KVMeshClient(config) as client:
+        client.put(keys, chunks)
+        time.sleep(0.5)
+        assert client.stats()["disk"]["stores"] == 0  # L1 has room: nothing is due
+        client.shutdown_daemon()  # graceful: what only L1 held goes down now
     with KVMeshClient(config) as client:  # a new daemon, an empty L1
         try:
             assert client.stats()["l1"]["entries"] == 0

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
+from itertools import takewhile
 
 import torch
 
@@ -36,6 +37,7 @@ from kvmesh.store.partials import PartialIndex
 from kvmesh.store.promotion import Promoter
 from kvmesh.store.quiet import QuietGate
 from kvmesh.store.types import Located, LowerTier, NullObserver, Priority, StoreObserver
+from kvmesh.store.write_back import WriteBack
 from kvmesh.store.write_behind import WriteBehind
 from kvmesh.store.writer import Pinned, TierWriter
 from kvmesh.tensorbytes import tensor_bytes
@@ -71,12 +73,17 @@ class TieredStore:
         self._lock = threading.Lock()  # guards the reserved partial chunks
         self._reserved_partials: dict[bytes, tuple[bytes, int]] = {}  # reserved, not yet committed
         self._behind: WriteBehind | None = None
+        self._write_back: WriteBack | None = None
         self._promoter: Promoter | None = None
         if self.lower:
             # idle: the writer runs only on CPU time nothing else wants (the engine's compute threads share
             # these cores; a writer at their priority slows every forward pass, docs/benchmarks.md)
-            self._behind = WriteBehind(l1, self._writer, lambda key: self._targets(key, "write_behind"),
-                                       self.observer, write_queue_bytes, writer_priority, quiet_gate)
+            self._write_back = (WriteBack(l1, self.observer)
+                                if any(t.write_policy == "on_eviction" for t in self.lower) else None)
+            if self._write_back is not None:
+                l1.on_evict = self._write_back.evicted
+            self._behind = WriteBehind(l1, self._writer, self._targets, self.observer, write_queue_bytes,
+                                       writer_priority, quiet_gate, write_back=self._write_back)
             # several prefetchers: one chunk's read overlaps another's decode, and decoding uses every core
             self._promoter = Promoter(l1, self.lower, self._guard, self.observer, self.tensor_at,
                                       prefetch_threads, prefetch_priority)
@@ -107,6 +114,8 @@ class TieredStore:
             rest = keys[position:end]
             step = max(self._guard.call(t.tier.name, "lookup", partial(t.tier.lookup, rest), 0)
                        for t in self.lower)
+            if step == 0:  # chunks only L1 holds, after some below it (written on eviction, not yet written)
+                step = sum(1 for _ in takewhile(self.l1.contains, rest))
             if step == 0:
                 break
             position += step
@@ -181,7 +190,7 @@ class TieredStore:
         return status is not ReserveStatus.NO_ROOM
 
     def flush(self, timeout: float = 60.0) -> bool:
-        """Wait until queued write-behind stores are done (tests, shutdown); False on timeout."""
+        """Write down what is queued and what waits for its eviction (tests, shutdown); False on timeout."""
         return self._behind is None or self._behind.flush(timeout)
 
     def _fill_l1(self, key: bytes, chunk: torch.Tensor, view: str = "chunk") -> ReserveStatus:
@@ -208,6 +217,8 @@ class TieredStore:
                     self.l1.release(key, extent)
         if any(t.write_policy == "write_behind" for t in self.lower):
             self._behind.enqueue(key)
+        if self._write_back is not None:
+            self._write_back.mark(key)
 
     def _targets(self, key: bytes, policy: str) -> list[LowerTier]:
         return [t for t in self.lower if t.write_policy == policy and self._admission.admits(t, key)]

@@ -8,7 +8,7 @@ from typing import Literal, Protocol
 from kvmesh.codecs import Codec
 from kvmesh.tiers.base import Tier
 
-WritePolicy = Literal["write_behind", "write_through"]
+WritePolicy = Literal["write_behind", "write_through", "on_eviction"]
 Admission = Literal["all", "on_reuse"]
 Priority = Literal["idle", "normal"]
 

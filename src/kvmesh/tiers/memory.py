@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvmesh.tiers.arena import ExtentAllocator
@@ -69,6 +69,8 @@ class MemoryTier:
     _lock: threading.RLock = field(init=False, default_factory=threading.RLock)
     # copies deleted while readers still pin them: extent -> pins; freed at the last release
     _orphans: dict[Extent, int] = field(init=False, default_factory=dict)
+    # told of every entry that an eviction drops, under this tier's lock (the store's write-back)
+    on_evict: Callable[[bytes], None] | None = field(default=None)
 
     def __post_init__(self) -> None:
         self._alloc = ExtentAllocator(self.capacity, self.alignment)
@@ -90,6 +92,8 @@ class MemoryTier:
                     if self._entries[victim].pins == 0:
                         self._drop(victim)
                         self._stats.evictions += 1
+                        if self.on_evict is not None:
+                            self.on_evict(victim)
                         offset = self._alloc.allocate(nbytes)
                         if offset is not None:
                             break
@@ -211,6 +215,24 @@ class MemoryTier:
             self._stats.entries = sum(1 for e in self._entries.values() if e.committed)
             self._stats.bytes_used = self._alloc.used
             return TierStats(**self._stats.to_dict())
+
+    @property
+    def used(self) -> int:
+        """Bytes allocated now (entries, reservations, pinned deleted copies)."""
+        with self._lock:
+            return self._alloc.used
+
+    def oldest(self, nbytes: int) -> list[bytes]:
+        """Committed entries in the order eviction would take them, as many as hold ``nbytes``."""
+        keys: list[bytes] = []
+        with self._lock:
+            total = 0
+            for key in self._policy.candidates():
+                if total >= nbytes:
+                    break
+                keys.append(key)
+                total += self._entries[key].extent.nbytes
+        return keys
 
     def extents(self) -> list[Extent]:
         """Every extent currently allocated (entries, reservations, pinned deleted copies)."""
