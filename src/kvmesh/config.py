@@ -160,6 +160,12 @@ class KVMeshConfig:
         "Map every page of the L1 segment when the daemon starts, so the first stores "
         "copy at memory speed instead of paying page faults. The memory itself is reserved at start "
         "either way: an L1 larger than /dev/shm's free space is refused, naming both.")
+    l1_eviction: str = _opt(
+        "value", _choice("value", "lru"),
+        "Which L1 entries go first when it is full: value (a prompt's chunks from its end, the ones that save "
+        "least prefill per byte and are used least first, aged: tiers/eviction.py) or lru (least recently "
+        "used). On a replayed workload larger than the cache, value served 20-40% more tokens per GiB "
+        "(docs/benchmarks.md).")
     disk_path: str = _opt(
         "", parse_str,
         "Directory of the L2 disk tier; empty turns it off. Entries survive daemon and engine restarts.")
@@ -392,9 +398,9 @@ class KVMeshConfig:
 # What the node daemon itself uses: L1, the tiers below it, their codecs, write-behind, prefetch, leases and
 # its HTTP endpoint.  An engine that asks for other values must not silently get the running daemon's.
 DAEMON_KEYS: tuple[str, ...] = (
-    "l1_size", "disk_path", "disk_size", "disk_write_policy", "redis_url", "redis_cluster", "redis_namespace",
-    "redis_ttl_seconds", "redis_timeout_seconds", "redis_write_policy", "redis_admission", "write_queue_size",
-    "write_quiet_seconds", "write_priority", "prefetch", "prefetch_threads",
+    "l1_size", "l1_eviction", "disk_path", "disk_size", "disk_write_policy", "redis_url", "redis_cluster",
+    "redis_namespace", "redis_ttl_seconds", "redis_timeout_seconds", "redis_write_policy", "redis_admission",
+    "write_queue_size", "write_quiet_seconds", "write_priority", "prefetch", "prefetch_threads",
     "prefetch_priority", "lease_seconds", "codec", "disk_codec", "redis_codec", "http_port", "http_host",
 )
 

@@ -56,13 +56,19 @@ class PartialFound:
 
 @dataclass(frozen=True, slots=True)
 class ReserveItem:
-    """One extent to reserve; ``parent`` is set for a partial chunk (so a continuing prompt can find it)."""
+    """One extent to reserve; ``parent`` is set for a partial chunk (so a continuing prompt can find it).
+
+    ``start``, ``tokens`` and ``previous`` (the chunk before this one in its prompt) say what the chunk is
+    worth to L1's eviction (``tiers/eviction.py``).
+    """
 
     key: bytes
     nbytes: int
     meta: str
     parent: bytes | None = None
     tokens: int = 0
+    start: int = 0
+    previous: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,26 @@ def test_written_on_eviction_nothing_goes_to_disk_until_a_graceful_shutdown_writ
             client.shutdown_daemon()
 
 
+def test_l1_full_by_value_a_prompt_loses_its_end_and_by_lru_its_head(tmp_path: Path) -> None:
+    """Chunks of 1 MiB in an 8 MiB L1: prompt A (6 chunks), read back, then prompt B (4 chunks) needs room."""
+    reachable = {}
+    for policy in ("value", "lru"):
+        config = _config(tmp_path / policy, l1_size="8MiB", l1_eviction=policy)
+        prompt_a = chunk_keys(list(range(10_000, 10_000 + 6 * 1024)), NS, 1024)
+        prompt_b = chunk_keys(list(range(50_000, 50_000 + 4 * 1024)), NS, 1024)
+        with KVMeshClient(config) as client:
+            try:
+                client.put(prompt_a, _chunks(prompt_a, seed=1))
+                assert _same(client.get(prompt_a), _chunks(prompt_a, seed=1))  # a load touches them in order
+                client.put(prompt_b, _chunks(prompt_b, seed=2))
+                assert client.stats()["l1"]["evictions"] == 2  # room for B: two of A's chunks go
+                reachable[policy] = client.lookup(prompt_a)
+            finally:
+                client.shutdown_daemon()
+    assert reachable["value"] == 4  # A lost its last two chunks: its first four are still served
+    assert reachable["lru"] == 0  # LRU took A's first chunk, the least recently touched: nothing reachable
+
+
 def test_two_daemons_share_what_either_stored_through_redis(tmp_path: Path, redis_server: RedisServer) -> None:
     namespace = f"ns-{uuid.uuid4().hex[:6]}"
     first = _config(tmp_path / "a", redis_url=redis_server.url, redis_namespace=namespace)

@@ -251,16 +251,18 @@ class KVMeshClient:
 
     # ------------------------------------------------------------------- stores
     def reserve(self, keys: Sequence[ChunkKey], metas: Sequence[EntryMeta],
-                parents: Sequence[bytes | None] | None = None) -> list[WriteSlot | None]:
+                parents: Sequence[bytes | None] | None = None,
+                previous: Sequence[bytes | None] | None = None) -> list[WriteSlot | None]:
         """Reserve an extent per chunk; None where the chunk is already stored or there is no room.
 
         ``parents`` names, for partial chunks, the key of the chunk before them, so
-        that a longer prompt continuing the same tokens can find them.
+        that a longer prompt continuing the same tokens can find them.  ``previous`` names, for every
+        chunk, the chunk before it in its prompt (L1 evicts a prompt from its end).
         """
         parents = parents or [None] * len(keys)
-        items = [wire.ReserveItem(key.digest, meta.nbytes, meta.encode(), parent,
-                                  key.num_tokens if parent is not None else 0)
-                 for key, meta, parent in zip(keys, metas, parents, strict=True)]
+        previous = previous or [None] * len(keys)
+        items = [wire.ReserveItem(key.digest, meta.nbytes, meta.encode(), parent, key.num_tokens, key.start, before)
+                 for key, meta, parent, before in zip(keys, metas, parents, previous, strict=True)]
         reply = self._call(wire.Reserve(items))
         return [WriteSlot(key, result.offset, meta.tensor_in(self._buffer, result.offset))
                 if result.status == "ok" and result.offset is not None else None
@@ -276,9 +278,15 @@ class KVMeshClient:
             self._call(wire.Abort([s.key.digest for s in slots]))
 
     def put(self, keys: Sequence[ChunkKey], chunks: Sequence[torch.Tensor]) -> int:
-        """Store whole tensors; returns how many were newly written."""
+        """Store whole tensors; returns how many were newly written.
+
+        A key that continues the one before it (its ``start`` is that one's ``end``) is stored as the next
+        chunk of the same prompt, as an engine stores a prompt.
+        """
         metas = [EntryMeta(dtype_name(c.dtype), tuple(c.shape)) for c in chunks]
-        slots = self.reserve(keys, metas)
+        previous = [None] + [before.digest if before.end == key.start else None
+                             for before, key in zip(keys, keys[1:])]
+        slots = self.reserve(keys, metas, previous=previous)
         written = []
         try:
             for slot, chunk in zip(slots, chunks, strict=True):

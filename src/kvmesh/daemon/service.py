@@ -33,6 +33,7 @@ from kvmesh.socket_dir import UntrustedPath, check_peer, open_private, peer_uid,
 from kvmesh.store import LeaseTable, TieredStore
 from kvmesh.store.build import build_lower_tiers
 from kvmesh.store.quiet import QuietGate
+from kvmesh.tiers.eviction import EVICTION_POLICIES
 from kvmesh.tiers.memory import Extent, MemoryTier, ReserveStatus
 from kvmesh.tiers.shm import SharedSegment
 from kvmesh.wire import PROTOCOL_VERSION, ProtocolError, receive_message, send_message
@@ -78,7 +79,8 @@ class NodeDaemon:
         self.metrics = DaemonMetrics(lambda: self.store.stats())
         # writes behind wait while engines are served (store/quiet.py says why)
         self.quiet = QuietGate(config.write_quiet_seconds)
-        self.store = TieredStore(MemoryTier(config.l1_size, self.segment.buffer), build_lower_tiers(config),
+        l1 = MemoryTier(config.l1_size, self.segment.buffer, policy=EVICTION_POLICIES[config.l1_eviction]())
+        self.store = TieredStore(l1, build_lower_tiers(config),
                                  None, self.metrics, config.write_queue_size, config.prefetch,
                                  config.prefetch_threads, prefetch_priority=config.prefetch_priority,  # type: ignore[arg-type]
                                  writer_priority=config.write_priority,  # type: ignore[arg-type]
@@ -179,8 +181,8 @@ class NodeDaemon:
                                     f"whose description says {described}")
         results = []
         for item in request.items:
-            reservation = self.store.reserve(item.key, item.nbytes, item.meta, item.parent,
-                                             item.tokens if item.parent is not None else 0)
+            reservation = self.store.reserve(item.key, item.nbytes, item.meta, item.parent, item.tokens,
+                                             item.start, item.previous)
             if reservation.status is ReserveStatus.OK:
                 session.reserved.add(item.key)
                 results.append(wire.Reserved("ok", reservation.granted.offset))

@@ -154,13 +154,17 @@ class TieredStore:
 
     # ------------------------------------------------------------------- writes
     def reserve(self, key: bytes, nbytes: int, meta: str = "", parent: bytes | None = None,
-                tokens: int = 0) -> Reservation:
-        """Reserve an L1 extent; ``parent`` and ``tokens`` name a partial chunk, indexed when committed."""
+                tokens: int = 0, start: int = 0, previous: bytes | None = None) -> Reservation:
+        """Reserve an L1 extent; with ``parent``, a partial chunk of ``tokens`` tokens, indexed when committed.
+
+        ``tokens``, ``start`` and ``previous`` (the chunk before it in its prompt) are what L1's eviction
+        weighs (``tiers/eviction.py``).
+        """
         if meta:
             EntryMeta.decode(meta)  # refuse a description we could not encode later
         if parent is not None and tokens < 1:
             raise ValueError(f"a partial chunk holds at least one token, got {tokens}")
-        reservation = self.l1.reserve(key, nbytes, meta)
+        reservation = self.l1.reserve(key, nbytes, meta, start, tokens, previous)
         if parent is not None and reservation.status is ReserveStatus.OK:
             with self._lock:
                 self._reserved_partials[key] = (parent, tokens)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from kvmesh.tiers.arena import ExtentAllocator
 from kvmesh.tiers.base import TierStats, Value
 from kvmesh.tiers.buffers import joined, parts_of
-from kvmesh.tiers.eviction import LRUPolicy
+from kvmesh.tiers.eviction import EvictionPolicy, LRUPolicy
 
 
 class ReserveStatus(enum.Enum):
@@ -64,13 +64,13 @@ class MemoryTier:
     name: str = "l1"
     _alloc: ExtentAllocator = field(init=False)
     _entries: dict[bytes, _Entry] = field(init=False, default_factory=dict)
-    _policy: LRUPolicy = field(init=False, default_factory=LRUPolicy)
     _stats: TierStats = field(init=False)
     _lock: threading.RLock = field(init=False, default_factory=threading.RLock)
     # copies deleted while readers still pin them: extent -> pins; freed at the last release
     _orphans: dict[Extent, int] = field(init=False, default_factory=dict)
     # told of every entry that an eviction drops, under this tier's lock (the store's write-back)
     on_evict: Callable[[bytes], None] | None = field(default=None)
+    policy: EvictionPolicy = field(default_factory=LRUPolicy)  # which entries go first
 
     def __post_init__(self) -> None:
         self._alloc = ExtentAllocator(self.capacity, self.alignment)
@@ -79,7 +79,10 @@ class MemoryTier:
             raise ValueError(f"buffer of {len(self.buffer)} bytes is smaller than capacity {self.capacity}")
 
     # ------------------------------------------------------------ two-phase write
-    def reserve(self, key: bytes, nbytes: int, meta: str = "") -> Reservation:
+    def reserve(self, key: bytes, nbytes: int, meta: str = "", start: int = 0, tokens: int = 0,
+                previous: bytes | None = None) -> Reservation:
+        """Room for ``key``; ``start``, ``tokens`` and ``previous`` (the chunk before it in its prompt) say
+        what it is worth to the eviction policy."""
         with self._lock:
             if key in self._entries:
                 return Reservation(ReserveStatus.EXISTS)
@@ -88,7 +91,7 @@ class MemoryTier:
                 return Reservation(ReserveStatus.NO_ROOM)
             offset = self._alloc.allocate(nbytes)
             if offset is None:
-                for victim in self._policy.candidates():
+                for victim in self.policy.candidates():
                     if self._entries[victim].pins == 0:
                         self._drop(victim)
                         self._stats.evictions += 1
@@ -102,6 +105,7 @@ class MemoryTier:
                 return Reservation(ReserveStatus.NO_ROOM)
             extent = Extent(offset, nbytes, meta)
             self._entries[key] = _Entry(extent)
+            self.policy.describe(key, nbytes, start, tokens, previous)
             return Reservation(ReserveStatus.OK, extent)
 
     def commit(self, key: bytes) -> None:
@@ -110,7 +114,7 @@ class MemoryTier:
             if entry is None or entry.committed:
                 raise KeyError(f"no reservation for key {key.hex()} to commit")
             entry.committed = True
-            self._policy.add(key)
+            self.policy.add(key)
             self._stats.stores += 1
 
     def abort(self, key: bytes) -> None:
@@ -119,6 +123,7 @@ class MemoryTier:
             if entry is not None and not entry.committed:
                 del self._entries[key]
                 self._alloc.free(entry.extent.offset, entry.extent.nbytes)
+                self.policy.remove(key)  # forgets what ``reserve`` described
 
     # --------------------------------------------------------------------- reads
     def contains(self, key: bytes) -> bool:
@@ -144,7 +149,7 @@ class MemoryTier:
                 return None
             entry = self._entries[key]
             entry.pins += 1
-            self._policy.touch(key)
+            self.policy.touch(key)
             return entry.extent
 
     def release(self, key: bytes, extent: Extent) -> None:
@@ -170,7 +175,7 @@ class MemoryTier:
                 return False
             if entry.pins:
                 del self._entries[key]
-                self._policy.remove(key)
+                self.policy.remove(key)
                 self._orphans[entry.extent] = entry.pins
             else:
                 self._drop(key)
@@ -227,7 +232,7 @@ class MemoryTier:
         keys: list[bytes] = []
         with self._lock:
             total = 0
-            for key in self._policy.candidates():
+            for key in self.policy.candidates():
                 if total >= nbytes:
                     break
                 keys.append(key)
@@ -242,5 +247,5 @@ class MemoryTier:
     # ------------------------------------------------------------------ internals
     def _drop(self, key: bytes) -> None:
         entry = self._entries.pop(key)
-        self._policy.remove(key)
+        self.policy.remove(key)
         self._alloc.free(entry.extent.offset, entry.extent.nbytes)

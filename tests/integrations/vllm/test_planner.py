@@ -48,6 +48,8 @@ def test_save_plan_follows_computed_tokens_and_indexes_the_partial_tail() -> Non
     last = plan_save_chunks(tracker, 700, block_ids, 128)
     assert [(t.key.start, t.key.end, t.block_ids, t.parent) for t in last] == [(512, 700, [14, 15], keys[1].digest)]
     assert plan_save_chunks(tracker, 700, block_ids, 128) == []
+    # each chunk names the one before it in the prompt (L1 evicts a prompt from its end)
+    assert [t.previous for t in first + last] == [None, keys[0].digest, keys[1].digest]
 
 
 def test_a_prompt_shorter_than_a_chunk_is_a_partial_under_its_namespaces_root() -> None:

@@ -20,13 +20,15 @@ class ChunkTransfer:
     """Move pages of one stored chunk to or from engine blocks.
 
     ``block_ids[i]`` pairs with page ``first_page + i`` of the chunk's entry.
-    ``parent`` is set for a partial chunk (so the daemon can index it).
+    ``parent`` is set for a partial chunk (so the daemon can index it); ``previous`` names the chunk before
+    this one in its prompt (for L1's eviction; None for the first).
     """
 
     key: ChunkKey
     block_ids: list[int]
     first_page: int = 0
     parent: bytes | None = None
+    previous: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,11 +148,11 @@ def plan_save_chunks(tracker: RequestTracker, computed_tokens: int, block_ids: S
         pages = pages_for_tokens(key.start, key.end, block_size)
         if pages.stop > len(block_ids):
             break  # blocks not allocated (cannot happen for computed tokens, but never read past them)
+        previous = tracker.keys[tracker.stored_chunks - 1].digest if tracker.stored_chunks else None
         parent = None
         if key.num_tokens < tracker.chunk_size:  # the partial tail: index it under its parent
-            parent = (tracker.keys[tracker.stored_chunks - 1].digest if tracker.stored_chunks
-                      else namespace_root(tracker.namespace))
-        transfers.append(ChunkTransfer(key, [block_ids[p] for p in pages], 0, parent))
+            parent = previous if previous is not None else namespace_root(tracker.namespace)
+        transfers.append(ChunkTransfer(key, [block_ids[p] for p in pages], 0, parent, previous))
         tracker.stored_chunks += 1
     return transfers
 

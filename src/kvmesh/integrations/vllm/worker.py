@@ -181,7 +181,7 @@ class WorkerSide:
         started = time.perf_counter()
         try:
             slots = client.reserve([c.key for c in chunks], [self._meta(len(c.block_ids)) for c in chunks],
-                                   [c.parent for c in chunks])
+                                   [c.parent for c in chunks], [c.previous for c in chunks])
         except ABSORBED as err:
             self.link.fault("save", f"kvmesh store failed, dropped: {err}", err)
             return
