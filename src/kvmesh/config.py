@@ -186,6 +186,11 @@ class KVMeshConfig:
     redis_ttl_seconds: int = _opt(0, parse_int, "Expire Redis entries after this many seconds; 0 keeps them.")
     redis_timeout_seconds: float = _opt(
         2.0, parse_float, "Socket timeout of Redis calls; a slower call is a miss.")
+    redis_lookup_timeout_seconds: float = _opt(
+        0.05, parse_float,
+        "Deadline of the Redis calls a lookup makes (on the engine's scheduler path): a Redis slower than this "
+        "is a miss there, and after repeated misses the breaker keeps lookups away from it. Reads for "
+        "promotions and writes keep redis_timeout_seconds.")
     redis_write_policy: str = _opt(
         "write_behind", _choice("write_behind", "write_through", "on_eviction"), "As disk_write_policy, for Redis.")
     redis_admission: str = _opt(
@@ -300,6 +305,9 @@ class KVMeshConfig:
         _check(self.redis_ttl_seconds >= 0, "redis_ttl_seconds", f"must be 0 or more, got {self.redis_ttl_seconds}")
         _check(self.redis_timeout_seconds > 0, "redis_timeout_seconds",
                f"must be positive, got {self.redis_timeout_seconds}")
+        _check(0 < self.redis_lookup_timeout_seconds <= self.redis_timeout_seconds, "redis_lookup_timeout_seconds",
+               f"must be positive and at most redis_timeout_seconds ({self.redis_timeout_seconds}), "
+               f"got {self.redis_lookup_timeout_seconds}")
         _check(not self.redis_url or self.redis_url.split("://")[0] in ("redis", "rediss", "unix"), "redis_url",
                f"must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
         _check(self.write_queue_size >= 0, "write_queue_size", f"must be 0 or more, got {self.write_queue_size}")
@@ -399,9 +407,10 @@ class KVMeshConfig:
 # its HTTP endpoint.  An engine that asks for other values must not silently get the running daemon's.
 DAEMON_KEYS: tuple[str, ...] = (
     "l1_size", "l1_eviction", "disk_path", "disk_size", "disk_write_policy", "redis_url", "redis_cluster",
-    "redis_namespace", "redis_ttl_seconds", "redis_timeout_seconds", "redis_write_policy", "redis_admission",
-    "write_queue_size", "write_quiet_seconds", "write_priority", "prefetch", "prefetch_threads",
-    "prefetch_priority", "lease_seconds", "codec", "disk_codec", "redis_codec", "http_port", "http_host",
+    "redis_namespace", "redis_ttl_seconds", "redis_timeout_seconds", "redis_lookup_timeout_seconds",
+    "redis_write_policy", "redis_admission", "write_queue_size", "write_quiet_seconds", "write_priority", "prefetch",
+    "prefetch_threads", "prefetch_priority", "lease_seconds", "codec", "disk_codec", "redis_codec", "http_port",
+    "http_host",
 )
 
 

@@ -377,3 +377,36 @@ def test_partials_in_a_cluster(redis_cluster: RedisClusterServers) -> None:
     assert tier.partials_key(_key(1)) == f"{tier.namespace}:p:{{{_key(1).hex()}}}"
     assert tier.stats().errors == 0
     tier.close()
+
+
+def test_a_slow_redis_is_a_miss_for_lookups_but_still_serves_reads(redis_server: RedisServer) -> None:
+    """Lookups are on the scheduler's path: they wait at most their own deadline, reads keep theirs."""
+    from delay_proxy import DelayProxy
+
+    proxy = DelayProxy(redis_server.port)
+    try:
+        tier = RedisTier(proxy.url, namespace=_namespace(), timeout_seconds=2.0, lookup_timeout_seconds=0.05,
+                         breaker=CircuitBreaker(failure_threshold=3, reset_seconds=60))
+        keys = [_key(i) for i in range(3)]
+        assert all(tier.put_many([(k, _payload(i, 2000)) for i, k in enumerate(keys)]))
+        deadline = time.monotonic() + 10  # a fast Redis: found (a busy machine may miss the first connect)
+        while tier.lookup(keys) != 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tier.lookup(keys) == 3
+        errors = tier.stats().errors
+        proxy.delay = 0.3  # now every answer comes 0.3 s late: past the lookup's deadline, within a read's
+        assert tier.lookup(keys) == 0  # a miss, not a wait for the answer
+        assert tier.stats().errors == errors + 1
+        assert tier.get(keys[1]) == _payload(1, 2000)  # a promotion's read still gets its answer
+        assert tier.lookup(keys) == 0
+        assert tier.partials(keys[0]) == []  # the partial index is read on the lookup path too
+        assert tier.lookup(keys) == 0
+        assert tier.stats().errors == errors + 4
+        assert tier.breaker.state is BreakerState.OPEN  # three slow lookups in a row: left alone a while
+    finally:
+        proxy.stop()
+
+
+def test_the_lookup_deadline_is_checked_against_the_call_deadline() -> None:
+    with pytest.raises(ValueError, match="lookup_timeout_seconds"):
+        RedisTier("redis://127.0.0.1:1", timeout_seconds=0.5, lookup_timeout_seconds=1.0)

@@ -45,6 +45,7 @@ class RedisTierConfig:
     write_policy: str = "write_behind"
     admission: str = "all"
     codec: str = "raw"
+    lookup_timeout_seconds: float = 0.05
 
     @classmethod
     def from_config(cls, config: KVMeshConfig) -> RedisTierConfig | None:
@@ -53,4 +54,4 @@ class RedisTierConfig:
             return None
         return cls(config.redis_url, config.redis_cluster, config.redis_namespace,
                    config.redis_ttl_seconds or None, config.redis_timeout_seconds, config.redis_write_policy,
-                   config.redis_admission, config.tier_codec("redis"))
+                   config.redis_admission, config.tier_codec("redis"), config.redis_lookup_timeout_seconds)

@@ -74,7 +74,8 @@ class RedisTier(RedisPartials):
                  ttl_seconds: int | None = None, max_value_bytes: int = 64 * 1024 * 1024,
                  timeout_seconds: float = 2.0, cluster: bool = False,
                  breaker: CircuitBreaker | None = None,
-                 max_partials_per_parent: int = MAX_CHILDREN_PER_PARENT) -> None:
+                 max_partials_per_parent: int = MAX_CHILDREN_PER_PARENT,
+                 lookup_timeout_seconds: float = 0.05) -> None:
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"a Redis URL starts with redis://, rediss:// or unix://, got {url!r}")
         if cluster and url.startswith("unix://"):
@@ -87,12 +88,16 @@ class RedisTier(RedisPartials):
             raise ValueError(f"max_value_bytes must be at least {MIN_VALUE_BYTES}, got {max_value_bytes}")
         if max_partials_per_parent < 1:
             raise ValueError(f"max_partials_per_parent must be at least 1, got {max_partials_per_parent}")
+        if not 0 < lookup_timeout_seconds <= timeout_seconds:
+            raise ValueError(f"lookup_timeout_seconds must be in (0, timeout_seconds={timeout_seconds}], "
+                             f"got {lookup_timeout_seconds}")
         self.name = name
         self.url = url
         self.namespace = namespace
         self.ttl_seconds = ttl_seconds
         self.max_value_bytes = max_value_bytes
         self.timeout_seconds = timeout_seconds
+        self.lookup_timeout_seconds = lookup_timeout_seconds
         self.cluster = cluster
         self.max_partials_per_parent = max_partials_per_parent
         self.breaker = breaker or CircuitBreaker()
@@ -101,11 +106,13 @@ class RedisTier(RedisPartials):
         self._stats = TierStats()
         self._warned: set[str] = set()
         self._client_obj: Any = None if cluster else self._connect()
+        self._probe_obj: Any = None  # lookups' own connections, with their short deadline
 
     @classmethod
     def from_config(cls, config: RedisTierConfig, name: str = "redis") -> RedisTier:
         return cls(config.url, name=name, namespace=config.namespace, ttl_seconds=config.ttl_seconds,
-                   timeout_seconds=config.timeout_seconds, cluster=config.cluster)
+                   timeout_seconds=config.timeout_seconds, cluster=config.cluster,
+                   lookup_timeout_seconds=config.lookup_timeout_seconds)
 
     # ------------------------------------------------------------------ keys
     def redis_key(self, key: bytes) -> str:
@@ -122,7 +129,7 @@ class RedisTier(RedisPartials):
         if not self.breaker.allow():
             return False
         try:
-            found = bool(self._client.exists(self.redis_key(key)))
+            found = bool(self._probe.exists(self.redis_key(key)))
         except _FAULTS as err:
             self._fault(err)
             return False
@@ -130,13 +137,18 @@ class RedisTier(RedisPartials):
         return found
 
     def lookup(self, keys: Sequence[bytes]) -> int:
-        """How many of ``keys``, from the first, are present: one pipelined EXISTS batch."""
+        """How many of ``keys``, from the first, are present: one pipelined EXISTS batch.
+
+        A lookup is on an engine's scheduler path: it waits at most ``lookup_timeout_seconds`` (its own
+        connections, no retry); a Redis slower than that is a miss and a fault, and the breaker then
+        keeps lookups away from it altogether.
+        """
         if not keys:
             return 0
         count = 0
         if self.breaker.allow():
             try:
-                pipe = self._client.pipeline(transaction=False)
+                pipe = self._probe.pipeline(transaction=False)
                 for key in keys:
                     pipe.exists(self.redis_key(key))
                 found = pipe.execute()
@@ -291,9 +303,10 @@ class RedisTier(RedisPartials):
             return TierStats(**self._stats.to_dict())
 
     def close(self) -> None:
-        if self._client_obj is not None:
-            self._client_obj.close()
-            self._client_obj = None
+        for client in (self._client_obj, self._probe_obj):
+            if client is not None:
+                client.close()
+        self._client_obj = self._probe_obj = None
 
     # -------------------------------------------------------------- internals
     @property
@@ -306,13 +319,23 @@ class RedisTier(RedisPartials):
                     self._client_obj = self._connect()
         return self._client_obj
 
-    def _connect(self) -> Any:
+    @property
+    def _probe(self) -> Any:
+        """The client of lookups (scheduler path): ``lookup_timeout_seconds`` per call, no retry."""
+        if self._probe_obj is None:
+            with self._connect_lock:
+                if self._probe_obj is None:
+                    self._probe_obj = self._connect(self.lookup_timeout_seconds, retries=0)
+        return self._probe_obj
+
+    def _connect(self, timeout: float | None = None, retries: int = 1) -> Any:
+        timeout = self.timeout_seconds if timeout is None else timeout
         options: dict[str, Any] = {
-            "socket_timeout": self.timeout_seconds,
-            "socket_connect_timeout": self.timeout_seconds,
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
             # one immediate retry of connection errors: it replaces a pooled socket that a server
             # restart closed; longer outages are the breaker's business
-            "retry": Retry(NoBackoff(), 1),
+            "retry": Retry(NoBackoff(), retries),
         }
         if self.cluster:
             return RedisCluster.from_url(self.url, **options)

@@ -24,6 +24,7 @@ class RedisPartials:
     max_partials_per_parent: int
     breaker: Any
     _client: Any
+    _probe: Any  # lookups: a short deadline, no retry
     _FAULTS: tuple[type[BaseException], ...]
     redis_key: Callable[[bytes], str]
     _fault: Callable[[BaseException], None]
@@ -62,20 +63,20 @@ class RedisPartials:
         if not self.breaker.allow():
             return []
         index = self.partials_key(parent)
-        try:
-            members = self._client.zrevrange(index, 0, self.max_partials_per_parent - 1)
+        try:  # a lookup's read: the short deadline of ``_probe``
+            members = self._probe.zrevrange(index, 0, self.max_partials_per_parent - 1)
             parsed = [(member, _parse_member(member)) for member in members]
             candidates = [(member, item) for member, item in parsed if item is not None]
             found: list[int] = []
             if candidates:
-                pipe = self._client.pipeline(transaction=False)
+                pipe = self._probe.pipeline(transaction=False)
                 for _, (child, _tokens) in candidates:
                     pipe.exists(self.redis_key(child))
                 found = pipe.execute()
             stale = [member for member, item in parsed if item is None]
             stale += [member for (member, _), present in zip(candidates, found) if not present]
             if stale:
-                self._client.zrem(index, *stale)
+                self._probe.zrem(index, *stale)
         except self._FAULTS as err:
             self._fault(err)
             return []
