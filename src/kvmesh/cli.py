@@ -84,6 +84,7 @@ def daemon(set_: SetOption = None) -> None:
     """Run the node daemon in the foreground (engines auto-start one when none runs)."""
     from kvmesh.daemon.service import DaemonAlreadyRunning, run_daemon
     from kvmesh.socket_dir import UntrustedPath
+    from kvmesh.tiers.encrypted import KeyringError
     from kvmesh.tiers.shm import SharedMemoryTooSmall
 
     config = _load_config(set_)
@@ -95,6 +96,9 @@ def daemon(set_: SetOption = None) -> None:
     except (SharedMemoryTooSmall, UntrustedPath) as err:
         err_console.print(f"[red]kvmesh daemon: {err.strerror or err}[/red]")
         raise typer.Exit(1) from None
+    except KeyringError as err:
+        err_console.print(f"[red]kvmesh daemon: {err}[/red]")
+        raise typer.Exit(2) from None
 
 
 @app.command("server", hidden=True, deprecated=True)

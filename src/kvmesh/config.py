@@ -121,6 +121,16 @@ def _codec_spec_or_inherit(value: Any) -> str:
     return _codec_spec(text) if text else ""
 
 
+def _encryption_keys(value: Any) -> str:
+    """Checked now (each key base64 or hex of 32 bytes), kept as given: the error never shows a key."""
+    text = parse_str(value).strip()
+    if text:
+        from kvmesh.tiers.encrypted import parse_keys
+
+        parse_keys(text, "encryption_keys")  # a KeyringError is a ValueError naming the bad key's number
+    return text
+
+
 def _choice(*allowed: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in allowed:
@@ -196,6 +206,16 @@ class KVMeshConfig:
     redis_admission: str = _opt(
         "all", _choice("all", "on_reuse"),
         "all: every stored chunk goes to Redis; on_reuse: only chunks that two or more lookups asked for.")
+    encryption_keys: str = _opt(
+        "", _encryption_keys,
+        "Encrypt what goes to disk and Redis (AES-256-GCM, each entry bound to its key; a forged, altered or "
+        "moved entry is a miss, counted): 32-byte keys as base64 or hex, separated by commas, the first for "
+        "writing, all for reading (rotation). A secret: give it as KVMESH_ENCRYPTION_KEYS or in a file "
+        "(encryption_key_file), never on a command line.")
+    encryption_key_file: str = _opt(
+        "", parse_str,
+        "A file (mode 600) holding the keys of encryption_keys, one per line; used when encryption_keys is "
+        "empty.")
     write_queue_size: int = _opt(
         1024**3, parse_size,
         "Bytes of stores waiting to be written behind; when full, new ones are dropped and counted, "
@@ -410,7 +430,7 @@ DAEMON_KEYS: tuple[str, ...] = (
     "redis_namespace", "redis_ttl_seconds", "redis_timeout_seconds", "redis_lookup_timeout_seconds",
     "redis_write_policy", "redis_admission", "write_queue_size", "write_quiet_seconds", "write_priority", "prefetch",
     "prefetch_threads", "prefetch_priority", "lease_seconds", "codec", "disk_codec", "redis_codec", "http_port",
-    "http_host",
+    "http_host", "encryption_keys", "encryption_key_file",
 )
 
 
@@ -428,7 +448,7 @@ def describe_mismatch(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> lis
 
 # settings that must never be shown or put in a command line (ps shows every user's): a Redis URL may hold a
 # password, the tenant salt separates tenants.  They travel through the environment or a pipe instead.
-SECRET_KEYS: tuple[str, ...] = ("redis_url", "tenant_salt")
+SECRET_KEYS: tuple[str, ...] = ("redis_url", "tenant_salt", "encryption_keys")
 
 
 def shown(key: str, value: Any) -> Any:

@@ -30,6 +30,7 @@ def main() -> int:
     from kvmesh.config import ConfigError, KVMeshConfig
     from kvmesh.daemon.service import DaemonAlreadyRunning, run_daemon
     from kvmesh.socket_dir import UntrustedPath
+    from kvmesh.tiers.encrypted import KeyringError
     from kvmesh.tiers.shm import SharedMemoryTooSmall
 
     try:
@@ -44,6 +45,9 @@ def main() -> int:
     except (SharedMemoryTooSmall, UntrustedPath) as err:
         print(f"kvmesh daemon: {err.strerror or err}", file=sys.stderr)
         return 1
+    except KeyringError as err:
+        print(f"kvmesh daemon: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from kvmesh.codecs import Codec, get_codec
 from kvmesh.config import KVMeshConfig
 from kvmesh.store.types import LowerTier
 from kvmesh.tiers.config import DiskTierConfig, RedisTierConfig
+from kvmesh.tiers.encrypted import EncryptedTier, load_keyring
 
 
 def build_lower_tiers(config: KVMeshConfig) -> list[LowerTier]:
@@ -32,4 +35,7 @@ def build_lower_tiers(config: KVMeshConfig) -> list[LowerTier]:
 
         tiers.append(LowerTier(RedisTier.from_config(redis), redis.write_policy,  # type: ignore[arg-type]
                                redis.admission, codec=codec_for(redis.codec)))  # type: ignore[arg-type]
+    keyring = load_keyring(config.encryption_keys, config.encryption_key_file)
+    if keyring is not None:  # everything below L1 encrypted at rest (tiers/encrypted.py)
+        tiers = [replace(t, tier=EncryptedTier(t.tier, keyring)) for t in tiers]
     return tiers
