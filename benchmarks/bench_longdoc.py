@@ -32,7 +32,6 @@ from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
 from kvmesh.demo.model import default_model_dir, prepare_demo_model
 
-BYTES_PER_TOKEN = 23_040
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ("vllm", "example", "lmcache", "kvmesh")
 
@@ -71,7 +70,7 @@ def engine_spec(system: str, model: str, length: int, work: Path, lmcache_port: 
                 lmcache_python: str | None, kvmesh_settings: dict[str, object]) -> EngineSpec:
     max_len = min(8192, -(-(length + 64) // 128) * 128)
     # vLLM wants room for one max-length request plus a block; two spare blocks, no more, so B evicts A
-    spec = EngineSpec(model, kv_cache_bytes=(max_len + 2 * 128) * BYTES_PER_TOKEN, max_model_len=max_len)
+    spec = EngineSpec(model, kv_pool_tokens=max_len + 2 * 128, max_model_len=max_len)
     if system == "example":
         config = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
                   "kv_connector_extra_config": {"shared_storage_path": str(work / f"example-{length}")}}

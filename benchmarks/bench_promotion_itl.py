@@ -94,7 +94,7 @@ def main() -> None:
     }
     docs = document_token_ids(tokenizer, args.rounds + 1, args.prompt_tokens, seed=11)
     decode_prompt = question_prompt(tokenizer, docs[-1][:40], "Write a long story about it.")
-    spec = EngineSpec(model, kvmesh=settings, kv_cache_bytes=300_000_000, max_model_len=args.prompt_tokens + 512,
+    spec = EngineSpec(model, kvmesh=settings, kv_pool_tokens=13_000, max_model_len=args.prompt_tokens + 512,
                       prefix_caching=False)
     rows = []
     with EngineServer(spec, work / "engine.log") as server:

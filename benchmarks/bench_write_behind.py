@@ -212,7 +212,7 @@ def main() -> None:
     model = str(prepare_demo_model(default_model_dir()))
     tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
     max_len = -(-(args.tokens + ANSWER + 64) // 128) * 128
-    pool = (max_len + 2 * 128) * BYTES_PER_TOKEN  # one prompt and two spare blocks: the next prompt evicts it
+    pool = max_len + 2 * 128  # tokens: one prompt and two spare blocks, the next prompt evicts it
     per_round_a = 2 * args.stored
     needed = 1 + args.rounds * (len(variants) * per_round_a + args.cold_run) + 1
     docs = document_token_ids(tokenizer, needed, args.tokens, seed=2024)
@@ -223,7 +223,7 @@ def main() -> None:
         variant.settings = {"instance": f"wb-{variant.name}-{uuid.uuid4().hex[:6]}", "socket_dir": str(work),
                             "l1_size": "4GiB", "l1_prefault": False, "http_port": 0,
                             "disk_path": str(disk_root / variant.name)}
-    vllm = EngineServer(EngineSpec(model, kvmesh=None, kv_cache_bytes=pool, max_model_len=max_len),
+    vllm = EngineServer(EngineSpec(model, kvmesh=None, kv_pool_tokens=pool, max_model_len=max_len),
                         args.out / "vllm.log")
     busy: dict[str, list[float]] = {v.name: [] for v in variants}
     idle: dict[str, list[float]] = {v.name: [] for v in variants}
@@ -232,7 +232,7 @@ def main() -> None:
     events: list[dict[str, object]] = []  # wall-clock windows, to line up with outside samplers
     try:
         for variant in variants:
-            spec = EngineSpec(model, kvmesh=variant.settings, kv_cache_bytes=pool, max_model_len=max_len,
+            spec = EngineSpec(model, kvmesh=variant.settings, kv_pool_tokens=pool, max_model_len=max_len,
                               extra_env=variant.env())
             variant.server = EngineServer(spec, args.out / f"{variant.name}.log").start()
         vllm.start()

@@ -48,7 +48,7 @@ def main() -> None:
     settings = {"instance": f"probe-{uuid.uuid4().hex[:6]}", "socket_dir": str(work), "l1_size": "64MiB",
                 "l1_prefault": False, "http_port": 0, "chunk_size": BLOCK, "save_partial_chunks": False}
     config = KVMeshConfig.load({**settings, "autostart_daemon": False}, env={})
-    spec = EngineSpec(model, kvmesh=settings, kv_cache_bytes=20 * BLOCK * 23_040, max_model_len=1024)
+    spec = EngineSpec(model, kvmesh=settings, kv_pool_tokens=20 * BLOCK, max_model_len=1024)
     with EngineServer(spec, work / "engine.log") as server:
         stream_completion(server.base_url, server.model, ids, 2)
         with KVMeshClient(config) as client:
