@@ -1,15 +1,14 @@
 """Holding writes behind back while engines are being served: the foreground never waits on the background.
 
 Measured (benchmarks/bench_foreground.py, docs/benchmarks.md "The foreground under writes behind"): while the
-writer thread wrote stores down to disk, every request an engine sent, even a hit of vLLM's own cache, reached
-its first token 7-10x later, and the node daemon's control round trips, normally under 1 ms, took up to
-100 ms. Neither the writer's scheduling class (idle, or normal at nice 19 or 0: all as slow) nor the size of
-its write calls mattered, and a separate idle-class process writing 6 MB files beside the engine did not slow
-it: what differs is that the writer thread shares the daemon's interpreter (and its lock) with the threads
-that answer the engine (the likely cause; not proven). So the writer now waits, between batches, until no
-engine has sent the daemon a message for ``quiet_seconds``: requests are answered with the writer asleep. Under load
-that never pauses, the queue would only grow; once it holds ``force_fraction`` of its byte budget the writer
-writes anyway, so stores are delayed, not lost.
+writer thread wrote stores down, every request an engine sent, even a hit of vLLM's own cache, reached its
+first token 7-10x later, and the node daemon's control round trips, normally under 1 ms, took up to 1 s. The
+cause, found later: the daemon ran on one core, the one vLLM had bound the engine thread that started it to
+(``daemon/affinity.py`` now widens its mask). This gate came first, from a wrong diagnosis (the interpreter's
+lock), and is kept because it costs nothing measured and keeps writes out of prefills on machines whose cores
+are all taken: the writer waits, between batches, until no engine has sent the daemon a message for
+``quiet_seconds``. Under load that never pauses, the queue would only grow; once it holds ``force_fraction`` of
+its byte budget the writer writes anyway, so stores are delayed, not lost.
 
 A cold prefill sends no message while it computes (seconds), so quiet alone let the writer run during it.
 A lookup that misses therefore announces the chunks the engine is about to compute (``expect``), and the
