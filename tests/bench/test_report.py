@@ -71,6 +71,8 @@ def test_report_files_and_html(server_url: str, tmp_path: Path) -> None:
     assert summaries[1]["answers_equal_a"] == 6
     assert summaries[0]["hit_rate"] == 0.4
     assert sustained_throughput(summaries, "b") == summaries[1]["returning_req_per_s"]
+    returning = sorted(r.ttft for r in runs[0].requests if r.round > 0)  # 3: the median is the middle one
+    assert summaries[0]["returning_p50_ttft"] == returning[1] <= summaries[0]["returning_p90_ttft"]
     files = write_report(runs, summaries, tmp_path, "test report", "kvmesh bench run --test", ["a note"])
     for key in ("json", "markdown", "html", "ttft_distribution", "hit_rate"):
         assert files[key].exists() and files[key].stat().st_size > 0

@@ -45,6 +45,7 @@ def summarize(run: RunRecord, references: dict[str, RunRecord] | None = None,
         summary.update({
             "returning_req_per_s": len(returning) / (last_done - first_sent) if last_done > first_sent else 0.0,
             "returning_mean_ttft": _mean([r.ttft for r in returning]),
+            "returning_p50_ttft": _percentile([r.ttft for r in returning], 0.5),
             "returning_p90_ttft": _percentile([r.ttft for r in returning], 0.9),
         })
         summary["meets_objective"] = summary["returning_p90_ttft"] <= ttft_objective
