@@ -48,7 +48,12 @@ def test_a_restarted_daemon_finds_what_is_on_disk(tmp_path: Path) -> None:
         client.put(keys, chunks)
         assert client.flush()["disk"]["stores"] == len(keys)
         client.shutdown_daemon()
-    with KVMeshClient(config) as client:  # a new daemon, an empty L1
+    _a_new_daemon_serves(config, keys, chunks)
+
+
+def _a_new_daemon_serves(config: KVMeshConfig, keys, chunks) -> None:
+    """A daemon started now, with an empty L1, finds every chunk below it and loads the same bytes."""
+    with KVMeshClient(config) as client:
         try:
             assert client.stats()["l1"]["entries"] == 0
             assert client.lookup(keys) == len(keys)
@@ -66,13 +71,7 @@ def test_written_on_eviction_nothing_goes_to_disk_until_a_graceful_shutdown_writ
         time.sleep(0.5)
         assert client.stats()["disk"]["stores"] == 0  # L1 has room: nothing is due
         client.shutdown_daemon()  # graceful: what only L1 held goes down now
-    with KVMeshClient(config) as client:  # a new daemon, an empty L1
-        try:
-            assert client.stats()["l1"]["entries"] == 0
-            assert client.lookup(keys) == len(keys)
-            assert _same(client.get(keys), chunks)
-        finally:
-            client.shutdown_daemon()
+    _a_new_daemon_serves(config, keys, chunks)
 
 
 def test_l1_full_by_value_a_prompt_loses_its_end_and_by_lru_its_head(tmp_path: Path) -> None:
