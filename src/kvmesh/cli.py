@@ -271,10 +271,10 @@ def bench_run(
     context: Annotated[int, typer.Option(help="Tokens of each user's document / each long document.")] = 1500,
     answer_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 32,
     qps: Annotated[list[float] | None, typer.Option(help="Offered load (Poisson); repeat to sweep. "
-                                                           "Omitted: one request at a time.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Most requests in flight.")] = 1,
-    warmup_rounds: Annotated[int, typer.Option(help="With --qps: rounds sent one at a time before the Poisson "
-                                                    "arrivals (1 = measure returning users only).")] = 0,
+                                                           "Omitted: as fast as --concurrency allows.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Most requests in flight (1: one at a time).")] = 1,
+    warmup_rounds: Annotated[int, typer.Option(help="With --qps or --concurrency above 1: rounds sent one at a "
+                                                    "time first (1 = measure returning users only).")] = 0,
     pool_tokens: Annotated[int, typer.Option(help="The engine's own KV pool, in tokens (at least one "
                                                   "longest request).")] = 4224,
     ttft_objective: Annotated[float, typer.Option(help="p90 TTFT objective (s) for sustained throughput.")] = 2.0,

@@ -50,6 +50,16 @@ def test_poisson_run_respects_the_concurrency_bound_and_user_order(server_url: s
         assert second.sent_at >= first.sent_at + first.latency - 0.01
 
 
+def test_without_a_rate_concurrency_keeps_that_many_in_flight(server_url: str) -> None:
+    run = run_workload(server_url, "m", REQUESTS, answer_tokens=2, concurrency=3, show_progress=False)
+    spans = [(r.sent_at, r.sent_at + r.latency) for r in run.requests]
+    in_flight = [sum(1 for s, e in spans if s <= start < e) for start, _ in spans]
+    assert max(in_flight) == 3  # the three first rounds go out together (each answer takes FIRST_DELAY)
+    by_key = {(r.user, r.round): r for r in run.requests}
+    for user in range(3):  # and a user's next round still waits for the previous answer
+        assert by_key[(user, 1)].sent_at >= by_key[(user, 0)].sent_at + by_key[(user, 0)].latency - 0.01
+
+
 def test_warmup_rounds_go_first_one_at_a_time(server_url: str) -> None:
     run = run_workload(server_url, "m", REQUESTS, answer_tokens=2, qps=50.0, concurrency=3, seed=1,
                        show_progress=False, warmup_rounds=1)

@@ -1,7 +1,8 @@
 """Send a workload to an OpenAI-compatible endpoint and record what each request felt like.
 
-Requests go one at a time (``qps=None``), or arrive as a Poisson process at
-``qps`` requests per second with at most ``concurrency`` in flight.  A user's
+Requests go one at a time (``qps=None``, ``concurrency=1``), as soon as one of ``concurrency`` slots is
+free (``qps=None``), or arrive as a Poisson process at ``qps`` requests per second with at most
+``concurrency`` in flight.  A user's
 round only starts once the same user's previous round has been answered, as a
 person would wait for the answer before asking the next question.
 """
@@ -52,9 +53,9 @@ def run_workload(base_url: str, model: str, requests: Sequence[Request], answer_
                  warmup_rounds: int = 0) -> RunRecord:
     """Run ``requests`` in order of arrival; returns every request's timing and the sampled metrics.
 
-    With ``qps`` and ``warmup_rounds``, rounds below ``warmup_rounds`` go first, one at a time, and only
-    the later rounds arrive as a Poisson process: throughput and TTFT at a rate then describe the steady
-    state (returning users), not a mix with every user's cold first request.
+    With ``qps`` or ``concurrency`` above 1, rounds below ``warmup_rounds`` go first, one at a time, and only
+    the later rounds arrive concurrently: throughput and TTFT then describe the steady state (returning
+    users), not a mix with every user's cold first request.
     """
     rng = random.Random(seed)
     done_events = {}
@@ -96,11 +97,12 @@ def run_workload(base_url: str, model: str, requests: Sequence[Request], answer_
     with Progress(*columns, disable=not show_progress, transient=False) as progress:
         task = progress.add_task("requests", total=len(requests))
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            warm = [i for i, r in enumerate(requests) if qps is not None and r.round < warmup_rounds]
+            sequential = qps is None and concurrency <= 1
+            warm = [i for i, r in enumerate(requests) if not sequential and r.round < warmup_rounds]
             for index in warm:  # first rounds one at a time: the sweep then measures the steady state
                 pool.submit(send, index).result()
                 progress.advance(task)
-            if qps is None:
+            if sequential:
                 for index in range(len(requests)):
                     pool.submit(send, index).result()
                     progress.advance(task)
@@ -110,10 +112,11 @@ def run_workload(base_url: str, model: str, requests: Sequence[Request], answer_
                 arrival = time.perf_counter() - started
                 warm_set = set(warm)
                 for index in (i for i in range(len(requests)) if i not in warm_set):
-                    arrival += rng.expovariate(qps)
-                    delay = arrival - (time.perf_counter() - started)
-                    if delay > 0:
-                        time.sleep(delay)
+                    if qps is not None:  # a Poisson process; without a rate, each as soon as a slot is free
+                        arrival += rng.expovariate(qps)
+                        delay = arrival - (time.perf_counter() - started)
+                        if delay > 0:
+                            time.sleep(delay)
                     slots.acquire()
 
                     def finished(_future: object, _slots: threading.Semaphore = slots) -> None:
