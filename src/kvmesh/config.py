@@ -174,7 +174,7 @@ class KVMeshConfig:
         "value", _choice("value", "lru"),
         "Which L1 entries go first when it is full: value (a prompt's chunks from its end, the ones that save "
         "least prefill per byte and are used least first, aged: tiers/eviction.py) or lru (least recently "
-        "used). On a replayed workload larger than the cache, value served 20-40% more tokens per GiB "
+        "used). On a replayed workload larger than the cache, value served 1.1-1.6x the tokens per GiB of lru "
         "(docs/benchmarks.md).")
     disk_path: str = _opt(
         "", parse_str,
@@ -185,7 +185,8 @@ class KVMeshConfig:
         "write_behind", _choice("write_behind", "write_through", "on_eviction"),
         "write_behind: stored after the request, from a bounded queue; write_through: before the store "
         "returns to the engine; on_eviction: only when L1 is about to evict it (L1 is the disk's write-back "
-        "cache: the oldest quarter of a nearly full L1 is kept written down) and at a graceful shutdown.")
+        "cache: once L1 is three quarters full, the quarter it would evict next is kept written down) and at "
+        "a graceful shutdown.")
     redis_url: str = _opt(
         "", parse_str,
         "URL of the shared L3 tier, e.g. redis://host:6379/0, rediss://user:password@host:6380 (TLS), "
@@ -227,9 +228,10 @@ class KVMeshConfig:
         "background; the engine never waits longer.")
     write_quiet_seconds: float = _opt(
         0.25, parse_float,
-        "Writes behind wait until no engine has sent the daemon a message for this long (0: never wait): "
-        "a writer busy while a request was served made its time to first token 7-10x longer. Once half the "
-        "write queue is full, it writes anyway.")
+        "Writes behind wait until no engine has sent the daemon a message for this long (0: never wait), and "
+        "write anyway once half the write queue is full. Added when requests reached their first token "
+        "7-10x later while stores were written; the cause was a daemon bound to one core (fixed), and the "
+        "wait is kept for machines whose cores are all busy (it costs nothing measured).")
     write_priority: str = _opt(
         "idle", _choice("idle", "normal"),
         "CPU priority of the write-behind thread: idle (Linux's idle scheduling class: it writes only on CPU "

@@ -70,7 +70,7 @@ def test_the_oldest_entries_go_down_before_l1_evicts_them(tmp_path: Path) -> Non
         for seed in range(48):  # half again what L1 holds
             assert store.put(_key(seed), _chunk(seed))
             # a store at a time the writer keeps up with: the oldest quarter is on disk before the next one
-            assert _wait_for(lambda: all(disk.contains(k) for k in l1.oldest(L1_BYTES // 4))
+            assert _wait_for(lambda: all(disk.contains(k) for k in l1.next_to_evict(L1_BYTES // 4))
                              or l1.capacity - l1.used >= L1_BYTES // 4)
         assert l1.stats().evictions >= 16
         assert drops.reasons == []  # nothing left L1 unwritten
@@ -139,7 +139,7 @@ def test_what_l1_is_about_to_evict_goes_down_even_while_engines_hold_writes_back
     try:
         for seed in range(40):
             assert store.put(_key(seed), _chunk(seed))
-            assert _wait_for(lambda: all(disk.contains(k) for k in l1.oldest(L1_BYTES // 8))
+            assert _wait_for(lambda: all(disk.contains(k) for k in l1.next_to_evict(L1_BYTES // 8))
                              or l1.capacity - l1.used >= L1_BYTES // 8)
         assert drops.reasons == []
         assert disk.stats().stores >= 8  # written although the engine never went quiet

@@ -1,13 +1,12 @@
 """Writing on eviction: L1 as the write-back cache of the tiers below it.
 
-Why: writing every stored chunk through to disk costs I/O that grows with the prefill rate, and on these
-machines a write into new page cache slows every request being served at the time (docs/benchmarks.md,
-"The foreground under writes behind").  Most chunks are read again from L1 or never again: with the
+Why: writing every stored chunk through to disk costs I/O that grows with the prefill rate (on a GPU
+server, gigabytes per second).  A chunk that stays in L1 need not be on disk until it leaves: with the
 ``on_eviction`` policy a chunk goes down only when it is about to leave L1, and at a graceful shutdown.
 
-How: a committed chunk is *dirty* until written.  L1 evicts least recently used first, so the writer keeps
-the oldest ``clean_fraction`` of L1 written down once L1 has less free room than that: when an eviction
-comes, its victims are already on disk.  A dirty chunk that L1 evicts anyway (stores faster than the disk)
+How: a committed chunk is *dirty* until written.  Once L1 has less free room than ``clean_fraction`` of it,
+the writer keeps the chunks its eviction policy would take next, that much of them, written down: when an
+eviction comes, its victims are already on disk.  A dirty chunk that L1 evicts anyway (stores faster than the disk)
 is a dropped store, counted as ``evicted_unwritten``, never waited for.  A crash loses what was dirty; a
 graceful shutdown (``flush``) writes it all.
 """
@@ -50,19 +49,21 @@ class WriteBack:
             self._observer.dropped_store("evicted_unwritten")
 
     def due(self, take: Callable[[bytes], bool]) -> int:
-        """Hand ``take`` the dirty chunks among the next to be evicted, oldest first; how many it took.
+        """Hand ``take`` the dirty chunks among the next to be evicted, in eviction order; how many it took.
 
         Nothing is due while L1 has at least ``clean_fraction`` of its room free.  ``take`` returns False
         when the writer has no room for more now (they stay dirty and are due again).
         """
-        if self._l1.capacity - self._l1.used >= self._clean_bytes:
+        if self._free() >= self._clean_bytes:
             return 0
-        oldest = self._l1.oldest(self._clean_bytes)
-        return self._hand_over(oldest, take)
+        return self._hand_over(self._l1.next_to_evict(self._clean_bytes), take)
 
     def urgent(self) -> bool:
         """L1 is so nearly full that what is due must go down now, even while engines are being served."""
-        return self._l1.capacity - self._l1.used < self._clean_bytes // 2
+        return self._free() < self._clean_bytes // 2
+
+    def _free(self) -> int:
+        return self._l1.capacity - self._l1.used
 
     def drain(self, take: Callable[[bytes], bool]) -> int:
         """Hand over every dirty chunk (a graceful shutdown, or ``flush``)."""

@@ -227,8 +227,8 @@ class MemoryTier:
         with self._lock:
             return self._alloc.used
 
-    def oldest(self, nbytes: int) -> list[bytes]:
-        """Committed entries in the order eviction would take them, as many as hold ``nbytes``."""
+    def next_to_evict(self, nbytes: int) -> list[bytes]:
+        """Committed entries in the order the policy would evict them, as many as hold ``nbytes``."""
         keys: list[bytes] = []
         with self._lock:
             total = 0
