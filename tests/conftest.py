@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon_stop import stop_daemon
 from kvmesh.client import KVMeshClient
+from kvmesh.client.stop import stop_daemon
 from kvmesh.config import KVMeshConfig
 from redis_servers import RedisClusterServers, RedisServer, start_cluster
 

@@ -8,81 +8,15 @@ from ``scripts/ensure_redis.sh``, which is run once if they are missing.
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-import redis
-
+from kvmesh.bench.redis_server import RedisServer, ensure_redis_binaries
 from kvmesh.bench.servers import free_port
 
-ENSURE_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ensure_redis.sh"
-
-
-def ensure_redis_binaries() -> None:
-    if shutil.which("redis-server") and shutil.which("redis-cli"):
-        return
-    done = subprocess.run(["bash", str(ENSURE_SCRIPT)], capture_output=True, text=True)
-    if done.returncode != 0 or not shutil.which("redis-server"):
-        pytest.fail(f"redis-server is not on PATH and {ENSURE_SCRIPT} could not install it:\n"
-                    f"{done.stdout}{done.stderr}")
-
-
-@dataclass
-class RedisServer:
-    """One ``redis-server`` on 127.0.0.1:``port``; stop and start it again on the same port."""
-
-    directory: Path
-    port: int = field(default_factory=free_port)
-    extra_args: tuple[str, ...] = ()
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.directory / f"redis-{self.port}.log"
-
-    def start(self, timeout: float = 10.0) -> RedisServer:
-        ensure_redis_binaries()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        command = ["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no",
-                   "--bind", "127.0.0.1", "--dir", str(self.directory), *self.extra_args]
-        with open(self.log_path, "ab") as log_file:
-            self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                            cwd=self.directory)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server on port {self.port} exited: {self.log_path.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"redis-server on port {self.port} did not start in {timeout} s") from None
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-
-    def client(self, **options: object) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **options)
+__all__ = ["RedisClusterServers", "RedisServer", "ensure_redis_binaries", "free_port", "start_cluster"]
 
 
 @dataclass

@@ -88,3 +88,15 @@ def test_namespaces_and_keys_are_the_ones_stored_entries_were_written_under() ->
     assert ns.hex() == "9185f5c340bd75f968a8572bbd666a4b"
     assert KVLayout(30, 3, 64, "bfloat16", 16, "vllm-cpu-vec").namespace("smollm2", "tenant-a") == ns
     assert chunk_keys(list(range(1000, 1300)), ns, 256)[0].hex == "92fad15f6ae7193b35b9506713ba0758"
+
+
+def test_rank_keys_name_the_rank_and_the_world_and_leave_single_workers_keys_alone() -> None:
+    from kvmesh.keys import RankKeys
+
+    digest = chunk_keys(list(range(64)), model_namespace("m", "l"), 32)[0].digest
+    assert RankKeys(0, 1)(digest) == digest
+    mapped = {RankKeys(rank, world)(digest) for world in (2, 4) for rank in range(world)}
+    assert len(mapped) == 6 and digest not in mapped
+    assert RankKeys(1, 2)(digest) == RankKeys(1, 2)(digest)
+    with pytest.raises(ValueError, match="rank 2 is not one of a world of 2"):
+        RankKeys(2, 2)

@@ -108,3 +108,39 @@ def model_namespace(model_id: str, layout_fingerprint: str, salt: str = "") -> N
         hasher.update(len(encoded).to_bytes(8, "little"))
         hasher.update(encoded)
     return Namespace(hasher.digest(KEY_BYTES))
+
+
+RANK_VERSION = b"kvmesh-rank-v1"
+
+
+@dataclass(frozen=True, slots=True)
+class RankKeys:
+    """Where one tensor-parallel rank's share of a chunk is stored: under a key of its own.
+
+    With tensor parallelism each worker holds only its own heads' KV, so a chunk is ``world`` entries, one
+    per rank, each keyed by the chunk's key, the rank and the world size: a rank never loads another
+    rank's heads, and engines split another way never share an entry.  With one worker the chunk's key
+    is the entry's key (``world == 1`` maps nothing), so single-worker keys are what they always were.
+    """
+
+    rank: int
+    world: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} is not one of a world of {self.world}")
+
+    def __call__(self, digest: bytes) -> bytes:
+        if self.world == 1:
+            return digest
+        hasher = blake3.blake3(RANK_VERSION)
+        hasher.update(digest)
+        hasher.update(self.rank.to_bytes(4, "little") + self.world.to_bytes(4, "little"))
+        return hasher.digest(KEY_BYTES)
+
+    def key(self, key: ChunkKey) -> ChunkKey:
+        return ChunkKey(self(key.digest), key.start, key.end)
+
+    @classmethod
+    def every_rank(cls, world: int) -> list[RankKeys]:
+        return [cls(rank, world) for rank in range(world)]

@@ -194,7 +194,7 @@ def test_a_daemon_started_from_a_thread_bound_to_one_core_runs_on_every_core(tmp
     import json
     import os
 
-    from daemon_stop import stop_daemon
+    from kvmesh.client.stop import stop_daemon
 
     allowed = os.sched_getaffinity(0)
     if len(allowed) < 2:

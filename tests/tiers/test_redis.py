@@ -381,7 +381,7 @@ def test_partials_in_a_cluster(redis_cluster: RedisClusterServers) -> None:
 
 def test_a_slow_redis_is_a_miss_for_lookups_but_still_serves_reads(redis_server: RedisServer) -> None:
     """Lookups are on the scheduler's path: they wait at most their own deadline, reads keep theirs."""
-    from delay_proxy import DelayProxy
+    from kvmesh.bench.delay_proxy import DelayProxy
 
     proxy = DelayProxy(redis_server.port)
     try:

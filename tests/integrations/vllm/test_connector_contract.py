@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from daemon_stop import stop_daemon
 from kvmesh.client import ConfigMismatch, DaemonUnavailable, KVMeshClient
+from kvmesh.client.stop import stop_daemon
 from kvmesh.config import KVMeshConfig
 from kvmesh.integrations.vllm.engine_link import DaemonLink
 from kvmesh.integrations.vllm.engine_shape import EngineKVShape
@@ -52,27 +52,34 @@ class FakeBlocks:
 
 
 class Engine:
-    """One engine's two connector sides over its own KV tensors (what vLLM would hold)."""
+    """One engine's connector sides over its own KV tensors (what vLLM would hold): a scheduler, and a
+    worker per tensor-parallel rank, each with its own heads' KV."""
 
-    def __init__(self, config: KVMeshConfig, seed: int | None = None) -> None:
+    def __init__(self, config: KVMeshConfig, seed: int | None = None, world: int = 1) -> None:
+        shape = EngineKVShape(SHAPE.model_identity, SHAPE.layout, world)
         generator = torch.Generator().manual_seed(seed or 0)
-        self.layers = {f"model.layers.{i}.attn": (torch.randn(BLOCKS, 1, BLOCK, 16, generator=generator)
-                                                  if seed is not None else torch.zeros(BLOCKS, 1, BLOCK, 16)
-                                                  ).to(torch.bfloat16) for i in range(SHAPE.layout.num_layers)}
-        links = DaemonLink(config), DaemonLink(config)
+        self.rank_layers = [
+            {f"model.layers.{i}.attn": (torch.randn(BLOCKS, 1, BLOCK, 16, generator=generator)
+                                        if seed is not None else torch.zeros(BLOCKS, 1, BLOCK, 16)
+                                        ).to(torch.bfloat16) for i in range(SHAPE.layout.num_layers)}
+            for _ in range(world)]
+        links = [DaemonLink(config) for _ in range(world + 1)]
         for link in links:  # as the connector does while vLLM starts: later calls never start a daemon
             link.connect_at_start()
-        self.scheduler = SchedulerSide(config, SHAPE, links[0])
-        self.worker = WorkerSide(config, SHAPE, links[1])
-        self.worker.register(self.layers, BLOCKS)
+        self.scheduler = SchedulerSide(config, shape, links[0])
+        self.workers = [WorkerSide(config, shape, link, rank) for rank, link in enumerate(links[1:])]
+        for worker, layers in zip(self.workers, self.rank_layers):
+            worker.register(layers, BLOCKS)
+        self.worker, self.layers = self.workers[0], self.rank_layers[0]
 
-    def compute_and_save(self, request: FakeRequest, blocks: list[int]) -> None:
-        """As a prefill of the whole prompt: no hit, every full chunk saved after the forward pass."""
+    def compute_and_save(self, request: FakeRequest, blocks: list[int], ranks: list[int] | None = None) -> None:
+        """As a prefill of the whole prompt: no hit, every full chunk saved after the forward pass (by ``ranks``)."""
         assert self.scheduler.num_new_matched_tokens(request, 0) == 0
         loads, saves = self.scheduler.build_meta([(request.request_id, 0, len(request.prompt_token_ids))],
                                                  lambda _: blocks)
         assert not loads and saves
-        self.worker.save(saves)
+        for rank in range(len(self.workers)) if ranks is None else ranks:
+            self.workers[rank].save(saves)
         self.scheduler.finished(request.request_id)
 
     def matched(self, request: FakeRequest, wait: float = 10.0) -> int:
@@ -89,9 +96,9 @@ class Engine:
         loads, _ = self.scheduler.build_meta([], None)
         return tokens, loads
 
-    def pages(self, blocks: list[int]) -> list[torch.Tensor]:
+    def pages(self, blocks: list[int], rank: int = 0) -> list[torch.Tensor]:
         index = torch.tensor(blocks)
-        return [layer.index_select(0, index) for layer in self.layers.values()]
+        return [layer.index_select(0, index) for layer in self.rank_layers[rank].values()]
 
 
 def _config(tmp_path: Path, **extra: object) -> KVMeshConfig:
@@ -163,6 +170,44 @@ def test_a_load_copies_the_stored_pages_into_the_engines_blocks(config: KVMeshCo
     assert target.worker.take_failed_blocks() == set()
     for stored, loaded in zip(source.pages(SOURCE_BLOCKS[:8]), target.pages(TARGET_BLOCKS[:8])):
         assert torch.equal(stored, loaded)
+
+
+def test_each_tensor_parallel_rank_loads_its_own_heads(config: KVMeshConfig) -> None:
+    source, target = Engine(config, seed=1, world=2), Engine(config, world=2)
+    request = _prompt("tp")
+    source.compute_and_save(request, SOURCE_BLOCKS)
+    tokens, loads = target.plan_load(FakeRequest(request.request_id + "-again", request.prompt_token_ids),
+                                     TARGET_BLOCKS)
+    assert tokens == 4 * CHUNK
+    assert sorted(plan.rank for plan in loads) == [0, 1]
+    for rank, worker in enumerate(target.workers):
+        worker.load(loads)  # each worker gets every plan and takes its own rank's
+        assert worker.take_failed_blocks() == set()
+        for stored, loaded in zip(source.pages(SOURCE_BLOCKS[:8], rank), target.pages(TARGET_BLOCKS[:8], rank)):
+            assert torch.equal(stored, loaded)
+    assert not torch.equal(target.pages(TARGET_BLOCKS[:8], 0)[0], target.pages(TARGET_BLOCKS[:8], 1)[0])
+
+
+def test_a_chunk_is_a_hit_only_where_every_rank_stored_it(config: KVMeshConfig) -> None:
+    source, target = Engine(config, seed=2, world=2), Engine(config, world=2)
+    request = _prompt("tp-one-rank")
+    source.compute_and_save(request, SOURCE_BLOCKS, ranks=[0])  # rank 1's store was dropped
+    again = FakeRequest(request.request_id + "-again", request.prompt_token_ids)
+    assert target.matched(again) == 0
+    target.scheduler.finished(again.request_id)
+    source.compute_and_save(FakeRequest(request.request_id + "-2", request.prompt_token_ids), SOURCE_BLOCKS,
+                            ranks=[1])
+    assert target.matched(FakeRequest(request.request_id + "-3", request.prompt_token_ids)) == 4 * CHUNK
+
+
+def test_engines_split_in_other_ways_never_share_an_entry(config: KVMeshConfig) -> None:
+    split, whole = Engine(config, seed=3, world=2), Engine(config)
+    request = _prompt("tp-whole")
+    split.compute_and_save(request, SOURCE_BLOCKS)
+    assert whole.matched(FakeRequest(request.request_id + "-whole", request.prompt_token_ids)) == 0
+    whole.compute_and_save(FakeRequest(request.request_id + "-w2", request.prompt_token_ids), SOURCE_BLOCKS)
+    four = Engine(config, world=4)
+    assert four.matched(FakeRequest(request.request_id + "-four", request.prompt_token_ids)) == 0
 
 
 @pytest.mark.parametrize("extra", [{"prompt_embeds": torch.zeros(4 * CHUNK + 5, 8)}, {"mm_features": ["image"]}])

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon_stop import stop_daemon
 from kvmesh.bench.openai_client import CompletionResult, stream_completion
 from kvmesh.bench.servers import EngineServer, EngineSpec, free_port
 from kvmesh.bench.texts import document_token_ids, question_prompt
 from kvmesh.client import KVMeshClient
+from kvmesh.client.stop import stop_daemon
 from kvmesh.config import KVMeshConfig
 from kvmesh.demo.model import default_model_dir, prepare_demo_model
 from kvmesh.machine_dtype import machine_dtype

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon_stop import stop_daemon
 from kvmesh.bench.openai_client import stream_completion
 from kvmesh.bench.servers import EngineServer, EngineSpec
 from kvmesh.bench.texts import document_token_ids
 from kvmesh.client import KVMeshClient
+from kvmesh.client.stop import stop_daemon
 from kvmesh.config import KVMeshConfig
 from kvmesh.demo.model import default_model_dir, prepare_demo_model
 

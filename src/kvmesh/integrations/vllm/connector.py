@@ -90,6 +90,22 @@ def require_recompute_policy(policy: object) -> None:
                          '"kv_load_failure_policy":"recompute" to --kv-transfer-config (kvmesh serve sets it)')
 
 
+def tensor_parallel_rank(world: int) -> int:
+    """This worker's tensor-parallel rank (vLLM sets up its process groups before it builds connectors).
+
+    Two ranks that took the same rank would store different heads under one key: without vLLM's answer,
+    a worker of a tensor-parallel engine does not start.
+    """
+    if world == 1:
+        return 0
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, model_parallel_is_initialized
+
+    if not model_parallel_is_initialized():
+        raise RuntimeError(f"kvmesh: a worker of a tensor-parallel engine (size {world}) was started before "
+                           "vLLM named its rank")
+    return get_tensor_model_parallel_rank()
+
+
 class KVMeshConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig) -> None:
@@ -116,7 +132,7 @@ class KVMeshConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(self.config, self.shape, self.link, lora_identity)
         else:
-            self._worker = WorkerSide(self.config, self.shape, self.link)
+            self._worker = WorkerSide(self.config, self.shape, self.link, tensor_parallel_rank(self.shape.tp_world))
         self.link.connect_at_start()  # start or reach the daemon while vLLM starts, not in the first request
 
     # ------------------------------------------------------------- scheduler side

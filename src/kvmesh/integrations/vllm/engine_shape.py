@@ -89,15 +89,16 @@ class EngineKVShape:
     """The engine's KV as kvmesh sees it: the model's identity and the page format, both part of every key."""
 
     model_identity: str  # what names the weights (a fingerprint, or the user's model_fingerprint)
-    layout: KVLayout
+    layout: KVLayout  # one worker's pages: with tensor parallelism, its own share of the KV heads
+    tp_world: int = 1  # tensor-parallel workers, each storing its share under keys of its own (keys.RankKeys)
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig, model_identity: str) -> EngineKVShape:
         model_config, parallel = vllm_config.model_config, vllm_config.parallel_config
-        if parallel.tensor_parallel_size * parallel.pipeline_parallel_size != 1:
-            raise ValueError("kvmesh supports one worker per engine for now "
-                             f"(tensor_parallel_size={parallel.tensor_parallel_size}, "
-                             f"pipeline_parallel_size={parallel.pipeline_parallel_size})")
+        if parallel.pipeline_parallel_size != 1:
+            raise ValueError("kvmesh does not support pipeline parallelism yet "
+                             f"(pipeline_parallel_size={parallel.pipeline_parallel_size}); "
+                             "tensor parallelism is supported")
         cache_dtype = vllm_config.cache_config.cache_dtype
         torch_dtype = engine_dtype(model_config.dtype) if cache_dtype == "auto" else None
         if torch_dtype is None:
@@ -114,7 +115,7 @@ class EngineKVShape:
             page_view=kernel.view,
             page_kernel=kernel.name,
         )
-        return cls(model_identity, layout)
+        return cls(model_identity, layout, parallel.tensor_parallel_size)
 
     def namespace(self, salt: str) -> Namespace:
         return self.layout.namespace(self.model_identity, salt)

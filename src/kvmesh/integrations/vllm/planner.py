@@ -7,7 +7,7 @@ decide which chunks of a prompt have just been computed and should be saved.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvmesh.keys import ChunkKey, Namespace, chunk_digest, namespace_root
@@ -53,10 +53,13 @@ class ChunkLoad:
 
 @dataclass(frozen=True, slots=True)
 class LoadPlan:
+    """One rank's load of one request (with tensor parallelism each rank has its own entries and lease)."""
+
     req_id: str
     lease: LeaseTicket | None  # None: nothing could be pinned (no daemon)
     chunks: list[ChunkLoad]
-    num_tokens: int
+    num_tokens: int  # tokens the request loads (counted once: on rank 0's plan, 0 on the others)
+    rank: int = 0
 
     @property
     def unpinned(self) -> list[ChunkLoad]:
@@ -64,11 +67,11 @@ class LoadPlan:
 
 
 def plan_load(req_id: str, transfers: Sequence[ChunkTransfer], lease: LeaseTicket | None,
-              extents: Sequence[ExtentRef], num_tokens: int) -> LoadPlan:
+              extents: Sequence[ExtentRef], num_tokens: int, rank: int = 0) -> LoadPlan:
     """Pair each chunk with the extent its lease pinned; the lease pins a prefix, so the rest get None."""
     chunks = [ChunkLoad(transfer, extents[index] if index < len(extents) else None)
               for index, transfer in enumerate(transfers)]
-    return LoadPlan(req_id, lease, chunks, num_tokens)
+    return LoadPlan(req_id, lease, chunks, num_tokens, rank)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +99,14 @@ class RequestTracker:
 
 
 def match_prefix(tokens: Sequence[int], keys: Sequence[ChunkKey], hits: int,
-                 partials: Sequence[tuple[bytes, int]], ns: Namespace) -> list[ChunkKey]:
+                 partials: Sequence[tuple[bytes, int]], ns: Namespace,
+                 entry_key: Callable[[bytes], bytes] = lambda digest: digest) -> list[ChunkKey]:
     """The stored chunks that cover the longest prefix of ``tokens``.
 
     ``hits`` leading chunks of ``keys`` are stored; ``partials`` are stored
-    partial chunks that follow the last hit.  A partial chunk counts only if it
-    holds exactly this prompt's next tokens (its key is recomputed from them).
+    partial chunks that follow the last hit, by their entries' keys (``entry_key`` of the chunk's key:
+    a tensor-parallel rank's own).  A partial chunk counts only if it holds exactly this prompt's next
+    tokens (its key is recomputed from them).
     """
     found = list(keys[:hits])
     if hits == len(keys):
@@ -112,7 +117,7 @@ def match_prefix(tokens: Sequence[int], keys: Sequence[ChunkKey], hits: int,
         end = start + count
         if end > len(tokens):
             continue
-        if chunk_digest(parent, ns, tokens[start:end]) == digest:
+        if entry_key(chunk_digest(parent, ns, tokens[start:end])) == digest:
             found.append(ChunkKey(digest, start, end))
             break
     return found

@@ -24,6 +24,7 @@ from kvmesh.config import KVMeshConfig
 from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
 from kvmesh.integrations.vllm.engine_shape import EngineKVShape
 from kvmesh.integrations.vllm.planner import (
+    ChunkTransfer,
     LeaseTicket,
     LoadPlan,
     RequestTracker,
@@ -33,7 +34,7 @@ from kvmesh.integrations.vllm.planner import (
     plan_load_chunks,
     plan_save_chunks,
 )
-from kvmesh.keys import ChunkKey, Namespace, chunk_keys, namespace_root
+from kvmesh.keys import ChunkKey, Namespace, RankKeys, chunk_keys, namespace_root
 
 log = logging.getLogger("kvmesh.vllm")
 
@@ -76,6 +77,9 @@ class SchedulerSide:
         self.waiting: dict[str, _Waiting] = {}
         self.pending_loads: list[LoadPlan] = []
         self.uncached_reasons: set[str] = set()  # logged once each
+        # with tensor parallelism every rank stores its own heads under its own keys: a chunk is a hit
+        # only where every rank's entry is there
+        self.ranks = RankKeys.every_rank(shape.tp_world)
 
     def _namespace(self, request: RequestLike) -> Namespace:
         salt = self.config.tenant_salt
@@ -118,15 +122,21 @@ class SchedulerSide:
         if client is None:
             return 0
         try:
-            found = client.lookup_with_partials(tracker.keys, count=waiting is None,
-                                                root=namespace_root(tracker.namespace))
+            found = [client.lookup_with_partials([rank.key(k) for k in tracker.keys],
+                                                 count=waiting is None and rank.rank == 0,
+                                                 root=rank(namespace_root(tracker.namespace)))
+                     for rank in self.ranks]
         except ABSORBED as err:
             self.link.fault("lookup", f"kvmesh lookup failed, treating as a miss: {err}", err)
             self.waiting.pop(request.request_id, None)
             return 0
-        hit_keys = match_prefix(tracker.tokens, tracker.keys, found.hits,
-                                [(p.digest, p.tokens) for p in found.partials], tracker.namespace)
-        first_below = _first_below_l1(hit_keys, found, num_computed_tokens)
+        per_rank = [match_prefix(tracker.tokens, tracker.keys, result.hits,
+                                 [(p.digest, p.tokens) for p in result.partials], tracker.namespace, rank)
+                    for rank, result in zip(self.ranks, found)]
+        hit_keys = _common_prefix(per_rank)
+        below = [_first_below_l1(hit_keys, result, num_computed_tokens, rank)
+                 for rank, result in zip(self.ranks, found)]
+        first_below = min((index for index in below if index is not None), default=None)
         if first_below is not None:
             if waiting is None:
                 waiting = self.waiting[request.request_id] = _Waiting(now, now)
@@ -139,7 +149,7 @@ class SchedulerSide:
             hit_keys = hit_keys[:first_below]
         self.waiting.pop(request.request_id, None)
         tracker.hit_keys = hit_keys
-        tracker.stored_chunks = max(tracker.stored_chunks, found.hits)
+        tracker.stored_chunks = max(tracker.stored_chunks, min(result.hits for result in found))
         tracker.local_tokens = num_computed_tokens
         loadable = min(tracker.hit_tokens, len(tracker.tokens) - 1)  # the engine computes the last token
         return max(0, loadable - num_computed_tokens)
@@ -153,15 +163,18 @@ class SchedulerSide:
         chunks = plan_load_chunks(tracker.hit_keys, first, last, blocks.get_block_ids()[0],
                                   self.shape.layout.block_size)
         client = self.link.client()
-        lease = None
-        if client is not None:
-            try:
-                lease = client.acquire_lease([c.key for c in chunks])
-            except ABSORBED as err:
-                self.link.fault("lease", f"kvmesh could not pin entries to load: {err}", err)
-        ticket = LeaseTicket(lease.lease_id, lease.epoch) if lease is not None else None
-        self.pending_loads.append(plan_load(request.request_id, chunks, ticket, lease.extents if lease else [],
-                                            num_external_tokens))
+        for rank in self.ranks:  # each rank's entries under a lease of its own: each worker releases its own
+            transfers = [ChunkTransfer(rank.key(c.key), c.block_ids, c.first_page) for c in chunks]
+            lease = None
+            if client is not None:
+                try:
+                    lease = client.acquire_lease([t.key for t in transfers])
+                except ABSORBED as err:
+                    self.link.fault("lease", f"kvmesh could not pin entries to load: {err}", err)
+            ticket = LeaseTicket(lease.lease_id, lease.epoch) if lease is not None else None
+            self.pending_loads.append(plan_load(request.request_id, transfers, ticket,
+                                                lease.extents if lease else [],
+                                                num_external_tokens if rank.rank == 0 else 0, rank.rank))
 
     def build_meta(self, scheduled: list[tuple[str, int, int]],
                    block_ids_of: Callable[[str], list[int]] | None) -> tuple[list[LoadPlan], list[SavePlan]]:
@@ -204,8 +217,9 @@ class _PromotionSlow(CacheFault):
     """Chunks found on disk or in Redis did not reach L1 in time (a slow or failing tier)."""
 
 
-def _first_below_l1(hit_keys: list[ChunkKey], found: LookupResult, local_tokens: int) -> int | None:
-    """Index of the first chunk to load that is not in L1 yet (its promotion runs), or None."""
+def _first_below_l1(hit_keys: list[ChunkKey], found: LookupResult, local_tokens: int,
+                    entry_key: RankKeys) -> int | None:
+    """Index of the first chunk to load whose entry (``entry_key``'s) is not in L1 yet (its promotion runs)."""
     partials = {p.digest: p for p in found.partials}
     for index, key in enumerate(hit_keys):
         if key.end <= local_tokens:
@@ -213,6 +227,16 @@ def _first_below_l1(hit_keys: list[ChunkKey], found: LookupResult, local_tokens:
         if index < found.hits:
             if not found.resident(index):
                 return index
-        elif not partials[key.digest].resident:
+        elif not partials[entry_key(key.digest)].resident:
             return index
     return None
+
+
+def _common_prefix(per_rank: list[list[ChunkKey]]) -> list[ChunkKey]:
+    """The chunks every rank found (each rank's entries are stored, evicted and lost on their own)."""
+    common = []
+    for keys in zip(*per_rank):
+        if any(key != keys[0] for key in keys):
+            break
+        common.append(keys[0])
+    return common

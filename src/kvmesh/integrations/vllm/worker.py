@@ -24,6 +24,7 @@ from kvmesh.entry import EntryMeta, EntryMetaError
 from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
 from kvmesh.integrations.vllm.engine_shape import EngineKVShape
 from kvmesh.integrations.vllm.planner import LoadPlan, SavePlan
+from kvmesh.keys import RankKeys
 from kvmesh.page_copy import PageJob, move_pages
 from kvmesh.wire import ExtentRef
 
@@ -39,10 +40,11 @@ class UnsupportedEngine(ValueError):
 
 
 class WorkerSide:
-    def __init__(self, config: KVMeshConfig, shape: EngineKVShape, link: DaemonLink) -> None:
+    def __init__(self, config: KVMeshConfig, shape: EngineKVShape, link: DaemonLink, rank: int = 0) -> None:
         self.config = config
         self.shape = shape
         self.link = link
+        self.entry_key = RankKeys(rank, shape.tp_world)  # this tensor-parallel rank's entries
         self.layers: list[torch.Tensor] = []
         self.page_shape: tuple[int, ...] = ()
         self.page_view = "opaque"
@@ -89,7 +91,8 @@ class WorkerSide:
     # -------------------------------------------------------------------- loads
     def load(self, plans: list[LoadPlan]) -> None:
         for plan in plans:
-            self._load_one(plan)
+            if plan.rank == self.entry_key.rank:
+                self._load_one(plan)
 
     def _load_one(self, plan: LoadPlan) -> None:
         started = time.perf_counter()
@@ -179,9 +182,12 @@ class WorkerSide:
         if client is None:
             return
         started = time.perf_counter()
+        entry_key = self.entry_key  # the scheduler names chunks; each rank stores its share under its own key
         try:
-            slots = client.reserve([c.key for c in chunks], [self._meta(len(c.block_ids)) for c in chunks],
-                                   [c.parent for c in chunks], [c.previous for c in chunks])
+            slots = client.reserve([entry_key.key(c.key) for c in chunks],
+                                   [self._meta(len(c.block_ids)) for c in chunks],
+                                   [None if c.parent is None else entry_key(c.parent) for c in chunks],
+                                   [None if c.previous is None else entry_key(c.previous) for c in chunks])
         except ABSORBED as err:
             self.link.fault("save", f"kvmesh store failed, dropped: {err}", err)
             return

@@ -1,4 +1,4 @@
-"""Stopping a test's daemon for good, including one an engine was still starting in the background."""
+"""Stopping a daemon for good, including one an engine was still starting in the background (tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,6 @@ def _stop_now(config: KVMeshConfig, timeout: float) -> None:
             if not daemon_holds_lock(lock):
                 return
             if time.monotonic() > deadline:
-                raise AssertionError(f"a kvmesh daemon for {config.socket_path()} holds its lock but never "
+                raise TimeoutError(f"a kvmesh daemon for {config.socket_path()} holds its lock but never "
                                      "answered") from None
             time.sleep(0.1)

@@ -1,0 +1,124 @@
+"""Tensor parallelism end to end: `kvmesh serve --tensor-parallel-size 2`, one request at a time.
+
+The demo model's 9 heads in 3 KV groups cannot be split over two workers; the model here is the demo model
+with its first two KV groups only (6 heads, ``kvmesh.demo.variants.fewer_heads``): each worker holds one
+KV head.  Each worker stores its own heads under keys of its own, and a chunk is a hit only where both
+are stored.  The reference is plain vLLM with the same split, one worker per core as here: its answer
+from its own cache, at the depth kvmesh loads to (prompts of ``128·k + 1`` tokens, see
+``test_vllm_defaults``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmesh.bench.openai_client import stream_completion
+from kvmesh.bench.servers import EngineServer, EngineSpec
+from kvmesh.bench.texts import document_token_ids
+from kvmesh.client import KVMeshClient
+from kvmesh.client.stop import stop_daemon
+from kvmesh.config import KVMeshConfig
+from kvmesh.demo.model import default_model_dir, prepare_demo_model
+from kvmesh.demo.variants import fewer_heads
+
+pytestmark = pytest.mark.slow
+
+BLOCK = 128
+POOL_TOKENS = 10 * BLOCK  # each worker's own pool, in tokens
+MAX_LEN = 1024
+ANSWER = 24
+TP = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"]
+ONE_CORE_EACH = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+REPEATED = {"one-chunk": 2 * BLOCK + 1, "chunk-and-tail": 3 * BLOCK + 1, "two-chunks-and-tail": 5 * BLOCK + 1}
+FILLERS = 2 * len(REPEATED)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    demo = prepare_demo_model(default_model_dir())
+    return str(fewer_heads(demo, tmp_path_factory.mktemp("models") / "demo-2-kv-heads", kv_heads=2))
+
+
+@pytest.fixture(scope="module")
+def prompts(model: str) -> dict[str, list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    docs = document_token_ids(tokenizer, len(REPEATED) + FILLERS, 700, seed=23)
+    named = {name: docs[index][:length] for index, (name, length) in enumerate(REPEATED.items())}
+    for index in range(FILLERS):
+        named[f"filler-{index}"] = docs[len(REPEATED) + index][:600]
+    return named
+
+
+def _spec(model: str, kvmesh: dict[str, object] | None) -> EngineSpec:
+    # --kv-cache-memory-bytes is per worker, and each worker holds half the heads: half the tokens' bytes
+    return EngineSpec(model, kvmesh=kvmesh, kv_pool_tokens=POOL_TOKENS // 2, max_model_len=MAX_LEN,
+                      extra_args=TP, extra_env=ONE_CORE_EACH, embedded_defaults=True)
+
+
+def _ask(server: EngineServer, prompt: list[int]) -> str:
+    return stream_completion(server.base_url, server.model, prompt, ANSWER).text
+
+
+@pytest.fixture(scope="module")
+def reference(model: str, prompts: dict[str, list[int]], tmp_path_factory: pytest.TempPathFactory
+              ) -> dict[str, tuple[str, str]]:
+    """(computed, from plain vLLM's own cache) answers of each prompt, with the same split."""
+    answers = {}
+    with EngineServer(_spec(model, None), tmp_path_factory.mktemp("logs") / "plain-tp.log") as server:
+        for name in REPEATED:
+            answers[name] = (_ask(server, prompts[name]), _ask(server, prompts[name]))
+    return answers
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    base = tmp_path_factory.mktemp("tp")
+    chosen: dict[str, object] = {
+        "instance": f"vllm-tp-{uuid.uuid4().hex[:8]}", "socket_dir": str(base / "sock"),
+        "disk_path": str(base / "disk"), "l1_size": "256MiB", "l1_prefault": False, "http_port": 0,
+        "verify_loads": True,
+    }
+    yield chosen
+    stop_daemon(KVMeshConfig.load({**chosen, "autostart_daemon": False}, env={}), settle=10.0)
+
+
+def _client(settings: dict[str, object]) -> KVMeshClient:
+    return KVMeshClient(KVMeshConfig.load({**settings, "autostart_daemon": False}, env={}))
+
+
+def _metric(settings: dict[str, object], name: str) -> float:
+    with _client(settings) as client:
+        return client.metrics().get(name, 0.0)
+
+
+def test_two_tensor_parallel_workers_are_served_their_own_heads_after_eviction(
+        model: str, prompts: dict[str, list[int]], reference: dict[str, tuple[str, str]],
+        settings: dict[str, object], tmp_path: Path) -> None:
+    fillers = iter(prompts[f"filler-{index}"] for index in range(FILLERS))
+    with EngineServer(_spec(model, settings), tmp_path / "kvmesh-tp.log") as server:
+        computed = {name: _ask(server, prompts[name]) for name in REPEATED}
+        with _client(settings) as client:
+            engines = client.info()["engines"]
+        served = {}
+        for name in REPEATED:
+            _ask(server, next(fillers))  # two fresh prompts push it out of both workers' own pools
+            _ask(server, next(fillers))
+            before = _metric(settings, "kvmesh_loaded_tokens_total")
+            answer = _ask(server, prompts[name])
+            served[name] = (answer, _metric(settings, "kvmesh_loaded_tokens_total") - before)
+        mismatches = _metric(settings, "kvmesh_load_verify_mismatches_total")
+        verified = _metric(settings, "kvmesh_load_verified_chunks_total")
+    workers = [e for e in engines if e.get("role") == "worker"]
+    assert len(workers) == 2  # both ranks keep a link to the node's daemon
+    for name in REPEATED:
+        answer, loaded = served[name]
+        assert computed[name] == reference[name][0], name  # the same split computes the same answer
+        assert loaded == len(prompts[name]) - 1, name  # every rank's share of every chunk was there
+        assert answer == reference[name][1], name
+    assert verified >= 2 * len(REPEATED) and mismatches == 0  # each worker's loaded pages are its stored ones
