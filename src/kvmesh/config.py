@@ -222,10 +222,10 @@ class KVMeshConfig:
         "Bytes of stores waiting to be written behind; when full, new ones are dropped and counted, "
         "never waited for.")
     call_timeout_seconds: float = _opt(
-        5.0, parse_float,
-        "Deadline of each call from an engine to the daemon (lookups, leases, stores): a daemon that does "
-        "not answer in time (stopped, swapping) is a miss, the connection is dropped and re-made in the "
-        "background; the engine never waits longer.")
+        1.0, parse_float,
+        "Deadline of each call from an engine to the daemon (lookups, leases, stores; they take milliseconds "
+        "even under load): a daemon that does not answer in time (stopped, swapping) is a miss, the "
+        "connection is dropped and re-made in the background; the engine never waits longer.")
     write_quiet_seconds: float = _opt(
         0.25, parse_float,
         "Writes behind wait until no engine has sent the daemon a message for this long (0: never wait), and "

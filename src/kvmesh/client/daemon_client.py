@@ -97,7 +97,7 @@ class ReadSlot:
 
 
 # requests that may take long by design (a flush waits for writes; stats may flush): no deadline
-UNBOUNDED_OPS = frozenset({"stats", "shutdown"})
+UNBOUNDED_OPS = frozenset({"stats", "shutdown", "delete"})  # admin calls (stats also flushes), never an engine's
 
 
 class KVMeshClient:
