@@ -33,15 +33,21 @@ CONFIGS = {"tp1": ([], {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, 1),
 
 def run(config: str, model: str, docs: list[list[int]], tokens: int, work: Path) -> dict[str, list[float]]:
     args, env, world = CONFIGS[config]
-    settings: dict[str, object] = {"instance": f"bench-tp-{uuid.uuid4().hex[:6]}", "socket_dir": str(work / "sock"),
+    return warm_vs_cold(config, model, docs, tokens, work, args, env, world)
+
+
+def warm_vs_cold(label: str, model: str, docs: list[list[int]], tokens: int, work: Path, args: list[str],
+                 env: dict[str, str], world: int = 1, pool_margin: int = 400) -> dict[str, list[float]]:
+    """TTFTs of one ``kvmesh serve`` engine: cold, vLLM's own hit, from kvmesh after eviction (a list each)."""
+    settings: dict[str, object] = {"instance": f"bench-{uuid.uuid4().hex[:6]}", "socket_dir": str(work / "sock"),
                                    "disk_path": "", "l1_size": "2GiB", "http_port": 0}
     # the pool holds one document (per worker: its share of the heads, so the bytes are divided by the world)
-    spec = EngineSpec(model, kvmesh=settings, kv_pool_tokens=(tokens + 400) // world, max_model_len=tokens + 64,
+    spec = EngineSpec(model, kvmesh=settings, kv_pool_tokens=(tokens + pool_margin) // world, max_model_len=tokens + 64,
                       extra_args=args, extra_env=env, embedded_defaults=True)
-    times: dict[str, list[float]] = {"cold": [], "own hit": [], "from kvmesh": []}
-    loaded: list[float] = []
+    times: dict[str, list[float]] = {"cold": [], "own hit": [], "from kvmesh": [], "loaded": [], "stored bytes": [],
+                                     "stored tokens": []}
     try:
-        with EngineServer(spec, work / f"{config}.log") as server:
+        with EngineServer(spec, work / f"{label}.log") as server:
             stream_completion(server.base_url, model, docs[-1][:64], 4)  # warm-up
             for round_index in range(0, len(docs) - 1, 2):
                 a, b = docs[round_index], docs[round_index + 1]
@@ -51,10 +57,13 @@ def run(config: str, model: str, docs: list[list[int]], tokens: int, work: Path)
                 with KVMeshClient(KVMeshConfig.load({**settings, "autostart_daemon": False}, env={})) as client:
                     before = client.metrics().get("kvmesh_loaded_tokens_total", 0.0)
                     times["from kvmesh"].append(stream_completion(server.base_url, model, a, 8).ttft)
-                    loaded.append(client.metrics().get("kvmesh_loaded_tokens_total", 0.0) - before)
+                    metrics = client.metrics()
+                times["loaded"].append(metrics.get("kvmesh_loaded_tokens_total", 0.0) - before)
+            times["stored bytes"].append(metrics.get("kvmesh_stored_bytes_total", 0.0))
+            times["stored tokens"].append(metrics.get("kvmesh_stored_tokens_total", 0.0))
     finally:
         stop_daemon(KVMeshConfig.load({**settings, "autostart_daemon": False}, env={}), settle=2.0)
-    print(f"{config}: loaded tokens per warm request {loaded}")
+    print(f"{label}: loaded tokens per warm request {times['loaded']}")
     return times
 
 

@@ -49,3 +49,13 @@ def test_the_engines_kernel_is_part_of_the_namespace_even_where_the_view_is_the_
     assert opaque[1].fingerprint() == "L30.H3.D64.bfloat16.pages128.opaque.kernel=vllm-cpu.vec16"
     with pytest.raises(ValueError, match="page_kernel"):
         KVLayout(30, 3, 64, "bfloat16", page_kernel="two words")
+
+
+def test_a_latent_layout_holds_one_value_per_head_and_token_and_never_shares_with_keys_and_values() -> None:
+    mla = KVLayout(num_layers=4, num_kv_heads=1, head_size=576, block_size=16, kv_parts=1)
+    plain = KVLayout(num_layers=4, num_kv_heads=1, head_size=576, block_size=16)
+    assert mla.page_elements == 16 * 576 and plain.page_elements == 2 * 16 * 576
+    assert mla.bytes_per_token == 4 * 576 * 2
+    assert mla.fingerprint() != plain.fingerprint() and ".latent" in mla.fingerprint()
+    with pytest.raises(ValueError, match="kv_parts must be 2 .keys and values. or 1 .a latent., got 3"):
+        KVLayout(num_layers=4, num_kv_heads=1, head_size=64, kv_parts=3)

@@ -31,8 +31,13 @@ class KVLayout:
     # the engine's kernel that packed the pages, exactly ("vllm-cpu.vec16"); "": no engine kernel (canonical
     # chunks, tools).  Two kernels the view cannot tell apart (every "opaque" one) still never share keys.
     page_kernel: str = ""
+    # values per head and token: 2, a key and a value; 1, one latent that both are computed from (MLA:
+    # DeepSeek-V2/V3, whose page holds num_kv_heads=1 latent of head_size = kv_lora_rank + rope dims)
+    kv_parts: int = 2
 
     def __post_init__(self) -> None:
+        if self.kv_parts not in (1, 2):
+            raise ValueError(f"KVLayout.kv_parts must be 2 (keys and values) or 1 (a latent), got {self.kv_parts!r}")
         for name in ("num_layers", "num_kv_heads", "head_size", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -54,16 +59,16 @@ class KVLayout:
 
     @property
     def bytes_per_token(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_size * self.element_size
+        return self.num_layers * self.kv_parts * self.num_kv_heads * self.head_size * self.element_size
 
     @property
     def page_elements(self) -> int:
-        """Values in one layer's page of ``block_size`` tokens (K and V)."""
-        return self.num_kv_heads * self.block_size * 2 * self.head_size
+        """Values in one layer's page of ``block_size`` tokens (K and V, or the latent)."""
+        return self.num_kv_heads * self.block_size * self.kv_parts * self.head_size
 
     def chunk_shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
         """The shape of a ``chunk``-view entry of ``num_tokens`` tokens."""
-        return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_size)
+        return (self.num_layers, self.kv_parts, num_tokens, self.num_kv_heads, self.head_size)
 
     def chunk_bytes(self, num_tokens: int) -> int:
         return num_tokens * self.bytes_per_token
@@ -71,8 +76,9 @@ class KVLayout:
     def fingerprint(self) -> str:
         """What must match for two engines to share stored KV: the part of the namespace the layout gives."""
         kernel = f".kernel={self.page_kernel}" if self.page_kernel else ""
-        return (f"L{self.num_layers}.H{self.num_kv_heads}.D{self.head_size}.{self.dtype}.pages{self.block_size}"
-                f".{self.page_view}{kernel}")
+        latent = ".latent" if self.kv_parts == 1 else ""
+        return (f"L{self.num_layers}.H{self.num_kv_heads}.D{self.head_size}{latent}.{self.dtype}"
+                f".pages{self.block_size}.{self.page_view}{kernel}")
 
     def namespace(self, model_identity: str, salt: str = "") -> Namespace:
         """The keys' namespace of a model (its identity) stored in this layout, for one tenant ``salt``."""

@@ -84,6 +84,33 @@ def cpu_page_view(dtype: torch.dtype, block_size: int, head_size: int) -> str:
     return page_kernel(dtype, block_size, head_size).view
 
 
+class UnsupportedModel(ValueError):
+    """A model whose exact KV kvmesh cannot store: refused at start, never served approximately."""
+
+
+def recurrent_state_message(model: object, architecture: str, kinds: list[str]) -> str:
+    return (f"kvmesh: the model {model} ({architecture or 'unknown architecture'}; vLLM says {', '.join(kinds)}) "
+            "keeps recurrent state beside its attention KV. kvmesh does not store that state yet (nor declare "
+            "vLLM's SupportsHMA), so a hit would restore attention KV without it and answer wrongly: run this "
+            "model without the kvmesh connector (vLLM's own prefix caching still works)")
+
+
+def refuse_recurrent_state(model_config: object) -> None:
+    """Stop at start for models that keep state besides attention KV (Mamba, gated delta nets, convolutions).
+
+    A hit on such a model is exact only with the recurrent state at the end of the hit restored too;
+    kvmesh stores attention KV only, so it would answer from a state that does not match the prompt.  vLLM
+    asks the model itself (``is_hybrid``, ``has_inner_state``, ``is_attention_free``): no table of names.
+    ``kvmesh serve`` refuses such a model before vLLM starts (``serve.refuse_recurrent_state_model``).
+    """
+    kinds = [name for name in ("is_hybrid", "has_inner_state", "is_attention_free")
+             if getattr(model_config, name, False)]
+    if kinds:
+        architectures = getattr(getattr(model_config, "hf_config", None), "architectures", None) or []
+        raise UnsupportedModel(recurrent_state_message(getattr(model_config, "model", "?"),
+                                                       ", ".join(architectures), kinds))
+
+
 @dataclass(frozen=True, slots=True)
 class EngineKVShape:
     """The engine's KV as kvmesh sees it: the model's identity and the page format, both part of every key."""
@@ -99,6 +126,7 @@ class EngineKVShape:
             raise ValueError("kvmesh does not support pipeline parallelism yet "
                              f"(pipeline_parallel_size={parallel.pipeline_parallel_size}); "
                              "tensor parallelism is supported")
+        refuse_recurrent_state(model_config)
         cache_dtype = vllm_config.cache_config.cache_dtype
         torch_dtype = engine_dtype(model_config.dtype) if cache_dtype == "auto" else None
         if torch_dtype is None:
@@ -114,6 +142,7 @@ class EngineKVShape:
             block_size=block_size,
             page_view=kernel.view,
             page_kernel=kernel.name,
+            kv_parts=1 if model_config.use_mla else 2,  # MLA pages hold one latent per token, not K and V
         )
         return cls(model_identity, layout, parallel.tensor_parallel_size)
 

@@ -34,6 +34,34 @@ def serve_settings(overrides: dict[str, object]) -> dict[str, object]:
     return settings
 
 
+def refuse_recurrent_state_model(model: str) -> None:
+    """Refuse, before vLLM starts, a model that keeps recurrent state beside its attention KV.
+
+    vLLM itself fails such a model later with a message about KV cache specs (it turns its hybrid manager
+    off for kvmesh), and the connector never gets to say why.  vLLM's registry says what each architecture
+    keeps (``is_hybrid``, ``has_inner_state``, ``is_attention_free``); its public form needs a whole
+    ``ModelConfig``, so the per-architecture inspection it uses inside is asked.  A model named by a hub id
+    (no local ``config.json``) or a Python without vLLM is left to the connector's own check.
+    """
+    config_path = os.path.join(os.path.expanduser(model), "config.json")
+    if not os.path.isfile(config_path):
+        return
+    with open(config_path) as handle:
+        architectures = json.load(handle).get("architectures") or []
+    try:
+        from vllm.model_executor.models.registry import ModelRegistry
+    except ImportError:
+        return
+    from kvmesh.integrations.vllm.engine_shape import UnsupportedModel, recurrent_state_message
+
+    for architecture in architectures:
+        info = ModelRegistry._try_inspect_model_cls(architecture)
+        kinds = [name for name in ("is_hybrid", "has_inner_state", "is_attention_free")
+                 if info is not None and getattr(info, name)]
+        if kinds:
+            raise UnsupportedModel(recurrent_state_message(model, architecture, kinds))
+
+
 def kv_transfer_config(settings: dict[str, object]) -> dict[str, object]:
     """The value of vLLM's ``--kv-transfer-config`` for kvmesh with these config keys."""
     KVMeshConfig.load(settings)
@@ -52,6 +80,7 @@ def build_serve_command(model: str, vllm_args: Sequence[str], overrides: dict[st
     if any(arg.startswith("--kv-transfer-config") for arg in vllm_args):
         raise ValueError("kvmesh serve sets --kv-transfer-config itself; pass kvmesh settings with --set KEY=VALUE")
     # without --dtype, the dtype this CPU runs fast (fp32 where bf16 is only emulated: ~4x faster prefill)
+    refuse_recurrent_state_model(model)
     engine_args, dtype_choice = with_machine_dtype(vllm_args)
     settings = serve_settings(overrides) if embedded_defaults else dict(overrides)
     kv_transfer_config(settings)  # every key checked, secrets included, before any leaves the command line

@@ -79,7 +79,7 @@ class WorkerSide:
             views.append(tensor)
         self.layers = views
         self.page_shape = tuple(views[0].shape[1:])
-        expected = (layout.num_kv_heads, layout.block_size, 2 * layout.head_size)
+        expected = (layout.num_kv_heads, layout.block_size, layout.kv_parts * layout.head_size)
         # kernel blocks smaller than the manager's, or an unexpected page shape: the view would not fit
         self.page_view = layout.page_view if self.page_shape == expected else "opaque"
         log.info("kvmesh: %d KV layers, pages of %s %s, in-page order %s", len(views), self.page_shape,
