@@ -24,17 +24,16 @@ same steps:
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from engine_settings import default_path_settings, stop_settings_daemon
 from kvmesh.bench.openai_client import stream_completion
 from kvmesh.bench.servers import EngineServer, EngineSpec
 from kvmesh.bench.texts import document_token_ids
 from kvmesh.client import KVMeshClient
-from kvmesh.client.stop import stop_daemon
 from kvmesh.config import KVMeshConfig
 from kvmesh.demo.model import default_model_dir, prepare_demo_model
 
@@ -99,14 +98,9 @@ def reference(model: str, prompts: dict[str, list[int]], tmp_path_factory: pytes
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
-    base = tmp_path_factory.mktemp("defaults")
-    chosen: dict[str, object] = {
-        "instance": f"vllm-defaults-{uuid.uuid4().hex[:8]}", "socket_dir": str(base / "sock"),
-        "disk_path": str(base / "disk"), "l1_size": "256MiB", "l1_prefault": False, "http_port": 0,
-        "verify_loads": True,
-    }
+    chosen = default_path_settings(tmp_path_factory.mktemp("defaults"), "vllm-defaults")
     yield chosen
-    stop_daemon(KVMeshConfig.load({**chosen, "autostart_daemon": False}, env={}), settle=10.0)
+    stop_settings_daemon(chosen)
 
 
 def _metrics(settings: dict[str, object]) -> dict[str, float]:

@@ -11,17 +11,15 @@ here: vLLM turns its hybrid KV-cache manager off for kvmesh, and they do not sta
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
 
+from engine_settings import default_path_settings, observer, stop_settings_daemon
 from kvmesh.bench.openai_client import stream_completion
 from kvmesh.bench.servers import EngineServer, EngineSpec
 from kvmesh.bench.texts import document_token_ids
 from kvmesh.client import KVMeshClient
-from kvmesh.client.stop import stop_daemon
-from kvmesh.config import KVMeshConfig
 from kvmesh.demo.model import default_model_dir, prepare_demo_model
 from kvmesh.demo.variants import FAMILIES, HYBRID_FAMILIES, tiny_checkpoint
 
@@ -53,12 +51,8 @@ def test_a_family_is_served_from_kvmesh_as_from_its_own_cache(
         family: str, demo: Path, prompts: list[list[int]], tmp_path_factory: pytest.TempPathFactory) -> None:
     base = tmp_path_factory.mktemp(family)
     model = str(tiny_checkpoint(family, demo, base / "model"))
-    settings: dict[str, object] = {
-        "instance": f"family-{uuid.uuid4().hex[:8]}", "socket_dir": str(base / "sock"),
-        "disk_path": str(base / "disk"), "l1_size": "256MiB", "l1_prefault": False, "http_port": 0,
-        "verify_loads": True,
-    }
-    observer = KVMeshConfig.load({**settings, "autostart_daemon": False}, env={})
+    settings = default_path_settings(base, "family")
+    watcher = observer(settings)
     spec = EngineSpec(model, kvmesh=settings, kv_pool_tokens=POOL_TOKENS, max_model_len=MAX_LEN,
                       embedded_defaults=True)
     asked, fillers = prompts[:len(LENGTHS)], iter(prompts[len(LENGTHS):])
@@ -73,7 +67,7 @@ def test_a_family_is_served_from_kvmesh_as_from_its_own_cache(
                 own_hit = ask(prompt)
                 for _ in range(FILLERS_EACH):
                     ask(next(fillers))
-                with KVMeshClient(observer) as client:
+                with KVMeshClient(watcher) as client:
                     before = client.metrics().get("kvmesh_loaded_tokens_total", 0.0)
                     served = ask(prompt)
                     metrics = client.metrics()
@@ -82,7 +76,7 @@ def test_a_family_is_served_from_kvmesh_as_from_its_own_cache(
             assert metrics.get("kvmesh_load_verify_mismatches_total", 0.0) == 0
             assert metrics.get("kvmesh_load_verified_chunks_total", 0.0) >= len(LENGTHS)
     finally:
-        stop_daemon(observer, settle=5.0)
+        stop_settings_daemon(settings, settle=5.0)
 
 
 @pytest.mark.parametrize("family", HYBRID_FAMILIES)
