@@ -29,7 +29,6 @@ from kvmesh.bench.texts import document_token_ids, question_prompt
 from kvmesh.client import KVMeshClient
 from kvmesh.client.stop import stop_daemon
 from kvmesh.config import KVMeshConfig
-from kvmesh.demo.model import default_model_dir, prepare_demo_model
 from kvmesh.machine_dtype import machine_dtype
 from redis_servers import RedisServer
 
@@ -40,11 +39,6 @@ POOL_BLOCKS = 10  # the engine's own pool: 1,280 tokens, so three ~520-token pro
 POOL_TOKENS = POOL_BLOCKS * BLOCK  # sized in bytes for the dtype the engines run in (fp32 KV is twice bf16's)
 MAX_LEN = 1024
 ANSWER = 24
-
-
-@pytest.fixture(scope="module")
-def model() -> str:
-    return str(prepare_demo_model(default_model_dir()))
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,6 @@ from kvmesh.bench.servers import EngineServer, EngineSpec
 from kvmesh.bench.texts import document_token_ids
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
-from kvmesh.demo.model import default_model_dir, prepare_demo_model
 
 pytestmark = pytest.mark.slow
 
@@ -48,11 +47,6 @@ SCHEDULING = ["--max-num-batched-tokens", str(STEP), "--max-num-seqs", "8"]
 REPEATED = {"tail-only": BLOCK + 1, "one-chunk": 2 * BLOCK + 1, "chunk-and-tail": 3 * BLOCK + 1}
 CHAT_SECOND_TURN = 180  # tokens a second turn adds to the first turn's STEP
 FILLERS = 24  # fresh 600-token prompts, two before each case: the engine's own pool then holds none of it
-
-
-@pytest.fixture(scope="module")
-def model() -> str:
-    return str(prepare_demo_model(default_model_dir()))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from kvmesh.bench.openai_client import stream_completion
 from kvmesh.bench.servers import EngineServer, EngineSpec
 from kvmesh.bench.texts import document_token_ids
 from kvmesh.client import KVMeshClient
-from kvmesh.demo.model import default_model_dir, prepare_demo_model
 from kvmesh.demo.variants import FAMILIES, HYBRID_FAMILIES, tiny_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -34,23 +33,18 @@ FILLERS_EACH = 3  # fresh 600-token prompts before each served-from-kvmesh reque
 
 
 @pytest.fixture(scope="module")
-def demo() -> Path:
-    return prepare_demo_model(default_model_dir())
-
-
-@pytest.fixture(scope="module")
-def prompts(demo: Path) -> list[list[int]]:
+def prompts(demo_model: Path) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(demo), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_model), local_files_only=True)
     return document_token_ids(tokenizer, len(LENGTHS) * (1 + FILLERS_EACH), 600, seed=31)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_family_is_served_from_kvmesh_as_from_its_own_cache(
-        family: str, demo: Path, prompts: list[list[int]], tmp_path_factory: pytest.TempPathFactory) -> None:
+        family: str, demo_model: Path, prompts: list[list[int]], tmp_path_factory: pytest.TempPathFactory) -> None:
     base = tmp_path_factory.mktemp(family)
-    model = str(tiny_checkpoint(family, demo, base / "model"))
+    model = str(tiny_checkpoint(family, demo_model, base / "model"))
     settings = default_path_settings(base, "family")
     watcher = observer(settings)
     spec = EngineSpec(model, kvmesh=settings, kv_pool_tokens=POOL_TOKENS, max_model_len=MAX_LEN,
@@ -81,13 +75,13 @@ def test_a_family_is_served_from_kvmesh_as_from_its_own_cache(
 
 @pytest.mark.parametrize("family", HYBRID_FAMILIES)
 def test_kvmesh_serve_refuses_a_hybrid_model_naming_what_is_missing(
-        family: str, demo: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+        family: str, demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """vLLM starts hybrid models only with its hybrid manager, which it turns off for kvmesh; kvmesh serve says
     why before vLLM starts, instead of vLLM's error about KV cache specs."""
     import subprocess
     import sys
 
-    model = str(tiny_checkpoint(family, demo, tmp_path_factory.mktemp(family) / "model"))
+    model = str(tiny_checkpoint(family, demo_model, tmp_path_factory.mktemp(family) / "model"))
     done = subprocess.run([sys.executable, "-m", "kvmesh.cli", "serve", model, "--set", "http_port=0"],
                           capture_output=True, text=True, timeout=300)
     output = " ".join((done.stdout + done.stderr).split())

@@ -21,7 +21,6 @@ from kvmesh.bench.servers import EngineServer, EngineSpec
 from kvmesh.bench.texts import document_token_ids
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
-from kvmesh.demo.model import default_model_dir, prepare_demo_model
 from kvmesh.demo.variants import fewer_heads
 
 pytestmark = pytest.mark.slow
@@ -37,9 +36,8 @@ FILLERS = 2 * len(REPEATED)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    demo = prepare_demo_model(default_model_dir())
-    return str(fewer_heads(demo, tmp_path_factory.mktemp("models") / "demo-2-kv-heads", kv_heads=2))
+def model(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(fewer_heads(demo_model, tmp_path_factory.mktemp("models") / "demo-2-kv-heads", kv_heads=2))
 
 
 @pytest.fixture(scope="module")
