@@ -419,13 +419,10 @@ class Soak:
                             previous = before.get(key, 0.0)
                             sample[key] = sample.get(key, 0.0) + (value - previous if value >= previous else value)
                         last_engine[node.name] = now
-                pid = daemon_pid(node.settings)
-                if pid is None:
-                    continue
-                try:
+                try:  # one connection for both: the pid says whether counters started again at zero
                     config = KVMeshConfig.load({**node.settings, "autostart_daemon": False}, env={})
                     with KVMeshClient(config, check_config=False) as client:
-                        metrics = client.metrics()
+                        pid, metrics = client.daemon_pid, client.metrics()
                 except (ConnectionError, TimeoutError):
                     continue
                 previous_pid, previous = last_daemon.get(node.name, (None, {}))

@@ -88,6 +88,11 @@ class UnsupportedModel(ValueError):
     """A model whose exact KV kvmesh cannot store: refused at start, never served approximately."""
 
 
+# what vLLM says of a model (its ModelConfig, or its registry's inspection of an architecture) when it keeps
+# state besides attention KV
+RECURRENT_STATE_FLAGS = ("is_hybrid", "has_inner_state", "is_attention_free")
+
+
 def recurrent_state_message(model: object, architecture: str, kinds: list[str]) -> str:
     return (f"kvmesh: the model {model} ({architecture or 'unknown architecture'}; vLLM says {', '.join(kinds)}) "
             "keeps recurrent state beside its attention KV. kvmesh does not store that state yet (nor declare "
@@ -103,8 +108,7 @@ def refuse_recurrent_state(model_config: object) -> None:
     asks the model itself (``is_hybrid``, ``has_inner_state``, ``is_attention_free``): no table of names.
     ``kvmesh serve`` refuses such a model before vLLM starts (``serve.refuse_recurrent_state_model``).
     """
-    kinds = [name for name in ("is_hybrid", "has_inner_state", "is_attention_free")
-             if getattr(model_config, name, False)]
+    kinds = [name for name in RECURRENT_STATE_FLAGS if getattr(model_config, name, False)]
     if kinds:
         architectures = getattr(getattr(model_config, "hf_config", None), "architectures", None) or []
         raise UnsupportedModel(recurrent_state_message(getattr(model_config, "model", "?"),

@@ -52,12 +52,15 @@ def refuse_recurrent_state_model(model: str) -> None:
         from vllm.model_executor.models.registry import ModelRegistry
     except ImportError:
         return
-    from kvmesh.integrations.vllm.engine_shape import UnsupportedModel, recurrent_state_message
+    from kvmesh.integrations.vllm.engine_shape import (
+        RECURRENT_STATE_FLAGS,
+        UnsupportedModel,
+        recurrent_state_message,
+    )
 
     for architecture in architectures:
         info = ModelRegistry._try_inspect_model_cls(architecture)
-        kinds = [name for name in ("is_hybrid", "has_inner_state", "is_attention_free")
-                 if info is not None and getattr(info, name)]
+        kinds = [name for name in RECURRENT_STATE_FLAGS if info is not None and getattr(info, name)]
         if kinds:
             raise UnsupportedModel(recurrent_state_message(model, architecture, kinds))
 
@@ -79,8 +82,8 @@ def build_serve_command(model: str, vllm_args: Sequence[str], overrides: dict[st
                         python: str = sys.executable, embedded_defaults: bool = True) -> ServeCommand:
     if any(arg.startswith("--kv-transfer-config") for arg in vllm_args):
         raise ValueError("kvmesh serve sets --kv-transfer-config itself; pass kvmesh settings with --set KEY=VALUE")
-    # without --dtype, the dtype this CPU runs fast (fp32 where bf16 is only emulated: ~4x faster prefill)
     refuse_recurrent_state_model(model)
+    # without --dtype, the dtype this CPU runs fast (fp32 where bf16 is only emulated: ~4x faster prefill)
     engine_args, dtype_choice = with_machine_dtype(vllm_args)
     settings = serve_settings(overrides) if embedded_defaults else dict(overrides)
     kv_transfer_config(settings)  # every key checked, secrets included, before any leaves the command line
