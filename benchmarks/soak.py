@@ -597,7 +597,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep logs and files here (default: a temporary folder)")
     parser.add_argument("--report", type=Path, help="write the JSON report here")
     args = parser.parse_args()
-    low, high = (float(x) for x in args.gap.split(":"))
+    try:
+        low, high = (float(x) for x in args.gap.split(":"))
+    except ValueError:
+        parser.error(f"--gap must be MIN:MAX seconds, e.g. 10:30; got {args.gap!r}")
+    if not 0 <= low <= high:
+        parser.error(f"--gap must be MIN:MAX with 0 <= MIN <= MAX; got {args.gap!r}")
     kinds = tuple(k for k in args.kinds.split(",") if k)
     unknown = set(kinds) - set(KINDS)
     if unknown:
