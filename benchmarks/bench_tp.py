@@ -37,12 +37,21 @@ def run(config: str, model: str, docs: list[list[int]], tokens: int, work: Path)
 
 
 def warm_vs_cold(label: str, model: str, docs: list[list[int]], tokens: int, work: Path, args: list[str],
-                 env: dict[str, str], world: int = 1, pool_margin: int = 400) -> dict[str, list[float]]:
-    """TTFTs of one ``kvmesh serve`` engine: cold, vLLM's own hit, from kvmesh after eviction (a list each)."""
+                 env: dict[str, str], world: int = 1, pool_margin: int = 400,
+                 pool_in_blocks: bool = False) -> dict[str, list[float]]:
+    """TTFTs of one ``kvmesh serve`` engine: cold, vLLM's own hit, from kvmesh after eviction (a list each).
+
+    ``pool_in_blocks``: size the engine's pool in 128-token blocks (``--num-gpu-blocks-override``), for models
+    whose state and attention groups share blocks; else in bytes, from the KV one token takes.
+    """
     settings: dict[str, object] = {"instance": f"bench-{uuid.uuid4().hex[:6]}", "socket_dir": str(work / "sock"),
                                    "disk_path": "", "l1_size": "2GiB", "http_port": 0}
     # the pool holds one document (per worker: its share of the heads, so the bytes are divided by the world)
-    spec = EngineSpec(model, kvmesh=settings, kv_pool_tokens=(tokens + pool_margin) // world, max_model_len=tokens + 64,
+    pool_tokens: int | None = (tokens + pool_margin) // world
+    if pool_in_blocks:
+        args = [*args, "--num-gpu-blocks-override", str(-(-(tokens + pool_margin) // 128))]
+        pool_tokens = None
+    spec = EngineSpec(model, kvmesh=settings, kv_pool_tokens=pool_tokens, max_model_len=tokens + 64,
                       extra_args=args, extra_env=env, embedded_defaults=True)
     times: dict[str, list[float]] = {"cold": [], "own hit": [], "from kvmesh": [], "loaded": [], "stored bytes": [],
                                      "stored tokens": []}

@@ -90,13 +90,18 @@ def test_namespaces_and_keys_are_the_ones_stored_entries_were_written_under() ->
     assert chunk_keys(list(range(1000, 1300)), ns, 256)[0].hex == "92fad15f6ae7193b35b9506713ba0758"
 
 
-def test_rank_keys_name_the_rank_and_the_world_and_leave_single_workers_keys_alone() -> None:
-    from kvmesh.keys import RankKeys
+def test_part_keys_name_the_rank_the_world_and_the_group_and_leave_single_workers_keys_alone() -> None:
+    from kvmesh.keys import PartKeys
 
     digest = chunk_keys(list(range(64)), model_namespace("m", "l"), 32)[0].digest
-    assert RankKeys(0, 1)(digest) == digest
-    mapped = {RankKeys(rank, world)(digest) for world in (2, 4) for rank in range(world)}
+    assert PartKeys(0, 1)(digest) == digest
+    mapped = {PartKeys(rank, world)(digest) for world in (2, 4) for rank in range(world)}
     assert len(mapped) == 6 and digest not in mapped
-    assert RankKeys(1, 2)(digest) == RankKeys(1, 2)(digest)
+    assert PartKeys(1, 2)(digest) == PartKeys(1, 2)(digest)
+    parts = PartKeys.every_part(2, 3)
+    assert parts[0] == PartKeys(0, 2, 0) and len({part(digest) for part in parts}) == 6
+    assert PartKeys(0, 1, 1)(digest) not in {digest, *mapped}
     with pytest.raises(ValueError, match="rank 2 is not one of a world of 2"):
-        RankKeys(2, 2)
+        PartKeys(2, 2)
+    with pytest.raises(ValueError, match="group's index is not negative, got -1"):
+        PartKeys(0, 1, -1)

@@ -11,7 +11,7 @@ def test_bytes_per_token_of_known_models() -> None:
 
 def test_bad_layouts_are_refused_naming_the_field() -> None:
     with pytest.raises(ValueError, match="dtype"):
-        KVLayout(2, 1, 4, "int8")
+        KVLayout(2, 1, 4, "uint4")
     with pytest.raises(ValueError, match="page_view"):
         KVLayout(2, 1, 4, "bfloat16", page_view="sideways")
     with pytest.raises(ValueError, match="block_size"):
@@ -59,3 +59,31 @@ def test_a_latent_layout_holds_one_value_per_head_and_token_and_never_shares_wit
     assert mla.fingerprint() != plain.fingerprint() and ".latent" in mla.fingerprint()
     with pytest.raises(ValueError, match="kv_parts must be 2 .keys and values. or 1 .a latent., got 3"):
         KVLayout(num_layers=4, num_kv_heads=1, head_size=64, kv_parts=3)
+
+
+def test_each_kv_group_keeps_what_a_later_hit_needs_of_a_chunk() -> None:
+    from kvmesh.layout import KVGroup
+
+    pages = KVLayout(2, 1, 4, "bfloat16", block_size=16)
+    assert KVGroup("full", pages).kept_tokens(256, 512) == (256, 512)
+    assert KVGroup("window", pages, window=100).kept_tokens(256, 512) == (412, 512)
+    assert KVGroup("window", pages, window=1000).kept_tokens(256, 300) == (256, 300)
+    state = KVGroup.state(3, 19840, 128, "MAMBA2:3x288float32")
+    assert state.kept_tokens(256, 512) == (512, 512) and state.page_elements == 19840
+    fingerprints = {KVGroup("full", pages).fingerprint(), KVGroup("window", pages, window=100).fingerprint(),
+                    KVGroup("window", pages, window=64).fingerprint(), state.fingerprint()}
+    assert len(fingerprints) == 4
+
+
+def test_bad_kv_groups_are_refused_naming_the_field() -> None:
+    from kvmesh.layout import KVGroup
+
+    pages = KVLayout(2, 1, 4, "bfloat16")
+    with pytest.raises(ValueError, match="kind must be one of full, window, state, got 'ring'"):
+        KVGroup("ring", pages)
+    with pytest.raises(ValueError, match="a 'window' KV group has window=0"):
+        KVGroup("window", pages)
+    with pytest.raises(ValueError, match="a 'full' KV group has window=64"):
+        KVGroup("full", pages, window=64)
+    with pytest.raises(ValueError, match="'state' KV group pages int8 bytes"):
+        KVGroup("state", pages)

@@ -127,6 +127,8 @@ def serve(
     except (ValueError, ConfigError) as err:
         err_console.print(f"[red]kvmesh serve: {err}[/red]")
         raise typer.Exit(2) from None
+    for note in command.notes:
+        err_console.print(f"kvmesh: {note}")
     if command.dtype_choice is not None:
         err_console.print(f"kvmesh: the engine runs in {command.dtype_choice.describe()}; "
                           "pass --dtype to choose yourself")

@@ -20,6 +20,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "float32": torch.float32,
+    "int8": torch.int8,  # bytes of recurrent state (vLLM hands a Mamba layer's state blocks over as bytes)
 }
 ELEMENT_BYTES: dict[str, int] = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
 

@@ -111,36 +111,49 @@ def model_namespace(model_id: str, layout_fingerprint: str, salt: str = "") -> N
 
 
 RANK_VERSION = b"kvmesh-rank-v1"
+GROUP_VERSION = b"kvmesh-group-v1"
 
 
 @dataclass(frozen=True, slots=True)
-class RankKeys:
-    """Where one tensor-parallel rank's share of a chunk is stored: under a key of its own.
+class PartKeys:
+    """Where one part of a chunk is stored: one tensor-parallel rank's share of one KV cache group.
 
     With tensor parallelism each worker holds only its own heads' KV, so a chunk is ``world`` entries, one
     per rank, each keyed by the chunk's key, the rank and the world size: a rank never loads another
-    rank's heads, and engines split another way never share an entry.  With one worker the chunk's key
-    is the entry's key (``world == 1`` maps nothing), so single-worker keys are what they always were.
+    rank's heads, and engines split another way never share an entry.  A model whose layers form several
+    KV cache groups (sliding-window beside full attention, recurrent state beside attention:
+    ``layout.KVGroup``) stores each group's pages as an entry of its own, keyed by the group's index too.
+    With one worker, group 0's key is the chunk's key (nothing is mapped), so the keys of single-worker,
+    single-group engines are what they always were.
     """
 
     rank: int
     world: int
+    group: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world:
             raise ValueError(f"rank {self.rank} is not one of a world of {self.world}")
+        if self.group < 0:
+            raise ValueError(f"a KV cache group's index is not negative, got {self.group}")
 
     def __call__(self, digest: bytes) -> bytes:
-        if self.world == 1:
-            return digest
-        hasher = blake3.blake3(RANK_VERSION)
-        hasher.update(digest)
-        hasher.update(self.rank.to_bytes(4, "little") + self.world.to_bytes(4, "little"))
-        return hasher.digest(KEY_BYTES)
+        if self.world != 1:
+            hasher = blake3.blake3(RANK_VERSION)
+            hasher.update(digest)
+            hasher.update(self.rank.to_bytes(4, "little") + self.world.to_bytes(4, "little"))
+            digest = hasher.digest(KEY_BYTES)
+        if self.group:
+            hasher = blake3.blake3(GROUP_VERSION)
+            hasher.update(digest)
+            hasher.update(self.group.to_bytes(4, "little"))
+            digest = hasher.digest(KEY_BYTES)
+        return digest
 
     def key(self, key: ChunkKey) -> ChunkKey:
         return ChunkKey(self(key.digest), key.start, key.end)
 
     @classmethod
-    def every_rank(cls, world: int) -> list[RankKeys]:
-        return [cls(rank, world) for rank in range(world)]
+    def every_part(cls, world: int, groups: int = 1) -> list[PartKeys]:
+        """Every rank's entry of every group, rank 0's group 0 first (the part whose lookups are counted)."""
+        return [cls(rank, world, group) for rank in range(world) for group in range(groups)]

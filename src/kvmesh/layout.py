@@ -83,3 +83,71 @@ class KVLayout:
     def namespace(self, model_identity: str, salt: str = "") -> Namespace:
         """The keys' namespace of a model (its identity) stored in this layout, for one tenant ``salt``."""
         return model_namespace(model_identity, self.fingerprint(), salt)
+
+
+GROUP_KINDS = ("full", "window", "state")
+
+
+@dataclass(frozen=True, slots=True)
+class KVGroup:
+    """One of the engine's KV cache groups (vLLM's ``kv_cache_groups``): layers that share a block table.
+
+    A model whose layers are all alike has one ``full`` group.  vLLM's hybrid manager gives other layers
+    groups of their own, and what a cache hit of L tokens needs from each differs:
+
+    * ``full``: every token's pages, ``layout``'s.
+    * ``window``: sliding-window attention; only the pages of the last ``window`` tokens before L (vLLM frees
+      the others).  A chunk's entry keeps the pages of its last ``window`` tokens: any hit that ends in or at
+      the end of the chunk, or ends later, needs nothing earlier of it.
+    * ``state``: recurrent state (Mamba, gated delta nets, short convolutions).  vLLM keeps one block per
+      ``layout.block_size`` tokens, each the whole state after exactly that many; a layer's block is
+      ``state_bytes`` bytes.  A chunk's entry is the one block after its last token, and a hit is exact only
+      where it ends at a stored state.
+
+    Each group's entries are stored under keys of their own (``keys.PartKeys``), so a chunk is a hit only
+    where every group's entry is there.
+    """
+
+    kind: str
+    layout: KVLayout  # the group's pages (for ``state``: one int8 "head" of ``state_bytes`` per page)
+    layer_names: tuple[str, ...] = ()  # vLLM's names of the group's layers, in the order entries hold them
+    window: int = 0  # ``window``: the tokens before a hit's end that a hit needs of these layers
+    state_format: str = ""  # ``state``: the state tensors' shapes and dtypes, as vLLM describes them
+
+    def __post_init__(self) -> None:
+        if self.kind not in GROUP_KINDS:
+            raise ValueError(f"KVGroup.kind must be one of {', '.join(GROUP_KINDS)}, got {self.kind!r}")
+        if (self.kind == "window") != (self.window > 0):
+            raise ValueError(f"a {self.kind!r} KV group has window={self.window!r}: only 'window' groups have one")
+        if self.kind == "state" and (self.layout.dtype != "int8" or not self.state_format):
+            raise ValueError("a 'state' KV group pages int8 bytes and names its state_format")
+
+    @classmethod
+    def state(cls, num_layers: int, state_bytes: int, block_size: int, state_format: str,
+              layer_names: tuple[str, ...] = ()) -> KVGroup:
+        """A recurrent-state group: its layout's "head" is one layer's state, ``state_bytes`` bytes per block."""
+        layout = KVLayout(num_layers, 1, state_bytes, "int8", block_size=block_size, kv_parts=1)
+        return cls("state", layout, layer_names, state_format=state_format)
+
+    @property
+    def block_size(self) -> int:
+        return self.layout.block_size
+
+    @property
+    def page_elements(self) -> int:
+        """Values in one layer's page (one block)."""
+        return self.layout.num_kv_heads * self.layout.head_size if self.kind == "state" else self.layout.page_elements
+
+    def kept_tokens(self, start: int, end: int) -> tuple[int, int]:
+        """The tokens of chunk ``[start, end)`` whose pages its entry keeps (``state``: none, one state block)."""
+        if self.kind == "window":
+            return max(start, end - self.window), end
+        if self.kind == "state":
+            return end, end
+        return start, end
+
+    def fingerprint(self) -> str:
+        if self.kind == "state":
+            return f"state.L{self.layout.num_layers}.B{self.layout.head_size}.per{self.block_size}.{self.state_format}"
+        window = f".window{self.window}" if self.kind == "window" else ""
+        return self.layout.fingerprint() + window

@@ -209,3 +209,13 @@ def test_a_shape_that_does_not_fit_its_view_is_refused() -> None:
 def test_bad_specs_name_what_is_wrong(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         get_codec(spec)
+
+
+@pytest.mark.parametrize("spec", ["raw", "lossless", "kivi", "fp8", "cachegen", "ecq"])
+def test_a_recurrent_states_bytes_are_stored_bit_exact_by_every_codec(spec: str) -> None:
+    """Mamba state blocks reach kvmesh as int8 bytes in the ``opaque`` view: a lossy tier stores them lossless."""
+    state = torch.randint(-128, 128, (1, 2, 1, 1, 19840), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    encoded = encode_for_tier(get_codec(spec), state, "opaque", b"k" * 16)
+    assert encoded.codec == ("raw" if spec == "raw" else "lossless")
+    back = decode_any(encoded.data, tuple(state.shape), torch.int8)
+    assert torch.equal(back, state)

@@ -40,7 +40,9 @@ def kv_bytes_per_token(model: str, dtype: str) -> int:
         dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}, auto")
-    return config["num_hidden_layers"] * 2 * kv_heads * head_size * DTYPE_BYTES[dtype]
+    # hybrid configs (NemotronH) list their layers' kinds instead of a count; sized as if all were attention
+    layers = config.get("num_hidden_layers") or len(config["layers_block_type"])
+    return layers * 2 * kv_heads * head_size * DTYPE_BYTES[dtype]
 
 
 def free_port() -> int:

@@ -38,7 +38,7 @@ _FIXED_V1 = struct.Struct("<4sHHBB5IHQQ")  # format 1: no view code
 _HEADER_CHECKSUM = struct.Struct("<I")
 MAX_KEY = 255  # bytes of a key the header can name (chunk keys are 16)
 
-DTYPE_CODES: dict[str, int] = {"bfloat16": 1, "float16": 2, "float32": 3}
+DTYPE_CODES: dict[str, int] = {"bfloat16": 1, "float16": 2, "float32": 3, "int8": 4}
 CODE_DTYPES = {code: name for name, code in DTYPE_CODES.items()}
 
 

@@ -68,8 +68,8 @@ def _family_config(family: str) -> Any:
         return hf.Qwen2Config(**_COMMON)
     if family == "qwen3":  # QK-norm
         return hf.Qwen3Config(**_COMMON, head_dim=64)
-    if family == "mistral-sliding-window":
-        return hf.MistralConfig(**_COMMON, head_dim=64, sliding_window=256)
+    if family == "mistral-sliding-window":  # a window of 128 tokens, gpt-oss's: half a kvmesh chunk
+        return hf.MistralConfig(**_COMMON, head_dim=64, sliding_window=128)
     if family == "mixtral-moe":
         return hf.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2)
     if family == "deepseek-v2-mla":
@@ -88,7 +88,7 @@ def _family_config(family: str) -> Any:
 
 
 FAMILIES = ("qwen2", "qwen3", "mistral-sliding-window", "mixtral-moe", "deepseek-v2-mla")  # kvmesh serves these
-HYBRID_FAMILIES = ("nemotron-h-hybrid",)  # recurrent state: refused at start (engine_shape.refuse_recurrent_state)
+HYBRID_FAMILIES = ("nemotron-h-hybrid",)  # recurrent state beside attention (fp32 only on vLLM-CPU)
 
 
 def tiny_checkpoint(family: str, source: Path, target: Path, seed: int = 0) -> Path:

@@ -76,7 +76,7 @@ class Engine:
         """As a prefill of the whole prompt: no hit, every full chunk saved after the forward pass (by ``ranks``)."""
         assert self.scheduler.num_new_matched_tokens(request, 0) == 0
         loads, saves = self.scheduler.build_meta([(request.request_id, 0, len(request.prompt_token_ids))],
-                                                 lambda _: blocks)
+                                                 lambda _: (blocks,))
         assert not loads and saves
         for rank in range(len(self.workers)) if ranks is None else ranks:
             self.workers[rank].save(saves)
@@ -221,7 +221,7 @@ def test_requests_whose_kv_is_not_named_by_their_tokens_are_neither_loaded_nor_s
     assert target.scheduler.num_new_matched_tokens(embedded, 0) == 0  # the same ids are stored: no hit
     stored = _metric(config, "kvmesh_stored_tokens_total")
     _, saves = target.scheduler.build_meta([(embedded.request_id, 0, len(plain.prompt_token_ids))],
-                                           lambda _: TARGET_BLOCKS)
+                                           lambda _: (TARGET_BLOCKS,))
     assert saves == []
     assert _metric(config, "kvmesh_stored_tokens_total") == stored
 

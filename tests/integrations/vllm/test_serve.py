@@ -72,3 +72,14 @@ def test_secrets_reach_vllm_through_its_environment_not_its_command_line() -> No
     transfer = json.loads(command.argv[command.argv.index("--kv-transfer-config") + 1])
     config = KVMeshConfig.load(transfer["kv_connector_extra_config"], env=command.env)  # as the connector reads it
     assert config.redis_url == url and config.tenant_salt == "acme-salt"
+
+
+def test_a_model_with_recurrent_state_gets_prefill_steps_of_one_block_unless_the_user_chose(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NemotronHForCausalLM"]}))
+    command = build_serve_command(str(tmp_path), ["--dtype", "float32"], {}, python="python")
+    assert command.argv[-2:] == ["--max-num-batched-tokens", "128"]
+    assert "recurrent state" in command.notes[0]
+    chosen = build_serve_command(str(tmp_path), ["--dtype", "float32", "--max-num-batched-tokens=512"], {})
+    assert "--max-num-batched-tokens" not in chosen.argv and chosen.notes == []
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert build_serve_command(str(tmp_path), ["--dtype", "float32"], {}).notes == []

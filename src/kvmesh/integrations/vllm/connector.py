@@ -37,6 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 
 from kvmesh.config import KVMeshConfig
@@ -106,7 +107,10 @@ def tensor_parallel_rank(world: int) -> int:
     return get_tensor_model_parallel_rank()
 
 
-class KVMeshConnector(KVConnectorBase_V1):
+class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
+    """Declares vLLM's ``SupportsHMA``: vLLM keeps its hybrid KV-cache manager on, so sliding-window layers keep
+    only their window and models with recurrent state start; every KV cache group is stored (``KVGroup``)."""
+
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
@@ -122,7 +126,7 @@ class KVMeshConnector(KVConnectorBase_V1):
             engine["fingerprint"] = identity
         else:
             identity = "worker"  # the worker never builds keys: the scheduler names every chunk it moves
-        self.shape = EngineKVShape.from_vllm(vllm_config, identity)
+        self.shape = EngineKVShape.from_vllm(vllm_config, identity, kv_cache_config)
         block_size = self.shape.layout.block_size
         if self.config.chunk_size % block_size:
             raise ValueError(f"kvmesh chunk_size={self.config.chunk_size} must be a multiple of vLLM's "
@@ -149,13 +153,18 @@ class KVMeshConnector(KVConnectorBase_V1):
         scheduled += [(req_id, computed, scheduler_output.num_scheduled_tokens.get(req_id, 0))
                       for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens)]
         manager = getattr(self, "_kv_cache_manager", None)
-        block_ids_of = (lambda req_id: manager.get_block_ids(req_id)[0]) if manager is not None else None
+        block_ids_of = manager.get_block_ids if manager is not None else None
         loads, saves = self._scheduler.build_meta(scheduled, block_ids_of)
         return KVMeshConnectorMetadata(loads=loads, saves=saves)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._scheduler.finished(request.request_id)
         return False, None
+
+    def request_finished_all_groups(self, request: Request,
+                                    block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's hybrid manager calls this instead of ``request_finished``: saves ran step by step, nothing waits."""
+        return self.request_finished(request, block_ids[0] if block_ids else [])
 
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

@@ -7,17 +7,21 @@ from a plain :class:`EngineKVShape`.
 from __future__ import annotations
 
 import logging
+import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from kvmesh.entry import dtype_name
-from kvmesh.keys import Namespace
-from kvmesh.layout import KVLayout
+from kvmesh.keys import Namespace, model_namespace
+from kvmesh.layout import KVGroup, KVLayout
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
 
 log = logging.getLogger("kvmesh.vllm")
 
@@ -93,62 +97,129 @@ class UnsupportedModel(ValueError):
 RECURRENT_STATE_FLAGS = ("is_hybrid", "has_inner_state", "is_attention_free")
 
 
-def recurrent_state_message(model: object, architecture: str, kinds: list[str]) -> str:
+def recurrent_state_message(model: object, architecture: str, kinds: list[str], missing: str) -> str:
     return (f"kvmesh: the model {model} ({architecture or 'unknown architecture'}; vLLM says {', '.join(kinds)}) "
-            "keeps recurrent state beside its attention KV. kvmesh does not store that state yet (nor declare "
-            "vLLM's SupportsHMA), so a hit would restore attention KV without it and answer wrongly: run this "
-            "model without the kvmesh connector (vLLM's own prefix caching still works)")
+            f"keeps recurrent state beside its attention KV, and {missing}: a hit would restore attention KV "
+            "without the state and answer wrongly. Run this model without the kvmesh connector (vLLM's own "
+            "prefix caching still works)")
 
 
-def refuse_recurrent_state(model_config: object) -> None:
-    """Stop at start for models that keep state besides attention KV (Mamba, gated delta nets, convolutions).
+def recurrent_state_kinds(model_config: object) -> list[str]:
+    """What vLLM says of a model that keeps state besides attention KV (empty: attention only)."""
+    return [name for name in RECURRENT_STATE_FLAGS if getattr(model_config, name, False)]
 
-    A hit on such a model is exact only with the recurrent state at the end of the hit restored too;
-    kvmesh stores attention KV only, so it would answer from a state that does not match the prompt.  vLLM
-    asks the model itself (``is_hybrid``, ``has_inner_state``, ``is_attention_free``): no table of names.
-    ``kvmesh serve`` refuses such a model before vLLM starts (``serve.refuse_recurrent_state_model``).
-    """
-    kinds = [name for name in RECURRENT_STATE_FLAGS if getattr(model_config, name, False)]
-    if kinds:
-        architectures = getattr(getattr(model_config, "hf_config", None), "architectures", None) or []
-        raise UnsupportedModel(recurrent_state_message(getattr(model_config, "model", "?"),
-                                                       ", ".join(architectures), kinds))
+
+def _layer_order(name: str) -> list[int]:
+    return [int(n) for n in re.findall(r"\d+", name)]
+
+
+KernelOf = Callable[[torch.dtype, int, int], PageKernel]
+
+
+def _spec_group(spec: object, layer_names: tuple[str, ...], kernel_of: KernelOf) -> KVGroup:
+    """One of vLLM's KV cache groups as kvmesh stores it; a kind of cache it cannot store exactly stops here."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, MLAAttentionSpec, SlidingWindowSpec
+
+    kind = type(spec)
+    if kind in (FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec):
+        dtype = engine_dtype(spec.dtype)  # type: ignore[attr-defined]
+        block_size, head_size = spec.block_size, spec.head_size  # type: ignore[attr-defined]
+        kernel = kernel_of(dtype, block_size, head_size)  # in the namespace: kernels pack pages differently
+        layout = KVLayout(num_layers=len(layer_names), num_kv_heads=spec.num_kv_heads,  # type: ignore[attr-defined]
+                          head_size=head_size, dtype=dtype_name(dtype), block_size=block_size,
+                          page_view=kernel.view, page_kernel=kernel.name,
+                          kv_parts=1 if kind is MLAAttentionSpec else 2)  # MLA pages one latent per token
+        if kind is SlidingWindowSpec:
+            return KVGroup("window", layout, layer_names, window=spec.sliding_window)  # type: ignore[attr-defined]
+        return KVGroup("full", layout, layer_names)
+    if kind is MambaSpec:
+        mode, speculative = spec.mamba_cache_mode, spec.num_speculative_blocks  # type: ignore[attr-defined]
+        if mode != "align" or speculative:
+            raise UnsupportedModel(
+                "kvmesh stores recurrent state as vLLM's prefix caching keeps it (mamba_cache_mode 'align', no "
+                f"speculative blocks); this engine runs mamba_cache_mode={mode!r} with {speculative} speculative "
+                "blocks: enable prefix caching and turn speculative decoding off, or run without kvmesh")
+        shapes, dtypes = spec.shapes, spec.dtypes  # type: ignore[attr-defined]
+        state_bytes = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                          for shape, dtype in zip(shapes, dtypes))
+        described = ",".join(f"{'x'.join(map(str, shape))}{dtype_name(dtype)}" for shape, dtype in zip(shapes, dtypes))
+        return KVGroup.state(len(layer_names), state_bytes, spec.block_size,  # type: ignore[attr-defined]
+                             f"{spec.mamba_type.name}:{described}", layer_names)  # type: ignore[attr-defined]
+    raise UnsupportedModel(f"kvmesh cannot store vLLM's {kind.__name__} KV cache (layers {', '.join(layer_names)}) "
+                           "exactly yet: run this model without the kvmesh connector")
+
+
+def kv_groups(kv_cache_config: KVCacheConfig, kernel_of: KernelOf | None = None) -> tuple[KVGroup, ...]:
+    """The engine's KV cache groups, from the config vLLM hands every connector (never a table of models)."""
+    kernel_of = kernel_of or page_kernel
+    groups = tuple(_spec_group(group.kv_cache_spec, tuple(sorted(group.layer_names, key=_layer_order)), kernel_of)
+                   for group in kv_cache_config.kv_cache_groups)
+    if not groups:
+        raise UnsupportedModel("kvmesh: vLLM's KV cache config has no KV cache groups (an attention-free model?)")
+    sizes = sorted({group.block_size for group in groups})
+    if len(sizes) > 1:
+        raise UnsupportedModel(f"kvmesh needs one block size across vLLM's KV cache groups; this engine's are "
+                               f"{', '.join(map(str, sizes))}")
+    if all(group.kind == "state" for group in groups):
+        raise UnsupportedModel("kvmesh: a model with recurrent state and no attention layers is not supported")
+    return groups
 
 
 @dataclass(frozen=True, slots=True)
 class EngineKVShape:
-    """The engine's KV as kvmesh sees it: the model's identity and the page format, both part of every key."""
+    """The engine's KV as kvmesh sees it: the model's identity and the page format, both part of every key.
+
+    ``groups`` are vLLM's KV cache groups (``layout.KVGroup``); a model whose layers are all alike has one,
+    ``full``, whose layout is ``layout``.  ``layout`` is the first attention group's: its block size is every
+    group's, and it names the pages in logs.
+    """
 
     model_identity: str  # what names the weights (a fingerprint, or the user's model_fingerprint)
     layout: KVLayout  # one worker's pages: with tensor parallelism, its own share of the KV heads
-    tp_world: int = 1  # tensor-parallel workers, each storing its share under keys of its own (keys.RankKeys)
+    tp_world: int = 1  # tensor-parallel workers, each storing its share under keys of its own (keys.PartKeys)
+    groups: tuple[KVGroup, ...] = ()  # () means one full group of ``layout`` (set in __post_init__)
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            object.__setattr__(self, "groups", (KVGroup("full", self.layout),))
 
     @classmethod
-    def from_vllm(cls, vllm_config: VllmConfig, model_identity: str) -> EngineKVShape:
+    def from_vllm(cls, vllm_config: VllmConfig, model_identity: str,
+                  kv_cache_config: KVCacheConfig | None = None) -> EngineKVShape:
         model_config, parallel = vllm_config.model_config, vllm_config.parallel_config
         if parallel.pipeline_parallel_size != 1:
             raise ValueError("kvmesh does not support pipeline parallelism yet "
                              f"(pipeline_parallel_size={parallel.pipeline_parallel_size}); "
                              "tensor parallelism is supported")
-        refuse_recurrent_state(model_config)
         cache_dtype = vllm_config.cache_config.cache_dtype
-        torch_dtype = engine_dtype(model_config.dtype) if cache_dtype == "auto" else None
-        if torch_dtype is None:
+        if cache_dtype != "auto":
             raise ValueError(f"kvmesh stores bf16/fp16/fp32 KV; cache_dtype={cache_dtype!r} is not supported yet")
-        block_size = vllm_config.cache_config.block_size
-        # the kernel is in the namespace: engines whose kernels pack pages differently never share
-        kernel = page_kernel(torch_dtype, block_size, model_config.get_head_size())
-        layout = KVLayout(
-            num_layers=model_config.get_num_layers(parallel),
-            num_kv_heads=model_config.get_num_kv_heads(parallel),
-            head_size=model_config.get_head_size(),
-            dtype=dtype_name(torch_dtype),
-            block_size=block_size,
-            page_view=kernel.view,
-            page_kernel=kernel.name,
-            kv_parts=1 if model_config.use_mla else 2,  # MLA pages hold one latent per token, not K and V
-        )
-        return cls(model_identity, layout, parallel.tensor_parallel_size)
+        if kv_cache_config is None:
+            raise UnsupportedModel("kvmesh needs vLLM's KV cache config (vLLM 0.32 or later hands it to connectors)")
+        groups = kv_groups(kv_cache_config)
+        kinds = recurrent_state_kinds(model_config)
+        if kinds and not any(group.kind == "state" for group in groups):
+            architectures = getattr(getattr(model_config, "hf_config", None), "architectures", None) or []
+            raise UnsupportedModel(recurrent_state_message(
+                model_config.model, ", ".join(architectures), kinds, "vLLM gave its state no KV cache group"))
+        layout = next(group.layout for group in groups if group.kind != "state")
+        return cls(model_identity, layout, parallel.tensor_parallel_size, groups)
+
+    @property
+    def has_state(self) -> bool:
+        """Whether a hit must end where a recurrent state is stored (``layout.KVGroup``'s ``state``)."""
+        return any(group.kind == "state" for group in self.groups)
+
+    @property
+    def token_group(self) -> int:
+        """The first group that stores every chunk's tokens (not a state): its saves and loads count tokens."""
+        return next(index for index, group in enumerate(self.groups) if group.kind != "state")
+
+    def fingerprint(self) -> str:
+        """The page format of every group: one group's is its layout's (the keys single-group engines had)."""
+        if len(self.groups) == 1 and self.groups[0].kind == "full" and self.groups[0].layout == self.layout:
+            return self.layout.fingerprint()
+        return "+".join(group.fingerprint() for group in self.groups)
 
     def namespace(self, salt: str) -> Namespace:
-        return self.layout.namespace(self.model_identity, salt)
+        return model_namespace(self.model_identity, self.fingerprint(), salt)

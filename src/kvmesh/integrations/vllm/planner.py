@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvmesh.keys import ChunkKey, Namespace, chunk_digest, namespace_root
+from kvmesh.layout import KVGroup
 from kvmesh.page_copy import pages_for_tokens
 from kvmesh.wire import ExtentRef
 
@@ -19,8 +20,9 @@ from kvmesh.wire import ExtentRef
 class ChunkTransfer:
     """Move pages of one stored chunk to or from engine blocks.
 
-    ``block_ids[i]`` pairs with page ``first_page + i`` of the chunk's entry.
-    ``parent`` is set for a partial chunk (so the daemon can index it); ``previous`` names the chunk before
+    ``block_ids[i]`` pairs with page ``first_page + i`` of the chunk's entry, or page ``page_index[i]`` where
+    that is given (a recurrent state's one page, loaded into two blocks).  ``parent`` is set for a partial
+    chunk (so the daemon can index it); ``previous`` names the chunk before
     this one in its prompt (for L1's eviction; None for the first).
     """
 
@@ -29,6 +31,12 @@ class ChunkTransfer:
     first_page: int = 0
     parent: bytes | None = None
     previous: bytes | None = None
+    page_index: tuple[int, ...] = ()
+
+    @property
+    def entry_pages(self) -> list[int]:
+        """The entry's page for each of ``block_ids``."""
+        return list(self.page_index) or list(range(self.first_page, self.first_page + len(self.block_ids)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +66,9 @@ class LoadPlan:
     req_id: str
     lease: LeaseTicket | None  # None: nothing could be pinned (no daemon)
     chunks: list[ChunkLoad]
-    num_tokens: int  # tokens the request loads (counted once: on rank 0's plan, 0 on the others)
+    num_tokens: int  # tokens the request loads (counted once: rank 0's plan of the shape's token_group)
     rank: int = 0
+    group: int = 0  # the KV cache group whose pages these are (layout.KVGroup)
 
     @property
     def unpinned(self) -> list[ChunkLoad]:
@@ -67,17 +76,18 @@ class LoadPlan:
 
 
 def plan_load(req_id: str, transfers: Sequence[ChunkTransfer], lease: LeaseTicket | None,
-              extents: Sequence[ExtentRef], num_tokens: int, rank: int = 0) -> LoadPlan:
+              extents: Sequence[ExtentRef], num_tokens: int, rank: int = 0, group: int = 0) -> LoadPlan:
     """Pair each chunk with the extent its lease pinned; the lease pins a prefix, so the rest get None."""
     chunks = [ChunkLoad(transfer, extents[index] if index < len(extents) else None)
               for index, transfer in enumerate(transfers)]
-    return LoadPlan(req_id, lease, chunks, num_tokens, rank)
+    return LoadPlan(req_id, lease, chunks, num_tokens, rank, group)
 
 
 @dataclass(frozen=True, slots=True)
 class SavePlan:
     req_id: str
     chunks: list[ChunkTransfer]
+    group: int = 0  # the KV cache group whose pages these are
 
 
 @dataclass
@@ -142,22 +152,94 @@ def plan_load_chunks(hit_keys: Sequence[ChunkKey], first_token: int, last_token:
     return transfers
 
 
-def plan_save_chunks(tracker: RequestTracker, computed_tokens: int, block_ids: Sequence[int],
-                     block_size: int) -> list[ChunkTransfer]:
-    """Chunks whose tokens are all computed now and not yet known to be stored; advances the tracker."""
+class PlanError(RuntimeError):
+    """A load or save plan that contradicts what the engine keeps: a bug in kvmesh or a vLLM it does not know."""
+
+
+def plan_group_load(group: KVGroup, hit_keys: Sequence[ChunkKey], first_token: int, last_token: int,
+                    block_ids: Sequence[int]) -> list[ChunkTransfer]:
+    """What one KV cache group loads for a hit of ``last_token`` tokens past the engine's own ``first_token``.
+
+    * ``full``: every page of the tokens (``plan_load_chunks``).
+    * ``window``: the pages of the tokens vLLM keeps for the next one, ``[last - window + 1, last)``, each from
+      the chunk entry that keeps it (``KVGroup.kept_tokens``).
+    * ``state``: the state stored with the hit's last chunk, which ends exactly at ``last_token``, into its
+      own block (which vLLM then caches) and into the block the next step runs from: vLLM copies the former
+      into the latter before the connector loads, so both must be written.
+    """
+    size = group.block_size
+    if group.kind == "full":
+        return plan_load_chunks(hit_keys, first_token, last_token, block_ids, size)
+    if group.kind == "state":
+        last = hit_keys[-1] if hit_keys else None
+        if last is None or last.end != last_token:
+            raise PlanError(f"a recurrent state is stored after a chunk's last token; a hit ending at {last_token} "
+                            f"does not end a chunk (last chunk ends at {last.end if last else 'none'})")
+        blocks = list(dict.fromkeys((block_ids[(last_token - 1) // size], block_ids[-1])))
+        return [ChunkTransfer(last, blocks, 0, page_index=(0,) * len(blocks))]
+    wanted = pages_for_tokens(max(first_token, last_token - group.window + 1), last_token, size)
     transfers = []
+    for key in hit_keys:
+        kept = pages_for_tokens(*group.kept_tokens(key.start, key.end), size)
+        pages = range(max(kept.start, wanted.start), min(kept.stop, wanted.stop))
+        if len(pages):
+            transfers.append(ChunkTransfer(key, [block_ids[p] for p in pages], pages.start - kept.start))
+    covered = sum(len(t.block_ids) for t in transfers)
+    if covered != len(wanted):
+        raise PlanError(f"the stored window pages cover {covered} of the {len(wanted)} pages a hit of {last_token} "
+                        f"tokens needs (window {group.window}, block {size})")
+    return transfers
+
+
+@dataclass(frozen=True, slots=True)
+class CompletedChunk:
+    """A chunk of the prompt whose tokens are all computed: to be stored (each group's part of it)."""
+
+    key: ChunkKey
+    parent: bytes | None  # set for a partial chunk: the chunk it continues (or the namespace's root)
+    previous: bytes | None  # the chunk before it in the prompt
+
+
+def complete_chunks(tracker: RequestTracker, computed_tokens: int) -> list[CompletedChunk]:
+    """Chunks whose tokens are all computed now and not yet known to be stored; advances the tracker."""
+    completed = []
     while tracker.stored_chunks < len(tracker.keys):
         key = tracker.keys[tracker.stored_chunks]
         if key.end > computed_tokens:
             break
-        pages = pages_for_tokens(key.start, key.end, block_size)
-        if pages.stop > len(block_ids):
-            break  # blocks not allocated (cannot happen for computed tokens, but never read past them)
         previous = tracker.keys[tracker.stored_chunks - 1].digest if tracker.stored_chunks else None
         parent = None
         if key.num_tokens < tracker.chunk_size:  # the partial tail: index it under its parent
             parent = previous if previous is not None else namespace_root(tracker.namespace)
-        transfers.append(ChunkTransfer(key, [block_ids[p] for p in pages], 0, parent, previous))
+        completed.append(CompletedChunk(key, parent, previous))
         tracker.stored_chunks += 1
-    return transfers
+    return completed
+
+
+def plan_group_save(group: KVGroup, chunk: CompletedChunk, block_ids: Sequence[int],
+                    step_end: int) -> ChunkTransfer | None:
+    """The pages of one group that store ``chunk``; None where this step did not leave them.
+
+    ``step_end`` is where this step's computation ends.  A recurrent state exists only there (vLLM keeps the
+    state after each step), so a chunk that ends inside a step is stored without its state and no hit ends
+    at it; nor at a prompt's end inside a block (a partial chunk), where the state after a step that stopped
+    there could differ in rounding from the state a prefill running past it computes.  Window pages vLLM has
+    already freed (its null block) are never stored.
+    """
+    key, size = chunk.key, group.block_size
+    if group.kind == "state":
+        if key.end != step_end or key.end % size:  # vLLM's own cache hits at block ends only: so do kvmesh's
+            return None
+        pages = range((key.end - 1) // size, (key.end - 1) // size + 1)
+    else:
+        pages = pages_for_tokens(*group.kept_tokens(key.start, key.end), size)
+    if pages.stop > len(block_ids):
+        raise PlanError(f"a computed chunk ends at token {key.end}, past the request's {len(block_ids)} blocks")
+    blocks = [block_ids[p] for p in pages]
+    if group.kind == "window" and NULL_BLOCK in blocks:
+        return None
+    return ChunkTransfer(key, blocks, 0, chunk.parent, chunk.previous)
+
+
+NULL_BLOCK = 0  # vLLM's null block (its block pool's first): stands for a page it freed or never kept
 

@@ -29,12 +29,13 @@ from kvmesh.integrations.vllm.planner import (
     LoadPlan,
     RequestTracker,
     SavePlan,
+    complete_chunks,
     match_prefix,
+    plan_group_load,
+    plan_group_save,
     plan_load,
-    plan_load_chunks,
-    plan_save_chunks,
 )
-from kvmesh.keys import ChunkKey, Namespace, RankKeys, chunk_keys, namespace_root
+from kvmesh.keys import ChunkKey, Namespace, PartKeys, chunk_keys, namespace_root
 
 log = logging.getLogger("kvmesh.vllm")
 
@@ -77,9 +78,10 @@ class SchedulerSide:
         self.waiting: dict[str, _Waiting] = {}
         self.pending_loads: list[LoadPlan] = []
         self.uncached_reasons: set[str] = set()  # logged once each
-        # with tensor parallelism every rank stores its own heads under its own keys: a chunk is a hit
-        # only where every rank's entry is there
-        self.ranks = RankKeys.every_rank(shape.tp_world)
+        # with tensor parallelism every rank stores its own heads under its own keys, and every KV cache group
+        # its own pages: a chunk is a hit only where every part's entry is there
+        self.parts = PartKeys.every_part(shape.tp_world, len(shape.groups))
+        self.counted_part = PartKeys(0, shape.tp_world, shape.token_group)  # its plans count the tokens loaded
 
     def _namespace(self, request: RequestLike) -> Namespace:
         salt = self.config.tenant_salt
@@ -122,20 +124,24 @@ class SchedulerSide:
         if client is None:
             return 0
         try:
-            found = [client.lookup_with_partials([rank.key(k) for k in tracker.keys],
-                                                 count=waiting is None and rank.rank == 0,
-                                                 root=rank(namespace_root(tracker.namespace)))
-                     for rank in self.ranks]
+            found = [client.lookup_with_partials([part.key(k) for k in tracker.keys],
+                                                 count=waiting is None and part == self.parts[0],
+                                                 root=part(namespace_root(tracker.namespace)))
+                     for part in self.parts]
         except ABSORBED as err:
             self.link.fault("lookup", f"kvmesh lookup failed, treating as a miss: {err}", err)
             self.waiting.pop(request.request_id, None)
             return 0
-        per_rank = [match_prefix(tracker.tokens, tracker.keys, result.hits,
-                                 [(p.digest, p.tokens) for p in result.partials], tracker.namespace, rank)
-                    for rank, result in zip(self.ranks, found)]
-        hit_keys = _common_prefix(per_rank)
-        below = [_first_below_l1(hit_keys, result, num_computed_tokens, rank)
-                 for rank, result in zip(self.ranks, found)]
+        per_part = [match_prefix(tracker.tokens, tracker.keys, result.hits,
+                                 [(p.digest, p.tokens) for p in result.partials], tracker.namespace, part)
+                    for part, result in zip(self.parts, found)]
+        hit_keys = _common_prefix(per_part)
+        if self.shape.has_state:  # a hit ends where a state is stored: a block's end, before the last token
+            block = self.shape.layout.block_size
+            while hit_keys and (hit_keys[-1].end > len(tracker.tokens) - 1 or hit_keys[-1].end % block):
+                hit_keys.pop()
+        below = [_first_below_l1(hit_keys, result, num_computed_tokens, part)
+                 for part, result in zip(self.parts, found)]
         first_below = min((index for index in below if index is not None), default=None)
         if first_below is not None:
             if waiting is None:
@@ -160,11 +166,13 @@ class SchedulerSide:
         if num_external_tokens == 0 or tracker is None:
             return
         first, last = tracker.local_tokens, tracker.local_tokens + num_external_tokens
-        chunks = plan_load_chunks(tracker.hit_keys, first, last, blocks.get_block_ids()[0],
-                                  self.shape.layout.block_size)
+        block_ids = blocks.get_block_ids()
+        chunks = [plan_group_load(group, tracker.hit_keys, first, last, block_ids[index])
+                  for index, group in enumerate(self.shape.groups)]
         client = self.link.client()
-        for rank in self.ranks:  # each rank's entries under a lease of its own: each worker releases its own
-            transfers = [ChunkTransfer(rank.key(c.key), c.block_ids, c.first_page) for c in chunks]
+        for part in self.parts:  # each part's entries under a lease of its own: each worker releases its own
+            transfers = [ChunkTransfer(part.key(c.key), c.block_ids, c.first_page, page_index=c.page_index)
+                         for c in chunks[part.group]]
             lease = None
             if client is not None:
                 try:
@@ -174,13 +182,16 @@ class SchedulerSide:
             ticket = LeaseTicket(lease.lease_id, lease.epoch) if lease is not None else None
             self.pending_loads.append(plan_load(request.request_id, transfers, ticket,
                                                 lease.extents if lease else [],
-                                                num_external_tokens if rank.rank == 0 else 0, rank.rank))
+                                                num_external_tokens if part == self.counted_part else 0,
+                                                part.rank, part.group))
 
     def build_meta(self, scheduled: list[tuple[str, int, int]],
-                   block_ids_of: Callable[[str], list[int]] | None) -> tuple[list[LoadPlan], list[SavePlan]]:
+                   block_ids_of: Callable[[str], tuple[list[int], ...]] | None
+                   ) -> tuple[list[LoadPlan], list[SavePlan]]:
         """Loads queued since the last step, and saves of chunks this step completes.
 
-        ``scheduled`` holds (request id, tokens computed before this step, tokens scheduled in it).
+        ``scheduled`` holds (request id, tokens computed before this step, tokens scheduled in it);
+        ``block_ids_of`` gives a request's block ids per KV cache group.
         """
         loads, self.pending_loads = self.pending_loads, []
         saves = []
@@ -188,10 +199,16 @@ class SchedulerSide:
             tracker = self.trackers.get(req_id)
             if tracker is None or tracker.stored_chunks >= len(tracker.keys) or block_ids_of is None:
                 continue
-            chunks = plan_save_chunks(tracker, computed + scheduled_now, block_ids_of(req_id),
-                                      self.shape.layout.block_size)
-            if chunks:
-                saves.append(SavePlan(req_id, chunks))
+            step_end = computed + scheduled_now
+            completed = complete_chunks(tracker, step_end)
+            if not completed:
+                continue
+            block_ids = block_ids_of(req_id)
+            for index, group in enumerate(self.shape.groups):
+                chunks = [chunk for chunk in (plan_group_save(group, c, block_ids[index], step_end) for c in completed)
+                          if chunk is not None]
+                if chunks:
+                    saves.append(SavePlan(req_id, chunks, index))
         return loads, saves
 
     def finished(self, req_id: str) -> None:
@@ -218,7 +235,7 @@ class _PromotionSlow(CacheFault):
 
 
 def _first_below_l1(hit_keys: list[ChunkKey], found: LookupResult, local_tokens: int,
-                    entry_key: RankKeys) -> int | None:
+                    entry_key: PartKeys) -> int | None:
     """Index of the first chunk to load whose entry (``entry_key``'s) is not in L1 yet (its promotion runs)."""
     partials = {p.digest: p for p in found.partials}
     for index, key in enumerate(hit_keys):
@@ -232,10 +249,10 @@ def _first_below_l1(hit_keys: list[ChunkKey], found: LookupResult, local_tokens:
     return None
 
 
-def _common_prefix(per_rank: list[list[ChunkKey]]) -> list[ChunkKey]:
-    """The chunks every rank found (each rank's entries are stored, evicted and lost on their own)."""
+def _common_prefix(per_part: list[list[ChunkKey]]) -> list[ChunkKey]:
+    """The chunks every part found (each part's entries are stored, evicted and lost on their own)."""
     common = []
-    for keys in zip(*per_rank):
+    for keys in zip(*per_part):
         if any(key != keys[0] for key in keys):
             break
         common.append(keys[0])

@@ -34,35 +34,56 @@ def serve_settings(overrides: dict[str, object]) -> dict[str, object]:
     return settings
 
 
-def refuse_recurrent_state_model(model: str) -> None:
-    """Refuse, before vLLM starts, a model that keeps recurrent state beside its attention KV.
+CPU_BLOCK_SIZE = 128  # vLLM-CPU's default block size, which its Mamba state blocks take too
 
-    vLLM itself fails such a model later with a message about KV cache specs (it turns its hybrid manager
-    off for kvmesh), and the connector never gets to say why.  vLLM's registry says what each architecture
-    keeps (``is_hybrid``, ``has_inner_state``, ``is_attention_free``); its public form needs a whole
-    ``ModelConfig``, so the per-architecture inspection it uses inside is asked.  A model named by a hub id
-    (no local ``config.json``) or a Python without vLLM is left to the connector's own check.
+
+def keeps_recurrent_state(model: str) -> bool:
+    """Whether vLLM's registry says the model's architecture keeps state beside attention KV (Mamba, GDN, ...).
+
+    Its public form needs a whole ``ModelConfig``, so the per-architecture inspection it uses inside is asked.
+    A model named by a hub id (no local ``config.json``) or a Python without vLLM counts as attention only.
     """
     config_path = os.path.join(os.path.expanduser(model), "config.json")
     if not os.path.isfile(config_path):
-        return
+        return False
     with open(config_path) as handle:
         architectures = json.load(handle).get("architectures") or []
     try:
         from vllm.model_executor.models.registry import ModelRegistry
     except ImportError:
-        return
-    from kvmesh.integrations.vllm.engine_shape import (
-        RECURRENT_STATE_FLAGS,
-        UnsupportedModel,
-        recurrent_state_message,
-    )
+        return False
+    from kvmesh.integrations.vllm.engine_shape import RECURRENT_STATE_FLAGS
 
     for architecture in architectures:
         info = ModelRegistry._try_inspect_model_cls(architecture)
-        kinds = [name for name in RECURRENT_STATE_FLAGS if info is not None and getattr(info, name)]
-        if kinds:
-            raise UnsupportedModel(recurrent_state_message(model, architecture, kinds))
+        if info is not None and any(getattr(info, name) for name in RECURRENT_STATE_FLAGS):
+            return True
+    return False
+
+
+def vllm_arg(args: Sequence[str], name: str) -> str | None:
+    """The value the user gave to vLLM's ``name`` (``--name X`` or ``--name=X``), or None."""
+    for index, arg in enumerate(args):
+        if arg == name and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith(f"{name}="):
+            return arg.partition("=")[2]
+    return None
+
+
+def with_recurrent_state_steps(model: str, args: Sequence[str]) -> tuple[list[str], str | None]:
+    """vLLM's arguments with prefill steps of one block for a model with recurrent state, unless the user chose.
+
+    vLLM-CPU's Mamba kernels fail on prefill steps longer than one state block (an ``IndexError`` in
+    ``mamba_mixer2``, with or without kvmesh), and kvmesh stores a chunk's state only where a step ends.
+    Returns the arguments and a line saying what was set (None when nothing was).
+    """
+    if vllm_arg(args, "--max-num-batched-tokens") is not None or not keeps_recurrent_state(model):
+        return list(args), None
+    steps = vllm_arg(args, "--block-size") or str(CPU_BLOCK_SIZE)
+    return [*args, "--max-num-batched-tokens", steps], (
+        f"the model keeps recurrent state: prefill steps of one block (--max-num-batched-tokens {steps}), which "
+        "vLLM-CPU's Mamba kernels need and where kvmesh stores the state; pass --max-num-batched-tokens to choose")
 
 
 def kv_transfer_config(settings: dict[str, object]) -> dict[str, object]:
@@ -76,15 +97,16 @@ class ServeCommand:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     dtype_choice: DtypeChoice | None = None  # the dtype kvmesh chose for this machine; None: the user's --dtype
+    notes: list[str] = field(default_factory=list)  # other settings kvmesh serve chose, one line each
 
 
 def build_serve_command(model: str, vllm_args: Sequence[str], overrides: dict[str, object],
                         python: str = sys.executable, embedded_defaults: bool = True) -> ServeCommand:
     if any(arg.startswith("--kv-transfer-config") for arg in vllm_args):
         raise ValueError("kvmesh serve sets --kv-transfer-config itself; pass kvmesh settings with --set KEY=VALUE")
-    refuse_recurrent_state_model(model)
+    engine_args, steps_note = with_recurrent_state_steps(model, vllm_args)
     # without --dtype, the dtype this CPU runs fast (fp32 where bf16 is only emulated: ~4x faster prefill)
-    engine_args, dtype_choice = with_machine_dtype(vllm_args)
+    engine_args, dtype_choice = with_machine_dtype(engine_args)
     settings = serve_settings(overrides) if embedded_defaults else dict(overrides)
     kv_transfer_config(settings)  # every key checked, secrets included, before any leaves the command line
     # secrets reach the connector through vLLM's environment (readable by this user alone), never its argv
@@ -94,4 +116,4 @@ def build_serve_command(model: str, vllm_args: Sequence[str], overrides: dict[st
     env = {**os.environ, **secrets}
     # vLLM-CPU keeps a core for its scheduler unless told otherwise; kvmesh wants both for prefill.
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    return ServeCommand(argv, env, dtype_choice)
+    return ServeCommand(argv, env, dtype_choice, [steps_note] if steps_note else [])

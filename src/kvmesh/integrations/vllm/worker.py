@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -24,7 +25,8 @@ from kvmesh.entry import EntryMeta, EntryMetaError
 from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
 from kvmesh.integrations.vllm.engine_shape import EngineKVShape
 from kvmesh.integrations.vllm.planner import LoadPlan, SavePlan
-from kvmesh.keys import RankKeys
+from kvmesh.keys import PartKeys
+from kvmesh.layout import KVGroup
 from kvmesh.page_copy import PageJob, move_pages
 from kvmesh.wire import ExtentRef
 
@@ -39,33 +41,66 @@ class UnsupportedEngine(ValueError):
     """The engine's KV cache is of a kind kvmesh cannot copy (device, page shape, dtype)."""
 
 
+@dataclass(slots=True)
+class GroupPages:
+    """One KV cache group's layers in this worker, and what an entry of its pages looks like."""
+
+    group: KVGroup
+    layers: list[torch.Tensor]
+    page_shape: tuple[int, ...]
+    page_view: str  # the KV view its entries are stored in ("opaque" where codecs cannot read the pages)
+
+    def meta(self, pages: int) -> EntryMeta:
+        return EntryMeta(self.group.layout.dtype, (len(self.layers), pages, *self.page_shape), self.page_view)
+
+
 class WorkerSide:
     def __init__(self, config: KVMeshConfig, shape: EngineKVShape, link: DaemonLink, rank: int = 0) -> None:
         self.config = config
         self.shape = shape
         self.link = link
-        self.entry_key = RankKeys(rank, shape.tp_world)  # this tensor-parallel rank's entries
-        self.layers: list[torch.Tensor] = []
-        self.page_shape: tuple[int, ...] = ()
-        self.page_view = "opaque"
+        self.rank = rank
+        # this tensor-parallel rank's entries, one key per KV cache group
+        self.entry_keys = [PartKeys(rank, shape.tp_world, group) for group in range(len(shape.groups))]
+        self.groups: list[GroupPages] = []
         self.failed_blocks: set[int] = set()
         self.pool = ThreadPoolExecutor(config.copy_threads, thread_name_prefix="kvmesh-copy") \
             if config.copy_threads > 1 else None
 
-    def _move(self, jobs: list[PageJob], into_engine: bool) -> None:
-        move_pages(jobs, self.layers, into_engine, self.pool, self.config.copy_threads)
+    @property
+    def layers(self) -> list[torch.Tensor]:
+        """The first group's layers (a model whose layers are all alike has only one group)."""
+        return self.groups[0].layers
+
+    @property
+    def page_view(self) -> str:
+        return self.groups[0].page_view
+
+    def _move(self, jobs: list[PageJob], into_engine: bool, group: int) -> None:
+        move_pages(jobs, self.groups[group].layers, into_engine, self.pool, self.config.copy_threads)
 
     def register(self, kv_caches: dict[str, torch.Tensor], num_blocks: int | None) -> None:
         """Take vLLM's per-layer KV tensors; refuse at start what the copy path does not support."""
-        ordered = sorted(kv_caches.items(), key=lambda item: [int(n) for n in re.findall(r"\d+", item[0])])
-        layers = [tensor for _, tensor in ordered]
-        devices = sorted({str(tensor.device) for tensor in layers})
+        devices = sorted({str(tensor.device) for tensor in kv_caches.values()})
         if devices != ["cpu"]:
             raise UnsupportedEngine(
                 f"kvmesh: vLLM's KV cache is on {', '.join(devices)}; kvmesh copies KV between CPU memory and "
                 "its shared-memory cache and supports vLLM's CPU backend only. GPU engines are not supported "
                 "yet: remove the KVMeshConnector from --kv-transfer-config to run this engine.")
-        layout = self.shape.layout
+        names = list(kv_caches)
+        for group in self.shape.groups:
+            if group.layer_names:
+                missing = [name for name in group.layer_names if name not in kv_caches]
+                if missing:
+                    raise UnsupportedEngine(f"kvmesh: vLLM registered no KV cache for layers {', '.join(missing)}")
+                layers = [kv_caches[name] for name in group.layer_names]
+            else:  # one group of every layer, in the order of the numbers in their names
+                ordered = sorted(names, key=lambda name: [int(n) for n in re.findall(r"\d+", name)])
+                layers = [kv_caches[name] for name in ordered]
+            self.groups.append(self._group_pages(group, layers, num_blocks))
+
+    def _group_pages(self, group: KVGroup, layers: list[torch.Tensor], num_blocks: int | None) -> GroupPages:
+        layout = group.layout
         if len(layers) != layout.num_layers:
             raise UnsupportedEngine(f"kvmesh expected {layout.num_layers} KV layers, "
                                     f"vLLM registered {len(layers)}")
@@ -73,25 +108,22 @@ class WorkerSide:
         for tensor in layers:
             if num_blocks and tensor.shape[0] != num_blocks and tensor.shape[0] % num_blocks == 0:
                 tensor = tensor.view(num_blocks, -1, *tensor.shape[1:])  # kernel blocks inside manager blocks
-            if tensor[0].numel() != layout.page_elements or tensor.dtype != layout.torch_dtype:
+            if tensor[0].numel() != group.page_elements or tensor.dtype != layout.torch_dtype:
                 raise UnsupportedEngine(f"kvmesh: KV page of shape {tuple(tensor.shape[1:])} {tensor.dtype} does "
-                                        f"not hold {layout.block_size} tokens of {self.shape}")
+                                        f"not hold a {group.kind} page of {group.fingerprint()} ({self.shape})")
             views.append(tensor)
-        self.layers = views
-        self.page_shape = tuple(views[0].shape[1:])
+        page_shape = tuple(views[0].shape[1:])
         expected = (layout.num_kv_heads, layout.block_size, layout.kv_parts * layout.head_size)
-        # kernel blocks smaller than the manager's, or an unexpected page shape: the view would not fit
-        self.page_view = layout.page_view if self.page_shape == expected else "opaque"
-        log.info("kvmesh: %d KV layers, pages of %s %s, in-page order %s", len(views), self.page_shape,
-                 views[0].dtype, self.page_view)
-
-    def _meta(self, pages: int) -> EntryMeta:
-        return EntryMeta(self.shape.layout.dtype, (len(self.layers), pages, *self.page_shape), self.page_view)
+        # kernel blocks smaller than the manager's, an unexpected page shape, a state: the view would not fit
+        page_view = layout.page_view if group.kind != "state" and page_shape == expected else "opaque"
+        log.info("kvmesh: %d %s KV layers, pages of %s %s, in-page order %s", len(views), group.kind, page_shape,
+                 views[0].dtype, page_view)
+        return GroupPages(group, views, page_shape, page_view)
 
     # -------------------------------------------------------------------- loads
     def load(self, plans: list[LoadPlan]) -> None:
         for plan in plans:
-            if plan.rank == self.entry_key.rank:
+            if plan.rank == self.rank:
                 self._load_one(plan)
 
     def _load_one(self, plan: LoadPlan) -> None:
@@ -111,22 +143,25 @@ class WorkerSide:
                 transfer, extent = chunk.transfer, chunk.extent
                 if extent is None:
                     continue  # reported failed above
-                self._check_fits(extent, transfer.first_page + len(transfer.block_ids))
+                wanted = transfer.entry_pages
+                self._check_fits(extent, max(wanted) + 1, plan.group)
                 entry = client.view(extent.offset, extent.meta, plan.lease.epoch)
-                pages = entry[:, transfer.first_page:transfer.first_page + len(transfer.block_ids)]
+                pages = entry[:, wanted[0]:wanted[-1] + 1] if transfer.page_index == () \
+                    else entry[:, torch.tensor(wanted, dtype=torch.long)]
                 jobs.append((pages, torch.tensor(transfer.block_ids, dtype=torch.long)))
         except ABSORBED as err:  # the daemon restarted since the lease: its offsets name nothing now
             self.link.fault("load", f"kvmesh load failed, vLLM will recompute: {err}", err)
             self._fail_all(plan)
             return
-        self._move(jobs, into_engine=True)
+        self._move(jobs, into_engine=True, group=plan.group)
+        layers = self.groups[plan.group].layers
         loaded_bytes = sum(pages.numel() * pages.element_size() for pages, _ in jobs)
         verified = mismatches = 0
         if self.config.verify_loads:
             for pages, blocks in jobs:
                 verified += 1
                 mismatches += int(not all(torch.equal(layer.index_select(0, blocks), pages[i])
-                                          for i, layer in enumerate(self.layers)))
+                                          for i, layer in enumerate(layers)))
         cost = wire.LoadCost(time.perf_counter() - started, loaded_bytes, plan.num_tokens, verified, mismatches)
         try:
             known = client.release_lease(plan.lease.lease_id, cost)
@@ -139,7 +174,7 @@ class WorkerSide:
                             LeaseLost(plan.lease.lease_id))
             self._fail_all(plan)
 
-    def _check_fits(self, extent: ExtentRef, pages_needed: int) -> None:
+    def _check_fits(self, extent: ExtentRef, pages_needed: int, group: int = 0) -> None:
         """The pinned entry's description against its extent and this engine's pages, before any copy.
 
         An entry that says it is larger than its extent, holds another dtype, other pages or fewer pages than
@@ -150,16 +185,16 @@ class WorkerSide:
             meta = EntryMeta.decode(extent.meta)
         except EntryMetaError as err:
             raise StoredEntryMismatch(f"a stored entry's description is unreadable: {err}") from None
-        shape = meta.shape
+        shape, pages = meta.shape, self.groups[group]
         problems = []
         if meta.nbytes != extent.nbytes:
             problems.append(f"describes {meta.nbytes} bytes in an extent of {extent.nbytes}")
-        if meta.dtype != self.shape.layout.dtype:
-            problems.append(f"holds {meta.dtype}, the engine's pages {self.shape.layout.dtype}")
-        if len(shape) != 2 + len(self.page_shape) or shape[0] != len(self.layers) \
-                or tuple(shape[2:]) != self.page_shape:
-            problems.append(f"has shape {shape}, not [{len(self.layers)}, pages, "
-                            f"{', '.join(map(str, self.page_shape))}]")
+        if meta.dtype != pages.group.layout.dtype:
+            problems.append(f"holds {meta.dtype}, the engine's pages {pages.group.layout.dtype}")
+        if len(shape) != 2 + len(pages.page_shape) or shape[0] != len(pages.layers) \
+                or tuple(shape[2:]) != pages.page_shape:
+            problems.append(f"has shape {shape}, not [{len(pages.layers)}, pages, "
+                            f"{', '.join(map(str, pages.page_shape))}]")
         elif shape[1] < pages_needed:
             problems.append(f"holds {shape[1]} pages where the load reads {pages_needed}")
         if problems:
@@ -177,31 +212,32 @@ class WorkerSide:
     # -------------------------------------------------------------------- saves
     def save(self, plans: list[SavePlan]) -> None:
         """Store every chunk that this step's requests completed: one reserve and one commit for them all."""
-        chunks = [chunk for plan in plans for chunk in plan.chunks]
+        chunks = [(plan.group, chunk) for plan in plans for chunk in plan.chunks]
         client = self.link.client() if chunks else None
         if client is None:
             return
         started = time.perf_counter()
-        entry_key = self.entry_key  # the scheduler names chunks; each rank stores its share under its own key
+        keys = self.entry_keys  # the scheduler names chunks; each rank stores each group's share under its own key
         try:
-            slots = client.reserve([entry_key.key(c.key) for c in chunks],
-                                   [self._meta(len(c.block_ids)) for c in chunks],
-                                   [None if c.parent is None else entry_key(c.parent) for c in chunks],
-                                   [None if c.previous is None else entry_key(c.previous) for c in chunks])
+            slots = client.reserve([keys[g].key(c.key) for g, c in chunks],
+                                   [self.groups[g].meta(len(c.block_ids)) for g, c in chunks],
+                                   [None if c.parent is None else keys[g](c.parent) for g, c in chunks],
+                                   [None if c.previous is None else keys[g](c.previous) for g, c in chunks])
         except ABSORBED as err:
             self.link.fault("save", f"kvmesh store failed, dropped: {err}", err)
             return
-        written = [(slot, chunk) for slot, chunk in zip(slots, chunks) if slot is not None]
+        written = [(slot, group, chunk) for slot, (group, chunk) in zip(slots, chunks) if slot is not None]
         try:
-            self._move([(slot.tensor, torch.tensor(chunk.block_ids, dtype=torch.long))
-                        for slot, chunk in written], into_engine=False)
+            for group in sorted({group for _, group, _ in written}):
+                self._move([(slot.tensor, torch.tensor(chunk.block_ids, dtype=torch.long))
+                            for slot, g, chunk in written if g == group], into_engine=False, group=group)
         except BaseException:
-            self._abort(client, [slot for slot, _ in written])
+            self._abort(client, [slot for slot, _, _ in written])
             raise
-        nbytes = sum(slot.tensor.numel() * slot.tensor.element_size() for slot, _ in written)
-        tokens = sum(chunk.key.num_tokens for _, chunk in written)
+        nbytes = sum(slot.tensor.numel() * slot.tensor.element_size() for slot, _, _ in written)
+        tokens = sum(chunk.key.num_tokens for _, group, chunk in written if group == self.shape.token_group)
         try:  # the daemon gives reservations back when the connection drops
-            client.commit([slot for slot, _ in written],
+            client.commit([slot for slot, _, _ in written],
                           wire.StoreCost(time.perf_counter() - started, nbytes, tokens))
         except ABSORBED as err:
             self.link.fault("save", f"kvmesh store failed, dropped: {err}", err)
