@@ -38,11 +38,12 @@ def run(config: str, model: str, docs: list[list[int]], tokens: int, work: Path)
 
 def warm_vs_cold(label: str, model: str, docs: list[list[int]], tokens: int, work: Path, args: list[str],
                  env: dict[str, str], world: int = 1, pool_margin: int = 400,
-                 pool_in_blocks: bool = False) -> dict[str, list[float]]:
+                 pool_in_blocks: bool = False, evictors: list[list[int]] | None = None) -> dict[str, list[float]]:
     """TTFTs of one ``kvmesh serve`` engine: cold, vLLM's own hit, from kvmesh after eviction (a list each).
 
     ``pool_in_blocks``: size the engine's pool in 128-token blocks (``--num-gpu-blocks-override``), for models
-    whose state and attention groups share blocks; else in bytes, from the KV one token takes.
+    whose state and attention groups share blocks; else in bytes, from the KV one token takes.  ``evictors``:
+    more cold prompts after B (a sliding-window engine keeps its own hit of A through B alone).
     """
     settings: dict[str, object] = {"instance": f"bench-{uuid.uuid4().hex[:6]}", "socket_dir": str(work / "sock"),
                                    "disk_path": "", "l1_size": "2GiB", "http_port": 0}
@@ -63,6 +64,8 @@ def warm_vs_cold(label: str, model: str, docs: list[list[int]], tokens: int, wor
                 times["cold"].append(stream_completion(server.base_url, model, a, 8).ttft)
                 times["own hit"].append(stream_completion(server.base_url, model, a, 8).ttft)
                 stream_completion(server.base_url, model, b, 8)
+                for evictor in evictors or []:
+                    stream_completion(server.base_url, model, evictor, 8)
                 with KVMeshClient(KVMeshConfig.load({**settings, "autostart_daemon": False}, env={})) as client:
                     before = client.metrics().get("kvmesh_loaded_tokens_total", 0.0)
                     times["from kvmesh"].append(stream_completion(server.base_url, model, a, 8).ttft)
