@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -101,3 +103,73 @@ def test_loads_copy_as_slices_only_runs_that_hold_enough_bytes_and_saves_never()
     assert _copy_plan([(pages, consecutive)], into_engine=True)[0][2] is not None  # one run of 2x the bytes
     assert _copy_plan([(pages, scattered)], into_engine=True)[0][2] is None  # runs of a quarter: indexed
     assert _copy_plan([(pages, consecutive)], into_engine=False)[0][2] is None  # saves: index_select
+
+
+# vLLM's GPU backends view each layer as [blocks, heads, tokens, keys then values]; the memory order is one
+# KVCacheLayout for the engine (kv_cache_layout.py). These build CPU tensors with each layout's strides.
+BLOCKS, LAYERS, HEADS, TOKENS, CONTENT = 12, 3, 2, 16, 8
+
+
+def _gpu_layout_layers(layout: str, generator: torch.Generator) -> list[torch.Tensor]:
+    if layout == "LBHNC":  # each layer's blocks whole: [B, H, N, C] contiguous (what kvmesh asks vLLM for)
+        return [torch.randn(BLOCKS, HEADS, TOKENS, CONTENT, generator=generator) for _ in range(LAYERS)]
+    if layout == "LBNHC":  # vLLM's default ("NHD"): a block's memory is [N, H, C]
+        return [torch.randn(BLOCKS, TOKENS, HEADS, CONTENT, generator=generator).permute(0, 2, 1, 3)
+                for _ in range(LAYERS)]
+    if layout == "BLHNC":  # block outermost: one block holds every layer's page
+        packed = torch.randn(BLOCKS, LAYERS, HEADS, TOKENS, CONTENT, generator=generator)
+        return [packed[:, layer] for layer in range(LAYERS)]
+    if layout == "MLA":  # one latent per token, one head
+        return [torch.randn(BLOCKS, 1, TOKENS, 576, generator=generator) for _ in range(LAYERS)]
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC", "BLHNC", "MLA"])
+@pytest.mark.parametrize("blocks", [[3, 4, 5, 6], [9, 1, 7]], ids=["a run", "scattered"])
+@pytest.mark.parametrize("as_runs", [True, False], ids=["runs", "gathered"])
+def test_device_page_moves_round_trip_every_gpu_layout_through_shared_memory(
+        layout: str, blocks: list[int], as_runs: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copies a CUDA engine runs (``move_pages_device``), on CPU tensors, into a real shared-memory segment."""
+    import uuid
+
+    from kvmesh import page_copy
+    from kvmesh.page_copy import move_pages_device, plan_device_copy
+    from kvmesh.tiers.shm import SharedSegment
+
+    monkeypatch.setattr(page_copy, "DEVICE_MIN_RUN_BYTES", 1 if as_runs else 1 << 40)
+
+    source = _gpu_layout_layers(layout, torch.Generator().manual_seed(7))
+    page = tuple(source[0].shape[1:])
+    nbytes = LAYERS * len(blocks) * math.prod(page) * 4
+    segment = SharedSegment.create(f"kvmesh-test-{uuid.uuid4().hex[:8]}", 1 << 20, prefault=False)
+    try:
+        stored = torch.frombuffer(segment.buffer, dtype=torch.float32, count=nbytes // 4).view(
+            LAYERS, len(blocks), *page)
+        index = torch.tensor(blocks)
+        move_pages_device([(stored, index)], source, into_engine=False)
+        for layer, pages in zip(source, stored):
+            assert torch.equal(pages, layer[index])  # the logical page, whatever the memory order
+        target = [torch.zeros_like(layer) for layer in source]
+        other = torch.tensor([b + 1 for b in blocks]) if len(blocks) == 4 else torch.tensor([0, 11, 4])
+        issued = move_pages_device([(stored, other)], target, into_engine=True)
+        for layer, copy in zip(source, target):
+            assert torch.equal(copy[other], layer[index])
+            untouched = [b for b in range(BLOCKS) if b not in other.tolist()]
+            assert not copy[untouched].any()
+        plan = plan_device_copy(other.tolist(), math.prod(page) * 4)
+        assert (plan.runs is not None) == as_runs and issued == LAYERS * plan.copies
+        del stored
+    finally:
+        segment.close()
+        segment.unlink()
+
+
+def test_device_copies_take_runs_only_where_each_carries_enough_bytes() -> None:
+    from kvmesh.page_copy import DEVICE_MIN_RUN_BYTES, BlockRun, plan_device_copy
+
+    big = DEVICE_MIN_RUN_BYTES
+    assert plan_device_copy([4, 5, 6, 9], big).runs == [BlockRun(0, 4, 3), BlockRun(3, 9, 1)]
+    assert plan_device_copy([4, 5, 6, 9], big).copies == 2
+    small = plan_device_copy([4, 5, 6, 9], 4096)  # 16 KiB in two runs: one gathered copy
+    assert small.runs is None and small.copies == 1
+    assert plan_device_copy([], big).copies == 0

@@ -277,6 +277,10 @@ class KVMeshConfig:
         "Threads that copy KV pages between the engine and shared memory (layers split among them). "
         "Keep 1 on vLLM's CPU backend: extra threads compete with its compute threads (cold prefill ran "
         "70% slower with 2 in bench_longdoc).")
+    gpu_unverified: bool = _opt(
+        False, parse_bool,
+        "Start the connector in a CUDA engine. kvmesh's GPU copy path is tested on CPU tensors in GPU layouts but "
+        "not yet verified on a GPU, so it runs only when asked for (a log line says so).")
     verify_loads: bool = _opt(
         False, parse_bool,
         "After loading KV into the engine, read it back and compare with the stored bytes "

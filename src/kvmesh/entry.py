@@ -25,7 +25,8 @@ DTYPES: dict[str, torch.dtype] = {
 ELEMENT_BYTES: dict[str, int] = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
 
 # KV view name -> the code stored in an entry's header (codes are part of the entry format: never reuse one)
-VIEWS: dict[str, int] = {"chunk": 0, "cpu-pages": 1, "vllm-cpu-vec": 2, "vllm-cpu-amx": 3, "opaque": 255}
+VIEWS: dict[str, int] = {"chunk": 0, "cpu-pages": 1, "vllm-cpu-vec": 2, "vllm-cpu-amx": 3, "vllm-pages": 4,
+                         "opaque": 255}
 VIEW_NAMES: dict[int, str] = {code: name for name, code in VIEWS.items()}
 
 

@@ -98,3 +98,65 @@ def move_pages(jobs: Sequence[PageJob], layers: Sequence[torch.Tensor], into_eng
                for start in range(0, len(layers), step)]
     for future in futures:
         future.result()
+
+
+# ----------------------------------------------------------------------------- engines on an accelerator
+# A device engine's pages are copied by DMA between its KV tensors and L1's shared memory, which the worker
+# registers as pinned (page-locked) memory: no copy through another host buffer.  Each run of consecutive
+# blocks is one copy of ``length`` pages per layer; where runs are short (scattered blocks of small pages),
+# the pages are gathered on the device into one contiguous staging tensor and moved in one copy, since every
+# copy costs a few microseconds of CPU.  The same code runs on CPU tensors (the tests), where every copy is
+# a plain memcpy; only the copy primitive's device differs.
+
+DEVICE_MIN_RUN_BYTES = 256 * 1024  # a run moves as its own copy when it holds at least this many bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCopyPlan:
+    """How one job's pages move for one layer: as runs of consecutive blocks, or gathered through staging."""
+
+    runs: list[BlockRun] | None  # None: gather/scatter on the device through one staging tensor
+    copies: int  # copies issued per layer (runs, or one)
+
+
+def plan_device_copy(blocks: Sequence[int], page_bytes: int) -> DeviceCopyPlan:
+    """Runs where each carries enough bytes to pay for its own copy, else one gathered copy."""
+    runs = block_runs(blocks)
+    if not runs:
+        return DeviceCopyPlan([], 0)
+    if len(blocks) * page_bytes >= DEVICE_MIN_RUN_BYTES * len(runs):
+        return DeviceCopyPlan(runs, len(runs))
+    return DeviceCopyPlan(None, 1)
+
+
+def move_pages_device(jobs: Sequence[PageJob], layers: Sequence[torch.Tensor], into_engine: bool) -> int:
+    """Copy every job's pages between ``layers`` (the engine's, on any device) and the stored pages (host).
+
+    Copies are issued ``non_blocking`` on the caller's current stream; the caller waits for them (an event)
+    before it hands the host memory back (commit, lease release).  Returns the number of copies issued.
+    """
+    issued = 0
+    with torch.inference_mode():
+        for pages, blocks in jobs:
+            if not len(blocks):
+                continue
+            device = layers[0].device
+            plan = plan_device_copy(blocks.tolist(), pages[0, 0].numel() * pages.element_size())
+            index = None if plan.runs is not None else blocks.to(device, non_blocking=True)
+            for layer, stored in zip(layers, pages):
+                if plan.runs is not None:
+                    for r in plan.runs:
+                        engine_run = layer[r.first_block:r.first_block + r.length]
+                        stored_run = stored[r.offset:r.offset + r.length]
+                        if into_engine:
+                            engine_run.copy_(stored_run, non_blocking=True)
+                        else:
+                            stored_run.copy_(engine_run, non_blocking=True)
+                elif into_engine:
+                    assert index is not None
+                    layer.index_copy_(0, index, stored.to(device, non_blocking=True))
+                else:
+                    assert index is not None
+                    stored.copy_(layer.index_select(0, index), non_blocking=True)
+                issued += plan.copies
+    return issued

@@ -28,6 +28,8 @@ def _offsets(view: str) -> tuple[torch.Tensor, torch.Tensor]:
         return t * HEAD + c, half + t * HEAD + c
     if view == "vllm-cpu-vec":  # keys column-major, values row-major
         return c * BLOCK + t, half + t * HEAD + c
+    if view == "vllm-pages":  # vLLM's GPU view of a page: per token its key's channels, then its value's
+        return t * 2 * HEAD + c, t * 2 * HEAD + HEAD + c
     # AMX: keys as channel pairs in 16-token groups, values as token pairs in 16-channel groups
     key = (t // 16) * 16 * HEAD + (c // 2) * 32 + (t % 16) * 2 + c % 2
     value = half + (c // 16) * BLOCK * 16 + (t // 2) * 32 + (c % 16) * 2 + t % 2

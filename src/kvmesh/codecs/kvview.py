@@ -12,6 +12,9 @@ needs to know which value is which.  Each view names one memory layout:
   as ``[block/16, head_size/2, 16 tokens, 2 channels]`` tiles, then values as
   ``[head_size/16, block/2, 16 channels, 2 tokens]`` (AMX's VNNI pairs; benchmarks/probe_vllm_page_layout.py
   checks both against transformers' KV);
+* ``vllm-pages``: ``[layers, pages, heads, block_size, 2 * head_size]`` in logical order, each token's keys
+  then its values in the last axis: how vLLM's GPU attention backends view a page (``[blocks, heads, tokens,
+  head_size + head_size_v]``), copied out in that order whatever the backend's memory order;
 * ``opaque``: axes unknown; only bit-exact codecs take it.
 
 The view names and their codes are in :mod:`kvmesh.entry` (a field of every entry's description).
@@ -31,7 +34,7 @@ import torch
 from kvmesh.codecs import extras
 from kvmesh.entry import VIEW_NAMES, VIEWS
 
-PAGE_VIEWS = ("cpu-pages", "vllm-cpu-vec", "vllm-cpu-amx")
+PAGE_VIEWS = ("cpu-pages", "vllm-cpu-vec", "vllm-cpu-amx", "vllm-pages")
 AMX_TOKENS, AMX_CHANNELS = 16, 16  # tile widths of the AMX page layout
 
 
@@ -98,6 +101,12 @@ def kv_parts(tensor: torch.Tensor, view: str) -> Parts:
         keys, values, dims = _page_halves(tensor, view)
         layers, pages, heads, block, head_size = dims
         return keys.view(layers, pages, heads, head_size, block).transpose(-1, -2), values.view(dims)
+    if view == "vllm-pages":
+        shape = tuple(tensor.shape)
+        if len(shape) != 5 or shape[4] % 2:
+            raise ViewError(f"a vllm-pages entry is [layers, pages, heads, block_size, 2*head_size], got {shape}")
+        head_size = shape[4] // 2
+        return tensor[..., :head_size], tensor[..., head_size:]
     if view == "vllm-cpu-amx":
         keys, values, dims = _amx_logical(tensor)
         extras.kernels().amx_tiles(_bits(keys), _bits(values), _bits(tensor.view(*dims[:3], -1)), False)

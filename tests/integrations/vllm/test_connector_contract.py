@@ -55,14 +55,22 @@ class Engine:
     """One engine's connector sides over its own KV tensors (what vLLM would hold): a scheduler, and a
     worker per tensor-parallel rank, each with its own heads' KV."""
 
-    def __init__(self, config: KVMeshConfig, seed: int | None = None, world: int = 1) -> None:
+    def __init__(self, config: KVMeshConfig, seed: int | None = None, world: int = 1,
+                 block_outermost: bool = False) -> None:
         shape = EngineKVShape(SHAPE.model_identity, SHAPE.layout, world)
         generator = torch.Generator().manual_seed(seed or 0)
-        self.rank_layers = [
-            {f"model.layers.{i}.attn": (torch.randn(BLOCKS, 1, BLOCK, 16, generator=generator)
-                                        if seed is not None else torch.zeros(BLOCKS, 1, BLOCK, 16)
-                                        ).to(torch.bfloat16) for i in range(SHAPE.layout.num_layers)}
-            for _ in range(world)]
+        layers = SHAPE.layout.num_layers
+
+        def rank_tensors() -> dict[str, torch.Tensor]:
+            if block_outermost:  # vLLM's block-outermost layouts (BLHNC): a block holds every layer's page
+                packed = (torch.randn(BLOCKS, layers, 1, BLOCK, 16, generator=generator) if seed is not None
+                          else torch.zeros(BLOCKS, layers, 1, BLOCK, 16)).to(torch.bfloat16)
+                return {f"model.layers.{i}.attn": packed[:, i] for i in range(layers)}
+            return {f"model.layers.{i}.attn": (torch.randn(BLOCKS, 1, BLOCK, 16, generator=generator)
+                                               if seed is not None else torch.zeros(BLOCKS, 1, BLOCK, 16)
+                                               ).to(torch.bfloat16) for i in range(layers)}
+
+        self.rank_layers = [rank_tensors() for _ in range(world)]
         links = [DaemonLink(config) for _ in range(world + 1)]
         for link in links:  # as the connector does while vLLM starts: later calls never start a daemon
             link.connect_at_start()
@@ -162,6 +170,23 @@ def config(tmp_path: Path, request: pytest.FixtureRequest):
 def test_a_load_copies_the_stored_pages_into_the_engines_blocks(config: KVMeshConfig) -> None:
     source, target = Engine(config, seed=1), Engine(config)
     request = _prompt("a")
+    source.compute_and_save(request, SOURCE_BLOCKS)
+    tokens, loads = target.plan_load(FakeRequest(request.request_id + "-again", request.prompt_token_ids),
+                                     TARGET_BLOCKS)
+    assert tokens == 4 * CHUNK
+    target.worker.load(loads)
+    assert target.worker.take_failed_blocks() == set()
+    for stored, loaded in zip(source.pages(SOURCE_BLOCKS[:8]), target.pages(TARGET_BLOCKS[:8])):
+        assert torch.equal(stored, loaded)
+
+
+@pytest.mark.parametrize("source_packed, target_packed", [(True, False), (False, True)])
+def test_pages_of_a_block_outermost_layout_round_trip_through_the_daemon(
+        config: KVMeshConfig, source_packed: bool, target_packed: bool) -> None:
+    """GPU engines may keep every layer's page of a block together (strided layer views): same pages, same bytes."""
+    source = Engine(config, seed=1, block_outermost=source_packed)
+    target = Engine(config, block_outermost=target_packed)
+    request = _prompt("packed")
     source.compute_and_save(request, SOURCE_BLOCKS)
     tokens, loads = target.plan_load(FakeRequest(request.request_id + "-again", request.prompt_token_ids),
                                      TARGET_BLOCKS)
@@ -392,8 +417,19 @@ def test_kv_caches_off_the_cpu_are_refused_at_start(tmp_path: Path) -> None:
     worker = WorkerSide(config, SHAPE, DaemonLink(config))
     layers = {f"layer.{i}": torch.empty(BLOCKS, 1, BLOCK, 16, dtype=torch.bfloat16, device="meta")
               for i in range(SHAPE.layout.num_layers)}
-    with pytest.raises(UnsupportedEngine, match="KV cache is on meta.*GPU engines are not supported yet"):
+    with pytest.raises(UnsupportedEngine, match="KV cache is on meta; kvmesh copies KV between CPU memory or one "
+                                                "CUDA device"):
         worker.register(layers, BLOCKS)
+
+
+def test_a_cuda_engine_starts_only_where_the_user_opted_in(tmp_path: Path) -> None:
+    """Not yet verified on a GPU: refused naming the key that opts in (the machine here has no CUDA device)."""
+    config = _config(tmp_path, autostart_daemon=False)
+    worker = WorkerSide(config, SHAPE, DaemonLink(config))
+    with pytest.raises(UnsupportedEngine, match="cuda:0.*not yet verified on a GPU: set gpu_unverified=true"):
+        worker._device_copier(["cuda:0"])
+    with pytest.raises(UnsupportedEngine, match="one CUDA device"):
+        worker._device_copier(["cuda:0", "cuda:1"])
 
 
 def test_a_stored_entry_that_does_not_fit_the_engines_pages_is_a_load_failure(config: KVMeshConfig) -> None:

@@ -139,6 +139,13 @@ class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
             self._worker = WorkerSide(self.config, self.shape, self.link, tensor_parallel_rank(self.shape.tp_world))
         self.link.connect_at_start()  # start or reach the daemon while vLLM starts, not in the first request
 
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        """On CUDA, each layer's blocks whole and in order (``LBHNC``): a run of blocks is one DMA per layer."""
+        from vllm.platforms import current_platform
+
+        return "LBHNC" if current_platform.is_cuda() else None
+
     # ------------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         return self._scheduler.num_new_matched_tokens(request, num_computed_tokens), False

@@ -56,6 +56,11 @@ class PageKernel:
         return cls(f"vllm-cpu.{isa}", KNOWN_KERNEL_VIEWS.get(isa, "opaque"))
 
 
+# vLLM's GPU backends all view a layer's KV as [blocks, heads, tokens, keys then values] (the memory order is
+# one KVCacheLayout for the whole engine; kvmesh asks for LBHNC); entries hold pages in that logical order
+GPU_PAGES = PageKernel("vllm-gpu.logical", "vllm-pages")
+
+
 def _unnamed_kernel(platform: str) -> PageKernel:
     import platform as host
 
@@ -73,6 +78,8 @@ def page_kernel(dtype: torch.dtype, block_size: int, head_size: int) -> PageKern
     """
     from vllm.platforms import current_platform
 
+    if current_platform.is_cuda():  # copied out of the backend's pages in their logical order, whatever its own
+        return GPU_PAGES
     if not current_platform.is_cpu():
         return _unnamed_kernel(str(current_platform.device_type or "unknown"))
     try:

@@ -22,6 +22,7 @@ from kvmesh import wire
 from kvmesh.client import CacheFault, LeaseLost
 from kvmesh.config import KVMeshConfig
 from kvmesh.entry import EntryMeta, EntryMetaError
+from kvmesh.integrations.vllm.device_copy import DeviceCopier
 from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
 from kvmesh.integrations.vllm.engine_shape import EngineKVShape
 from kvmesh.integrations.vllm.planner import LoadPlan, SavePlan
@@ -63,6 +64,7 @@ class WorkerSide:
         # this tensor-parallel rank's entries, one key per KV cache group
         self.entry_keys = [PartKeys(rank, shape.tp_world, group) for group in range(len(shape.groups))]
         self.groups: list[GroupPages] = []
+        self.copier: DeviceCopier | None = None  # set for an engine whose KV is on a CUDA device
         self.failed_blocks: set[int] = set()
         self.pool = ThreadPoolExecutor(config.copy_threads, thread_name_prefix="kvmesh-copy") \
             if config.copy_threads > 1 else None
@@ -77,16 +79,19 @@ class WorkerSide:
         return self.groups[0].page_view
 
     def _move(self, jobs: list[PageJob], into_engine: bool, group: int) -> None:
-        move_pages(jobs, self.groups[group].layers, into_engine, self.pool, self.config.copy_threads)
+        if self.copier is None:
+            move_pages(jobs, self.groups[group].layers, into_engine, self.pool, self.config.copy_threads)
+            return
+        client = self.link.client()
+        if client is not None and client.segment is not None:
+            self.copier.pin(client.segment.buffer)
+        self.copier.move(jobs, self.groups[group].layers, into_engine)
 
     def register(self, kv_caches: dict[str, torch.Tensor], num_blocks: int | None) -> None:
         """Take vLLM's per-layer KV tensors; refuse at start what the copy path does not support."""
         devices = sorted({str(tensor.device) for tensor in kv_caches.values()})
         if devices != ["cpu"]:
-            raise UnsupportedEngine(
-                f"kvmesh: vLLM's KV cache is on {', '.join(devices)}; kvmesh copies KV between CPU memory and "
-                "its shared-memory cache and supports vLLM's CPU backend only. GPU engines are not supported "
-                "yet: remove the KVMeshConnector from --kv-transfer-config to run this engine.")
+            self.copier = self._device_copier(devices)
         names = list(kv_caches)
         for group in self.shape.groups:
             if group.layer_names:
@@ -99,6 +104,21 @@ class WorkerSide:
                 layers = [kv_caches[name] for name in ordered]
             self.groups.append(self._group_pages(group, layers, num_blocks))
 
+    def _device_copier(self, devices: list[str]) -> DeviceCopier:
+        """Copies for a CUDA engine, which starts only where the user opted in (not yet verified on a GPU)."""
+        if len(devices) != 1 or not devices[0].startswith("cuda"):
+            raise UnsupportedEngine(f"kvmesh: vLLM's KV cache is on {', '.join(devices)}; kvmesh copies KV between "
+                                    "CPU memory or one CUDA device and its shared-memory cache")
+        if not self.config.gpu_unverified:
+            raise UnsupportedEngine(
+                f"kvmesh: vLLM's KV cache is on {devices[0]}. kvmesh's GPU copy path is tested on CPU tensors in "
+                "GPU layouts but not yet verified on a GPU: set gpu_unverified=true to run it (--set "
+                "gpu_unverified=true, or KVMESH_GPU_UNVERIFIED=1), or remove the KVMeshConnector from "
+                "--kv-transfer-config to run this engine without kvmesh.")
+        log.warning("kvmesh: running on %s with gpu_unverified=true: the GPU copy path is tested on CPU tensors, "
+                    "not yet verified on a GPU", devices[0])
+        return DeviceCopier(torch.device(devices[0]))
+
     def _group_pages(self, group: KVGroup, layers: list[torch.Tensor], num_blocks: int | None) -> GroupPages:
         layout = group.layout
         if len(layers) != layout.num_layers:
@@ -107,7 +127,13 @@ class WorkerSide:
         views = []
         for tensor in layers:
             if num_blocks and tensor.shape[0] != num_blocks and tensor.shape[0] % num_blocks == 0:
-                tensor = tensor.view(num_blocks, -1, *tensor.shape[1:])  # kernel blocks inside manager blocks
+                try:  # kernel blocks inside manager blocks
+                    tensor = tensor.view(num_blocks, -1, *tensor.shape[1:])
+                except RuntimeError:
+                    raise UnsupportedEngine(
+                        f"kvmesh: vLLM's KV layer of shape {tuple(tensor.shape)} and strides {tensor.stride()} "
+                        f"holds {tensor.shape[0] // num_blocks} kernel blocks per block in a memory order kvmesh "
+                        "cannot page") from None
             if tensor[0].numel() != group.page_elements or tensor.dtype != layout.torch_dtype:
                 raise UnsupportedEngine(f"kvmesh: KV page of shape {tuple(tensor.shape[1:])} {tensor.dtype} does "
                                         f"not hold a {group.kind} page of {group.fingerprint()} ({self.shape})")
@@ -160,7 +186,7 @@ class WorkerSide:
         if self.config.verify_loads:
             for pages, blocks in jobs:
                 verified += 1
-                mismatches += int(not all(torch.equal(layer.index_select(0, blocks), pages[i])
+                mismatches += int(not all(torch.equal(layer.index_select(0, blocks.to(layer.device)).cpu(), pages[i])
                                           for i, layer in enumerate(layers)))
         cost = wire.LoadCost(time.perf_counter() - started, loaded_bytes, plan.num_tokens, verified, mismatches)
         try:

@@ -1,0 +1,60 @@
+"""Page copies for an engine whose KV lives on a CUDA device: DMA between its blocks and L1's shared memory.
+
+The worker registers the daemon's L1 segment as pinned memory in the engine's process (``cudaHostRegister``),
+so a copy goes straight between the engine's pages and the L1 extent, with no host buffer between them.
+Copies run on a side stream, after the work already queued on the engine's stream (a save reads what the
+forward pass wrote), and the engine's stream waits for them (a load is read by the next forward pass); the
+host waits for their event before it hands the L1 extents back (commit, lease release).  The copies
+themselves are ``page_copy.move_pages_device``, which the tests run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from kvmesh.page_copy import PageJob, move_pages_device
+
+log = logging.getLogger("kvmesh.vllm")
+
+
+class DeviceCopier:
+    """Moves pages between one CUDA device's KV tensors and host memory, synchronously for the caller."""
+
+    def __init__(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"kvmesh copies KV on CUDA devices and the CPU, not on {device}")
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self._pinned: tuple[int, int] | None = None  # (address, size) of the registered segment
+        self.copies = 0
+
+    def pin(self, buffer: Any) -> None:
+        """Register ``buffer`` (L1's mapping in this process) as pinned memory, once per mapping.
+
+        A failed registration is logged and the copies still run, staged by the driver (slower, as correct).
+        """
+        view = torch.frombuffer(buffer, dtype=torch.uint8)
+        region = (view.data_ptr(), view.numel())
+        if region == self._pinned:
+            return
+        cudart = torch.cuda.cudart()
+        if self._pinned is not None:
+            cudart.cudaHostUnregister(self._pinned[0])  # an older mapping (the daemon restarted): its result is moot
+        status = cudart.cudaHostRegister(region[0], region[1], 0)
+        if int(status) != 0:
+            log.warning("kvmesh: could not pin L1's shared memory for DMA (cudaHostRegister: %s); copies stay "
+                        "correct but are staged by the driver", status)
+        self._pinned = region
+
+    def move(self, jobs: list[PageJob], layers: list[torch.Tensor], into_engine: bool) -> None:
+        engine_stream = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(engine_stream)  # saves read what the forward pass queued before them
+        with torch.cuda.stream(self.stream):
+            self.copies += move_pages_device(jobs, layers, into_engine)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        engine_stream.wait_event(done)  # the next forward pass reads what a load wrote
+        done.synchronize()  # the host memory goes back to the daemon only after the copy
