@@ -146,9 +146,37 @@ def test_http_endpoint_serves_metrics_and_health(tmp_path) -> None:
             assert "kvmesh_hit_tokens_total 256.0" in metrics
             assert 'kvmesh_tier_entries{tier="l1"} 4.0' in metrics
             health = json_module.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())
-            assert health["status"] == "ok" and health["l1_entries"] == 4
+            assert health["status"] == "ok" and health["l1"]["entries"] == 4 and health["l1"]["state"] == "up"
+            assert health["problems"] == [] and 0 < health["l1"]["fill"] < 1
         finally:
             http_client.shutdown_daemon()
+
+
+def test_health_is_503_when_l1_is_gone_from_shared_memory(tmp_path) -> None:
+    """A cleaner or a container restart removed the segment: no engine can map L1, and /health says so."""
+    import json as json_module
+    import urllib.error
+    import urllib.request
+
+    from kvmesh.bench.servers import free_port
+    from kvmesh.tiers.shm import SHM_DIR
+
+    port = free_port()
+    config = KVMeshConfig.from_mapping({"socket_dir": str(tmp_path), "instance": "health-gone", "l1_size": "16MiB",
+                                        "l1_prefault": False, "http_port": port})
+    with KVMeshClient(config) as client:
+        try:
+            segment = SHM_DIR / client.segment.name
+            segment.unlink()
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10)
+            assert caught.value.code == 503
+            report = json_module.loads(caught.value.read())
+            assert report["status"] == "unavailable" and report["l1"]["state"] == "unusable"
+            assert report["problems"] == [f"L1's shared-memory segment {segment} is gone: engines cannot map it; "
+                                          "restart the daemon"]
+        finally:
+            client.shutdown_daemon()
 
 
 def test_an_l1_larger_than_dev_shm_is_refused_naming_the_setting_and_the_free_space(tmp_path) -> None:

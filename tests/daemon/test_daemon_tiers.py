@@ -272,3 +272,36 @@ def test_a_lookup_that_misses_holds_writes_behind_until_the_engine_stores_what_i
         assert observer.stats()["disk"]["stores"] == 0
         engine.put(computing, _chunks(computing, seed=1))  # what the prefill computed, committed
         assert observer.flush()["disk"]["stores"] == 3
+
+
+def _health(port: int) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_health_says_a_tier_is_down_while_requests_are_still_served(tmp_path: Path, redis_server_factory) -> None:
+    from kvmesh.bench.servers import free_port
+
+    server: RedisServer = redis_server_factory()
+    port = free_port()
+    config = _config(tmp_path, redis_url=server.url, redis_timeout_seconds=0.5, http_port=port)
+    keys = chunk_keys(list(range(7000, 7512)), NS, 128)
+    with KVMeshClient(config) as client:
+        try:
+            code, report = _health(port)
+            assert (code, report["status"], report["tiers"]["redis"]["state"]) == (200, "ok", "up")
+            server.stop()
+            for _ in range(4):  # each lookup below L1 fails against the stopped server: the breaker opens
+                assert client.lookup(keys) == 0
+            code, report = _health(port)
+            assert (code, report["status"], report["tiers"]["redis"]["state"]) == (200, "degraded", "circuit_open")
+            assert report["problems"] == ["tier redis is circuit open"] and report["l1"]["state"] == "up"
+        finally:
+            client.shutdown_daemon()

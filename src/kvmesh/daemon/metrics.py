@@ -10,6 +10,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -23,8 +24,17 @@ log = logging.getLogger("kvmesh.daemon")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+@dataclass(frozen=True)
+class StoreGauges:
+    """What the store is doing now, beside its tiers' counters: read at each scrape."""
+
+    write_queue_bytes: int = 0
+    circuit_open: dict[str, bool] = field(default_factory=dict)  # per lower tier: its breaker is not closed
+
+
 class DaemonMetrics:
-    def __init__(self, tier_stats: Callable[[], dict[str, TierStats]]) -> None:
+    def __init__(self, tier_stats: Callable[[], dict[str, TierStats]],
+                 gauges: Callable[[], StoreGauges] = StoreGauges) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.lookups = Counter("kvmesh_lookups", "Lookup requests.", registry=r)
@@ -59,7 +69,7 @@ class DaemonMetrics:
                                            "(input / output = compression ratio).", ["codec"], registry=r)
         self.codec_seconds = Counter("kvmesh_codec_seconds", "Time spent encoding and decoding entries.",
                                      ["direction"], registry=r)
-        r.register(_TierCollector(tier_stats))
+        r.register(_TierCollector(tier_stats, gauges))
 
     # StoreObserver
     def tier_read(self, tier: str, nbytes: int, seconds: float) -> None:
@@ -95,8 +105,9 @@ class DaemonMetrics:
 
 
 class _TierCollector:
-    def __init__(self, tier_stats: Callable[[], dict[str, TierStats]]) -> None:
+    def __init__(self, tier_stats: Callable[[], dict[str, TierStats]], gauges: Callable[[], StoreGauges]) -> None:
         self._tier_stats = tier_stats
+        self._gauges = gauges
 
     def describe(self) -> list:
         return []
@@ -104,12 +115,21 @@ class _TierCollector:
     def collect(self):
         stats = self._tier_stats()
         fields = list(TierStats.__dataclass_fields__)
-        for field in fields:
-            family = GaugeMetricFamily(f"kvmesh_tier_{field}", f"Tier {field.replace('_', ' ')}.",
+        for stat in fields:
+            family = GaugeMetricFamily(f"kvmesh_tier_{stat}", f"Tier {stat.replace('_', ' ')}.",
                                        labels=["tier"])
             for name, tier in stats.items():
-                family.add_metric([name], getattr(tier, field))
+                family.add_metric([name], getattr(tier, stat))
             yield family
+        gauges = self._gauges()
+        queue = GaugeMetricFamily("kvmesh_write_queue_bytes", "Bytes waiting to be written to the lower tiers.")
+        queue.add_metric([], gauges.write_queue_bytes)
+        yield queue
+        circuit = GaugeMetricFamily("kvmesh_tier_circuit_open", "1 while a lower tier's circuit breaker is open or "
+                                    "probing (its server failed; requests skip it).", labels=["tier"])
+        for name, is_open in gauges.circuit_open.items():
+            circuit.add_metric([name], 1.0 if is_open else 0.0)
+        yield circuit
 
 
 def start_http(host: str, port: int, metrics: DaemonMetrics,
@@ -118,14 +138,17 @@ def start_http(host: str, port: int, metrics: DaemonMetrics,
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            code = 200
             if self.path.startswith("/metrics"):
                 body, kind = generate_latest(metrics.registry), "text/plain; version=0.0.4"
             elif self.path.startswith("/health"):
-                body, kind = json.dumps(health()).encode(), "application/json"
+                report = health()
+                body, kind = json.dumps(report).encode(), "application/json"
+                code = 503 if report.get("status") == "unavailable" else 200
             else:
                 self.send_error(404, "try /metrics or /health")
                 return
-            self.send_response(200)
+            self.send_response(code)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

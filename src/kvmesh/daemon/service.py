@@ -27,6 +27,7 @@ from typing import Any
 from kvmesh import __version__, wire
 from kvmesh.config import KVMeshConfig, masked
 from kvmesh.daemon.affinity import use_every_core
+from kvmesh.daemon.health import daemon_health, store_gauges
 from kvmesh.daemon.metrics import DaemonMetrics, start_http
 from kvmesh.entry import EntryMeta, EntryMetaError
 from kvmesh.socket_dir import UntrustedPath, check_peer, open_private, peer_uid, private_dir
@@ -76,7 +77,7 @@ class NodeDaemon:
             self._lock_file.close()
             raise DaemonAlreadyRunning(f"a kvmesh daemon already serves {self.socket_path}") from None
         self.segment = SharedSegment.create(config.shm_name(), config.l1_size, prefault=config.l1_prefault)
-        self.metrics = DaemonMetrics(lambda: self.store.stats())
+        self.metrics = DaemonMetrics(lambda: self.store.stats(), lambda: store_gauges(self.store))
         # writes behind wait while engines are served (store/quiet.py says why)
         self.quiet = QuietGate(config.write_quiet_seconds)
         l1 = MemoryTier(config.l1_size, self.segment.buffer, policy=EVICTION_POLICIES[config.l1_eviction]())
@@ -120,10 +121,10 @@ class NodeDaemon:
         self._lock_file.close()
 
     def health(self) -> dict[str, Any]:
-        l1 = self.store.l1.stats()
-        return {"status": "ok", "version": __version__, "pid": os.getpid(), "instance": self.config.instance,
-                "uptime_seconds": round(time.time() - self._started, 1), "l1_bytes_used": l1.bytes_used,
-                "l1_capacity": l1.capacity, "l1_entries": l1.entries}
+        """What is true now: L1 usable and how full, and each lower tier's state (``daemon.health``)."""
+        return daemon_health(self.store, self.segment.path, {
+            "version": __version__, "pid": os.getpid(), "instance": self.config.instance,
+            "uptime_seconds": round(time.time() - self._started, 1)})
 
     # ----------------------------------------------------------------- requests
     def handle(self, message: dict[str, Any], session: _Session) -> dict[str, Any]:

@@ -257,6 +257,10 @@ class TieredStore:
             removed = self._guard.call(lower.tier.name, "delete", partial(lower.tier.delete, key), False) or removed
         return removed
 
+    def write_queue_bytes(self) -> int:
+        """Bytes waiting to be written to the lower tiers (0 without them)."""
+        return 0 if self._behind is None else self._behind.pending_bytes
+
     def stats(self) -> dict[str, TierStats]:
         tiers: list[MemoryTier | Tier] = [self.l1, *(t.tier for t in self.lower)]
         return {tier.name: tier.stats() for tier in tiers}

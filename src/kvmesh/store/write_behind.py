@@ -51,6 +51,12 @@ class WriteBehind:
         self._queue: queue.Queue[tuple[Pinned, str] | None] = queue.Queue()
         self.thread = start_thread("writer", self._loop, priority)
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued or being written down (the queue's depth, against its budget)."""
+        with self._lock:
+            return self._pending
+
     def enqueue(self, key: bytes, policy: str = "write_behind") -> str:
         """Queue a committed entry for the tiers of ``policy``, pinned so L1 cannot evict it before it is written.
 
