@@ -172,6 +172,41 @@ def stats(set_: SetOption = None,
 
 
 @app.command()
+def top(set_: SetOption = None,
+        interval: Annotated[float, typer.Option(help="Seconds between frames.", min=0.1)] = 2.0,
+        once: Annotated[bool, typer.Option("--once", help="Print one frame (one interval) and exit.")] = False
+        ) -> None:
+    """Watch the node daemon live: hit rate, tokens loaded and stored per second, and per tier its fill, hits,
+    evictions, errors, throughput, latency and circuit breaker. Ctrl-C stops."""
+    import time
+
+    from rich.live import Live
+
+    from kvmesh.client import CacheFault, DaemonUnavailable, KVMeshClient
+    from kvmesh.top import Snapshot, render
+
+    config = KVMeshConfig.from_mapping({"autostart_daemon": False}, base=_load_config(set_))
+    try:
+        with KVMeshClient(config, check_config=False) as client:  # an observer, as `kvmesh stats`
+            old = Snapshot.of(client.info(), time.monotonic())
+            if once:
+                time.sleep(interval)
+                console.print(render(Snapshot.of(client.info(), time.monotonic()), old, config.instance))
+                return
+            with Live(console=console, refresh_per_second=4, screen=False) as live:
+                while True:
+                    time.sleep(interval)
+                    new = Snapshot.of(client.info(), time.monotonic())
+                    live.update(render(new, old, config.instance))
+                    old = new
+    except (DaemonUnavailable, CacheFault) as err:
+        err_console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        return
+
+
+@app.command()
 def demo(
     tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 3500,
     engine: Annotated[str, typer.Option(help="vllm: serve with vLLM + kvmesh (the main demo); "

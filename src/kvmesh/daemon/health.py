@@ -59,4 +59,5 @@ def circuit_open(tier: Any) -> bool:
 
 
 def store_gauges(store: TieredStore) -> StoreGauges:
-    return StoreGauges(store.write_queue_bytes(), {lower.tier.name: circuit_open(lower.tier) for lower in store.lower})
+    return StoreGauges(store.write_queue_bytes(), {lower.tier.name: circuit_open(lower.tier) for lower in store.lower
+                                                   if getattr(lower.tier, "breaker", None) is not None})

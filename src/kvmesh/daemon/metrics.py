@@ -29,7 +29,7 @@ class StoreGauges:
     """What the store is doing now, beside its tiers' counters: read at each scrape."""
 
     write_queue_bytes: int = 0
-    circuit_open: dict[str, bool] = field(default_factory=dict)  # per lower tier: its breaker is not closed
+    circuit_open: dict[str, bool] = field(default_factory=dict)  # per tier with a breaker: it is not closed
 
 
 class DaemonMetrics:
