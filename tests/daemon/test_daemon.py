@@ -128,26 +128,41 @@ def test_a_prompt_shorter_than_a_chunk_is_offered_only_within_its_namespace(clie
     assert client.lookup_with_partials(longer).partials == []  # no root named: none offered
 
 
-def test_http_endpoint_serves_metrics_and_health(tmp_path) -> None:
-    import json as json_module
-    import urllib.request
-
+def _http_daemon_config(tmp_path, instance: str) -> tuple[KVMeshConfig, int]:
     from kvmesh.bench.servers import free_port
 
     port = free_port()
-    config = KVMeshConfig.from_mapping({"socket_dir": str(tmp_path), "instance": "http-test", "l1_size": "16MiB",
-                                        "l1_prefault": False, "http_port": port})
+    return KVMeshConfig.from_mapping({"socket_dir": str(tmp_path), "instance": instance, "l1_size": "16MiB",
+                                      "l1_prefault": False, "http_port": port}), port
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_http_endpoint_serves_metrics_and_health(tmp_path) -> None:
+    import json as json_module
+
+    config, port = _http_daemon_config(tmp_path, "http-test")
     with KVMeshClient(config) as http_client:
         try:
             keys = chunk_keys(list(range(300)), NS, 64)
             http_client.put(keys, _chunks(keys))
             http_client.lookup_with_partials(keys)
-            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            metrics = _get(port, "/metrics")[1].decode()
             assert "kvmesh_hit_tokens_total 256.0" in metrics
             assert 'kvmesh_tier_entries{tier="l1"} 4.0' in metrics
-            health = json_module.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).read())
-            assert health["status"] == "ok" and health["l1"]["entries"] == 4 and health["l1"]["state"] == "up"
-            assert health["problems"] == [] and 0 < health["l1"]["fill"] < 1
+            code, body = _get(port, "/health")
+            health = json_module.loads(body)
+            assert code == 200 and health["status"] == "ok" and health["l1"]["entries"] == 4
+            assert health["l1"]["state"] == "up" and health["problems"] == [] and 0 < health["l1"]["fill"] < 1
         finally:
             http_client.shutdown_daemon()
 
@@ -155,24 +170,17 @@ def test_http_endpoint_serves_metrics_and_health(tmp_path) -> None:
 def test_health_is_503_when_l1_is_gone_from_shared_memory(tmp_path) -> None:
     """A cleaner or a container restart removed the segment: no engine can map L1, and /health says so."""
     import json as json_module
-    import urllib.error
-    import urllib.request
 
-    from kvmesh.bench.servers import free_port
     from kvmesh.tiers.shm import SHM_DIR
 
-    port = free_port()
-    config = KVMeshConfig.from_mapping({"socket_dir": str(tmp_path), "instance": "health-gone", "l1_size": "16MiB",
-                                        "l1_prefault": False, "http_port": port})
+    config, port = _http_daemon_config(tmp_path, "health-gone")
     with KVMeshClient(config) as client:
         try:
             segment = SHM_DIR / client.segment.name
             segment.unlink()
-            with pytest.raises(urllib.error.HTTPError) as caught:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10)
-            assert caught.value.code == 503
-            report = json_module.loads(caught.value.read())
-            assert report["status"] == "unavailable" and report["l1"]["state"] == "unusable"
+            code, body = _get(port, "/health")
+            report = json_module.loads(body)
+            assert code == 503 and report["status"] == "unavailable" and report["l1"]["state"] == "unusable"
             assert report["problems"] == [f"L1's shared-memory segment {segment} is gone: engines cannot map it; "
                                           "restart the daemon"]
         finally:

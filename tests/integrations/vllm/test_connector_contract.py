@@ -167,26 +167,15 @@ def config(tmp_path: Path, request: pytest.FixtureRequest):
     _stop(config)
 
 
-def test_a_load_copies_the_stored_pages_into_the_engines_blocks(config: KVMeshConfig) -> None:
-    source, target = Engine(config, seed=1), Engine(config)
-    request = _prompt("a")
-    source.compute_and_save(request, SOURCE_BLOCKS)
-    tokens, loads = target.plan_load(FakeRequest(request.request_id + "-again", request.prompt_token_ids),
-                                     TARGET_BLOCKS)
-    assert tokens == 4 * CHUNK
-    target.worker.load(loads)
-    assert target.worker.take_failed_blocks() == set()
-    for stored, loaded in zip(source.pages(SOURCE_BLOCKS[:8]), target.pages(TARGET_BLOCKS[:8])):
-        assert torch.equal(stored, loaded)
-
-
-@pytest.mark.parametrize("source_packed, target_packed", [(True, False), (False, True)])
-def test_pages_of_a_block_outermost_layout_round_trip_through_the_daemon(
-        config: KVMeshConfig, source_packed: bool, target_packed: bool) -> None:
-    """GPU engines may keep every layer's page of a block together (strided layer views): same pages, same bytes."""
+@pytest.mark.parametrize("source_packed, target_packed", [(False, False), (True, False), (False, True)],
+                         ids=["per-layer", "block-outermost source", "block-outermost target"])
+def test_a_load_copies_the_stored_pages_into_the_engines_blocks(config: KVMeshConfig, source_packed: bool,
+                                                                target_packed: bool) -> None:
+    """Also where an engine keeps every layer's page of a block together (GPU engines' block-outermost layouts,
+    strided layer views): the same pages, the same bytes."""
     source = Engine(config, seed=1, block_outermost=source_packed)
     target = Engine(config, block_outermost=target_packed)
-    request = _prompt("packed")
+    request = _prompt("a")
     source.compute_and_save(request, SOURCE_BLOCKS)
     tokens, loads = target.plan_load(FakeRequest(request.request_id + "-again", request.prompt_token_ids),
                                      TARGET_BLOCKS)
