@@ -186,6 +186,71 @@ def test_a_load_copies_the_stored_pages_into_the_engines_blocks(config: KVMeshCo
         assert torch.equal(stored, loaded)
 
 
+class _ManualEvent:
+    """A device copy's event that completes when the test says (no GPU here: what cannot be made to happen)."""
+
+    def __init__(self) -> None:
+        self.completed = False
+
+    def query(self) -> bool:
+        return self.completed
+
+    def synchronize(self) -> None:
+        self.completed = True
+
+
+class _DeviceLikeCopier:
+    """The worker's CUDA copier, with CPU tensors: the same copy function, events the test completes."""
+
+    def __init__(self) -> None:
+        self.events: list[_ManualEvent] = []
+
+    def pin(self, buffer: object) -> None:
+        return
+
+    def move(self, jobs, layers, into_engine: bool, wait: bool = True) -> _ManualEvent:
+        from kvmesh.page_copy import move_pages_device
+
+        move_pages_device(jobs, layers, into_engine)
+        event = _ManualEvent()
+        self.events.append(event)
+        if wait:
+            event.synchronize()
+        return event
+
+
+def test_a_device_save_is_committed_once_its_copies_complete_and_never_blocks_the_step(config: KVMeshConfig) -> None:
+    source, target = Engine(config, seed=1), Engine(config)
+    copier = source.worker.copier = _DeviceLikeCopier()  # type: ignore[assignment]
+    request = _prompt("device")
+    source.compute_and_save(request, SOURCE_BLOCKS)  # returns with the copies still "running"
+    assert len(source.worker.pending_saves) == 1 and copier.events and not copier.events[-1].completed
+    again = FakeRequest(request.request_id + "-again", request.prompt_token_ids)
+    assert target.matched(again) == 0  # reserved, not committed: nothing to find yet
+    target.scheduler.finished(again.request_id)
+    source.worker.save([])  # the next step: the copies have not completed, still nothing committed
+    assert len(source.worker.pending_saves) == 1
+    copier.events[-1].completed = True
+    source.worker.save([])  # the step after: committed
+    assert not source.worker.pending_saves
+    tokens, loads = target.plan_load(FakeRequest(request.request_id + "-third", request.prompt_token_ids),
+                                     TARGET_BLOCKS)
+    assert tokens == 4 * CHUNK
+    target.worker.load(loads)
+    for stored, loaded in zip(source.pages(SOURCE_BLOCKS[:8]), target.pages(TARGET_BLOCKS[:8])):
+        assert torch.equal(stored, loaded)
+
+
+def test_device_saves_still_copying_at_shutdown_are_committed(config: KVMeshConfig) -> None:
+    source, target = Engine(config, seed=1), Engine(config)
+    source.worker.copier = _DeviceLikeCopier()  # type: ignore[assignment]
+    request = _prompt("shutdown")
+    source.compute_and_save(request, SOURCE_BLOCKS)
+    source.worker.settle_saves(wait=True)  # what the connector's shutdown does
+    assert not source.worker.pending_saves
+    assert target.matched(FakeRequest(request.request_id + "-again", request.prompt_token_ids)) == 4 * CHUNK
+
+
 def test_each_tensor_parallel_rank_loads_its_own_heads(config: KVMeshConfig) -> None:
     source, target = Engine(config, seed=1, world=2), Engine(config, world=2)
     request = _prompt("tp")

@@ -199,4 +199,7 @@ class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
         return self._worker.take_failed_blocks()
 
     def shutdown(self) -> None:
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.settle_saves(wait=True)  # device saves still copying: committed, not dropped
         self.link.close()

@@ -4,7 +4,9 @@ The worker registers the daemon's L1 segment as pinned memory in the engine's pr
 so a copy goes straight between the engine's pages and the L1 extent, with no host buffer between them.
 Copies run on a side stream, after the work already queued on the engine's stream (a save reads what the
 forward pass wrote), and the engine's stream waits for them (a load is read by the next forward pass); the
-host waits for their event before it hands the L1 extents back (commit, lease release).  The copies
+host waits for their event before it hands the L1 extents back: a load before its lease is released (the
+step needs the pages anyway), a save before its commit, which the worker makes at a later call once the
+event has completed, so the engine's next step never waits for a save.  The copies
 themselves are ``page_copy.move_pages_device``, which the tests run on CPU tensors.
 """
 
@@ -49,12 +51,19 @@ class DeviceCopier:
                         "correct but are staged by the driver", status)
         self._pinned = region
 
-    def move(self, jobs: list[PageJob], layers: list[torch.Tensor], into_engine: bool) -> None:
+    def move(self, jobs: list[PageJob], layers: list[torch.Tensor], into_engine: bool,
+             wait: bool = True) -> torch.cuda.Event:
+        """Queue the copies; with ``wait``, return once they are done, else return their event (a save: its
+        commit waits for the event, the engine does not)."""
         engine_stream = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(engine_stream)  # saves read what the forward pass queued before them
         with torch.cuda.stream(self.stream):
             self.copies += move_pages_device(jobs, layers, into_engine)
             done = torch.cuda.Event()
             done.record(self.stream)
-        engine_stream.wait_event(done)  # the next forward pass reads what a load wrote
-        done.synchronize()  # the host memory goes back to the daemon only after the copy
+        # the engine's next work waits for the copies: a load's pages are read, a save's source blocks may be
+        # handed to another request and overwritten
+        engine_stream.wait_event(done)
+        if wait:
+            done.synchronize()  # the host memory goes back to the daemon only after the copy
+        return done

@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -43,6 +45,18 @@ class UnsupportedEngine(ValueError):
 
 
 @dataclass(slots=True)
+class PendingSave:
+    """A save whose copies are still running on the device: committed once ``done`` (an event) has completed."""
+
+    done: Any  # torch.cuda.Event, or anything with query() and synchronize()
+    client: Any
+    slots: list[Any]
+    started: float
+    nbytes: int
+    tokens: int
+
+
+@dataclass(slots=True)
 class GroupPages:
     """One KV cache group's layers in this worker, and what an entry of its pages looks like."""
 
@@ -65,6 +79,7 @@ class WorkerSide:
         self.entry_keys = [PartKeys(rank, shape.tp_world, group) for group in range(len(shape.groups))]
         self.groups: list[GroupPages] = []
         self.copier: DeviceCopier | None = None  # set for an engine whose KV is on a CUDA device
+        self.pending_saves: deque[PendingSave] = deque()  # device saves not committed yet, oldest first
         self.failed_blocks: set[int] = set()
         self.pool = ThreadPoolExecutor(config.copy_threads, thread_name_prefix="kvmesh-copy") \
             if config.copy_threads > 1 else None
@@ -78,14 +93,27 @@ class WorkerSide:
     def page_view(self) -> str:
         return self.groups[0].page_view
 
-    def _move(self, jobs: list[PageJob], into_engine: bool, group: int) -> None:
+    def _move(self, jobs: list[PageJob], into_engine: bool, group: int, wait: bool = True) -> Any:
+        """Copy pages; on a device without ``wait``, return the copies' event (None: they are done)."""
         if self.copier is None:
             move_pages(jobs, self.groups[group].layers, into_engine, self.pool, self.config.copy_threads)
-            return
+            return None
         client = self.link.client()
         if client is not None and client.segment is not None:
             self.copier.pin(client.segment.buffer)
-        self.copier.move(jobs, self.groups[group].layers, into_engine)
+        return self.copier.move(jobs, self.groups[group].layers, into_engine, wait=wait)
+
+    def settle_saves(self, wait: bool = False) -> None:
+        """Commit the device saves whose copies have completed (all of them, waiting, with ``wait``), in order."""
+        while self.pending_saves:
+            pending = self.pending_saves[0]
+            if wait:
+                pending.done.synchronize()
+            elif not pending.done.query():
+                return
+            self.pending_saves.popleft()
+            self._commit(pending.client, pending.slots,
+                         wire.StoreCost(time.perf_counter() - pending.started, pending.nbytes, pending.tokens))
 
     def register(self, kv_caches: dict[str, torch.Tensor], num_blocks: int | None) -> None:
         """Take vLLM's per-layer KV tensors; refuse at start what the copy path does not support."""
@@ -148,6 +176,7 @@ class WorkerSide:
 
     # -------------------------------------------------------------------- loads
     def load(self, plans: list[LoadPlan]) -> None:
+        self.settle_saves()
         for plan in plans:
             if plan.rank == self.rank:
                 self._load_one(plan)
@@ -238,6 +267,7 @@ class WorkerSide:
     # -------------------------------------------------------------------- saves
     def save(self, plans: list[SavePlan]) -> None:
         """Store every chunk that this step's requests completed: one reserve and one commit for them all."""
+        self.settle_saves()
         chunks = [(plan.group, chunk) for plan in plans for chunk in plan.chunks]
         client = self.link.client() if chunks else None
         if client is None:
@@ -253,18 +283,26 @@ class WorkerSide:
             self.link.fault("save", f"kvmesh store failed, dropped: {err}", err)
             return
         written = [(slot, group, chunk) for slot, (group, chunk) in zip(slots, chunks) if slot is not None]
+        done = None
         try:
             for group in sorted({group for _, group, _ in written}):
-                self._move([(slot.tensor, torch.tensor(chunk.block_ids, dtype=torch.long))
-                            for slot, g, chunk in written if g == group], into_engine=False, group=group)
+                done = self._move([(slot.tensor, torch.tensor(chunk.block_ids, dtype=torch.long))
+                                   for slot, g, chunk in written if g == group], into_engine=False, group=group,
+                                  wait=False) or done
         except BaseException:
             self._abort(client, [slot for slot, _, _ in written])
             raise
         nbytes = sum(slot.tensor.numel() * slot.tensor.element_size() for slot, _, _ in written)
         tokens = sum(chunk.key.num_tokens for _, group, chunk in written if group == self.shape.token_group)
+        slots_written = [slot for slot, _, _ in written]
+        if done is not None:  # device copies still running (one stream: the last event covers them all)
+            self.pending_saves.append(PendingSave(done, client, slots_written, started, nbytes, tokens))
+            return
+        self._commit(client, slots_written, wire.StoreCost(time.perf_counter() - started, nbytes, tokens))
+
+    def _commit(self, client: Any, slots: list[Any], cost: wire.StoreCost) -> None:
         try:  # the daemon gives reservations back when the connection drops
-            client.commit([slot for slot, _, _ in written],
-                          wire.StoreCost(time.perf_counter() - started, nbytes, tokens))
+            client.commit(slots, cost)
         except ABSORBED as err:
             self.link.fault("save", f"kvmesh store failed, dropped: {err}", err)
 
