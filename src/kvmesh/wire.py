@@ -21,7 +21,7 @@ from kvmesh.wire_codec import ConnectionClosed, ProtocolError, decode, encode
 __all__ = ["PROTOCOL_VERSION", "ConnectionClosed", "ProtocolError", "VersionMismatch", "receive_message",
            "send_message"]
 
-PROTOCOL_VERSION = 6  # bump on any change a client of the previous version would misread
+PROTOCOL_VERSION = 7  # bump on any change a client of the previous version would misread
 _LENGTH = struct.Struct("<I")
 MAX_MESSAGE = 64 * 1024 * 1024
 R = TypeVar("R")
@@ -130,6 +130,7 @@ class LookupReply:
     hits: int  # consecutive chunks found in any tier, from the first
     partials: list[PartialFound]
     below_l1: list[int]  # indexes (< hits) of chunks not in L1 yet: their promotion has started
+    miss_evicted_ago: float = -1.0  # seconds since L1 evicted the first chunk not found; -1: not known evicted
 
 
 @dataclass(frozen=True, slots=True)

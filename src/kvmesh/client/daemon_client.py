@@ -71,6 +71,7 @@ class LookupResult:
     hits: int  # consecutive chunks found in any tier, from the first
     partials: list[PartialCandidate]  # partial chunks stored after the last hit
     below_l1: frozenset[int] = frozenset()  # indexes (< hits) of chunks not in L1 yet: promotion has started
+    miss_evicted_ago: float | None = None  # seconds since L1 evicted the first chunk not found (None: not known)
 
     def resident(self, index: int) -> bool:
         return index not in self.below_l1
@@ -247,7 +248,8 @@ class KVMeshClient:
         reply = self._call(wire.Lookup([wire.ChunkRef(k.digest, k.num_tokens) for k in keys], partials, count,
                                        root))
         found = [PartialCandidate(p.key, p.tokens, p.resident) for p in reply.partials]
-        return LookupResult(reply.hits, found, frozenset(reply.below_l1))
+        return LookupResult(reply.hits, found, frozenset(reply.below_l1),
+                            None if reply.miss_evicted_ago < 0 else reply.miss_evicted_ago)
 
     # ------------------------------------------------------------------- stores
     def reserve(self, keys: Sequence[ChunkKey], metas: Sequence[EntryMeta],

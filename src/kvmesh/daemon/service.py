@@ -169,7 +169,8 @@ class NodeDaemon:
             self.metrics.lookups.inc()
             self.metrics.lookup_tokens.inc(sum(tokens))
             self.metrics.hit_tokens.inc(sum(tokens[:hits]))
-        return wire.LookupReply(hits, partials, sorted(located.below_l1))
+        evicted = self.store.evictions.seconds_since(keys[hits]) if hits < len(keys) else None
+        return wire.LookupReply(hits, partials, sorted(located.below_l1), -1.0 if evicted is None else evicted)
 
     def _op_reserve(self, request: wire.Reserve, session: _Session) -> wire.ReserveReply:
         for index, item in enumerate(request.items):  # all checked before any is reserved

@@ -32,6 +32,7 @@ import torch
 from kvmesh.codecs import Codec, RawCodec
 from kvmesh.entry import EntryMeta
 from kvmesh.store.admission import Admission
+from kvmesh.store.evictions import EvictionLog
 from kvmesh.store.guard import TierGuard
 from kvmesh.store.partials import PartialIndex
 from kvmesh.store.promotion import Promoter
@@ -75,18 +76,24 @@ class TieredStore:
         self._behind: WriteBehind | None = None
         self._write_back: WriteBack | None = None
         self._promoter: Promoter | None = None
+        self.evictions = EvictionLog()  # what L1 evicted, and when: a miss's explanation
+        l1.on_evict = self._l1_evicted
         if self.lower:
             # idle: the writer runs only on CPU time nothing else wants (the engine's compute threads share
             # these cores; a writer at their priority slows every forward pass, docs/benchmarks.md)
             self._write_back = (WriteBack(l1, self.observer)
                                 if any(t.write_policy == "on_eviction" for t in self.lower) else None)
-            if self._write_back is not None:
-                l1.on_evict = self._write_back.evicted
             self._behind = WriteBehind(l1, self._writer, self._targets, self.observer, write_queue_bytes,
                                        writer_priority, quiet_gate, write_back=self._write_back)
             # several prefetchers: one chunk's read overlaps another's decode, and decoding uses every core
             self._promoter = Promoter(l1, self.lower, self._guard, self.observer, self.tensor_at,
                                       prefetch_threads, prefetch_priority)
+
+    def _l1_evicted(self, key: bytes) -> None:
+        """L1 dropped ``key`` (under its lock): remembered, and handed to the write-back if it takes evictions."""
+        self.evictions.record(key)
+        if self._write_back is not None:
+            self._write_back.evicted(key)
 
     @property
     def threads(self) -> list[threading.Thread]:
@@ -172,6 +179,7 @@ class TieredStore:
 
     def commit(self, key: bytes) -> None:
         self.l1.commit(key)
+        self.evictions.forget(key)
         with self._lock:
             partial = self._reserved_partials.pop(key, None)
         if partial is not None:
@@ -188,6 +196,7 @@ class TieredStore:
         """Store a tensor (a convenience for tests and tools; engines write into L1 directly)."""
         status = self._fill_l1(key, chunk, view)
         if status is ReserveStatus.OK:
+            self.evictions.forget(key)
             if parent is not None:
                 self.partial_index.add(parent, key, tokens)
             self._write_down(key)

@@ -7,6 +7,7 @@ with small stand-ins for vLLM's request and block objects and real CPU tensors a
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from kvmesh.integrations.vllm.engine_link import DaemonLink
 from kvmesh.integrations.vllm.engine_shape import EngineKVShape
 from kvmesh.integrations.vllm.scheduler import SchedulerSide
 from kvmesh.integrations.vllm.worker import UnsupportedEngine, WorkerSide
+from kvmesh.keys import chunk_keys, model_namespace
 from kvmesh.layout import KVLayout
 from redis_servers import RedisServer
 
@@ -41,6 +43,7 @@ class FakeRequest:
     lora_request: Any = None
     mm_features: Any = None
     prompt_embeds: Any = None
+    kv_transfer_params: Any = None
 
 
 @dataclass
@@ -184,6 +187,46 @@ def test_a_load_copies_the_stored_pages_into_the_engines_blocks(config: KVMeshCo
     assert target.worker.take_failed_blocks() == set()
     for stored, loaded in zip(source.pages(SOURCE_BLOCKS[:8]), target.pages(TARGET_BLOCKS[:8])):
         assert torch.equal(stored, loaded)
+
+
+EXPLAIN = {"kvmesh": {"explain": True}}
+
+
+def test_a_request_that_asks_is_told_why_its_hit_ends_where_it_does(tmp_path: Path) -> None:
+    config = _config(tmp_path, l1_size="1MiB", l1_eviction="lru")  # lru: the fillers push the prompt out
+    try:
+        source, target = Engine(config, seed=1), Engine(config)
+        stored = _prompt("told")
+        source.compute_and_save(stored, SOURCE_BLOCKS)
+        again = FakeRequest(stored.request_id + "-again", stored.prompt_token_ids, kv_transfer_params=EXPLAIN)
+        assert target.matched(again) == 4 * CHUNK
+        target.scheduler.after_alloc(again, FakeBlocks(TARGET_BLOCKS), 4 * CHUNK)
+        told = target.scheduler.finished(again.request_id)
+        assert told is not None and told["kvmesh"]["kvmesh_hit_tokens"] == 4 * CHUNK
+        assert told["kvmesh"]["loaded_tokens"] == 4 * CHUNK and told["kvmesh"]["chunks_found"] == 4
+        assert "partial chunks are not stored" in told["kvmesh"]["reason"]
+        loads, _ = target.scheduler.build_meta([], None)
+        target.worker.load(loads)  # releases the lease: the chunks may be evicted again
+
+        unseen = FakeRequest("unseen", [7] * 100, kv_transfer_params=EXPLAIN)
+        assert target.matched(unseen) == 0
+        reason = target.scheduler.finished(unseen.request_id)["kvmesh"]["reason"]  # type: ignore[index]
+        assert reason.startswith("chunk 0 (tokens 0-31) is not stored: never seen under this namespace")
+
+        with KVMeshClient(config) as client:  # other entries push the stored prompt out of a 1 MiB L1
+            filler = chunk_keys(list(range(9000, 9000 + 64 * 32)), model_namespace("filler", "x"), 64)
+            for key in filler:  # one at a time: each evicts the least recently used
+                assert client.put([key], [torch.zeros(2, 2, 64, 8, 32, dtype=torch.bfloat16)]) == 1
+        late = FakeRequest(stored.request_id + "-late", stored.prompt_token_ids, kv_transfer_params=EXPLAIN)
+        assert target.matched(late) == 0
+        reason = target.scheduler.finished(late.request_id)["kvmesh"]["reason"]  # type: ignore[index]
+        assert re.fullmatch(r"chunk 0 \(tokens 0-31\) was evicted from L1 \d+ s ago and no lower tier holds it",
+                            reason), reason
+        plain = FakeRequest(stored.request_id + "-plain", stored.prompt_token_ids)
+        target.matched(plain)
+        assert target.scheduler.finished(plain.request_id) is None  # not asked: nothing returned
+    finally:
+        _stop(config)
 
 
 class _ManualEvent:

@@ -133,6 +133,34 @@ def test_served_from_kvmesh_after_eviction_equals_the_engines_own_cache_hit(
     assert answer == reference["A"][1]
 
 
+def _explained(server: EngineServer, prompt: list[int]) -> dict[str, object]:
+    """A completion that asks kvmesh why its hit ended where it did; the summary from its response."""
+    import urllib.request
+
+    body = json.dumps({"model": server.model, "prompt": prompt, "max_tokens": 2, "temperature": 0,
+                       "kv_transfer_params": {"kvmesh": {"explain": True}}}).encode()
+    request = urllib.request.Request(f"{server.base_url}/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as reply:
+        return json.loads(reply.read())["kv_transfer_params"]["kvmesh"]
+
+
+def test_a_request_that_asks_gets_why_its_hit_ended_in_its_response(
+        engine: EngineServer, prompts: dict[str, list[int]]) -> None:
+    _ask(engine, prompts["A"])
+    _evict(engine, prompts, "B", "C")
+    length = len(prompts["A"])
+    told = _explained(engine, prompts["A"])  # its full chunks from kvmesh (this module stores no partial chunks)
+    assert told["prompt_tokens"] == length and told["kvmesh_hit_tokens"] == length // BLOCK * BLOCK
+    assert told["engine_hit_tokens"] + told["loaded_tokens"] == min(length // BLOCK * BLOCK, length - 1)
+    assert told["reason"] == (f"the prompt's last {length % BLOCK} tokens are fewer than a chunk, and partial "
+                              "chunks are not stored (save_partial_chunks is off)")
+    unseen = [int(t) for t in reversed(prompts["B"])]  # never sent: nothing of it is stored
+    told = _explained(engine, unseen)
+    assert told["loaded_tokens"] == 0
+    assert str(told["reason"]).startswith(f"chunk 0 (tokens 0-{BLOCK - 1}) is not stored: never seen")
+
+
 def test_a_new_engine_process_hits_what_the_first_one_stored(
         engine: EngineServer, prompts: dict[str, list[int]], reference: dict[str, tuple[str, str]],
         kvmesh_settings: dict[str, object]) -> None:

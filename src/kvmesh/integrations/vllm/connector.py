@@ -165,8 +165,8 @@ class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
         return KVMeshConnectorMetadata(loads=loads, saves=saves)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._scheduler.finished(request.request_id)
-        return False, None
+        """Nothing waits (saves ran step by step); a request that asked gets its explanation back."""
+        return False, self._scheduler.finished(request.request_id)
 
     def request_finished_all_groups(self, request: Request,
                                     block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:

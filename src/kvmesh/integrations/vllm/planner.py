@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvmesh.keys import ChunkKey, Namespace, chunk_digest, namespace_root
 from kvmesh.layout import KVGroup
@@ -102,6 +103,7 @@ class RequestTracker:
     hit_keys: list[ChunkKey] = field(default_factory=list)  # what the last lookup found
     stored_chunks: int = 0  # leading chunks of ``keys`` known to be stored (hit or saved)
     local_tokens: int = 0  # the engine's own hit, as last presented to the lookup
+    explanation: Any = None  # an explain.Explanation when the request asked for one
 
     @property
     def hit_tokens(self) -> int:

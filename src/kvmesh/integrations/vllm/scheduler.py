@@ -23,6 +23,7 @@ from kvmesh.client import CacheFault, LookupResult
 from kvmesh.config import KVMeshConfig
 from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
 from kvmesh.integrations.vllm.engine_shape import EngineKVShape
+from kvmesh.integrations.vllm.explain import Explanation, hit_end_reason, wants_explanation
 from kvmesh.integrations.vllm.planner import (
     ChunkTransfer,
     LeaseTicket,
@@ -107,7 +108,8 @@ class SchedulerSide:
             namespace = self._namespace(request)
             keys = chunk_keys(tokens, namespace, self.config.chunk_size,
                               include_partial=self.config.save_partial_chunks)
-            tracker = RequestTracker(request.request_id, tokens, self.config.chunk_size, keys, namespace=namespace)
+            tracker = RequestTracker(request.request_id, tokens, self.config.chunk_size, keys, namespace=namespace,
+                                     explanation=Explanation(len(tokens)) if wants_explanation(request) else None)
             self.trackers[request.request_id] = tracker
         return tracker
 
@@ -136,10 +138,12 @@ class SchedulerSide:
                                  [(p.digest, p.tokens) for p in result.partials], tracker.namespace, part)
                     for part, result in zip(self.parts, found)]
         hit_keys = _common_prefix(per_part)
+        cut = None
         if self.shape.has_state:  # a hit ends where a state is stored: a block's end, before the last token
             block = self.shape.layout.block_size
             while hit_keys and (hit_keys[-1].end > len(tracker.tokens) - 1 or hit_keys[-1].end % block):
                 hit_keys.pop()
+                cut = "state"
         below = [_first_below_l1(hit_keys, result, num_computed_tokens, part)
                  for part, result in zip(self.parts, found)]
         first_below = min((index for index in below if index is not None), default=None)
@@ -153,8 +157,16 @@ class SchedulerSide:
                             f"{self.config.promotion_wait_seconds}s of promotion; loading what is, computing "
                             "the rest", _PromotionSlow())
             hit_keys = hit_keys[:first_below]
+            cut = "promotion"
         self.waiting.pop(request.request_id, None)
         tracker.hit_keys = hit_keys
+        if tracker.explanation is not None:
+            tracker.explanation.engine_hit_tokens = num_computed_tokens
+            tracker.explanation.kvmesh_hit_tokens = tracker.hit_tokens
+            tracker.explanation.chunks_found = len(hit_keys)
+            tracker.explanation.chunks_from_below_l1 = len(found[0].below_l1)
+            tracker.explanation.reason = hit_end_reason(len(tracker.tokens), tracker.keys, hit_keys, per_part, found[0],
+                                                        cut, self.config.chunk_size)
         tracker.stored_chunks = max(tracker.stored_chunks, min(result.hits for result in found))
         tracker.local_tokens = num_computed_tokens
         loadable = min(tracker.hit_tokens, len(tracker.tokens) - 1)  # the engine computes the last token
@@ -163,6 +175,8 @@ class SchedulerSide:
     def after_alloc(self, request: RequestLike, blocks: BlocksLike, num_external_tokens: int) -> None:
         """Pin what will be loaded (in L1 only: this never waits) and queue the load for the worker."""
         tracker = self.trackers.get(request.request_id)
+        if tracker is not None and tracker.explanation is not None:
+            tracker.explanation.loaded_tokens = num_external_tokens
         if num_external_tokens == 0 or tracker is None:
             return
         first, last = tracker.local_tokens, tracker.local_tokens + num_external_tokens
@@ -211,9 +225,13 @@ class SchedulerSide:
                     saves.append(SavePlan(req_id, chunks, index))
         return loads, saves
 
-    def finished(self, req_id: str) -> None:
-        self.trackers.pop(req_id, None)
+    def finished(self, req_id: str) -> dict[str, Any] | None:
+        """Forget the request; its explanation, if it asked for one (``explain.py``)."""
+        tracker = self.trackers.pop(req_id, None)
         self.waiting.pop(req_id, None)
+        if tracker is None or tracker.explanation is None:
+            return None
+        return {"kvmesh": tracker.explanation.to_dict()}
 
 
 def content_beyond_tokens(request: RequestLike) -> str | None:
