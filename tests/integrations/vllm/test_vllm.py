@@ -153,8 +153,10 @@ def test_a_request_that_asks_gets_why_its_hit_ended_in_its_response(
     told = _explained(engine, prompts["A"])  # its full chunks from kvmesh (this module stores no partial chunks)
     assert told["prompt_tokens"] == length and told["kvmesh_hit_tokens"] == length // BLOCK * BLOCK
     assert told["engine_hit_tokens"] + told["loaded_tokens"] == min(length // BLOCK * BLOCK, length - 1)
-    assert told["reason"] == (f"the prompt's last {length % BLOCK} tokens are fewer than a chunk, and partial "
-                              "chunks are not stored (save_partial_chunks is off)")
+    assert told["reason"] == (
+        "every chunk of the prompt is stored; the engine computes the prompt's last token itself" if length % BLOCK == 0
+        else f"the prompt's last {length % BLOCK} tokens are fewer than a chunk, and partial chunks are not stored "
+             "(save_partial_chunks is off)")
     unseen = [int(t) for t in reversed(prompts["B"])]  # never sent: nothing of it is stored
     told = _explained(engine, unseen)
     assert told["loaded_tokens"] == 0
