@@ -173,7 +173,7 @@ def main() -> None:
     report: dict[str, object] = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
                                  "cuda": torch.version.cuda}
     try:
-        copier.pin(segment.buffer)
+        copier.pin(segment)
         report["host_to_device_peak_GBps"] = host_to_device_peak(device)
         report["layouts"] = [check_layout(layout, pattern, segment, copier, device, args.repeat)
                              for layout in ("LBHNC", "LBNHC", "BLHNC", "MLA") for pattern in ("runs", "scattered")]

@@ -23,17 +23,21 @@ def _fill(stats: TierStats) -> float:
     return stats.bytes_used / stats.capacity if stats.capacity else 0.0
 
 
+def _room(stats: TierStats) -> str:
+    return "full" if stats.capacity and _fill(stats) >= FULL_AT else "up"
+
+
 def tier_state(tier: Any, stats: TierStats) -> str:
     """``up``, ``full``, ``circuit_open`` or ``circuit_half_open`` (a breaker probing a server that failed)."""
     if circuit_open(tier):
         return f"circuit_{tier.breaker.state.name.lower()}"
-    return "full" if stats.capacity and _fill(stats) >= FULL_AT else "up"
+    return _room(stats)
 
 
 def daemon_health(store: TieredStore, segment_path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     l1 = store.l1.stats()
     problems = []
-    l1_state = "full" if l1.capacity and _fill(l1) >= FULL_AT else "up"
+    l1_state = _room(l1)
     if not segment_path.exists():
         l1_state = "unusable"
         problems.append(f"L1's shared-memory segment {segment_path} is gone: engines cannot map it; restart the "
@@ -59,5 +63,6 @@ def circuit_open(tier: Any) -> bool:
 
 
 def store_gauges(store: TieredStore) -> StoreGauges:
-    return StoreGauges(store.write_queue_bytes(), {lower.tier.name: circuit_open(lower.tier) for lower in store.lower
-                                                   if getattr(lower.tier, "breaker", None) is not None})
+    """The write-behind queue's depth, and each breaker-guarded tier's circuit (tiers without one: none)."""
+    guarded = [lower.tier for lower in store.lower if getattr(lower.tier, "breaker", None) is not None]
+    return StoreGauges(store.write_queue_bytes(), {tier.name: circuit_open(tier) for tier in guarded})

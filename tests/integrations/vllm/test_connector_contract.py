@@ -248,7 +248,7 @@ class _DeviceLikeCopier:
     def __init__(self) -> None:
         self.events: list[_ManualEvent] = []
 
-    def pin(self, buffer: object) -> None:
+    def pin(self, segment: object) -> None:
         return
 
     def move(self, jobs, layers, into_engine: bool, wait: bool = True) -> _ManualEvent:

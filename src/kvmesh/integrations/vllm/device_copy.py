@@ -30,18 +30,20 @@ class DeviceCopier:
             raise ValueError(f"kvmesh copies KV on CUDA devices and the CPU, not on {device}")
         self.device = device
         self.stream = torch.cuda.Stream(device)
+        self._segment: Any = None  # the mapping registered last (compared by identity: no work per copy)
         self._pinned: tuple[int, int] | None = None  # (address, size) of the registered segment
         self.copies = 0
 
-    def pin(self, buffer: Any) -> None:
-        """Register ``buffer`` (L1's mapping in this process) as pinned memory, once per mapping.
+    def pin(self, segment: Any) -> None:
+        """Register ``segment``'s mapping (L1's, in this process) as pinned memory, once per mapping: the worker
+        calls this before every copy, and a daemon restart maps a new segment.
 
         A failed registration is logged and the copies still run, staged by the driver (slower, as correct).
         """
-        view = torch.frombuffer(buffer, dtype=torch.uint8)
-        region = (view.data_ptr(), view.numel())
-        if region == self._pinned:
+        if segment is self._segment:
             return
+        view = torch.frombuffer(segment.buffer, dtype=torch.uint8)
+        region = (view.data_ptr(), view.numel())
         cudart = torch.cuda.cudart()
         if self._pinned is not None:
             cudart.cudaHostUnregister(self._pinned[0])  # an older mapping (the daemon restarted): its result is moot
@@ -49,7 +51,7 @@ class DeviceCopier:
         if int(status) != 0:
             log.warning("kvmesh: could not pin L1's shared memory for DMA (cudaHostRegister: %s); copies stay "
                         "correct but are staged by the driver", status)
-        self._pinned = region
+        self._segment, self._pinned = segment, region
 
     def move(self, jobs: list[PageJob], layers: list[torch.Tensor], into_engine: bool,
              wait: bool = True) -> torch.cuda.Event:

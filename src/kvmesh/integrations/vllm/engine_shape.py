@@ -116,7 +116,8 @@ def recurrent_state_kinds(model_config: object) -> list[str]:
     return [name for name in RECURRENT_STATE_FLAGS if getattr(model_config, name, False)]
 
 
-def _layer_order(name: str) -> list[int]:
+def layer_order(name: str) -> list[int]:
+    """Sort key of vLLM's layer names: the numbers in them (``layers.10`` after ``layers.2``)."""
     return [int(n) for n in re.findall(r"\d+", name)]
 
 
@@ -147,7 +148,7 @@ def _spec_group(spec: object, layer_names: tuple[str, ...], kernel_of: KernelOf)
                 f"speculative blocks); this engine runs mamba_cache_mode={mode!r} with {speculative} speculative "
                 "blocks: enable prefix caching and turn speculative decoding off, or run without kvmesh")
         shapes, dtypes = spec.shapes, spec.dtypes  # type: ignore[attr-defined]
-        state_bytes = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        state_bytes = sum(math.prod(shape) * dtype.itemsize
                           for shape, dtype in zip(shapes, dtypes))
         described = ",".join(f"{'x'.join(map(str, shape))}{dtype_name(dtype)}" for shape, dtype in zip(shapes, dtypes))
         return KVGroup.state(len(layer_names), state_bytes, spec.block_size,  # type: ignore[attr-defined]
@@ -159,7 +160,7 @@ def _spec_group(spec: object, layer_names: tuple[str, ...], kernel_of: KernelOf)
 def kv_groups(kv_cache_config: KVCacheConfig, kernel_of: KernelOf | None = None) -> tuple[KVGroup, ...]:
     """The engine's KV cache groups, from the config vLLM hands every connector (never a table of models)."""
     kernel_of = kernel_of or page_kernel
-    groups = tuple(_spec_group(group.kv_cache_spec, tuple(sorted(group.layer_names, key=_layer_order)), kernel_of)
+    groups = tuple(_spec_group(group.kv_cache_spec, tuple(sorted(group.layer_names, key=layer_order)), kernel_of)
                    for group in kv_cache_config.kv_cache_groups)
     if not groups:
         raise UnsupportedModel("kvmesh: vLLM's KV cache config has no KV cache groups (an attention-free model?)")

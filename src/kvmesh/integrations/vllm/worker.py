@@ -11,7 +11,6 @@ propagates.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from kvmesh.config import KVMeshConfig
 from kvmesh.entry import EntryMeta, EntryMetaError
 from kvmesh.integrations.vllm.device_copy import DeviceCopier
 from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
-from kvmesh.integrations.vllm.engine_shape import EngineKVShape
+from kvmesh.integrations.vllm.engine_shape import EngineKVShape, layer_order
 from kvmesh.integrations.vllm.planner import LoadPlan, SavePlan
 from kvmesh.keys import PartKeys
 from kvmesh.layout import KVGroup
@@ -100,7 +99,7 @@ class WorkerSide:
             return None
         client = self.link.client()
         if client is not None and client.segment is not None:
-            self.copier.pin(client.segment.buffer)
+            self.copier.pin(client.segment)
         return self.copier.move(jobs, self.groups[group].layers, into_engine, wait=wait)
 
     def settle_saves(self, wait: bool = False) -> None:
@@ -128,7 +127,7 @@ class WorkerSide:
                     raise UnsupportedEngine(f"kvmesh: vLLM registered no KV cache for layers {', '.join(missing)}")
                 layers = [kv_caches[name] for name in group.layer_names]
             else:  # one group of every layer, in the order of the numbers in their names
-                ordered = sorted(names, key=lambda name: [int(n) for n in re.findall(r"\d+", name)])
+                ordered = sorted(names, key=layer_order)
                 layers = [kv_caches[name] for name in ordered]
             self.groups.append(self._group_pages(group, layers, num_blocks))
 
