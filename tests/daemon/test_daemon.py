@@ -11,6 +11,7 @@ from kvmesh.config import KVMeshConfig
 from kvmesh.daemon.service import DaemonAlreadyRunning, NodeDaemon
 from kvmesh.entry import EntryMeta
 from kvmesh.keys import chunk_keys, model_namespace, namespace_root
+from polling import eventually
 
 NS = model_namespace("test-model", "L4.H2.D32.bfloat16")
 
@@ -74,8 +75,9 @@ os._exit(0)  # die holding a pin and a reservation
 """
     import json
     subprocess.run([sys.executable, "-c", code, json.dumps(daemon_config.to_dict())], check=True)
-    # the reservation was aborted: the chunk can be written now
-    assert client.put(keys[1:], _chunks(keys[1:])) == 1
+    # the daemon notices the closed connection on its own thread, soon after the process is gone: once it
+    # has, the reservation is aborted and the chunk can be written
+    assert eventually(lambda: client.put(keys[1:], _chunks(keys[1:])) == 1)
     assert client.delete(keys[:1]) == 1
     assert client.lookup(keys) == 0
 

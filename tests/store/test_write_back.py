@@ -12,6 +12,7 @@ from kvmesh.store.types import LowerTier, NullObserver
 from kvmesh.store.write_back import WriteBack
 from kvmesh.tiers.disk import DiskTier
 from kvmesh.tiers.memory import MemoryTier
+from polling import eventually
 
 MiB = 1024 * 1024
 L1_BYTES = 2 * MiB  # 32 chunks of 64 KiB; the oldest quarter (8 chunks) is kept written once it is nearly full
@@ -41,15 +42,6 @@ def _store(tmp_path: Path) -> tuple[TieredStore, MemoryTier, DiskTier, Drops]:
     return store, l1, disk, drops
 
 
-def _wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
-
-
 def test_nothing_goes_to_disk_while_l1_has_room_and_a_flush_writes_it_all(tmp_path: Path) -> None:
     store, _, disk, _ = _store(tmp_path)
     try:
@@ -70,7 +62,7 @@ def test_the_oldest_entries_go_down_before_l1_evicts_them(tmp_path: Path) -> Non
         for seed in range(48):  # half again what L1 holds
             assert store.put(_key(seed), _chunk(seed))
             # a store at a time the writer keeps up with: the oldest quarter is on disk before the next one
-            assert _wait_for(lambda: all(disk.contains(k) for k in l1.next_to_evict(L1_BYTES // 4))
+            assert eventually(lambda: all(disk.contains(k) for k in l1.next_to_evict(L1_BYTES // 4))
                              or l1.capacity - l1.used >= L1_BYTES // 4)
         assert l1.stats().evictions >= 16
         assert drops.reasons == []  # nothing left L1 unwritten
@@ -139,7 +131,7 @@ def test_what_l1_is_about_to_evict_goes_down_even_while_engines_hold_writes_back
     try:
         for seed in range(40):
             assert store.put(_key(seed), _chunk(seed))
-            assert _wait_for(lambda: all(disk.contains(k) for k in l1.next_to_evict(L1_BYTES // 8))
+            assert eventually(lambda: all(disk.contains(k) for k in l1.next_to_evict(L1_BYTES // 8))
                              or l1.capacity - l1.used >= L1_BYTES // 8)
         assert drops.reasons == []
         assert disk.stats().stores >= 8  # written although the engine never went quiet
