@@ -112,6 +112,9 @@ def serve(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model path or name (as for vLLM).")],
     set_: SetOption = None,
+    blend: Annotated[bool, typer.Option(
+        "--blend", help="Let requests reuse stored passages wherever they stand (CacheBlend-style, approximate): "
+        "loads the model through kvmesh's loader and turns vLLM's own prefix cache off.")] = False,
 ) -> None:
     """Start vLLM's OpenAI-compatible server with kvmesh enabled; other arguments go to vLLM.
 
@@ -123,7 +126,7 @@ def serve(
 
     config = _load_config(set_)
     try:
-        command = build_serve_command(model, ctx.args, _overrides(set_))
+        command = build_serve_command(model, ctx.args, _overrides(set_), blend=blend)
     except (ValueError, ConfigError) as err:
         err_console.print(f"[red]kvmesh serve: {err}[/red]")
         raise typer.Exit(2) from None

@@ -108,6 +108,13 @@ def parse_float(value: Any) -> float:
     raise ValueError(f"expected a number, got {value!r}")
 
 
+def _fraction(value: Any) -> float:
+    number = parse_float(value)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"expected a fraction between 0 and 1, got {value!r}")
+    return number
+
+
 def _codec_spec(value: Any) -> str:
     from kvmesh.codecs import get_codec
 
@@ -281,6 +288,25 @@ class KVMeshConfig:
         False, parse_bool,
         "Start the connector in a CUDA engine. kvmesh's GPU copy path is tested on CPU tensors in GPU layouts but "
         "not yet verified on a GPU, so it runs only when asked for (a log line says so).")
+    blend: bool = _opt(
+        False, parse_bool,
+        "Blend every request (CacheBlend-style reuse of passages that are not a prefix) where the engine runs "
+        "the blend path (kvmesh serve --blend); without it a request opts in with "
+        '"kv_transfer_params": {"kvmesh": {"blend": true}}. Blended KV is approximate: it is never stored or '
+        "served as an exact prefix.")
+    blend_fraction: float = _opt(
+        0.15, _fraction,
+        "The share of reused passage tokens a blend recomputes (besides every token no stored passage covers), "
+        "chosen by kvmesh's rule: each passage's first tokens, then the largest key deviations at layer 1.")
+    blend_min_passage_tokens: int = _opt(
+        32, parse_int,
+        "Passages shorter than this many tokens are neither stored for blending nor reused: they are computed.")
+    blend_boundary_token: int = _opt(
+        -1, parse_int,
+        "The token id at which each passage starts (a chat message's first token). -1: the token the model's chat "
+        "template puts before a message's role (<|im_start|>, <|start_header_id|>); a request may instead name "
+        'its passages as token spans ("kv_transfer_params": {"kvmesh": {"blend": true, "passages": [[start, '
+        "end], ...]}}).")
     verify_loads: bool = _opt(
         False, parse_bool,
         "After loading KV into the engine, read it back and compare with the stored bytes "

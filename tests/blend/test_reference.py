@@ -111,3 +111,23 @@ def test_rotary_embeddings_that_are_not_pure_rotations_are_refused() -> None:
     with pytest.raises(UnsupportedRope, match="scales cos/sin by 1.2"):
         model_inv_freq(fake("default", 1.2))
     assert model_inv_freq(fake("llama3")).numel() == 4
+
+
+def test_an_exact_prefix_is_kept_and_the_rest_blended_after_it(model_and_texts) -> None:
+    """The vLLM path's shape: tokens [0, fixed) are a prefix hit, given and never recomputed."""
+    from kvmesh.blend.compute import BlendSettings, blend_kv
+    from kvmesh.blend.reference import TransformersLayers
+
+    model, (a, b, c, _) = model_and_texts
+    tokens = a + c + b
+    full = passage_kv(model, tokens)
+    prefix = full[:, :, :PASSAGE].clone()
+    passages = [Passage(2 * PASSAGE, 3 * PASSAGE, passage_kv(model, b))]
+    everything = blend_kv(TransformersLayers(model), tokens, passages, BlendSettings("cacheblend", 1.0), prefix)
+    assert torch.equal(everything.kv[:, :, :PASSAGE], prefix)
+    assert everything.recomputed.tolist() == list(range(PASSAGE, 3 * PASSAGE))  # never a prefix token
+    assert torch.allclose(everything.kv, full, atol=1e-4), float((everything.kv - full).abs().max())
+    reused = blend_kv(TransformersLayers(model), tokens, passages, BlendSettings("none"), prefix)
+    assert reused.recomputed.tolist() == list(range(PASSAGE, 2 * PASSAGE))
+    with pytest.raises(ValueError, match="exact prefix"):
+        blend_kv(TransformersLayers(model), tokens, [Passage(0, PASSAGE, prefix)], BlendSettings(), prefix)

@@ -36,11 +36,13 @@ class CompletionResult:
 
 
 def stream_completion(base_url: str, model: str, prompt: str | list[int], max_tokens: int,
-                      temperature: float = 0.0, timeout: float = 900.0, ignore_eos: bool = True) -> CompletionResult:
-    """Send one streaming completion request and time it."""
+                      temperature: float = 0.0, timeout: float = 900.0, ignore_eos: bool = True,
+                      extra: dict[str, object] | None = None) -> CompletionResult:
+    """Send one streaming completion request and time it (``extra``: more fields of the request body)."""
     parts = urlsplit(base_url)
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
-                       "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos})
+                       "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos,
+                       **(extra or {})})
     if parts.hostname is None:
         raise ValueError(f"not an http URL: {base_url!r}")
     connection = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)

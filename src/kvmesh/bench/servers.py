@@ -69,6 +69,7 @@ class EngineSpec:
     python: str = sys.executable  # another virtual environment's interpreter runs a peer system
     embedded_defaults: bool = False  # True: kvmesh serve's defaults (a disk tier) where kvmesh names none
     dtype: str | None = None  # vLLM's --dtype (a --dtype in extra_args wins); None: this machine's choice
+    blend: bool = False  # kvmesh serve --blend: kvmesh's loader, vLLM's own prefix cache off
 
     @property
     def engine_dtype(self) -> str:
@@ -83,7 +84,7 @@ class EngineSpec:
     def vllm_args(self, port: int) -> list[str]:
         args = ["--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--gpu-memory-utilization", "0.4",
                 "--max-model-len", str(self.max_model_len),
-                "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching"]
+                "--enable-prefix-caching" if self.prefix_caching and not self.blend else "--no-enable-prefix-caching"]
         if explicit_dtype(self.extra_args) is None:
             args += ["--dtype", self.engine_dtype]
         pool_bytes = self.kv_cache_bytes
@@ -115,7 +116,7 @@ class EngineServer:
         args = self.spec.vllm_args(self.port)
         if self.spec.kvmesh is not None:
             command = build_serve_command(self.spec.model, args, self.spec.kvmesh, python=self.spec.python,
-                                          embedded_defaults=self.spec.embedded_defaults)
+                                          embedded_defaults=self.spec.embedded_defaults, blend=self.spec.blend)
             argv, env = command.argv, command.env
         else:
             argv = [self.spec.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.spec.model, *args]

@@ -83,3 +83,17 @@ def test_a_model_with_recurrent_state_gets_prefill_steps_of_one_block_unless_the
     assert "--max-num-batched-tokens" not in chosen.argv and chosen.notes == []
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     assert build_serve_command(str(tmp_path), ["--dtype", "float32"], {}).notes == []
+
+
+def test_an_engine_that_blends_loads_through_kvmesh_and_runs_without_vllms_own_prefix_cache() -> None:
+    blending = build_serve_command("m", ["--port", "8001"], {}, blend=True)
+    assert blending.argv[-3:] == ["--load-format", "kvmesh", "--no-enable-prefix-caching"]
+    assert any("opt in" in note for note in blending.notes)
+    server_wide = build_serve_command("m", [], {"blend": "true"})  # the config key implies --blend
+    assert "--no-enable-prefix-caching" in server_wide.argv and "kvmesh" in server_wide.argv
+    plain = build_serve_command("m", [], {})
+    assert "--load-format" not in plain.argv and "--no-enable-prefix-caching" not in plain.argv
+    with pytest.raises(ValueError, match="--load-format kvmesh, got --load-format safetensors"):
+        build_serve_command("m", ["--load-format", "safetensors"], {}, blend=True)
+    with pytest.raises(ValueError, match="drop --enable-prefix-caching"):
+        build_serve_command("m", ["--enable-prefix-caching"], {}, blend=True)

@@ -41,6 +41,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvmesh.config import KVMeshConfig
+from kvmesh.integrations.vllm.blend_model import why_not_blend
+from kvmesh.integrations.vllm.blend_plan import BlendPlan, BlendScheduler, PassageSave
 from kvmesh.integrations.vllm.engine_link import DaemonLink
 from kvmesh.integrations.vllm.engine_shape import EngineKVShape, cpu_page_view
 from kvmesh.integrations.vllm.identity import engine_model_identity, lora_identity
@@ -78,6 +80,8 @@ def _log_to_engine_log(level: str) -> None:
 class KVMeshConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadPlan] = field(default_factory=list)
     saves: list[SavePlan] = field(default_factory=list)
+    blends: list[BlendPlan] = field(default_factory=list)
+    passage_saves: list[PassageSave] = field(default_factory=list)
 
 
 def require_recompute_policy(policy: object) -> None:
@@ -107,6 +111,21 @@ def tensor_parallel_rank(world: int) -> int:
     return get_tensor_model_parallel_rank()
 
 
+def _message_start_token(vllm_config: VllmConfig) -> int | None:
+    """The token that starts each chat message, from the model's tokenizer (where passages are cut)."""
+    from transformers import AutoTokenizer
+
+    from kvmesh.blend.segments import message_start_token
+
+    model_config = vllm_config.model_config
+    tokenizer = AutoTokenizer.from_pretrained(str(model_config.tokenizer), local_files_only=True,
+                                              trust_remote_code=bool(model_config.trust_remote_code))
+    token = message_start_token(tokenizer)
+    log.info("kvmesh: passages start at token %s (%s)", token,
+             tokenizer.convert_ids_to_tokens([token])[0] if token is not None else "none in the chat template")
+    return token
+
+
 class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
     """Declares vLLM's ``SupportsHMA``: vLLM keeps its hybrid KV-cache manager on, so sliding-window layers keep
     only their window and models with recurrent state start; every KV cache group is stored (``KVGroup``)."""
@@ -134,7 +153,11 @@ class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
                              f"{max(1, self.config.chunk_size // block_size) * block_size}")
         self.link = DaemonLink(self.config, engine)
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = SchedulerSide(self.config, self.shape, self.link, lora_identity)
+            unavailable = why_not_blend(vllm_config, len(self.shape.groups))
+            if self.config.blend and unavailable is not None:
+                log.warning("kvmesh: blend is on, but this engine serves exact prefixes only: %s", unavailable)
+            blend = BlendScheduler(self.config, self.link, unavailable, lambda: _message_start_token(vllm_config))
+            self._scheduler = SchedulerSide(self.config, self.shape, self.link, lora_identity, blend=blend)
         else:
             self._worker = WorkerSide(self.config, self.shape, self.link, tensor_parallel_rank(self.shape.tp_world))
         self.link.connect_at_start()  # start or reach the daemon while vLLM starts, not in the first request
@@ -162,7 +185,8 @@ class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
         manager = getattr(self, "_kv_cache_manager", None)
         block_ids_of = manager.get_block_ids if manager is not None else None
         loads, saves = self._scheduler.build_meta(scheduled, block_ids_of)
-        return KVMeshConnectorMetadata(loads=loads, saves=saves)
+        blends, passage_saves = self._scheduler.build_blend_meta(scheduled, block_ids_of)
+        return KVMeshConnectorMetadata(loads=loads, saves=saves, blends=blends, passage_saves=passage_saves)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Nothing waits (saves ran step by step); a request that asked gets its explanation back."""
@@ -181,7 +205,7 @@ class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, KVMeshConnectorMetadata)
-        self._worker.load(metadata.loads)
+        self._worker.load(metadata.loads, metadata.blends)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete in start_load_kv: the CPU backend has nothing to overlap them with
@@ -193,7 +217,7 @@ class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
     def wait_for_save(self) -> None:
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, KVMeshConnectorMetadata)
-        self._worker.save(metadata.saves)
+        self._worker.save(metadata.saves, metadata.passage_saves)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_failed_blocks()

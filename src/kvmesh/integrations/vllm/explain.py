@@ -26,6 +26,8 @@ class Explanation:
     chunks_found: int = 0
     chunks_from_below_l1: int = 0  # found on disk or in Redis, promoted into L1 for this request
     reason: str = ""  # why the hit ends where it does
+    blended_tokens: int = 0  # tokens after the exact hit materialized by blending stored passages (approximate)
+    passages_reused: int = 0  # stored passages that blend reused
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from kvmesh.client import CacheFault, LookupResult
 from kvmesh.config import KVMeshConfig
+from kvmesh.integrations.vllm.blend_plan import BlendPlan, BlendScheduler, PassageSave
 from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
 from kvmesh.integrations.vllm.engine_shape import EngineKVShape
 from kvmesh.integrations.vllm.explain import Explanation, hit_end_reason, wants_explanation
@@ -69,8 +70,9 @@ class _Waiting:
 class SchedulerSide:
     def __init__(self, config: KVMeshConfig, shape: EngineKVShape, link: DaemonLink,
                  lora_identity: Callable[[Any], str] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, blend: BlendScheduler | None = None) -> None:
         self.config = config
+        self.blend = blend  # passages reused wherever they stand (blend_plan.py); None: exact prefixes only
         self.shape = shape
         self.link = link
         self.lora_identity = lora_identity or (lambda lora: f"name:{lora.lora_name}")
@@ -170,6 +172,18 @@ class SchedulerSide:
         tracker.stored_chunks = max(tracker.stored_chunks, min(result.hits for result in found))
         tracker.local_tokens = num_computed_tokens
         loadable = min(tracker.hit_tokens, len(tracker.tokens) - 1)  # the engine computes the last token
+        blends = self.blend
+        blend = blends.track(request, tracker.tokens, tracker.namespace) if blends is not None else None
+        if blends is not None and blend is not None:
+            fixed = max(num_computed_tokens, loadable)
+            end = blends.claim(blend, tracker.tokens, fixed)
+            if tracker.explanation is not None:
+                tracker.explanation.blended_tokens = max(0, end - fixed)
+                tracker.explanation.passages_reused = len(blend.reused)
+            if end:
+                # blended KV is approximate: no exact chunk is stored from its first token on
+                tracker.keys = [key for key in tracker.keys if key.end <= fixed]
+                return end - num_computed_tokens
         return max(0, loadable - num_computed_tokens)
 
     def after_alloc(self, request: RequestLike, blocks: BlocksLike, num_external_tokens: int) -> None:
@@ -181,6 +195,13 @@ class SchedulerSide:
             return
         first, last = tracker.local_tokens, tracker.local_tokens + num_external_tokens
         block_ids = blocks.get_block_ids()
+        blends = self.blend
+        blend = blends.requests.get(request.request_id) if blends is not None else None
+        if blends is not None and blend is not None and blend.end and last == blend.end:
+            blends.plan(request.request_id, tracker.tokens, block_ids[0])
+            last = blend.fixed  # the exact prefix is loaded as usual; the worker blends the rest after it
+            if last <= first:
+                return
         chunks = [plan_group_load(group, tracker.hit_keys, first, last, block_ids[index])
                   for index, group in enumerate(self.shape.groups)]
         client = self.link.client()
@@ -225,10 +246,28 @@ class SchedulerSide:
                     saves.append(SavePlan(req_id, chunks, index))
         return loads, saves
 
+    def build_blend_meta(self, scheduled: list[tuple[str, int, int]],
+                         block_ids_of: Callable[[str], tuple[list[int], ...]] | None
+                         ) -> tuple[list[BlendPlan], list[PassageSave]]:
+        """Blends queued since the last step, and passages of prompts this step finished computing."""
+        if self.blend is None:
+            return [], []
+        saves = []
+        for req_id, computed, scheduled_now in scheduled:
+            tracker = self.trackers.get(req_id)
+            if tracker is None or block_ids_of is None:
+                continue
+            save = self.blend.saves(req_id, len(tracker.tokens), computed + scheduled_now, block_ids_of(req_id)[0])
+            if save is not None:
+                saves.append(save)
+        return self.blend.take_plans(), saves
+
     def finished(self, req_id: str) -> dict[str, Any] | None:
         """Forget the request; its explanation, if it asked for one (``explain.py``)."""
         tracker = self.trackers.pop(req_id, None)
         self.waiting.pop(req_id, None)
+        if self.blend is not None:
+            self.blend.finished(req_id)
         if tracker is None or tracker.explanation is None:
             return None
         return {"kvmesh": tracker.explanation.to_dict()}

