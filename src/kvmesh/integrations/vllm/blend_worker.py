@@ -22,7 +22,6 @@ import torch
 from kvmesh.blend.compute import Passage, blend_kv
 from kvmesh.blend.rope import rerotate_keys
 from kvmesh.client import CacheFault
-from kvmesh.codecs.kvview import kv_parts, kv_targets
 from kvmesh.entry import EntryMeta, EntryMetaError
 from kvmesh.integrations.vllm.blend_model import VLLMLayers, engine_model
 from kvmesh.integrations.vllm.blend_plan import BlendPlan, PassageSave
@@ -46,7 +45,11 @@ class BlendTimes:
 
 
 class PagesAsTokens:
-    """A request's pages (one KV cache group's layers) read and written as token-major ``[layers, 2, T, H, D]``."""
+    """A request's pages (one KV cache group's layers) read and written as token-major ``[layers, 2, T, H, D]``.
+
+    The page orders are ``codecs.kvview``'s, imported when a blend runs: an engine that does not blend imports
+    nothing of the codecs (``tests/test_engine_imports.py``).
+    """
 
     def __init__(self, layers: list[torch.Tensor], page_view: str, block_size: int) -> None:
         self.layers = layers
@@ -55,6 +58,8 @@ class PagesAsTokens:
 
     def read(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
         """K/V of tokens ``[start, end)`` of the request whose blocks are ``block_ids``."""
+        from kvmesh.codecs.kvview import kv_parts
+
         first, last = start // self.block_size, -(-end // self.block_size)
         blocks = torch.tensor(block_ids[first:last], dtype=torch.long)
         pages = torch.stack([layer.index_select(0, blocks) for layer in self.layers])  # [L, nb, H, bs, 2D]
@@ -69,6 +74,8 @@ class PagesAsTokens:
 
         Slots of the last block past the written tokens are zeroed: the engine writes its own tokens there.
         """
+        from kvmesh.codecs.kvview import kv_targets
+
         if start % self.block_size:
             raise ValueError(f"a blend writes from a block's start, got token {start}")
         tokens = kv.shape[2]

@@ -22,7 +22,6 @@ import torch
 
 from kvmesh import wire
 from kvmesh.client import CacheFault, LeaseLost
-from kvmesh.codecs.kvview import PAGE_VIEWS
 from kvmesh.config import KVMeshConfig
 from kvmesh.entry import EntryMeta, EntryMetaError
 from kvmesh.integrations.vllm.blend_model import BlendUnavailable
@@ -182,6 +181,8 @@ class WorkerSide:
     def blender(self) -> Blender:
         """Blending over the first group's pages (an engine that blends has one group: ``why_not_blend``)."""
         if self._blender is None:
+            from kvmesh.codecs.kvview import PAGE_VIEWS  # only in an engine that blends (see PagesAsTokens)
+
             pages = self.groups[0]
             if self.copier is not None or pages.page_view not in PAGE_VIEWS or len(self.groups) != 1:
                 raise BlendUnavailable(f"kvmesh blends KV in CPU pages of one KV cache group whose order it knows; "
