@@ -47,8 +47,14 @@ def engine_model() -> Any:
                            f"start vLLM with --load-format {LOAD_FORMAT} (kvmesh serve --blend sets it)")
 
 
-def why_not_blend(vllm_config: Any, groups: int) -> str | None:
-    """Why this engine cannot blend, in words (None: it can): the scheduler decides before any request."""
+PURE_ROTATIONS = ("default", "llama3")  # RoPE kinds a delta rotation moves exactly (VLLMLayers.inv_freq)
+
+
+def why_not_blend(vllm_config: Any, group_kinds: list[str]) -> str | None:
+    """Why this engine cannot blend, in words (None: it can): the scheduler decides before any request.
+
+    ``group_kinds``: the kind of each KV cache group (``layout.KVGroup.kind``).
+    """
     load_format = str(getattr(vllm_config.load_config, "load_format", ""))
     if load_format != LOAD_FORMAT:
         return f"vLLM's load format is {load_format!r}, not {LOAD_FORMAT!r} (kvmesh serve --blend sets it)"
@@ -60,10 +66,13 @@ def why_not_blend(vllm_config: Any, groups: int) -> str | None:
     architectures = list(getattr(vllm_config.model_config.hf_config, "architectures", None) or [])
     if not set(architectures) & set(BLEND_ARCHITECTURES):
         return f"architecture {architectures} (blending runs {', '.join(BLEND_ARCHITECTURES)})"
-    if groups != 1:
-        return "several KV cache groups (sliding windows or recurrent state)"
-    if getattr(vllm_config.model_config.hf_config, "sliding_window", None):
-        return "a sliding window"
+    if group_kinds != ["full"]:
+        return f"KV cache groups {group_kinds} (blending runs full attention only: no window, no recurrent state)"
+    hf_config = vllm_config.model_config.hf_config
+    rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind not in PURE_ROTATIONS:
+        return f"RoPE {kind!r} (a delta rotation moves {', '.join(PURE_ROTATIONS)} RoPE keys exactly)"
     return None
 
 

@@ -153,7 +153,7 @@ class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
                              f"{max(1, self.config.chunk_size // block_size) * block_size}")
         self.link = DaemonLink(self.config, engine)
         if role == KVConnectorRole.SCHEDULER:
-            unavailable = why_not_blend(vllm_config, len(self.shape.groups))
+            unavailable = why_not_blend(vllm_config, [group.kind for group in self.shape.groups])
             if self.config.blend and unavailable is not None:
                 log.warning("kvmesh: blend is on, but this engine serves exact prefixes only: %s", unavailable)
             blend = BlendScheduler(self.config, self.link, unavailable, lambda: _message_start_token(vllm_config))
