@@ -24,8 +24,9 @@ full-reuse bracket.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -61,6 +62,7 @@ class Blended:
     kv: torch.Tensor
     recomputed: torch.Tensor  # positions recomputed after the check layer (uncovered ones included)
     reused: int  # tokens covered by passages
+    seconds: dict[str, float] = field(default_factory=dict)  # place (and re-rotate), full layers, select, the rest
 
 
 @dataclass(frozen=True)
@@ -136,13 +138,19 @@ def _starts(passages: Sequence[Passage], budget: int, each: int) -> torch.Tensor
     return torch.cat(picked)[:budget] if picked else torch.zeros(0, dtype=torch.long)
 
 
-def _attend(model: LayerModel, layer: int, hidden: torch.Tensor, positions: torch.Tensor,
-            keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """One decoder layer for the tokens at ``positions`` (``hidden``: their states), writing their K and V into
-    ``keys``/``values`` (``[tokens, kv_heads, head_dim]``, every token of the prompt) and attending over all."""
+def _project(model: LayerModel, layer: int, hidden: torch.Tensor, positions: torch.Tensor,
+             keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The queries of the tokens at ``positions`` (``hidden``: their states); their K and V written into
+    ``keys``/``values`` (``[tokens, kv_heads, head_dim]``, every token of the prompt)."""
     q, k, v = model.project(layer, hidden, positions)
     keys[positions] = k.to(keys.dtype)
     values[positions] = v.to(values.dtype)
+    return q
+
+
+def _attend(model: LayerModel, layer: int, hidden: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
+            keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The rest of the layer for the tokens at ``positions``: attention over every token's K/V, then its MLP."""
     out = torch.empty_like(q)
     for group in torch.split(torch.arange(len(positions)), QUERY_GROUP):
         # each group of queries (in position order) attends only to the keys up to its last position: about half
@@ -165,6 +173,7 @@ def blend_kv(model: LayerModel, tokens: Sequence[int], passages: Sequence[Passag
 
     ``prefix_kv`` (``[layers, 2, fixed, kv_heads, head_dim]``) is the exact KV of the first ``fixed`` tokens.
     """
+    started = time.perf_counter()
     count = len(tokens)
     fixed = 0 if prefix_kv is None else prefix_kv.shape[2]
     dtype = passages[0].kv.dtype if passages else (prefix_kv.dtype if prefix_kv is not None else model.dtype)
@@ -183,21 +192,32 @@ def blend_kv(model: LayerModel, tokens: Sequence[int], passages: Sequence[Passag
         out[:, 0, passage.start:passage.end] = rerotate_keys(passage.kv[:, 0], passage.start - passage.cached_start,
                                                              inv_freq)
         out[:, 1, passage.start:passage.end] = passage.kv[:, 1]
-    stored_keys = out[:, 0].clone() if settings.rule != "none" and passages else None
     uncovered = torch.nonzero(~covered).flatten()
     computed = torch.arange(fixed, count)
     full_layers = 0 if settings.rule == "none" or not passages else min(settings.check_layer + 1, model.num_layers)
+    stored_keys = out[full_layers - 1, 0].clone() if full_layers else None  # the check layer's, as placed
+    seconds = {"place": time.perf_counter() - started}
+    mark = time.perf_counter()
     active = computed if full_layers else uncovered
     hidden = model.embed(torch.tensor(list(tokens))[active])
     generator = torch.Generator().manual_seed(settings.seed)
     recomputed = uncovered
     for index in range(model.num_layers):
-        if len(active):
-            hidden = _attend(model, index, hidden, active, out[index, 0], out[index, 1])
-        if index == full_layers - 1 and stored_keys is not None:  # the check layer: what later layers recompute
-            deviation = (out[index, 0] - stored_keys[index]).float().pow(2).sum(dim=(1, 2))
+        if not len(active):
+            continue
+        q = _project(model, index, hidden, active, out[index, 0], out[index, 1])
+        if index == full_layers - 1 and stored_keys is not None:
+            # the check layer: every token's fresh K/V is written; only the tokens chosen now (and those no passage
+            # covers) go on, so only they attend and pass the MLP here and in every later layer
+            seconds["full_layers"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+            deviation = (out[index, 0] - stored_keys).float().pow(2).sum(dim=(1, 2))
             chosen = select(settings, ordered, deviation, generator)
             recomputed = torch.cat((uncovered, chosen)).unique(sorted=True)
-            hidden = hidden[torch.searchsorted(active, recomputed)]
-            active = recomputed
-    return Blended(out, recomputed, int(covered[fixed:].sum()))
+            kept = torch.searchsorted(active, recomputed)
+            hidden, q, active = hidden[kept], q[kept], recomputed
+            seconds["select"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+        hidden = _attend(model, index, hidden, q, active, out[index, 0], out[index, 1])
+    seconds["selected_layers"] = time.perf_counter() - mark
+    return Blended(out, recomputed, int(covered[fixed:].sum()), seconds)

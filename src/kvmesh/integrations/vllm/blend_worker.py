@@ -127,9 +127,12 @@ class Blender:
         write_from = plan.fixed - plan.fixed % self.pages.block_size
         self.pages.write(plan.block_ids, write_from, blended.kv[:, :, write_from:plan.end])
         times.write = time.perf_counter() - started - times.read - times.compute
+        phases = blended.seconds
         log.debug("kvmesh: blended request %s tokens %d-%d: %d passages reused, %d tokens recomputed; read %.3fs, "
-                  "compute %.3fs, write %.3fs", plan.req_id, plan.fixed, plan.end, len(passages),
-                  len(blended.recomputed), times.read, times.compute, times.write)
+                  "compute %.3fs, write %.3fs; compute: re-rotate %.3fs, layers 0-%d %.3fs, select %.3fs, the rest "
+                  "%.3fs", plan.req_id, plan.fixed, plan.end, len(passages), len(blended.recomputed), times.read,
+                  times.compute, times.write, phases.get("place", 0.0), plan.settings.check_layer,
+                  phases.get("full_layers", 0.0), phases.get("select", 0.0), phases.get("selected_layers", 0.0))
         return set()
 
     def _passages(self, plan: BlendPlan, model: VLLMLayers) -> list[Passage]:
