@@ -35,6 +35,7 @@ REQUESTS: list[wire.Request[Any]] = [
     wire.Commit([KEY], wire.StoreCost(0.25, 1 << 20, 512)),
     wire.ReleaseLease("00ff", wire.LoadCost(0.5, 4096, 256, verified=2, mismatches=1)),
     wire.ReportError("lease_expired"),
+    wire.ReportBlend(3000, 8, 612, 1.5),
     wire.Delete([KEY]),
     wire.Stats(flush=True),
     wire.Shutdown(),

@@ -393,7 +393,8 @@ def bench_run(
                     # each point of a sweep gets its own documents, so no point is warmed by the one before
                     point_requests = requests if point == 0 else build(seed + 1000 * point)
                     run = run_workload(server.base_url, server.model, point_requests, answer_tokens, rate,
-                                       concurrency, seed, label=label, sample=sampler, warmup_rounds=warmup_rounds)
+                                       concurrency, seed, label=label, sample=sampler, warmup_rounds=warmup_rounds,
+                                       blend=system.blend)
                     run.system = name
                     runs.append(run)
         finally:

@@ -21,7 +21,7 @@ from kvmesh.wire_codec import ConnectionClosed, ProtocolError, decode, encode
 __all__ = ["PROTOCOL_VERSION", "ConnectionClosed", "ProtocolError", "VersionMismatch", "receive_message",
            "send_message"]
 
-PROTOCOL_VERSION = 7  # bump on any change a client of the previous version would misread
+PROTOCOL_VERSION = 8  # bump on any change a client of the previous version would misread
 _LENGTH = struct.Struct("<I")
 MAX_MESSAGE = 64 * 1024 * 1024
 R = TypeVar("R")
@@ -282,6 +282,19 @@ class ReportError(Request[Done]):
 
 
 @dataclass(frozen=True, slots=True)
+class ReportBlend(Request[Done]):
+    """One blended request: tokens materialized by blending (approximate: never counted as loaded), passages
+    reused, tokens recomputed after the check layer, and the blend's time in the engine."""
+
+    op = "report_blend"
+    reply = Done
+    tokens: int
+    passages: int
+    recomputed: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class Delete(Request[DeleteReply]):
     op = "delete"
     reply = DeleteReply
@@ -305,7 +318,7 @@ class Shutdown(Request[Done]):
 
 REQUESTS: dict[str, type[Request[Any]]] = {cls.op: cls for cls in (
     Hello, Lookup, Reserve, Commit, Abort, Acquire, Release, ReleaseLease,
-    ReportError, Delete, Stats, Shutdown)}
+    ReportError, ReportBlend, Delete, Stats, Shutdown)}
 
 
 # ------------------------------------------------------------------------ encoding

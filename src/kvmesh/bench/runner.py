@@ -50,12 +50,13 @@ class RunRecord:
 def run_workload(base_url: str, model: str, requests: Sequence[Request], answer_tokens: int,
                  qps: float | None = None, concurrency: int = 1, seed: int = 0, label: str = "",
                  sample: Callable[[], dict[str, float]] | None = None, show_progress: bool = True,
-                 warmup_rounds: int = 0) -> RunRecord:
+                 warmup_rounds: int = 0, blend: bool = False) -> RunRecord:
     """Run ``requests`` in order of arrival; returns every request's timing and the sampled metrics.
 
     With ``qps`` or ``concurrency`` above 1, rounds below ``warmup_rounds`` go first, one at a time, and only
     the later rounds arrive concurrently: throughput and TTFT then describe the steady state (returning
-    users), not a mix with every user's cold first request.
+    users), not a mix with every user's cold first request.  ``blend``: each request asks kvmesh to blend
+    its passages (``Request.passages``, as token spans).
     """
     rng = random.Random(seed)
     done_events = {}
@@ -77,7 +78,10 @@ def run_workload(base_url: str, model: str, requests: Sequence[Request], answer_
             done_events[previous_of[index]].wait()
         sent = time.perf_counter() - started
         try:
-            reply = stream_completion(base_url, model, request.prompt, answer_tokens)
+            spans = [list(span) for span in request.passages]
+            extra: dict[str, object] | None = \
+                {"kv_transfer_params": {"kvmesh": {"blend": True, "passages": spans}}} if blend and spans else None
+            reply = stream_completion(base_url, model, request.prompt, answer_tokens, extra=extra)
             record = RequestRecord(index, request.user, request.round, len(request.prompt), sent, reply.ttft,
                                    reply.latency, reply.inter_token_latency, reply.completion_tokens, reply.text)
         except Exception as err:  # noqa: BLE001 - a failed request is a result

@@ -24,6 +24,8 @@ SYSTEMS: dict[str, str] = {
     "kvmesh": "vLLM + kvmesh, L1 (shared memory)",
     "kvmesh-disk": "vLLM + kvmesh, L1 + disk",
     "kvmesh-full": "vLLM + kvmesh, L1, whole chunks only (no partial chunks)",
+    "kvmesh-blend": "vLLM + kvmesh, L1, passages blended wherever they stand (rag; approximate KV; vLLM's own "
+                    "prefix cache off)",
     "lmcache": "vLLM + LMCache 0.5.6 multi-process mode, memory",
     "lmcache-disk": "vLLM + LMCache 0.5.6 multi-process mode, memory + disk",
     "example": "vLLM + ExampleConnector (safetensors files)",
@@ -91,6 +93,7 @@ class PreparedSystem:
     kvmesh: dict[str, object] | None = None
     peer: LMCacheServer | None = None
     notes: list[str] = field(default_factory=list)
+    blend: bool = False  # requests ask kvmesh to blend their passages
 
     def sample_metrics(self) -> dict[str, float]:
         """The kvmesh daemon's counters (empty for other systems)."""
@@ -133,6 +136,8 @@ def prepare_system(name: str, model: str, pool_tokens: int, max_model_len: int, 
                                        "save_partial_chunks": name != "kvmesh-full"}
         if name == "kvmesh-disk":
             settings["disk_path"] = str(work / f"disk-{uuid.uuid4().hex[:6]}")
+        if name == "kvmesh-blend":
+            spec.blend = system.blend = True
         settings.update(kvmesh_overrides or {})
         spec.kvmesh = system.kvmesh = settings
     elif name.startswith("lmcache"):

@@ -20,6 +20,7 @@ class Request:
     user: int
     round: int
     prompt: list[int]
+    passages: tuple[tuple[int, int], ...] = ()  # token spans of reusable passages (RAG), for blending systems
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +117,12 @@ def rag(tokenizer: Tokenizer, spec: RagSpec) -> list[Request]:
     for _ in range(spec.requests):
         chosen = rng.sample(range(spec.passages), spec.per_request)
         prompt = tokenizer.encode("Answer from these passages.\n\n", add_special_tokens=False)
+        spans = []
         for index in chosen:
+            spans.append((len(prompt), len(prompt) + len(pool[index])))
             prompt += pool[index] + tokenizer.encode("\n\n", add_special_tokens=False)
         prompt += tokenizer.encode(f"Question: {rng.choice(sentences)}\nAnswer:", add_special_tokens=False)
         round_index = seen.get(chosen[0], 0)
         seen[chosen[0]] = round_index + 1
-        requests.append(Request(chosen[0], round_index, prompt))
+        requests.append(Request(chosen[0], round_index, prompt, tuple(spans)))
     return requests

@@ -345,6 +345,10 @@ class KVMeshClient:
     def report_error(self, kind: str) -> None:
         self._call(wire.ReportError(kind))
 
+    def report_blend(self, tokens: int, passages: int, recomputed: int, seconds: float) -> None:
+        """Count a blended request in the daemon's metrics, apart from exact loads."""
+        self._call(wire.ReportBlend(tokens, passages, recomputed, seconds))
+
     def get(self, keys: Sequence[ChunkKey]) -> list[torch.Tensor]:
         """Copies of the longest stored prefix of ``keys``."""
         with self.acquire(keys) as slots:

@@ -49,6 +49,13 @@ class DaemonMetrics:
         self.store_seconds = Histogram("kvmesh_store_seconds", "Engine-side time to store one batch of KV.",
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.errors = Counter("kvmesh_errors", "Errors, by kind.", ["kind"], registry=r)
+        self.blended_tokens = Counter("kvmesh_blended_tokens", "Tokens materialized by blending stored passages "
+                                      "(approximate KV; not in kvmesh_loaded_tokens).", registry=r)
+        self.blend_passages = Counter("kvmesh_blend_passages_reused", "Stored passages reused by blends.", registry=r)
+        self.blend_recomputed = Counter("kvmesh_blend_recomputed_tokens",
+                                        "Tokens blends recomputed after the check layer.", registry=r)
+        self.blend_seconds = Histogram("kvmesh_blend_seconds", "Engine-side time to blend one request.",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
         self.verified_chunks = Counter("kvmesh_load_verified_chunks",
                                        "Loaded chunks read back from the engine and compared (verify_loads).",
                                        registry=r)

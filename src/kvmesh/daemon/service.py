@@ -248,6 +248,13 @@ class NodeDaemon:
         self.metrics.errors.labels(request.kind[:64]).inc()
         return wire.Done()
 
+    def _op_report_blend(self, request: wire.ReportBlend, session: _Session) -> wire.Done:
+        self.metrics.blended_tokens.inc(max(0, request.tokens))
+        self.metrics.blend_passages.inc(max(0, request.passages))
+        self.metrics.blend_recomputed.inc(max(0, request.recomputed))
+        self.metrics.blend_seconds.observe(max(0.0, request.seconds))
+        return wire.Done()
+
     def _op_delete(self, request: wire.Delete, session: _Session) -> wire.DeleteReply:
         return wire.DeleteReply(sum(self.store.delete(key) for key in request.keys))
 

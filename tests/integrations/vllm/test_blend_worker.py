@@ -103,7 +103,10 @@ def test_passages_stored_from_one_prompt_are_blended_into_another_as_the_referen
     reused = [Segment(PASSAGE, 2 * PASSAGE, segment_digest(ns, c)), Segment(2 * PASSAGE, 3 * PASSAGE,
                                                                            segment_digest(ns, b))]
     plan = BlendPlan("r2", second[:3 * PASSAGE], PASSAGE, 3 * PASSAGE, other, reused, BlendSettings())
+    blended_before = client.metrics().get("kvmesh_blended_tokens_total", 0.0)
     assert blender.run(plan, failed_prefix=False) == set()
+    # counted apart from exact loads
+    assert client.metrics()["kvmesh_blended_tokens_total"] - blended_before == 2 * PASSAGE
     # what the oracle blends from the same stored passages (computed in the first prompt at 48 and 96)
     stored = passage_kv(model, first)
     expected = blend_kv(layers, second[:3 * PASSAGE],

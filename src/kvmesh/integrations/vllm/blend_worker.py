@@ -128,6 +128,13 @@ class Blender:
         self.pages.write(plan.block_ids, write_from, blended.kv[:, :, write_from:plan.end])
         times.write = time.perf_counter() - started - times.read - times.compute
         phases = blended.seconds
+        client = self.link.client()
+        if client is not None:
+            try:
+                client.report_blend(plan.end - plan.fixed, len(passages), len(blended.recomputed),
+                                    time.perf_counter() - started)
+            except ABSORBED as err:
+                self.link.fault("report", f"kvmesh could not count a blend: {err}", err)
         log.debug("kvmesh: blended request %s tokens %d-%d: %d passages reused, %d tokens recomputed; read %.3fs, "
                   "compute %.3fs, write %.3fs; compute: re-rotate %.3fs, layers 0-%d %.3fs, select %.3fs, the rest "
                   "%.3fs", plan.req_id, plan.fixed, plan.end, len(passages), len(blended.recomputed), times.read,
