@@ -225,6 +225,15 @@ def test_a_request_that_asks_is_told_why_its_hit_ends_where_it_does(tmp_path: Pa
         plain = FakeRequest(stored.request_id + "-plain", stored.prompt_token_ids)
         target.matched(plain)
         assert target.scheduler.finished(plain.request_id) is None  # not asked: nothing returned
+
+        _stop(config)  # no daemon: the first lookup fails, later ones find no daemon to ask; both say so
+        told = []
+        for name in ("gone", "still-gone"):
+            request = FakeRequest(name, stored.prompt_token_ids, kv_transfer_params=EXPLAIN)
+            assert target.scheduler.num_new_matched_tokens(request, 0) == 0
+            told.append(target.scheduler.finished(name)["kvmesh"]["reason"])  # type: ignore[index]
+        assert told[0].startswith("the kvmesh lookup failed (") and told[0].endswith("): a miss")
+        assert told[1] == "the kvmesh daemon is not reachable: a miss, computed by the engine"
     finally:
         _stop(config)
 

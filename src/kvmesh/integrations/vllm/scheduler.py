@@ -126,6 +126,8 @@ class SchedulerSide:
             return None
         client = self.link.client()
         if client is None:
+            if tracker.explanation is not None:
+                tracker.explanation.reason = "the kvmesh daemon is not reachable: a miss, computed by the engine"
             return 0
         try:
             found = [client.lookup_with_partials([part.key(k) for k in tracker.keys],
@@ -135,6 +137,8 @@ class SchedulerSide:
         except ABSORBED as err:
             self.link.fault("lookup", f"kvmesh lookup failed, treating as a miss: {err}", err)
             self.waiting.pop(request.request_id, None)
+            if tracker.explanation is not None:
+                tracker.explanation.reason = f"the kvmesh lookup failed ({type(err).__name__}): a miss"
             return 0
         per_part = [match_prefix(tracker.tokens, tracker.keys, result.hits,
                                  [(p.digest, p.tokens) for p in result.partials], tracker.namespace, part)
