@@ -74,3 +74,24 @@ def _text(renderable) -> str:
     console = Console(width=200, record=True)
     console.print(renderable)
     return console.export_text()
+
+
+def test_explain_prints_a_recent_requests_summary_and_names_an_unknown_one(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    args = ["--set", f"socket_dir={tmp_path / 'sock'}", "--set", "instance=top-test"]
+    with KVMeshClient(config) as client:
+        try:
+            for index in range(3):
+                client.record_request(f"cmpl-{index}-0-ab12", {"prompt_tokens": 1000 + index, "kvmesh_hit_tokens": 512,
+                                                        "reason": f"reason number {index}"})
+            # the response's id: vLLM's request id without its "-0-<suffix>"
+            one = CliRunner().invoke(app, ["explain", "--request", "cmpl-1", "--json", *args])
+            assert one.exit_code == 0, one.output
+            assert '"prompt_tokens": 1001' in one.output and "reason number 1" in one.output
+            assert "cmpl-0" not in one.output
+            table = CliRunner().invoke(app, ["explain", "--recent", "2", *args])
+            assert "cmpl-2" in table.output and "cmpl-1" in table.output and "cmpl-0" not in table.output
+            missing = CliRunner().invoke(app, ["explain", "--request", "cmpl-9", *args])
+            assert missing.exit_code == 1 and "no request 'cmpl-9'" in missing.output
+        finally:
+            client.shutdown_daemon()

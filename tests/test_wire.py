@@ -36,6 +36,8 @@ REQUESTS: list[wire.Request[Any]] = [
     wire.ReleaseLease("00ff", wire.LoadCost(0.5, 4096, 256, verified=2, mismatches=1)),
     wire.ReportError("lease_expired"),
     wire.ReportBlend(3000, 8, 612, 1.5),
+    wire.RecordRequest("cmpl-1", {"prompt_tokens": 300, "reason": "why"}),
+    wire.RecentRequests("cmpl-1", 5),
     wire.Delete([KEY]),
     wire.Stats(flush=True),
     wire.Shutdown(),
@@ -51,6 +53,7 @@ REPLIES: list[Any] = [
     wire.AcquireReply([]),
     wire.ReleaseLeaseReply(False),
     wire.DeleteReply(3),
+    wire.RecentRequestsReply([{"request_id": "cmpl-1", "prompt_tokens": 300}]),
     wire.StatsReply({"l1": {"entries": 1}}, {"kvmesh_lookups_total": 2.0}, 0, {"l1_size": 1}, [{"pid": 1}]),
 ]
 

@@ -210,6 +210,44 @@ def top(set_: SetOption = None,
 
 
 @app.command()
+def explain(set_: SetOption = None,
+            request: Annotated[str, typer.Option("--request", help="A request's id (as vLLM names it, e.g. "
+                                                 "cmpl-...): its summary.")] = "",
+            recent: Annotated[int, typer.Option(help="Without --request: the last N requests.", min=1)] = 10,
+            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Why recent requests hit or missed: what the cache did for each (the node daemon keeps the last 1,000)."""
+    import json as json_module
+
+    from rich.table import Table
+
+    from kvmesh.client import CacheFault, DaemonUnavailable, KVMeshClient
+
+    config = KVMeshConfig.from_mapping({"autostart_daemon": False}, base=_load_config(set_))
+    try:
+        with KVMeshClient(config, check_config=False) as client:
+            found = client.recent_requests(request, 1 if request else recent)
+    except (DaemonUnavailable, CacheFault) as err:
+        err_console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
+    if request and not found:
+        err_console.print(f"[red]no request {request!r} among the daemon's recent ones (it keeps the last 1,000; "
+                          "vLLM names completions cmpl-..., chat completions chatcmpl-...)[/red]")
+        raise typer.Exit(1)
+    if as_json:
+        console.print_json(json_module.dumps(found))
+        return
+    table = Table(title=f"kvmesh {config.instance}: recent requests, newest last")
+    for column in ("request", "prompt", "engine hit", "kvmesh hit", "loaded", "blended", "from below L1", "why"):
+        table.add_column(column, overflow="fold")
+    for summary in found:
+        table.add_row(str(summary.get("request_id", "")), f"{summary.get('prompt_tokens', 0):,}",
+                      f"{summary.get('engine_hit_tokens', 0):,}", f"{summary.get('kvmesh_hit_tokens', 0):,}",
+                      f"{summary.get('loaded_tokens', 0):,}", f"{summary.get('blended_tokens', 0):,}",
+                      f"{summary.get('chunks_from_below_l1', 0)} chunks", str(summary.get("reason", "")))
+    console.print(table)
+
+
+@app.command()
 def demo(
     tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 3500,
     engine: Annotated[str, typer.Option(help="vllm: serve with vLLM + kvmesh (the main demo); "

@@ -155,6 +155,11 @@ class DeleteReply:
 
 
 @dataclass(frozen=True, slots=True)
+class RecentRequestsReply:
+    requests: list[dict[str, Any]]  # newest last
+
+
+@dataclass(frozen=True, slots=True)
 class StatsReply:
     tiers: dict[str, dict[str, Any]]
     metrics: dict[str, float]
@@ -295,6 +300,26 @@ class ReportBlend(Request[Done]):
 
 
 @dataclass(frozen=True, slots=True)
+class RecordRequest(Request[Done]):
+    """What the cache did for one finished request (``explain.Explanation``), kept in the daemon's recent list."""
+
+    op = "record_request"
+    reply = Done
+    request_id: str
+    summary: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RecentRequests(Request[RecentRequestsReply]):
+    """The last ``limit`` requests' summaries (only ``request_id``'s where it is given), newest last."""
+
+    op = "recent_requests"
+    reply = RecentRequestsReply
+    request_id: str = ""
+    limit: int = 20
+
+
+@dataclass(frozen=True, slots=True)
 class Delete(Request[DeleteReply]):
     op = "delete"
     reply = DeleteReply
@@ -318,7 +343,7 @@ class Shutdown(Request[Done]):
 
 REQUESTS: dict[str, type[Request[Any]]] = {cls.op: cls for cls in (
     Hello, Lookup, Reserve, Commit, Abort, Acquire, Release, ReleaseLease,
-    ReportError, ReportBlend, Delete, Stats, Shutdown)}
+    ReportError, ReportBlend, RecordRequest, RecentRequests, Delete, Stats, Shutdown)}
 
 
 # ------------------------------------------------------------------------ encoding

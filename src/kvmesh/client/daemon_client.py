@@ -345,6 +345,14 @@ class KVMeshClient:
     def report_error(self, kind: str) -> None:
         self._call(wire.ReportError(kind))
 
+    def record_request(self, request_id: str, summary: dict[str, Any]) -> None:
+        """Keep a finished request's summary (``explain.Explanation``) in the daemon's recent list."""
+        self._call(wire.RecordRequest(request_id, summary))
+
+    def recent_requests(self, request_id: str = "", limit: int = 20) -> list[dict[str, Any]]:
+        """The daemon's last ``limit`` request summaries (only ``request_id``'s where given), newest last."""
+        return self._call(wire.RecentRequests(request_id, limit)).requests
+
     def report_blend(self, tokens: int, passages: int, recomputed: int, seconds: float) -> None:
         """Count a blended request in the daemon's metrics, apart from exact loads."""
         self._call(wire.ReportBlend(tokens, passages, recomputed, seconds))

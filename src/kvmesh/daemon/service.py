@@ -20,6 +20,7 @@ import socket
 import socketserver
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,9 @@ log = logging.getLogger("kvmesh.daemon")
 
 class DaemonAlreadyRunning(RuntimeError):
     """Another daemon holds this instance's lock."""
+
+
+RECENT_REQUESTS = 1000  # finished requests whose summaries the daemon keeps (kvmesh explain --request)
 
 
 @dataclass(eq=False)
@@ -89,6 +93,7 @@ class NodeDaemon:
         self._store_lock = threading.Lock()  # guards the sessions; the store and the leases lock themselves
         self.leases = LeaseTable(self.store.release, config.lease_seconds)
         self._sessions: set[_Session] = set()  # connections that said which engine they serve
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)  # finished requests' summaries
         self._started = time.time()
         self.socket_path.unlink(missing_ok=True)
         self._server = _Server(str(self.socket_path), _Handler)
@@ -254,6 +259,18 @@ class NodeDaemon:
         self.metrics.blend_recomputed.inc(max(0, request.recomputed))
         self.metrics.blend_seconds.observe(max(0.0, request.seconds))
         return wire.Done()
+
+    def _op_record_request(self, request: wire.RecordRequest, session: _Session) -> wire.Done:
+        engine = session.engine.get("model", "") if session.engine else ""
+        self.recent.append({"request_id": request.request_id[:200], "engine": engine, "finished": time.time(),
+                            **request.summary})
+        return wire.Done()
+
+    def _op_recent_requests(self, request: wire.RecentRequests, session: _Session) -> wire.RecentRequestsReply:
+        wanted = request.request_id  # vLLM's own id of a request is the response's id plus "-<n>-<suffix>"
+        found = [s for s in list(self.recent)
+                 if not wanted or s["request_id"] == wanted or s["request_id"].startswith(wanted + "-")]
+        return wire.RecentRequestsReply(found[-max(1, request.limit):])
 
     def _op_delete(self, request: wire.Delete, session: _Session) -> wire.DeleteReply:
         return wire.DeleteReply(sum(self.store.delete(key) for key in request.keys))

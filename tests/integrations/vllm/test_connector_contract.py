@@ -225,6 +225,11 @@ def test_a_request_that_asks_is_told_why_its_hit_ends_where_it_does(tmp_path: Pa
         plain = FakeRequest(stored.request_id + "-plain", stored.prompt_token_ids)
         target.matched(plain)
         assert target.scheduler.finished(plain.request_id) is None  # not asked: nothing returned
+        with KVMeshClient(config) as client:  # ... but every request's summary is kept by the daemon
+            recent = client.recent_requests(limit=3)
+            assert [r["request_id"] for r in recent] == [unseen.request_id, late.request_id, plain.request_id]
+            assert client.recent_requests(again.request_id)[0]["kvmesh_hit_tokens"] == 4 * CHUNK
+            assert client.recent_requests("never-sent") == []
 
         _stop(config)  # no daemon: the first lookup fails, later ones find no daemon to ask; both say so
         told = []

@@ -134,7 +134,8 @@ def test_served_from_kvmesh_after_eviction_equals_the_engines_own_cache_hit(
 
 
 def _explained(server: EngineServer, prompt: list[int]) -> dict[str, object]:
-    """A completion that asks kvmesh why its hit ended where it did; the summary from its response."""
+    """A completion that asks kvmesh why its hit ended where it did; the summary from its response (and, as
+    ``_id``, the response's id)."""
     import urllib.request
 
     body = json.dumps({"model": server.model, "prompt": prompt, "max_tokens": 2, "temperature": 0,
@@ -142,11 +143,12 @@ def _explained(server: EngineServer, prompt: list[int]) -> dict[str, object]:
     request = urllib.request.Request(f"{server.base_url}/v1/completions", body,
                                      {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=300) as reply:
-        return json.loads(reply.read())["kv_transfer_params"]["kvmesh"]
+        answer = json.loads(reply.read())
+    return {**answer["kv_transfer_params"]["kvmesh"], "_id": answer["id"]}
 
 
 def test_a_request_that_asks_gets_why_its_hit_ended_in_its_response(
-        engine: EngineServer, prompts: dict[str, list[int]]) -> None:
+        engine: EngineServer, prompts: dict[str, list[int]], kvmesh_settings: dict[str, object]) -> None:
     _ask(engine, prompts["A"])
     _evict(engine, prompts, "B", "C")
     length = len(prompts["A"])
@@ -161,6 +163,10 @@ def test_a_request_that_asks_gets_why_its_hit_ended_in_its_response(
     told = _explained(engine, unseen)
     assert told["loaded_tokens"] == 0
     assert str(told["reason"]).startswith(f"chunk 0 (tokens 0-{BLOCK - 1}) is not stored: never seen")
+    # the daemon keeps it too, under the response's id: what `kvmesh explain --request ID` prints
+    with _client(kvmesh_settings) as client:
+        (kept,) = client.recent_requests(str(told["_id"]))
+    assert kept["reason"] == told["reason"] and kept["prompt_tokens"] == len(unseen)
 
 
 def test_a_new_engine_process_hits_what_the_first_one_stored(

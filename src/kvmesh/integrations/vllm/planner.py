@@ -103,7 +103,8 @@ class RequestTracker:
     hit_keys: list[ChunkKey] = field(default_factory=list)  # what the last lookup found
     stored_chunks: int = 0  # leading chunks of ``keys`` known to be stored (hit or saved)
     local_tokens: int = 0  # the engine's own hit, as last presented to the lookup
-    explanation: Any = None  # an explain.Explanation when the request asked for one
+    explanation: Any = None  # an explain.Explanation: what the cache did for the request
+    asked: bool = False  # the request asked for its explanation in its response
 
     @property
     def hit_tokens(self) -> int:

@@ -110,8 +110,10 @@ class SchedulerSide:
             namespace = self._namespace(request)
             keys = chunk_keys(tokens, namespace, self.config.chunk_size,
                               include_partial=self.config.save_partial_chunks)
+            # every request's summary goes to the daemon's recent list (kvmesh explain --request); the request
+            # gets it back in its response only where it asked
             tracker = RequestTracker(request.request_id, tokens, self.config.chunk_size, keys, namespace=namespace,
-                                     explanation=Explanation(len(tokens)) if wants_explanation(request) else None)
+                                     explanation=Explanation(len(tokens)), asked=wants_explanation(request))
             self.trackers[request.request_id] = tracker
         return tracker
 
@@ -267,14 +269,21 @@ class SchedulerSide:
         return self.blend.take_plans(), saves
 
     def finished(self, req_id: str) -> dict[str, Any] | None:
-        """Forget the request; its explanation, if it asked for one (``explain.py``)."""
+        """Forget the request, recording its summary with the daemon; its explanation, if it asked for one."""
         tracker = self.trackers.pop(req_id, None)
         self.waiting.pop(req_id, None)
         if self.blend is not None:
             self.blend.finished(req_id)
         if tracker is None or tracker.explanation is None:
             return None
-        return {"kvmesh": tracker.explanation.to_dict()}
+        summary = tracker.explanation.to_dict()
+        client = self.link.client()
+        if client is not None:
+            try:
+                client.record_request(req_id, summary)
+            except ABSORBED as err:
+                self.link.fault("record", f"kvmesh could not record a request's summary: {err}", err)
+        return {"kvmesh": summary} if tracker.asked else None
 
 
 def content_beyond_tokens(request: RequestLike) -> str | None:
