@@ -7,7 +7,9 @@ warm-up prompts (stored by kvmesh as it goes), then each measured prompt is sent
 * kvmesh serve --blend, the request asking for a blend;
 * the same engine, the same prompt without blend: a full prefill (no exact prefix of a shuffled prompt is
   stored, and vLLM's own prefix cache is off in a blending engine) whose answer is the exact one;
-* plain vLLM with its prefix cache on, after the same warm-up (``--skip-plain`` leaves it out).
+* plain vLLM with its prefix cache on, after the same warm-up (``--skip-plain`` leaves it out);
+* with ``--lmcache``: vLLM + LMCache's multi-process server with its CacheBlend engine (``--engine-type blend``,
+  LMCache's own virtual environment: ``bash benchmarks/peers/setup_lmcache.sh``), after the same warm-up.
 
 Reported: median TTFT of each, the blend's speed-up over the full prefill, how many greedy answers equal the
 exact one (and their common prefix in tokens), and where the blend's time went (from the engine's debug log:
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=None, help="blend_fraction (kvmesh's default if unset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--lmcache", action="store_true", help="also LMCache's blend engine (its own venv)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -92,7 +95,8 @@ def main() -> None:
     if args.fraction is not None:
         settings["blend_fraction"] = args.fraction
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}
-    results: dict[str, list] = {"blend": [], "full": [], "plain": [], "tokens": [len(p) for p in measured]}
+    results: dict[str, list] = {"blend": [], "full": [], "plain": [], "lmcache": [],
+                                "tokens": [len(p) for p in measured]}
     blend_log = work / "blend.log"
     spec = EngineSpec(model, kvmesh=settings, blend=True, max_model_len=max_len, kv_pool_tokens=2 * max_len,
                       extra_env=env)
@@ -116,6 +120,24 @@ def main() -> None:
                 stream_completion(server.base_url, model, prompt, 1)
             for prompt in measured:
                 results["plain"].append((stream_completion(server.base_url, model, prompt, args.answer).ttft, ""))
+    if args.lmcache:
+        from kvmesh.bench.systems import prepare_system
+
+        system = prepare_system("lmcache-blend", model, 2 * max_len, max_len, work, 2 * max_len)
+        system.spec.extra_env = env
+        try:
+            with EngineServer(system.spec, work / "lmcache.log") as server:
+                for prompt in warm:
+                    stream_completion(server.base_url, model, prompt, 1)
+                for index, prompt in enumerate(measured):
+                    reply = stream_completion(server.base_url, model, prompt, args.answer)
+                    results["lmcache"].append((reply.ttft, reply.text))
+                    print(f"prompt {index}: LMCache blend {reply.ttft:.3f}s, same answer as the exact one: "
+                          f"{reply.text == results['full'][index][1]}", flush=True)
+        finally:
+            system.cleanup()
+        hits = re.findall(r"[Hh]it[^\n]{0,120}", (work / "lmcache-blend-server.log").read_text(errors="replace"))
+        print(f"LMCache server log lines about hits: {hits[-3:]}")
     phases = [tuple(float(x) for x in m.groups()) for m in TIMES.finditer(blend_log.read_text(errors="replace"))]
     phases = phases[-len(measured):]
     blend_ttft = statistics.median(t for t, _ in results["blend"])
@@ -129,6 +151,10 @@ def main() -> None:
     if results["plain"]:
         print(f"| vLLM's prefix cache (plain vLLM) | {statistics.median(t for t, _ in results['plain']):.3f} |")
     print(f"| kvmesh blend | {blend_ttft:.3f} |")
+    if results["lmcache"]:
+        same_lm = sum(a == f for (_, a), (_, f) in zip(results["lmcache"], results["full"]))
+        print(f"| LMCache, --engine-type blend | {statistics.median(t for t, _ in results['lmcache']):.3f} "
+              f"(answers equal to the exact one: {same_lm}/{len(measured)}) |")
     print(f"speed-up over full prefill: {full_ttft / blend_ttft:.2f}x; greedy answers equal to the exact one: "
           f"{same}/{len(measured)}; common prefix (tokens of {args.answer}): median {statistics.median(common)}")
     if phases:

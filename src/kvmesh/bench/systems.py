@@ -28,6 +28,8 @@ SYSTEMS: dict[str, str] = {
                     "prefix cache off)",
     "lmcache": "vLLM + LMCache 0.5.6 multi-process mode, memory",
     "lmcache-disk": "vLLM + LMCache 0.5.6 multi-process mode, memory + disk",
+    "lmcache-blend": "vLLM + LMCache 0.5.6 multi-process mode with its CacheBlend engine (--engine-type blend), "
+                     "vLLM's own prefix cache off",
     "example": "vLLM + ExampleConnector (safetensors files)",
 }
 
@@ -40,10 +42,11 @@ def lmcache_venv_default() -> Path:
 class LMCacheServer:
     """LMCache's multi-process server, from its own virtual environment (see benchmarks/peers/setup_lmcache.sh)."""
 
-    def __init__(self, venv: Path, log: Path, disk_dir: Path | None = None) -> None:
+    def __init__(self, venv: Path, log: Path, disk_dir: Path | None = None, engine_type: str = "default") -> None:
         if not (venv / "bin" / "lmcache").exists():
             raise FileNotFoundError(f"no LMCache in {venv}; run: bash benchmarks/peers/setup_lmcache.sh")
         self.venv, self.log, self.disk_dir = venv, log, disk_dir
+        self.engine_type = engine_type  # "blend": LMCache's CacheBlend engine (non-prefix reuse)
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
@@ -55,7 +58,7 @@ class LMCacheServer:
         argv = [str(self.venv / "bin" / "lmcache"), "server", "--host", "localhost", "--port", str(self.port),
                 "--chunk-size", "256", "--l1-size-gb", str(CACHE_GIB), "--eviction-policy", "LRU",
                 "--max-workers", "1",
-                "--supported-transfer-mode", "auto"]
+                "--supported-transfer-mode", "auto", "--engine-type", self.engine_type]
         if self.disk_dir is not None:
             self.disk_dir.mkdir(parents=True, exist_ok=True)
             argv += ["--l2-adapter", json.dumps({"type": "fs", "base_path": str(self.disk_dir)})]
@@ -143,7 +146,10 @@ def prepare_system(name: str, model: str, pool_tokens: int, max_model_len: int, 
     elif name.startswith("lmcache"):
         venv = lmcache_venv or lmcache_venv_default()
         disk = work / f"lmcache-disk-{uuid.uuid4().hex[:6]}" if name == "lmcache-disk" else None
-        system.peer = LMCacheServer(venv, work / f"{name}-server.log", disk).start()
+        engine_type = "blend" if name == "lmcache-blend" else "default"
+        system.peer = LMCacheServer(venv, work / f"{name}-server.log", disk, engine_type).start()
+        if engine_type == "blend":
+            spec.prefix_caching = False  # as LMCache's blend examples run vLLM
         spec.python = system.peer.python
         spec.extra_args = ["--kv-transfer-config", json.dumps(system.peer.connector())]
     elif name == "example":
