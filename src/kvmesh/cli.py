@@ -214,8 +214,14 @@ def explain(set_: SetOption = None,
             request: Annotated[str, typer.Option("--request", help="A request's id (as vLLM names it, e.g. "
                                                  "cmpl-...): its summary.")] = "",
             recent: Annotated[int, typer.Option(help="Without --request: the last N requests.", min=1)] = 10,
+            engine: Annotated[str, typer.Option(help="With --prompt-file or --messages-file: the engine's URL "
+                                                "(it tokenizes the prompt).")] = "",
+            prompt_file: Annotated[Path | None, typer.Option(help="A prompt (text) to explain.")] = None,
+            messages_file: Annotated[Path | None, typer.Option(help="Chat messages (JSON) to explain, with the "
+                                                               "engine's chat template.")] = None,
             as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Why recent requests hit or missed: what the cache did for each (the node daemon keeps the last 1,000)."""
+    """Why requests hit or missed: recent requests (the node daemon keeps the last 1,000), one by its id, or a
+    prompt's chunks (--engine with --prompt-file or --messages-file): which are stored, and why not more."""
     import json as json_module
 
     from rich.table import Table
@@ -223,6 +229,9 @@ def explain(set_: SetOption = None,
     from kvmesh.client import CacheFault, DaemonUnavailable, KVMeshClient
 
     config = KVMeshConfig.from_mapping({"autostart_daemon": False}, base=_load_config(set_))
+    if prompt_file is not None or messages_file is not None:
+        _explain_prompt(config, engine, prompt_file, messages_file, as_json)
+        return
     try:
         with KVMeshClient(config, check_config=False) as client:
             found = client.recent_requests(request, 1 if request else recent)
@@ -245,6 +254,45 @@ def explain(set_: SetOption = None,
                       f"{summary.get('loaded_tokens', 0):,}", f"{summary.get('blended_tokens', 0):,}",
                       f"{summary.get('chunks_from_below_l1', 0)} chunks", str(summary.get("reason", "")))
     console.print(table)
+
+
+def _explain_prompt(config: KVMeshConfig, engine: str, prompt_file: Path | None, messages_file: Path | None,
+                    as_json: bool) -> None:
+    """``kvmesh explain --engine URL --prompt-file/--messages-file``: a prompt's chunks, where they are and why."""
+    import json as json_module
+
+    from rich.table import Table
+
+    from kvmesh.client import CacheFault, DaemonUnavailable, KVMeshClient
+    from kvmesh.prompt_explain import ExplainError, engine_record, explain_prompt, tokenize
+
+    if not engine or (prompt_file is None) == (messages_file is None):
+        err_console.print("[red]kvmesh explain: give --engine URL and one of --prompt-file, --messages-file[/red]")
+        raise typer.Exit(2)
+    try:
+        if messages_file is not None:
+            model, tokens = tokenize(engine, messages=json_module.loads(messages_file.read_text()))
+        else:
+            assert prompt_file is not None
+            model, tokens = tokenize(engine, prompt=prompt_file.read_text())
+        with KVMeshClient(config, check_config=False) as client:
+            report = explain_prompt(client, engine_record(client.info()["engines"], model), model, tokens)
+    except (ExplainError, DaemonUnavailable, CacheFault, OSError, ValueError) as err:
+        err_console.print(f"[red]kvmesh explain: {err}[/red]")
+        raise typer.Exit(1) from None
+    if as_json:
+        console.print_json(json_module.dumps({
+            "model": report.model, "prompt_tokens": report.tokens, "stored_tokens": report.hit_tokens,
+            "reason": report.reason,
+            "chunks": [{"start": k.start, "end": k.end, "where": w} for k, w in report.chunks]}))
+        return
+    table = Table(title=f"{report.model}: {report.tokens:,} tokens, {report.hit_tokens:,} stored from the start")
+    for column in ("chunk", "tokens", "where"):
+        table.add_column(column)
+    for index, (key, where) in enumerate(report.chunks):
+        table.add_row(str(index), f"{key.start}-{key.end - 1}", where)
+    console.print(table)
+    console.print(f"why the hit ends there: {report.reason}")
 
 
 @app.command()

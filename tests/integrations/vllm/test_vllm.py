@@ -403,3 +403,27 @@ def test_the_default_lossy_codec_serves_vllm_pages_from_disk(
     print(f"{DEFAULT_LOSSY} on disk ({coded_in / coded_out:.2f}x): {same_as_cold}/{len(names)} greedy answers "
           f"equal the no-cache answer, {same_as_either}/{len(names)} equal it or vLLM's own cache hit")
     assert same_as_either >= len(names) / 2
+
+
+def test_kvmesh_explain_names_a_text_prompts_stored_chunks_through_the_engines_tokenizer(
+        engine: EngineServer, kvmesh_settings: dict[str, object], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kvmesh.bench.texts import topic_texts
+    from kvmesh.cli import app
+
+    sent, never = topic_texts()[0][:2500], topic_texts()[1][:2500]
+    stream_completion(engine.base_url, engine.model, sent, 2)  # computed and stored, as text
+    args = [item for key, value in kvmesh_settings.items() for item in ("--set", f"{key}={value}")]
+    told = {}
+    for name, text in (("sent", sent), ("never", never)):
+        (tmp_path / name).write_text(text)
+        result = CliRunner().invoke(app, ["explain", "--engine", engine.base_url, "--prompt-file",
+                                          str(tmp_path / name), "--json", *args])
+        assert result.exit_code == 0, result.output
+        told[name] = json.loads(result.output)
+    tokens = told["sent"]["prompt_tokens"]
+    assert tokens > 2 * BLOCK and told["sent"]["stored_tokens"] == tokens // BLOCK * BLOCK  # no partial chunks here
+    assert all(chunk["where"] == "L1" for chunk in told["sent"]["chunks"])
+    assert told["never"]["stored_tokens"] == 0
+    assert told["never"]["reason"].startswith(f"chunk 0 (tokens 0-{BLOCK - 1}) is not stored: never seen")

@@ -151,6 +151,10 @@ class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
             raise ValueError(f"kvmesh chunk_size={self.config.chunk_size} must be a multiple of vLLM's "
                              f"block_size={block_size}; set chunk_size to e.g. "
                              f"{max(1, self.config.chunk_size // block_size) * block_size}")
+        if role == KVConnectorRole.SCHEDULER:  # what `kvmesh explain --engine` needs to name this engine's chunks
+            engine.update(namespace=self.shape.namespace(self.config.tenant_salt).hex(),
+                          chunk_size=self.config.chunk_size, partial_chunks=self.config.save_partial_chunks,
+                          parts=self.shape.tp_world * len(self.shape.groups))
         self.link = DaemonLink(self.config, engine)
         if role == KVConnectorRole.SCHEDULER:
             unavailable = why_not_blend(vllm_config, [group.kind for group in self.shape.groups])

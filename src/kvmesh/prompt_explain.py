@@ -1,0 +1,82 @@
+"""``kvmesh explain --engine URL --prompt-file FILE``: which chunks of a prompt the node holds, and why not more.
+
+The prompt is tokenized by the engine itself (vLLM's ``/tokenize``, with its chat template for messages), so
+the tokens are the ones a request would carry.  Its chunk keys are computed in the namespace the engine's
+scheduler registered with the daemon (model fingerprint, page format, tenant salt), and one lookup, not
+counted in the daemon's metrics, finds how much is stored; the reason the hit ends there is the one a request
+that asked would get (``integrations.vllm.explain.hit_end_reason``).  A request's own cache salt or LoRA would
+put it in another namespace: this names the engine's default one.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from kvmesh.keys import ChunkKey, Namespace, chunk_keys, namespace_root
+
+
+class ExplainError(ValueError):
+    """The engine or the daemon cannot answer for this prompt (named in the message)."""
+
+
+@dataclass(frozen=True)
+class PromptReport:
+    model: str
+    tokens: int
+    chunks: list[tuple[ChunkKey, str]]  # every chunk of the prompt and where it is: "L1", "below L1", "missing"
+    hit_tokens: int
+    reason: str
+
+
+def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return json.loads(reply.read())
+
+
+def tokenize(engine_url: str, prompt: str | None = None, messages: list[dict[str, Any]] | None = None
+             ) -> tuple[str, list[int]]:
+    """The engine's model and the prompt's tokens as the engine makes them (a chat with its own template)."""
+    base = engine_url.rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{base}/v1/models", timeout=30) as reply:
+            model = json.loads(reply.read())["data"][0]["id"]
+        body: dict[str, Any] = {"model": model}
+        body.update({"prompt": prompt} if messages is None else {"messages": messages, "add_generation_prompt": True})
+        return model, list(_post(f"{base}/tokenize", body)["tokens"])
+    except OSError as err:
+        raise ExplainError(f"the engine at {engine_url} did not answer: {err}") from None
+
+
+def engine_record(engines: list[dict[str, Any]], model: str) -> dict[str, Any]:
+    """The scheduler of ``model`` among the engines connected to the daemon."""
+    for engine in engines:
+        if engine.get("role") == "scheduler" and engine.get("model") == model and engine.get("namespace"):
+            return engine
+    served = ", ".join(sorted({str(e.get("model")) for e in engines if e.get("role") == "scheduler"})) or "none"
+    raise ExplainError(f"no engine serving {model!r} is connected to this kvmesh daemon (it serves: {served}); "
+                       "pass --set instance=... / socket_dir=... to reach the engine's daemon")
+
+
+def explain_prompt(client: Any, engine: dict[str, Any], model: str, tokens: list[int]) -> PromptReport:
+    from kvmesh.integrations.vllm.explain import hit_end_reason
+    from kvmesh.integrations.vllm.planner import match_prefix
+
+    if int(engine.get("parts", 1)) != 1:
+        raise ExplainError("this engine stores each chunk in several parts (tensor-parallel ranks or KV cache "
+                           "groups); kvmesh explain --engine reads single-part engines")
+    ns = Namespace(bytes.fromhex(engine["namespace"]))
+    chunk_size = int(engine["chunk_size"])
+    keys = chunk_keys(tokens, ns, chunk_size, include_partial=bool(engine.get("partial_chunks", True)))
+    found = client.lookup_with_partials(keys, count=False, root=namespace_root(ns))
+    hit_keys = match_prefix(tokens, keys, found.hits, [(p.digest, p.tokens) for p in found.partials], ns)
+    reason = hit_end_reason(len(tokens), keys, hit_keys, [hit_keys], found, None, chunk_size)
+    stored = {key.digest for key in hit_keys}
+    where = [(key, ("below L1" if index in found.below_l1 else "L1") if key.digest in stored else "missing")
+             for index, key in enumerate(keys)]
+    extra = [key for key in hit_keys if key.digest not in {k.digest for k in keys}]  # a stored partial chunk
+    where += [(key, "stored (a partial chunk)") for key in extra]
+    return PromptReport(model, len(tokens), where, hit_keys[-1].end if hit_keys else 0, reason)
