@@ -251,3 +251,16 @@ def test_a_daemon_started_from_a_thread_bound_to_one_core_runs_on_every_core(tmp
         assert os.sched_getaffinity(int(done.stdout.split()[-1])) == allowed
     finally:
         stop_daemon(config)
+
+
+def test_stopping_a_daemon_that_holds_its_lock_but_cannot_be_asked_says_why(tmp_path) -> None:
+    import fcntl
+
+    from kvmesh.client.stop import stop_daemon
+
+    config = KVMeshConfig.from_mapping({"socket_dir": str(tmp_path), "instance": "stuck", "autostart_daemon": False})
+    lock = config.socket_path().with_suffix(".lock")
+    with open(lock, "a") as held:  # as a daemon that is starting (or of another version) holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(TimeoutError, match=r"could not be stopped within 0.3 s: .*kvmesh daemon"):
+            stop_daemon(config, timeout=0.3)

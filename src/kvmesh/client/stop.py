@@ -34,10 +34,10 @@ def _stop_now(config: KVMeshConfig, timeout: float) -> None:
         try:
             with KVMeshClient(observer, check_config=False) as client:
                 client.shutdown_daemon()
-        except ConnectionError:
+        except ConnectionError as err:
             if not daemon_holds_lock(lock):
                 return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"a kvmesh daemon for {config.socket_path()} holds its lock but never "
-                                     "answered") from None
+            if time.monotonic() > deadline:  # the last answer says why (another protocol version, no socket)
+                raise TimeoutError(f"a kvmesh daemon for {config.socket_path()} holds its lock but could not be "
+                                   f"stopped within {timeout:g} s: {err}") from None
             time.sleep(0.1)
