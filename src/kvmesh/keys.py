@@ -51,7 +51,8 @@ class ChunkKey:
         return self.digest.hex()
 
 
-def _token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
+def token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
+    """Token ids as little-endian uint32, what every key hashes (ids outside 0 .. 2**32-1 are refused)."""
     array = np.asarray(tokens)
     if array.size and (array.min() < 0 or array.max() > 0xFFFFFFFF):
         raise ValueError("token ids must lie in 0 .. 2**32-1")
@@ -60,7 +61,7 @@ def _token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
 
 def chunk_digest(parent: bytes, ns: Namespace, tokens: Sequence[int] | np.ndarray) -> bytes:
     """The key of one chunk given its parent's key: a pure function of its arguments."""
-    data = _token_bytes(tokens)
+    data = token_bytes(tokens)
     hasher = blake3.blake3(parent)
     hasher.update(ns)
     hasher.update((len(data) // 4).to_bytes(4, "little"))

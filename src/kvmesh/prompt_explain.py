@@ -77,6 +77,7 @@ def explain_prompt(client: Any, engine: dict[str, Any], model: str, tokens: list
     stored = {key.digest for key in hit_keys}
     where = [(key, ("below L1" if index in found.below_l1 else "L1") if key.digest in stored else "missing")
              for index, key in enumerate(keys)]
-    extra = [key for key in hit_keys if key.digest not in {k.digest for k in keys}]  # a stored partial chunk
+    named = {key.digest for key in keys}
+    extra = [key for key in hit_keys if key.digest not in named]  # a stored partial chunk
     where += [(key, "stored (a partial chunk)") for key in extra]
     return PromptReport(model, len(tokens), where, hit_keys[-1].end if hit_keys else 0, reason)

@@ -18,7 +18,7 @@ from typing import Any
 import blake3
 import numpy as np
 
-from kvmesh.keys import KEY_BYTES, Namespace
+from kvmesh.keys import KEY_BYTES, Namespace, token_bytes
 
 SEGMENT_VERSION = b"kvmesh-passage-v1"
 
@@ -42,13 +42,11 @@ class BadPassageSpans(ValueError):
 
 def segment_digest(ns: Namespace, tokens: Sequence[int] | np.ndarray) -> bytes:
     """The key of a passage's KV: its namespace and token ids (little-endian uint32), nothing else."""
-    data = np.asarray(tokens, dtype=np.int64)
-    if data.size and (data.min() < 0 or data.max() > 0xFFFFFFFF):
-        raise ValueError("token ids must lie in 0 .. 2**32-1")
+    data = token_bytes(tokens)
     hasher = blake3.blake3(SEGMENT_VERSION)
     hasher.update(ns)
-    hasher.update(len(data).to_bytes(4, "little"))
-    hasher.update(data.astype("<u4").tobytes())
+    hasher.update((len(data) // 4).to_bytes(4, "little"))
+    hasher.update(data)
     return hasher.digest(KEY_BYTES)
 
 

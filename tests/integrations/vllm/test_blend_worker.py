@@ -104,7 +104,7 @@ def test_passages_stored_from_one_prompt_are_blended_into_another_as_the_referen
                                                                            segment_digest(ns, b))]
     plan = BlendPlan("r2", second[:3 * PASSAGE], PASSAGE, 3 * PASSAGE, other, reused, BlendSettings())
     blended_before = client.metrics().get("kvmesh_blended_tokens_total", 0.0)
-    assert blender.run(plan, failed_prefix=False) == set()
+    assert blender.run(plan, failed_blocks=set()) == set()
     # counted apart from exact loads
     assert client.metrics()["kvmesh_blended_tokens_total"] - blended_before == 2 * PASSAGE
     # what the oracle blends from the same stored passages (computed in the first prompt at 48 and 96)
@@ -122,11 +122,11 @@ def test_passages_stored_from_one_prompt_are_blended_into_another_as_the_referen
     wrong = Segment(PASSAGE, 2 * PASSAGE, segment_digest(ns, [1] * PASSAGE))
     client.put([ChunkKey(wrong.digest, 0, PASSAGE)], [torch.zeros(2, 2, PASSAGE, 1, 8)])
     plan = BlendPlan("r3", second[:3 * PASSAGE], PASSAGE, 3 * PASSAGE, other, [wrong, reused[1]], BlendSettings())
-    assert blender.run(plan, failed_prefix=False) == set()
+    assert blender.run(plan, failed_blocks=set()) == set()
     assert blender.link.faults == ["load"]
     alone = blend_kv(layers, second[:3 * PASSAGE], [Passage(2 * PASSAGE, 3 * PASSAGE,
                                                             stored[:, :, PASSAGE:2 * PASSAGE], PASSAGE)],
                      BlendSettings(), prefix)
     assert torch.allclose(blender.pages.read(other, 0, 3 * PASSAGE), alone.kv, atol=2e-4)
     # an exact prefix that failed to load fails the blended range too: vLLM recomputes it all
-    assert blender.run(plan, failed_prefix=True) == set(other[3:9])  # tokens 48..144: blocks 3..8
+    assert blender.run(plan, failed_blocks={other[1]}) == set(other[3:9])  # tokens 48..144: blocks 3..8

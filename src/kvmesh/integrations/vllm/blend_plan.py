@@ -19,12 +19,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from kvmesh.blend.compute import BlendSettings
 from kvmesh.blend.segments import BadPassageSpans, Segment, check_spans, segments_in, split_at_boundaries
 from kvmesh.config import KVMeshConfig
 from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
+from kvmesh.integrations.vllm.explain import kvmesh_params
 from kvmesh.keys import ChunkKey, Namespace
 
 log = logging.getLogger("kvmesh.vllm")
@@ -65,13 +67,6 @@ class RequestBlend:
     saved: bool = False
 
 
-def blend_params(request: Any) -> dict[str, Any] | None:
-    """The request's ``kv_transfer_params["kvmesh"]`` dict, if any."""
-    params = getattr(request, "kv_transfer_params", None) or {}
-    own = params.get("kvmesh") if isinstance(params, dict) else None
-    return own if isinstance(own, dict) else None
-
-
 class BlendScheduler:
     """Finds stored passages and plans blends (module docstring); one per scheduler."""
 
@@ -81,8 +76,6 @@ class BlendScheduler:
         self.link = link
         self.unavailable = unavailable  # why this engine cannot blend (None: it can)
         self._boundary = boundary
-        self._boundary_token: int | None = None
-        self._boundary_known = False
         self.requests: dict[str, RequestBlend] = {}
         self.pending: list[BlendPlan] = []
         self._logged: set[str] = set()
@@ -95,19 +88,18 @@ class BlendScheduler:
             self._logged.add(message)
             log.info("%s", message)
 
+    @cached_property
     def boundary_token(self) -> int | None:
-        if not self._boundary_known:
-            self._boundary_known = True
-            self._boundary_token = self.config.blend_boundary_token if self.config.blend_boundary_token >= 0 \
-                else self._boundary()
-        return self._boundary_token
+        """The token each passage starts with: the configured one, else the chat template's (found once)."""
+        configured = self.config.blend_boundary_token
+        return configured if configured >= 0 else self._boundary()
 
     def track(self, request: Any, tokens: list[int], namespace: Namespace) -> RequestBlend | None:
         """The request's passages, if it blends (asked for, or ``blend`` on), where this engine can."""
         known = self.requests.get(request.request_id)
         if known is not None:
             return known
-        params = blend_params(request) or {}
+        params = kvmesh_params(request)
         if not (self.config.blend or params.get("blend")):
             return None
         if self.unavailable is not None:
@@ -120,7 +112,7 @@ class BlendScheduler:
                 log.warning("kvmesh: request %s: %s; served without blending", request.request_id, err)
                 return None
         else:
-            boundary = self.boundary_token()
+            boundary = self.boundary_token
             if boundary is None:
                 self._once("kvmesh: blend asked for without passage spans, and the model's chat template names no "
                            "message-start token (set blend_boundary_token); served without blending")

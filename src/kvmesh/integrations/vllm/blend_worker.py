@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -33,15 +32,6 @@ log = logging.getLogger("kvmesh.vllm")
 
 class PassageMismatch(CacheFault):
     """A stored passage whose description does not fit this engine's KV: corrupt, so computed instead."""
-
-
-@dataclass
-class BlendTimes:
-    """Where a blend's time went (seconds), logged per request at debug level."""
-
-    read: float = 0.0
-    compute: float = 0.0
-    write: float = 0.0
 
 
 class PagesAsTokens:
@@ -107,12 +97,15 @@ class Blender:
             self._model = VLLMLayers(engine_model())
         return self._model
 
-    def run(self, plan: BlendPlan, failed_prefix: bool) -> set[int]:
-        """Blend ``plan``'s range into its pages; the blocks vLLM must recompute (empty when it worked)."""
-        range_blocks = set(plan.block_ids[plan.fixed // self.pages.block_size:-(-plan.end // self.pages.block_size)])
-        if failed_prefix:  # the exact prefix did not load: what would be blended over it is wrong too
-            return range_blocks
-        times = BlendTimes()
+    def run(self, plan: BlendPlan, failed_blocks: set[int]) -> set[int]:
+        """Blend ``plan``'s range into its pages; the blocks vLLM must recompute (empty when it worked).
+
+        ``failed_blocks``: blocks whose load failed in this step; one in the exact prefix fails the range too.
+        """
+        size = self.pages.block_size
+        range_blocks = set(plan.block_ids[plan.fixed // size:-(-plan.end // size)])
+        if failed_blocks & set(plan.block_ids[:-(-plan.fixed // size)]):
+            return range_blocks  # the exact prefix did not load: what would be blended over it is wrong too
         started = time.perf_counter()
         model = self.model()
         prefix = self.pages.read(plan.block_ids, 0, plan.fixed) if plan.fixed else None
@@ -121,24 +114,23 @@ class Blender:
         except ABSORBED as err:
             self.link.fault("load", f"kvmesh could not read stored passages, vLLM recomputes: {err}", err)
             return range_blocks
-        times.read = time.perf_counter() - started
+        read = time.perf_counter()
         blended = blend_kv(model, plan.tokens, passages, plan.settings, prefix)
-        times.compute = time.perf_counter() - started - times.read
-        write_from = plan.fixed - plan.fixed % self.pages.block_size
+        computed = time.perf_counter()
+        write_from = plan.fixed - plan.fixed % size
         self.pages.write(plan.block_ids, write_from, blended.kv[:, :, write_from:plan.end])
-        times.write = time.perf_counter() - started - times.read - times.compute
+        written = time.perf_counter()
         phases = blended.seconds
         client = self.link.client()
         if client is not None:
             try:
-                client.report_blend(plan.end - plan.fixed, len(passages), len(blended.recomputed),
-                                    time.perf_counter() - started)
+                client.report_blend(plan.end - plan.fixed, len(passages), len(blended.recomputed), written - started)
             except ABSORBED as err:
                 self.link.fault("report", f"kvmesh could not count a blend: {err}", err)
         log.debug("kvmesh: blended request %s tokens %d-%d: %d passages reused, %d tokens recomputed; read %.3fs, "
                   "compute %.3fs, write %.3fs; compute: re-rotate %.3fs, layers 0-%d %.3fs, select %.3fs, the rest "
-                  "%.3fs", plan.req_id, plan.fixed, plan.end, len(passages), len(blended.recomputed), times.read,
-                  times.compute, times.write, phases.get("place", 0.0), plan.settings.check_layer,
+                  "%.3fs", plan.req_id, plan.fixed, plan.end, len(passages), len(blended.recomputed), read - started,
+                  computed - read, written - computed, phases.get("place", 0.0), plan.settings.check_layer,
                   phases.get("full_layers", 0.0), phases.get("select", 0.0), phases.get("selected_layers", 0.0))
         return set()
 
@@ -170,11 +162,12 @@ class Blender:
         if client is None or not save.passages:
             return
         inv_freq = self.model().inv_freq()
+        stored = []
         for segment in save.passages:
             kv = self.pages.read(save.block_ids, segment.start, segment.end)
             kv[:, 0] = rerotate_keys(kv[:, 0], -segment.start, inv_freq)
-            try:
-                client.put([ChunkKey(segment.digest, 0, segment.num_tokens)], [kv])
-            except ABSORBED as err:
-                self.link.fault("save", f"kvmesh passage store failed, dropped: {err}", err)
-                return
+            stored.append(kv)
+        try:  # one reserve and one commit for them all (each key starts at 0: none continues another)
+            client.put([ChunkKey(s.digest, 0, s.num_tokens) for s in save.passages], stored)
+        except ABSORBED as err:
+            self.link.fault("save", f"kvmesh passage store failed, dropped: {err}", err)

@@ -33,10 +33,15 @@ class Explanation:
         return asdict(self)
 
 
-def wants_explanation(request: object) -> bool:
+def kvmesh_params(request: object) -> dict[str, Any]:
+    """The request's ``kv_transfer_params["kvmesh"]`` (what it asks of kvmesh: explain, blend, passages), or {}."""
     params = getattr(request, "kv_transfer_params", None) or {}
     own = params.get("kvmesh") if isinstance(params, dict) else None
-    return isinstance(own, dict) and bool(own.get("explain"))
+    return own if isinstance(own, dict) else {}
+
+
+def wants_explanation(request: object) -> bool:
+    return bool(kvmesh_params(request).get("explain"))
 
 
 def hit_end_reason(tokens: int, keys: Sequence[ChunkKey], hit_keys: Sequence[ChunkKey],

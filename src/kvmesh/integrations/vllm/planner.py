@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from kvmesh.integrations.vllm.explain import Explanation
 from kvmesh.keys import ChunkKey, Namespace, chunk_digest, namespace_root
 from kvmesh.layout import KVGroup
 from kvmesh.page_copy import pages_for_tokens
@@ -103,8 +103,11 @@ class RequestTracker:
     hit_keys: list[ChunkKey] = field(default_factory=list)  # what the last lookup found
     stored_chunks: int = 0  # leading chunks of ``keys`` known to be stored (hit or saved)
     local_tokens: int = 0  # the engine's own hit, as last presented to the lookup
-    explanation: Any = None  # an explain.Explanation: what the cache did for the request
     asked: bool = False  # the request asked for its explanation in its response
+    explanation: Explanation = field(init=False)  # what the cache did for the request (every request has one)
+
+    def __post_init__(self) -> None:
+        self.explanation = Explanation(len(self.tokens))
 
     @property
     def hit_tokens(self) -> int:

@@ -24,7 +24,7 @@ from kvmesh.config import KVMeshConfig
 from kvmesh.integrations.vllm.blend_plan import BlendPlan, BlendScheduler, PassageSave
 from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
 from kvmesh.integrations.vllm.engine_shape import EngineKVShape
-from kvmesh.integrations.vllm.explain import Explanation, hit_end_reason, wants_explanation
+from kvmesh.integrations.vllm.explain import hit_end_reason, wants_explanation
 from kvmesh.integrations.vllm.planner import (
     ChunkTransfer,
     LeaseTicket,
@@ -113,7 +113,7 @@ class SchedulerSide:
             # every request's summary goes to the daemon's recent list (kvmesh explain --request); the request
             # gets it back in its response only where it asked
             tracker = RequestTracker(request.request_id, tokens, self.config.chunk_size, keys, namespace=namespace,
-                                     explanation=Explanation(len(tokens)), asked=wants_explanation(request))
+                                     asked=wants_explanation(request))
             self.trackers[request.request_id] = tracker
         return tracker
 
@@ -128,8 +128,7 @@ class SchedulerSide:
             return None
         client = self.link.client()
         if client is None:
-            if tracker.explanation is not None:
-                tracker.explanation.reason = "the kvmesh daemon is not reachable: a miss, computed by the engine"
+            tracker.explanation.reason = "the kvmesh daemon is not reachable: a miss, computed by the engine"
             return 0
         try:
             found = [client.lookup_with_partials([part.key(k) for k in tracker.keys],
@@ -139,8 +138,7 @@ class SchedulerSide:
         except ABSORBED as err:
             self.link.fault("lookup", f"kvmesh lookup failed, treating as a miss: {err}", err)
             self.waiting.pop(request.request_id, None)
-            if tracker.explanation is not None:
-                tracker.explanation.reason = f"the kvmesh lookup failed ({type(err).__name__}): a miss"
+            tracker.explanation.reason = f"the kvmesh lookup failed ({type(err).__name__}): a miss"
             return 0
         per_part = [match_prefix(tracker.tokens, tracker.keys, result.hits,
                                  [(p.digest, p.tokens) for p in result.partials], tracker.namespace, part)
@@ -168,13 +166,13 @@ class SchedulerSide:
             cut = "promotion"
         self.waiting.pop(request.request_id, None)
         tracker.hit_keys = hit_keys
-        if tracker.explanation is not None:
-            tracker.explanation.engine_hit_tokens = num_computed_tokens
-            tracker.explanation.kvmesh_hit_tokens = tracker.hit_tokens
-            tracker.explanation.chunks_found = len(hit_keys)
-            tracker.explanation.chunks_from_below_l1 = len(found[0].below_l1)
-            tracker.explanation.reason = hit_end_reason(len(tracker.tokens), tracker.keys, hit_keys, per_part, found[0],
-                                                        cut, self.config.chunk_size)
+        told = tracker.explanation
+        told.engine_hit_tokens = num_computed_tokens
+        told.kvmesh_hit_tokens = tracker.hit_tokens
+        told.chunks_found = len(hit_keys)
+        told.chunks_from_below_l1 = len(found[0].below_l1)
+        told.reason = hit_end_reason(len(tracker.tokens), tracker.keys, hit_keys, per_part, found[0], cut,
+                                     self.config.chunk_size)
         tracker.stored_chunks = max(tracker.stored_chunks, min(result.hits for result in found))
         tracker.local_tokens = num_computed_tokens
         loadable = min(tracker.hit_tokens, len(tracker.tokens) - 1)  # the engine computes the last token
@@ -183,9 +181,8 @@ class SchedulerSide:
         if blends is not None and blend is not None:
             fixed = max(num_computed_tokens, loadable)
             end = blends.claim(blend, tracker.tokens, fixed)
-            if tracker.explanation is not None:
-                tracker.explanation.blended_tokens = max(0, end - fixed)
-                tracker.explanation.passages_reused = len(blend.reused)
+            tracker.explanation.blended_tokens = max(0, end - fixed)
+            tracker.explanation.passages_reused = len(blend.reused)
             if end:
                 # blended KV is approximate: no exact chunk is stored from its first token on
                 tracker.keys = [key for key in tracker.keys if key.end <= fixed]
@@ -195,7 +192,7 @@ class SchedulerSide:
     def after_alloc(self, request: RequestLike, blocks: BlocksLike, num_external_tokens: int) -> None:
         """Pin what will be loaded (in L1 only: this never waits) and queue the load for the worker."""
         tracker = self.trackers.get(request.request_id)
-        if tracker is not None and tracker.explanation is not None:
+        if tracker is not None:
             tracker.explanation.loaded_tokens = num_external_tokens
         if num_external_tokens == 0 or tracker is None:
             return
@@ -274,7 +271,7 @@ class SchedulerSide:
         self.waiting.pop(req_id, None)
         if self.blend is not None:
             self.blend.finished(req_id)
-        if tracker is None or tracker.explanation is None:
+        if tracker is None:
             return None
         summary = tracker.explanation.to_dict()
         client = self.link.client()

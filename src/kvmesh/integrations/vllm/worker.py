@@ -198,8 +198,7 @@ class WorkerSide:
             if plan.rank == self.rank:
                 self._load_one(plan)
         for blend in blends:  # after the exact prefixes they continue
-            prefix_blocks = blend.block_ids[:-(-blend.fixed // self.groups[0].group.layout.block_size)]
-            self.failed_blocks |= self.blender().run(blend, bool(self.failed_blocks & set(prefix_blocks)))
+            self.failed_blocks |= self.blender().run(blend, self.failed_blocks)
 
     def _load_one(self, plan: LoadPlan) -> None:
         started = time.perf_counter()
