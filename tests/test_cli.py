@@ -29,3 +29,14 @@ def test_a_bad_dtype_is_refused_naming_it_before_anything_starts() -> None:
     assert bench.exit_code == 2 and "int4" in bench.output and "float32" in bench.output
     demo = runner.invoke(app, ["demo", "--dtype", "float16"])
     assert demo.exit_code == 2 and "float16" in demo.output
+
+
+def test_bad_router_arguments_are_refused_naming_them() -> None:
+    runner = CliRunner()
+    for args, fragment in ((["router"], "at least one --engine"),
+                           (["router", "--engine", "localhost:8000"], "'localhost:8000'"),
+                           (["router", "--engine", "http://127.0.0.1:8000", "--policy", "sticky"], "'sticky'"),
+                           (["router", "--engine", "http://a:1", "--engine", "http://a:1/"], "more than once")):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, args
+        assert fragment in " ".join(result.output.split()), (args, result.output)

@@ -1,4 +1,4 @@
-"""The ``kvmesh`` command: ``demo``, ``serve``, ``daemon``, ``stats``, ``model``, ``config``, ``bench``."""
+"""The ``kvmesh`` command: ``demo``, ``serve``, ``router``, ``daemon``, ``stats``, ``model``, ``config``, ``bench``."""
 
 from __future__ import annotations
 
@@ -293,6 +293,40 @@ def _explain_prompt(config: KVMeshConfig, engine: str, prompt_file: Path | None,
         table.add_row(str(index), f"{key.start}-{key.end - 1}", where)
     console.print(table)
     console.print(f"why the hit ends there: {report.reason}")
+
+
+@app.command()
+def router(engine: Annotated[list[str] | None, typer.Option(
+               "--engine", help="An engine started with kvmesh serve: http://HOST:PORT, or http://HOST:PORT@INSTANCE "
+               "to name its kvmesh daemon (local engines' daemons are found by their port). Repeatable.")] = None,
+           port: Annotated[int, typer.Option(help="The router's HTTP port.", min=1, max=65535)] = 8100,
+           host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
+           policy: Annotated[str, typer.Option(help="cache (lowest estimated time to first token, from what each "
+                                               "node holds and each engine's queue), round-robin or random.")
+                             ] = "cache",
+           check_fraction: Annotated[float, typer.Option(help="The share of requests whose tokens are checked "
+                                                         "against the engine's /tokenize.")] = 0.01,
+           set_: SetOption = None) -> None:
+    """An OpenAI-compatible router in front of several `kvmesh serve` engines: each request goes to the engine
+    whose node holds most of its prompt, unless that engine's queue would cost more than the prefill it saves."""
+    import logging
+
+    import uvicorn
+
+    from kvmesh.router.app import Router, build_app, parse_engine
+    from kvmesh.router.nodes import RouterConfigError
+
+    config = KVMeshConfig.from_mapping({"autostart_daemon": False}, base=_load_config(set_))
+    try:
+        engines = [parse_engine(item) for item in engine or []]
+        routing = Router(engines, policy, config, check_fraction)
+    except (RouterConfigError, ValueError) as err:
+        err_console.print(f"[red]kvmesh router: {err}[/red]")
+        raise typer.Exit(2) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per forwarded request
+    err_console.print(f"kvmesh router: {len(engines)} engines, policy {policy}, on http://{host}:{port}")
+    uvicorn.run(build_app(routing), host=host, port=port, log_level="warning")
 
 
 @app.command()

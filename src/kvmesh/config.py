@@ -29,6 +29,8 @@ OTHER_ENV_VARS: dict[str, str] = {
     CONFIG_FILE_ENV: "a YAML file of configuration keys",
     "KVMESH_FINGERPRINT_CACHE": "where model fingerprints remember file digests "
                                 "(default ~/.cache/kvmesh/fingerprints.json)",
+    "KVMESH_ENGINE_PORT": "set by kvmesh serve: the engine's HTTP port, which its scheduler tells the daemon "
+                          "(kvmesh router finds a local engine's daemon by it)",
 }
 
 

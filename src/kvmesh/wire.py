@@ -21,7 +21,7 @@ from kvmesh.wire_codec import ConnectionClosed, ProtocolError, decode, encode
 __all__ = ["PROTOCOL_VERSION", "ConnectionClosed", "ProtocolError", "VersionMismatch", "receive_message",
            "send_message"]
 
-PROTOCOL_VERSION = 8  # bump on any change a client of the previous version would misread
+PROTOCOL_VERSION = 9  # bump on any change a client of the previous version would misread
 _LENGTH = struct.Struct("<I")
 MAX_MESSAGE = 64 * 1024 * 1024
 R = TypeVar("R")
@@ -194,7 +194,9 @@ class Lookup(Request[LookupReply]):
     """How many chunks from the first are stored; ``count`` False: a re-ask the metrics must not count.
 
     ``root`` is the parent of the namespace's first chunk (``keys.namespace_root``): partial chunks that
-    follow no full hit are listed under it; empty: none are offered.
+    follow no full hit are listed under it; empty: none are offered.  ``prefetch`` False: a probe (the
+    router asking every node which prefix it holds) that starts no promotion and notes nothing for
+    admission; only the node that gets the request should move anything.
     """
 
     op = "lookup"
@@ -203,6 +205,7 @@ class Lookup(Request[LookupReply]):
     partials: bool = True
     count: bool = True
     root: bytes = b""
+    prefetch: bool = True
 
 
 @dataclass(frozen=True, slots=True)

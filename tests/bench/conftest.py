@@ -21,6 +21,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
+        self.send_header("X-Kvmesh-Engine", "http://engine-a")  # as `kvmesh router` marks its answers
         self.end_headers()
         time.sleep(FIRST_DELAY)
         for index in range(body["max_tokens"]):
@@ -30,7 +31,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
             self.wfile.flush()
         usage = {"choices": [],
-                 "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}}
+                 "usage": {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"],
+                           "prompt_tokens_details": {"cached_tokens": len(body["prompt"]) - 1}}}
         self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
 
     def log_message(self, *args: object) -> None:

@@ -15,6 +15,12 @@ def test_ttft_latency_and_text(server_url: str) -> None:
     assert (result.prompt_tokens, result.completion_tokens) == (3, 4)
 
 
+def test_cached_tokens_and_headers(server_url: str) -> None:
+    result = stream_completion(server_url, "m", [1, 2, 3], max_tokens=1)
+    assert result.cached_tokens == 2  # usage.prompt_tokens_details.cached_tokens of the last chunk
+    assert result.headers["x-kvmesh-engine"] == "http://engine-a"  # names in lower case
+
+
 def test_http_error_is_raised_with_the_servers_words(server_url: str) -> None:
     with pytest.raises(EndpointError, match="400.*no such model"):
         stream_completion(server_url, "broken", "hi", max_tokens=2)

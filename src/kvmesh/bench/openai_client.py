@@ -12,7 +12,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 
@@ -28,6 +29,8 @@ class CompletionResult:
     token_times: list[float]  # arrival time of each streamed chunk after the request was sent
     prompt_tokens: int | None
     completion_tokens: int | None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, where the server reports it
+    headers: dict[str, str] = field(default_factory=dict)  # the response's headers, names in lower case
 
     @property
     def inter_token_latency(self) -> float | None:
@@ -53,9 +56,10 @@ def stream_completion(base_url: str, model: str, prompt: str | list[int], max_to
         response = connection.getresponse()
         if response.status != 200:
             raise EndpointError(f"HTTP {response.status}: {response.read()[:500]!r}")
+        headers = {name.lower(): value for name, value in response.getheaders()}
         pieces: list[str] = []
         times: list[float] = []
-        usage: dict[str, int] = {}
+        usage: dict[str, Any] = {}
         done = False
         for raw in response:
             line = raw.decode().strip()
@@ -76,8 +80,10 @@ def stream_completion(base_url: str, model: str, prompt: str | list[int], max_to
         connection.close()
     if not done or not times:
         raise EndpointError("the stream ended before any token or without [DONE]")
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
     return CompletionResult("".join(pieces), times[0], latency, times, usage.get("prompt_tokens"),
-                            usage.get("completion_tokens"))
+                            usage.get("completion_tokens"), cached, headers)
 
 
 def wait_until_ready(base_url: str, timeout: float, process: subprocess.Popen | None = None) -> None:

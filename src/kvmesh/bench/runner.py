@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kvmesh.bench.openai_client import stream_completion
 from kvmesh.bench.workloads import Request
+from kvmesh.router import ENGINE_HEADER
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,8 @@ class RequestRecord:
     output_tokens: int | None
     text: str
     error: str | None = None
+    cached_tokens: int | None = None  # prompt tokens the server reported cached (usage.prompt_tokens_details)
+    served_by: str | None = None  # the engine that answered, where a kvmesh router says (x-kvmesh-engine)
 
 
 @dataclass
@@ -83,7 +86,8 @@ def run_workload(base_url: str, model: str, requests: Sequence[Request], answer_
                 {"kv_transfer_params": {"kvmesh": {"blend": True, "passages": spans}}} if blend and spans else None
             reply = stream_completion(base_url, model, request.prompt, answer_tokens, extra=extra)
             record = RequestRecord(index, request.user, request.round, len(request.prompt), sent, reply.ttft,
-                                   reply.latency, reply.inter_token_latency, reply.completion_tokens, reply.text)
+                                   reply.latency, reply.inter_token_latency, reply.completion_tokens, reply.text,
+                                   cached_tokens=reply.cached_tokens, served_by=reply.headers.get(ENGINE_HEADER))
         except Exception as err:  # noqa: BLE001 - a failed request is a result
             record = RequestRecord(index, request.user, request.round, len(request.prompt), sent,
                                    float("nan"), float("nan"), None, None, "", f"{type(err).__name__}: {err}")

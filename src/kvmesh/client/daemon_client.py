@@ -236,17 +236,18 @@ class KVMeshClient:
         return self.lookup_with_partials(keys, partials=False).hits
 
     def lookup_with_partials(self, keys: Sequence[ChunkKey], partials: bool = True,
-                             count: bool = True, root: bytes = b"") -> LookupResult:
+                             count: bool = True, root: bytes = b"", prefetch: bool = True) -> LookupResult:
         """Consecutive hits, which of them are not in L1 yet, and the stored partial chunks that continue them.
 
         Chunks found only on disk or in Redis start moving into L1 at once; ``count`` False asks again
         without counting the lookup in the metrics (a request waiting for its promotion).  ``root``
         (``keys.namespace_root`` of the keys' namespace) finds partial chunks that follow no full hit.
+        ``prefetch`` False (with ``count`` False): a probe that moves nothing between tiers.
         """
         if not keys:
             return LookupResult(0, [])
         reply = self._call(wire.Lookup([wire.ChunkRef(k.digest, k.num_tokens) for k in keys], partials, count,
-                                       root))
+                                       root, prefetch))
         found = [PartialCandidate(p.key, p.tokens, p.resident) for p in reply.partials]
         return LookupResult(reply.hits, found, frozenset(reply.below_l1),
                             None if reply.miss_evicted_ago < 0 else reply.miss_evicted_ago)

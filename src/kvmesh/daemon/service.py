@@ -160,14 +160,14 @@ class NodeDaemon:
         """
         keys = [chunk.key for chunk in request.chunks]
         tokens = [chunk.tokens for chunk in request.chunks]
-        located = self.store.locate(keys)
+        located = self.store.locate(keys, prefetch=request.prefetch)
         hits = located.hits
         partials: list[wire.PartialFound] = []
         parent = keys[hits - 1] if hits else request.root
         if hits < len(keys) and request.partials and parent:
             rest = sum(tokens[hits:])  # the prompt's tokens after the hits
             partials = [wire.PartialFound(child, count, self.store.l1.contains(child))
-                        for child, count in self.store.partials(parent, rest)]
+                        for child, count in self.store.partials(parent, rest, prefetch=request.prefetch)]
         if session.engine and request.count and hits < len(keys):  # the engine computes the rest now
             self.quiet.expect(keys[hits:])
         if tokens and request.count:  # a request asking again while it waits is not counted twice

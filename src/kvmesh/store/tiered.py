@@ -107,12 +107,16 @@ class TieredStore:
         """How many of ``keys``, from the first, some tier holds (promotion of those below L1 starts)."""
         return self.locate(keys).hits
 
-    def locate(self, keys: Sequence[bytes]) -> Located:
-        """Consecutive hits across tiers, and which of them are not in L1 yet (their promotion starts now)."""
-        count = self.l1.lookup(keys)
+    def locate(self, keys: Sequence[bytes], prefetch: bool = True) -> Located:
+        """Consecutive hits across tiers, and which of them are not in L1 yet (their promotion starts now).
+
+        ``prefetch`` False: a probe, which moves nothing and is not noted as asked for admission.
+        """
+        count = self.l1.lookup(keys) if prefetch else sum(1 for _ in takewhile(self.l1.contains, keys))
         if not self.lower or count == len(keys):
             return Located(count, [])
-        self._admission.note_asked(keys[count:])
+        if prefetch:
+            self._admission.note_asked(keys[count:])
         position = count
         end = len(keys)
         if self._promoter is not None and self._promoter.unreadable:  # what this node cannot read is a miss
@@ -127,11 +131,11 @@ class TieredStore:
                 break
             position += step
         below = [index for index in range(count, position) if not self.l1.contains(keys[index])]
-        if self.prefetch_enabled and self._promoter is not None:
+        if prefetch and self.prefetch_enabled and self._promoter is not None:
             self._promoter.prefetch([keys[index] for index in below])
         return Located(position, below)
 
-    def partials(self, parent: bytes, fits: int | None = None) -> list[tuple[bytes, int]]:
+    def partials(self, parent: bytes, fits: int | None = None, prefetch: bool = True) -> list[tuple[bytes, int]]:
         """(key, tokens) of the partial chunks stored under ``parent`` in any tier, longest first.
 
         Each is present somewhere (index lines whose entry is gone are dropped).
@@ -153,7 +157,7 @@ class TieredStore:
                 for child, tokens in lower.tier.partials(parent):
                     found.setdefault(child, tokens)
         candidates = sorted(found.items(), key=lambda item: -item[1])
-        if self.prefetch_enabled and self._promoter is not None:
+        if prefetch and self.prefetch_enabled and self._promoter is not None:
             below = [child for child, tokens in candidates
                      if (fits is None or tokens <= fits) and not self.l1.contains(child)]
             self._promoter.prefetch(below[:PREFETCH_PARTIALS])

@@ -19,6 +19,14 @@ def test_serve_command_enables_the_connector_and_passes_other_arguments_through(
     assert settings["disk_path"].endswith("/.cache/kvmesh/disk/default")  # the embedded disk tier
     assert command.argv[-3:] == ["--port", "8001", "--enforce-eager"]
     assert command.env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert "--enable-prompt-tokens-details" in command.argv  # answers say how many prompt tokens were cached
+    assert command.env["KVMESH_ENGINE_PORT"] == "8001"  # the scheduler tells its daemon; the router finds it
+
+
+def test_the_engine_port_is_vllms_default_without_one_and_prompt_details_can_be_turned_off() -> None:
+    command = build_serve_command("m", ["--no-enable-prompt-tokens-details"], {})
+    assert command.env["KVMESH_ENGINE_PORT"] == "8000"
+    assert "--enable-prompt-tokens-details" not in command.argv
 
 
 @pytest.mark.parametrize("overrides, fragment", [({"l1_size": "-5"}, "'l1_size'"), ({"chunksize": 1}, "'chunksize'")])

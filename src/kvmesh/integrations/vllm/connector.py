@@ -48,6 +48,7 @@ from kvmesh.integrations.vllm.engine_shape import EngineKVShape, cpu_page_view
 from kvmesh.integrations.vllm.identity import engine_model_identity, lora_identity
 from kvmesh.integrations.vllm.planner import LoadPlan, SavePlan
 from kvmesh.integrations.vllm.scheduler import SchedulerSide
+from kvmesh.integrations.vllm.serve import ENGINE_PORT_VARIABLE
 from kvmesh.integrations.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -151,10 +152,16 @@ class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
             raise ValueError(f"kvmesh chunk_size={self.config.chunk_size} must be a multiple of vLLM's "
                              f"block_size={block_size}; set chunk_size to e.g. "
                              f"{max(1, self.config.chunk_size // block_size) * block_size}")
-        if role == KVConnectorRole.SCHEDULER:  # what `kvmesh explain --engine` needs to name this engine's chunks
+        if role == KVConnectorRole.SCHEDULER:  # what `kvmesh explain --engine` and the router need to name chunks
             engine.update(namespace=self.shape.namespace(self.config.tenant_salt).hex(),
+                          layout_fingerprint=self.shape.fingerprint(),
                           chunk_size=self.config.chunk_size, partial_chunks=self.config.save_partial_chunks,
-                          parts=self.shape.tp_world * len(self.shape.groups))
+                          parts=self.shape.tp_world * len(self.shape.groups), tp_world=self.shape.tp_world,
+                          groups=len(self.shape.groups), state_block=self.shape.layout.block_size
+                          if self.shape.has_state else 0)
+            port = os.environ.get(ENGINE_PORT_VARIABLE, "")
+            if port.isdigit():  # set by kvmesh serve: the HTTP port that serves this engine
+                engine["api_port"] = int(port)
         self.link = DaemonLink(self.config, engine)
         if role == KVConnectorRole.SCHEDULER:
             unavailable = why_not_blend(vllm_config, [group.kind for group in self.shape.groups])

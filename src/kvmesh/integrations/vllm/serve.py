@@ -22,6 +22,10 @@ CONNECTOR = {"kv_connector": "KVMeshConnector", "kv_connector_module_path": "kvm
 DEFAULT_DISK_DIR = "~/.cache/kvmesh/disk"
 
 
+ENGINE_PORT_VARIABLE = "KVMESH_ENGINE_PORT"
+VLLM_DEFAULT_PORT = 8000
+
+
 def serve_settings(overrides: dict[str, object]) -> dict[str, object]:
     """The user's settings plus the embedded defaults of ``kvmesh serve``: a disk tier, unless configured.
 
@@ -132,6 +136,10 @@ def build_serve_command(model: str, vllm_args: Sequence[str], overrides: dict[st
     if blend or KVMeshConfig.load(overrides).blend:
         engine_args, blend_note = with_blend_engine(engine_args)
         notes.append(blend_note)
+    if not any(arg.split("=")[0] in ("--enable-prompt-tokens-details", "--no-enable-prompt-tokens-details")
+               for arg in engine_args):
+        # answers say how many prompt tokens were cached (vLLM's own hit and kvmesh's): the router's check
+        engine_args = ["--enable-prompt-tokens-details", *engine_args]
     # without --dtype, the dtype this CPU runs fast (fp32 where bf16 is only emulated: ~4x faster prefill)
     engine_args, dtype_choice = with_machine_dtype(engine_args)
     settings = serve_settings(overrides) if embedded_defaults else dict(overrides)
@@ -141,6 +149,9 @@ def build_serve_command(model: str, vllm_args: Sequence[str], overrides: dict[st
     argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
             "--kv-transfer-config", json.dumps(kv_transfer_config(settings)), *engine_args]
     env = {**os.environ, **secrets}
+    # the engine's scheduler tells its daemon which HTTP port serves it, so `kvmesh router --engine URL` finds
+    # the node daemon of a local engine by itself
+    env[ENGINE_PORT_VARIABLE] = vllm_arg(engine_args, "--port") or str(VLLM_DEFAULT_PORT)
     # vLLM-CPU keeps a core for its scheduler unless told otherwise; kvmesh wants both for prefill.
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     return ServeCommand(argv, env, dtype_choice, notes)

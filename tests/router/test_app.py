@@ -1,0 +1,153 @@
+"""The router's proxy: bytes through unchanged, retries before the first byte, clear errors.
+
+The upstream here is a small HTTP server that answers with bytes fixed in advance (a real engine's answers
+carry ids and times, so "byte for byte" needs an upstream whose bytes are known); everything an engine does
+for real is tested against vLLM in ``test_router_engines.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from kvmesh.config import KVMeshConfig
+from kvmesh.router import ENGINE_HEADER
+from kvmesh.router.app import Router, build_app, parse_engine
+from kvmesh.router.nodes import RouterConfigError
+
+PIECES = [b'data: {"id":"x","choices":[{"text":"Hel"}]}\n\n', b'data: {"id":"x","choices":[{"text":"lo"}]}\n',
+          b'\ndata: {"id":"x","choices":[],"usage":{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":4}}}',
+          b"\n\ndata: [DONE]\n\n"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _upstream() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return JSONResponse({"data": [{"id": "not-a-local-model"}]})
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        body = await request.json()
+        return JSONResponse({"tokens": list(range(len(json.dumps(body))))})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await request.json()
+        if body.get("stream"):
+            async def pieces() -> AsyncIterator[bytes]:
+                for piece in PIECES:
+                    yield piece
+                    await asyncio.sleep(0.01)
+            return StreamingResponse(pieces(), media_type="text/event-stream")
+        usage = {"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 4}}
+        return JSONResponse({"echo": body, "usage": usage})
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(_upstream(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _run(router: Router, requests: list[tuple[str, str, bytes]]) -> list[httpx.Response]:
+    async def go() -> list[httpx.Response]:
+        await router.start()
+        try:
+            transport = httpx.ASGITransport(app=build_app(router))
+            async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+                return [await client.request(method, path, content=body) for method, path, body in requests]
+        finally:
+            await router.stop()
+    return asyncio.run(go())
+
+
+def _router(engines: list[str], policy: str = "round-robin", tmp_path=None) -> Router:
+    config = KVMeshConfig.from_mapping({"socket_dir": str(tmp_path), "autostart_daemon": False})
+    return Router([parse_engine(url) for url in engines], policy, config)
+
+
+def test_a_streamed_answer_comes_through_byte_for_byte(upstream: str, tmp_path) -> None:
+    router = _router([upstream], "cache", tmp_path)
+    body = json.dumps({"model": "not-a-local-model", "prompt": "Hello", "stream": True}).encode()
+    [reply] = _run(router, [("POST", "/v1/completions", body)])
+    assert reply.status_code == 200
+    assert reply.content == b"".join(PIECES)
+    assert reply.headers[ENGINE_HEADER] == upstream
+    # the cached tokens were read from the stream's usage
+    assert router.metrics.registry.get_sample_value("kvmesh_router_actual_cached_tokens_total") == 4
+
+
+def test_an_engine_that_died_since_its_health_check_is_skipped_before_the_first_byte(upstream: str, tmp_path) -> None:
+    dead = f"http://127.0.0.1:{_free_port()}"
+    router = _router([dead, upstream], "round-robin", tmp_path)
+    original = router.start
+
+    async def start_then_die() -> None:
+        await original()
+        router.engines[dead].up = True  # it answered its last health check, and is gone now
+        router.engines[dead].model = "not-a-local-model"
+
+    router.start = start_then_die  # type: ignore[method-assign]
+    body = json.dumps({"model": "not-a-local-model", "prompt": "Hi"}).encode()
+    replies = _run(router, [("POST", "/v1/completions", body)] * 3)
+    assert [r.status_code for r in replies] == [200, 200, 200]
+    assert all(r.headers[ENGINE_HEADER] == upstream for r in replies)
+    assert all(r.json()["echo"] == {"model": "not-a-local-model", "prompt": "Hi"} for r in replies)
+    assert router.metrics.registry.get_sample_value("kvmesh_router_retries_total", {"engine": dead}) >= 1
+    assert router.engines[dead].up is False
+
+
+def test_no_engine_up_and_a_body_that_is_not_json_are_answered_with_clear_errors(upstream: str, tmp_path) -> None:
+    down = _router([f"http://127.0.0.1:{_free_port()}"], "cache", tmp_path)
+    [reply] = _run(down, [("POST", "/v1/completions", b'{"prompt": "x"}')])
+    assert reply.status_code == 503 and "no engine is up" in reply.json()["error"]["message"]
+    [health] = _run(_router([f"http://127.0.0.1:{_free_port()}"], "cache", tmp_path), [("GET", "/health", b"")])
+    assert health.status_code == 503
+    [bad] = _run(_router([upstream], "cache", tmp_path), [("POST", "/v1/completions", b"{not json")])
+    assert bad.status_code == 400 and "not a JSON object" in bad.json()["error"]["message"]
+
+
+def test_engine_arguments_are_checked() -> None:
+    assert parse_engine("http://127.0.0.1:8000/") == ("http://127.0.0.1:8000", None)
+    assert parse_engine("http://127.0.0.1:8000@node-a") == ("http://127.0.0.1:8000", "node-a")
+    for bad in ("127.0.0.1:8000", "ftp://host:1", "http://"):
+        with pytest.raises(RouterConfigError, match="expected http://HOST:PORT"):
+            parse_engine(bad)
+    with pytest.raises(RouterConfigError, match="more than once"):
+        Router([("http://a:1", None), ("http://a:1", None)])
+    with pytest.raises(RouterConfigError, match="at least one"):
+        Router([])
+    with pytest.raises(RouterConfigError, match="--check-fraction"):
+        Router([("http://a:1", None)], check_fraction=2.0)
