@@ -76,7 +76,6 @@ from kvmesh.bench.openai_client import EndpointError, stream_completion  # noqa:
 from kvmesh.bench.redis_server import RedisServer  # noqa: E402
 from kvmesh.bench.report import markdown_table, summarize  # noqa: E402
 from kvmesh.bench.runner import RequestRecord, RunRecord, run_workload  # noqa: E402
-from kvmesh.router import ENGINE_HEADER  # noqa: E402
 from kvmesh.bench.servers import EngineServer, EngineSpec, free_port  # noqa: E402
 from kvmesh.bench.texts import Tokenizer, document_token_ids, question_prompt  # noqa: E402
 from kvmesh.bench.workloads import MultiRoundSpec, Request, multi_round  # noqa: E402
@@ -84,6 +83,7 @@ from kvmesh.client import KVMeshClient  # noqa: E402
 from kvmesh.client.stop import stop_daemon  # noqa: E402
 from kvmesh.config import KVMeshConfig  # noqa: E402
 from kvmesh.demo.model import default_model_dir, prepare_demo_model  # noqa: E402
+from kvmesh.router import ENGINE_HEADER  # noqa: E402
 
 ARMS: dict[str, tuple[str, bool]] = {  # name: (router policy, one daemon shared by both engines)
     "round-robin": ("round-robin", False),
