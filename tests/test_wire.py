@@ -39,6 +39,8 @@ REQUESTS: list[wire.Request[Any]] = [
     wire.RecordRequest("cmpl-1", {"prompt_tokens": 300, "reason": "why"}),
     wire.RecentRequests("cmpl-1", 5),
     wire.Delete([KEY]),
+    wire.PinEntries([KEY], 60.0),
+    wire.UnpinEntries([], every=True),
     wire.Stats(flush=True),
     wire.Shutdown(),
 ]
@@ -53,6 +55,8 @@ REPLIES: list[Any] = [
     wire.AcquireReply([]),
     wire.ReleaseLeaseReply(False),
     wire.DeleteReply(3),
+    wire.PinEntriesReply(1, 2, 3),
+    wire.UnpinEntriesReply(4),
     wire.RecentRequestsReply([{"request_id": "cmpl-1", "prompt_tokens": 300}]),
     wire.StatsReply({"l1": {"entries": 1}}, {"kvmesh_lookups_total": 2.0}, 0, {"l1_size": 1}, [{"pid": 1}]),
 ]

@@ -330,6 +330,75 @@ def router(engine: Annotated[list[str] | None, typer.Option(
 
 
 @app.command()
+def prewarm(files: Annotated[list[Path], typer.Argument(help="Prompts: a text file is a completion prompt; a .json "
+                                                        "file is a chat (a list of messages, or an object with "
+                                                        "messages and tools).")],
+            engine: Annotated[str, typer.Option(help="The engine (kvmesh serve) or kvmesh router URL.")] = "",
+            pin: Annotated[bool, typer.Option(help="Keep the prompts' chunks in L1 (never evicted until "
+                                              "kvmesh unpin or --pin-ttl runs out).")] = False,
+            pin_ttl: Annotated[float, typer.Option(help="Seconds a pin lasts.", min=1)] = 3600.0,
+            set_: SetOption = None) -> None:
+    """Compute and store prompts' KV before any request needs them (a system prompt, a document, tool
+    definitions), optionally pinned in the node's L1."""
+    from rich.progress import Progress
+
+    from kvmesh.prewarm import PrewarmError
+    from kvmesh.prewarm import prewarm as run_prewarm
+    from kvmesh.router.nodes import NODE_FAULTS
+
+    if not engine:
+        err_console.print("[red]kvmesh prewarm: give --engine URL (an engine started with kvmesh serve)[/red]")
+        raise typer.Exit(2)
+    config = KVMeshConfig.from_mapping({"autostart_daemon": False}, base=_load_config(set_))
+    try:
+        with Progress(console=err_console, transient=True) as progress:
+            task = progress.add_task("prewarming", total=len(files))
+            results = run_prewarm(config, engine, files, pin_ttl if pin else None,
+                                  lambda: progress.advance(task))
+    except (PrewarmError, httpx_errors(), *NODE_FAULTS) as err:
+        err_console.print(f"[red]kvmesh prewarm: {err}[/red]")
+        raise typer.Exit(1) from None
+    table = Table(title=f"prewarmed on {engine}" + (f", pinned for {pin_ttl:g} s" if pin else ""))
+    for column in ("file", "prompt tokens", "cached before", "stored now", "chunks pinned", "not pinned"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r.name, f"{r.prompt_tokens:,}", f"{r.cached_before:,}",
+                      "?" if r.stored_tokens < 0 else f"{r.stored_tokens:,}", str(r.pinned), str(r.not_pinned))
+    console.print(table)
+    if pin and any(r.not_pinned for r in results):
+        err_console.print("some chunks were not pinned: not in L1, or past l1_pin_fraction of L1 (kvmesh stats)")
+
+
+@app.command()
+def unpin(files: Annotated[list[Path] | None, typer.Argument(help="The prompts to unpin (as given to prewarm).")
+                           ] = None,
+          engine: Annotated[str, typer.Option(help="The engine whose node holds the pins.")] = "",
+          all_: Annotated[bool, typer.Option("--all", help="Unpin every pinned entry of the node.")] = False,
+          set_: SetOption = None) -> None:
+    """Let the node's L1 evict pinned prompts again."""
+    from kvmesh.prewarm import PrewarmError
+    from kvmesh.prewarm import unpin as run_unpin
+    from kvmesh.router.nodes import NODE_FAULTS
+
+    if not engine or (not files and not all_):
+        err_console.print("[red]kvmesh unpin: give --engine URL and FILE... or --all[/red]")
+        raise typer.Exit(2)
+    config = KVMeshConfig.from_mapping({"autostart_daemon": False}, base=_load_config(set_))
+    try:
+        count = run_unpin(config, engine, files or [], all_)
+    except (PrewarmError, httpx_errors(), *NODE_FAULTS) as err:
+        err_console.print(f"[red]kvmesh unpin: {err}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"unpinned {count} entries")
+
+
+def httpx_errors() -> type[Exception]:
+    import httpx
+
+    return httpx.HTTPError
+
+
+@app.command()
 def demo(
     tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 3500,
     engine: Annotated[str, typer.Option(help="vllm: serve with vLLM + kvmesh (the main demo); "

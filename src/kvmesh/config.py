@@ -185,6 +185,11 @@ class KVMeshConfig:
         "least prefill per byte and are used least first, aged: tiers/eviction.py) or lru (least recently "
         "used). On a replayed workload larger than the cache, value served 1.1-1.6x the tokens per GiB of lru "
         "(docs/benchmarks.md).")
+    l1_pin_fraction: float = _opt(
+        0.25, _fraction,
+        "The share of L1 that pinned entries (kvmesh prewarm --pin: a system prompt, tool definitions) may hold "
+        "at once. Pinned entries are never evicted until unpinned (kvmesh unpin) or their time runs out; pins "
+        "past this share are refused and reported.")
     disk_path: str = _opt(
         "", parse_str,
         "Directory of the L2 disk tier; empty turns it off. Entries survive daemon and engine restarts.")
@@ -460,7 +465,8 @@ class KVMeshConfig:
 # What the node daemon itself uses: L1, the tiers below it, their codecs, write-behind, prefetch, leases and
 # its HTTP endpoint.  An engine that asks for other values must not silently get the running daemon's.
 DAEMON_KEYS: tuple[str, ...] = (
-    "l1_size", "l1_eviction", "disk_path", "disk_size", "disk_write_policy", "redis_url", "redis_cluster",
+    "l1_size", "l1_eviction", "l1_pin_fraction", "disk_path", "disk_size", "disk_write_policy", "redis_url",
+    "redis_cluster",
     "redis_namespace", "redis_ttl_seconds", "redis_timeout_seconds", "redis_lookup_timeout_seconds",
     "redis_write_policy", "redis_admission", "write_queue_size", "write_quiet_seconds", "write_priority", "prefetch",
     "prefetch_threads", "prefetch_priority", "lease_seconds", "codec", "disk_codec", "redis_codec", "http_port",

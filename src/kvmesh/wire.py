@@ -160,6 +160,18 @@ class RecentRequestsReply:
 
 
 @dataclass(frozen=True, slots=True)
+class PinEntriesReply:
+    pinned: int  # entries kept in L1 from now on
+    missing: int  # not in L1
+    over_budget: int  # refused: past l1_pin_fraction of L1
+
+
+@dataclass(frozen=True, slots=True)
+class UnpinEntriesReply:
+    unpinned: int
+
+
+@dataclass(frozen=True, slots=True)
 class StatsReply:
     tiers: dict[str, dict[str, Any]]
     metrics: dict[str, float]
@@ -330,6 +342,26 @@ class Delete(Request[DeleteReply]):
 
 
 @dataclass(frozen=True, slots=True)
+class PinEntries(Request[PinEntriesReply]):
+    """Keep these L1 entries from eviction for ``seconds`` (a system prompt a user pinned)."""
+
+    op = "pin_entries"
+    reply = PinEntriesReply
+    keys: list[bytes]
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class UnpinEntries(Request[UnpinEntriesReply]):
+    """Let eviction have these entries again; ``every``: all pinned ones."""
+
+    op = "unpin_entries"
+    reply = UnpinEntriesReply
+    keys: list[bytes]
+    every: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Stats(Request[StatsReply]):
     """Tiers, metrics, leases, settings, engines; ``flush`` first waits for the writes behind."""
 
@@ -346,7 +378,7 @@ class Shutdown(Request[Done]):
 
 REQUESTS: dict[str, type[Request[Any]]] = {cls.op: cls for cls in (
     Hello, Lookup, Reserve, Commit, Abort, Acquire, Release, ReleaseLease,
-    ReportError, ReportBlend, RecordRequest, RecentRequests, Delete, Stats, Shutdown)}
+    ReportError, ReportBlend, RecordRequest, RecentRequests, Delete, PinEntries, UnpinEntries, Stats, Shutdown)}
 
 
 # ------------------------------------------------------------------------ encoding

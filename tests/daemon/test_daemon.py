@@ -264,3 +264,29 @@ def test_stopping_a_daemon_that_holds_its_lock_but_cannot_be_asked_says_why(tmp_
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(TimeoutError, match=r"could not be stopped within 0.3 s: .*kvmesh daemon"):
             stop_daemon(config, timeout=0.3)
+
+
+def test_pinned_chunks_stay_in_l1_through_a_flood_within_the_pin_budget(tmp_path) -> None:
+    """An 8 MiB L1 pins at most a quarter of itself (l1_pin_fraction): of 1 MiB chunks, two; the flood of
+    other prompts evicts everything else; unpinned, the pinned ones go too."""
+    config = KVMeshConfig.from_mapping({"socket_dir": str(tmp_path), "instance": "pins", "l1_size": "8MiB",
+                                        "l1_prefault": False, "http_port": 0})
+    system = chunk_keys(list(range(9000, 9000 + 3 * 1024)), NS, 1024)
+    with KVMeshClient(config) as client:
+        try:
+            client.put(system, [torch.zeros(4, 2, 1024, 2, 32, dtype=torch.bfloat16)] * 3)
+            reply = client.pin(system, seconds=600)
+            assert (reply.pinned, reply.missing, reply.over_budget) == (2, 0, 1)
+            for start in range(20_000, 20_000 + 12 * 1024, 1024):  # twelve more chunks through an 8-chunk L1
+                flood = chunk_keys(list(range(start, start + 1024)), NS, 1024)
+                client.put(flood, [torch.ones(4, 2, 1024, 2, 32, dtype=torch.bfloat16)])
+            assert client.lookup(system) == 2  # the pinned two; the third was evicted
+            l1 = client.stats()["l1"]
+            assert (l1["pinned_entries"], l1["pinned_bytes"]) == (2, 2 * 1024 * 1024)
+            assert client.unpin(system[:1]) == 1 and client.unpin(every=True) == 1
+            for start in range(40_000, 40_000 + 8 * 1024, 1024):
+                client.put(chunk_keys(list(range(start, start + 1024)), NS, 1024),
+                           [torch.ones(4, 2, 1024, 2, 32, dtype=torch.bfloat16)])
+            assert client.lookup(system) == 0
+        finally:
+            client.shutdown_daemon()

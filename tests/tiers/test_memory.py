@@ -120,3 +120,35 @@ def test_delete_while_pinned_frees_at_release() -> None:
     assert tier.stats().bytes_used == 10_240
     with pytest.raises(KeyError):
         tier.release(_key(1), extent)
+
+
+def test_kept_entries_survive_a_flood_until_unkept_or_their_time_runs_out() -> None:
+    now = [0.0]
+    tier = MemoryTier(8 * 4096, bytearray(8 * 4096), keep_budget=2 * 4096, clock=lambda: now[0])
+    for key in (b"system", b"tools", b"doc"):
+        assert tier.put(key, os.urandom(4096))
+    result = tier.keep([b"system", b"tools", b"doc", b"absent"], seconds=60)
+    assert (result.kept, result.missing, result.over_budget) == (2, 1, 1)  # the budget holds two pages
+    for index in range(20):  # a flood of other prompts
+        tier.put(b"flood-%d" % index, os.urandom(4096))
+    assert tier.contains(b"system") and tier.contains(b"tools") and not tier.contains(b"doc")
+    assert tier.kept() == (2, 2 * 4096)
+    assert tier.stats().pinned_entries == 2
+    assert tier.unkeep([b"tools"]) == 1
+    now[0] = 61.0  # system's time ran out
+    for index in range(20, 40):
+        tier.put(b"flood-%d" % index, os.urandom(4096))
+    assert not tier.contains(b"system") and not tier.contains(b"tools")
+    assert tier.kept() == (0, 0)
+    with pytest.raises(ValueError, match="positive"):
+        tier.keep([b"x"], seconds=0)
+
+
+def test_a_kept_entry_can_still_be_deleted_and_every_keep_released() -> None:
+    tier = MemoryTier(4 * 4096, bytearray(4 * 4096), keep_budget=4 * 4096)
+    tier.put(b"a", os.urandom(4096))
+    tier.put(b"b", os.urandom(4096))
+    assert tier.keep([b"a", b"b"], seconds=10).kept == 2
+    assert tier.delete(b"a")  # a corrupt entry still goes
+    assert tier.kept() == (1, 4096)
+    assert tier.unkeep() == 1 and tier.kept() == (0, 0)

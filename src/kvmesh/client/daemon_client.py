@@ -366,6 +366,14 @@ class KVMeshClient:
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         return self._call(wire.Delete([k.digest for k in keys])).deleted
 
+    def pin(self, keys: Sequence[ChunkKey], seconds: float) -> wire.PinEntriesReply:
+        """Keep these chunks in L1 for ``seconds`` (within the daemon's ``l1_pin_fraction`` of L1)."""
+        return self._call(wire.PinEntries([k.digest for k in keys], seconds))
+
+    def unpin(self, keys: Sequence[ChunkKey] = (), every: bool = False) -> int:
+        """Let L1 evict these chunks again (``every``: all pinned ones); how many were pinned."""
+        return self._call(wire.UnpinEntries([k.digest for k in keys], every)).unpinned
+
     def stats(self) -> dict[str, Any]:
         return self._call(wire.Stats()).tiers
 

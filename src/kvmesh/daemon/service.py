@@ -84,7 +84,8 @@ class NodeDaemon:
         self.metrics = DaemonMetrics(lambda: self.store.stats(), lambda: store_gauges(self.store))
         # writes behind wait while engines are served (store/quiet.py says why)
         self.quiet = QuietGate(config.write_quiet_seconds)
-        l1 = MemoryTier(config.l1_size, self.segment.buffer, policy=EVICTION_POLICIES[config.l1_eviction]())
+        l1 = MemoryTier(config.l1_size, self.segment.buffer, policy=EVICTION_POLICIES[config.l1_eviction](),
+                        keep_budget=int(config.l1_size * config.l1_pin_fraction))
         self.store = TieredStore(l1, build_lower_tiers(config),
                                  None, self.metrics, config.write_queue_size, config.prefetch,
                                  config.prefetch_threads, prefetch_priority=config.prefetch_priority,  # type: ignore[arg-type]
@@ -274,6 +275,15 @@ class NodeDaemon:
 
     def _op_delete(self, request: wire.Delete, session: _Session) -> wire.DeleteReply:
         return wire.DeleteReply(sum(self.store.delete(key) for key in request.keys))
+
+    def _op_pin_entries(self, request: wire.PinEntries, session: _Session) -> wire.PinEntriesReply:
+        if not request.seconds > 0:
+            raise ProtocolError(f"pin_entries.seconds: a positive number of seconds, got {request.seconds!r}")
+        result = self.store.l1.keep(request.keys, request.seconds)
+        return wire.PinEntriesReply(result.kept, result.missing, result.over_budget)
+
+    def _op_unpin_entries(self, request: wire.UnpinEntries, session: _Session) -> wire.UnpinEntriesReply:
+        return wire.UnpinEntriesReply(self.store.l1.unkeep(None if request.every else request.keys))
 
     def _op_stats(self, request: wire.Stats, session: _Session) -> wire.StatsReply:
         if request.flush:

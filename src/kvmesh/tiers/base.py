@@ -23,6 +23,8 @@ class TierStats:
     rejected_stores: int = 0
     evictions: int = 0
     errors: int = 0
+    pinned_entries: int = 0  # L1: entries a user pinned (kept from eviction)
+    pinned_bytes: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)

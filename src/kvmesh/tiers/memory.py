@@ -6,12 +6,17 @@ memory), and :meth:`commit` makes it visible; :meth:`abort` gives it back.
 Readers :meth:`acquire` an entry, which pins it (a pinned entry is never evicted
 or reused) until they :meth:`release` it.  The tier only does bookkeeping on
 offsets; the bytes move in whichever process maps the arena.
+
+A user may also :meth:`keep` entries (``kvmesh prewarm --pin``: a system prompt, an agent's tool definitions)
+until a deadline or until :meth:`unkeep`: eviction passes over them, within ``keep_budget`` bytes, so
+that a flood of other prompts never drops them.  Kept entries can still be deleted (a corrupt entry).
 """
 
 from __future__ import annotations
 
 import enum
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -47,6 +52,13 @@ class Reservation:
         return self.extent
 
 
+@dataclass(frozen=True, slots=True)
+class KeepResult:
+    kept: int  # entries kept from eviction now
+    missing: int  # not in L1 (never stored, evicted, or only below L1)
+    over_budget: int  # not kept: keeping them would pass ``keep_budget``
+
+
 @dataclass(slots=True)
 class _Entry:
     extent: Extent
@@ -71,6 +83,9 @@ class MemoryTier:
     # told of every entry that an eviction drops, under this tier's lock (the store's write-back)
     on_evict: Callable[[bytes], None] | None = field(default=None)
     policy: EvictionPolicy = field(default_factory=LRUPolicy)  # which entries go first
+    keep_budget: int = 0  # bytes of entries that may be kept from eviction at once (``keep``)
+    clock: Callable[[], float] = field(default=time.monotonic)
+    _kept: dict[bytes, float] = field(init=False, default_factory=dict)  # key -> until (``clock``)
 
     def __post_init__(self) -> None:
         self._alloc = ExtentAllocator(self.capacity, self.alignment)
@@ -91,8 +106,9 @@ class MemoryTier:
                 return Reservation(ReserveStatus.NO_ROOM)
             offset = self._alloc.allocate(nbytes)
             if offset is None:
+                self._expire_kept()
                 for victim in self.policy.candidates():
-                    if self._entries[victim].pins == 0:
+                    if self._entries[victim].pins == 0 and victim not in self._kept:
                         self._drop(victim)
                         self._stats.evictions += 1
                         if self.on_evict is not None:
@@ -168,11 +184,61 @@ class MemoryTier:
                 del self._orphans[extent]
                 self._alloc.free(extent.offset, extent.nbytes)
 
+    # ------------------------------------------------------------ kept from eviction
+    def keep(self, keys: Sequence[bytes], seconds: float) -> KeepResult:
+        """Keep the committed entries of ``keys`` from eviction for ``seconds`` (a kept one: its deadline
+        moves), as far as ``keep_budget`` allows, first to last; absent ones are counted, not kept."""
+        if seconds <= 0:
+            raise ValueError(f"a pin lasts a positive number of seconds, got {seconds}")
+        with self._lock:
+            self._expire_kept()
+            until = self.clock() + seconds
+            used = self._kept_bytes()
+            kept = missing = over = 0
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None or not entry.committed:
+                    missing += 1
+                elif key in self._kept:
+                    self._kept[key] = max(self._kept[key], until)
+                    kept += 1
+                elif used + entry.extent.nbytes > self.keep_budget:
+                    over += 1
+                else:
+                    self._kept[key] = until
+                    used += entry.extent.nbytes
+                    kept += 1
+            return KeepResult(kept, missing, over)
+
+    def unkeep(self, keys: Sequence[bytes] | None = None) -> int:
+        """Let eviction have these entries again (None: every kept one); how many were kept."""
+        with self._lock:
+            if keys is None:
+                count = len(self._kept)
+                self._kept.clear()
+                return count
+            return sum(1 for key in keys if self._kept.pop(key, None) is not None)
+
+    def kept(self) -> tuple[int, int]:
+        """Entries kept from eviction now, and their bytes."""
+        with self._lock:
+            self._expire_kept()
+            return len(self._kept), self._kept_bytes()
+
+    def _kept_bytes(self) -> int:
+        return sum(self._entries[key].extent.nbytes for key in self._kept)
+
+    def _expire_kept(self) -> None:
+        now = self.clock()
+        for key in [key for key, until in self._kept.items() if until <= now]:
+            del self._kept[key]
+
     def delete(self, key: bytes) -> bool:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or not entry.committed:
                 return False
+            self._kept.pop(key, None)
             if entry.pins:
                 del self._entries[key]
                 self.policy.remove(key)
@@ -219,6 +285,7 @@ class MemoryTier:
         with self._lock:
             self._stats.entries = sum(1 for e in self._entries.values() if e.committed)
             self._stats.bytes_used = self._alloc.used
+            self._stats.pinned_entries, self._stats.pinned_bytes = self.kept()
             return TierStats(**self._stats.to_dict())
 
     @property
@@ -232,9 +299,12 @@ class MemoryTier:
         keys: list[bytes] = []
         with self._lock:
             total = 0
+            self._expire_kept()
             for key in self.policy.candidates():
                 if total >= nbytes:
                     break
+                if key in self._kept:
+                    continue
                 keys.append(key)
                 total += self._entries[key].extent.nbytes
         return keys
@@ -247,5 +317,6 @@ class MemoryTier:
     # ------------------------------------------------------------------ internals
     def _drop(self, key: bytes) -> None:
         entry = self._entries.pop(key)
+        self._kept.pop(key, None)
         self.policy.remove(key)
         self._alloc.free(entry.extent.offset, entry.extent.nbytes)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -163,6 +164,51 @@ def test_a_streamed_answer_comes_through(fleet: Fleet, model: str, texts: list[s
         lines = [line for line in reply.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     assert "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1]) == whole
+
+
+def test_a_prewarmed_and_pinned_prompt_survives_an_l1_flood(fleet: Fleet, model: str, texts: list[str],
+                                                           tmp_path: Path) -> None:
+    """kvmesh prewarm --pin stores a chat's system prompt and keeps it in L1; a flood of other prompts larger
+    than L1 (256 MiB: ~11k tokens of the demo model) evicts an unpinned prompt prewarmed beside it, not the
+    pinned one, and a conversation that starts from the pinned prompt loads it."""
+    from transformers import AutoTokenizer
+
+    system = [{"role": "system", "content": texts[6]}]
+    (tmp_path / "system.json").write_text(json.dumps(system))
+    (tmp_path / "other.txt").write_text(texts[7])
+    engine = fleet.engines[0].base_url
+    command = [sys.executable, "-m", "kvmesh.cli", "prewarm", "--engine", engine, "--pin",
+               "--set", f"socket_dir={fleet.settings[0]['socket_dir']}", str(tmp_path / "system.json")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "system.json" in done.stdout
+    plain = subprocess.run(command[:6] + command[7:-1] + [str(tmp_path / "other.txt")], capture_output=True,
+                           text=True, timeout=300)  # prewarmed, not pinned
+    assert plain.returncode == 0, plain.stderr
+    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    for doc in document_token_ids(tokenizer, 14, 900, seed=77):  # ~12.6k tokens through the engine
+        reply = httpx.post(f"{engine}/v1/completions", json={"model": model, "prompt": doc, "max_tokens": 1},
+                           timeout=300)
+        assert reply.status_code == 200, reply.text
+    links: dict[str, NodeLink] = {}
+    found = find_node(observer(fleet.settings[0]), engine, model, None, links)
+    assert found is not None
+    link, keys = found
+    local = LocalTokenizer(model)
+    pinned = local.tokens(PromptRequest("chat", {"messages": system, "add_generation_prompt": False}))
+    other = local.tokens(PromptRequest("completion", {"prompt": texts[7]}))
+    held_pinned, held_other = link.held(keys, pinned, keys.namespace), link.held(keys, other, keys.namespace)
+    link.close()
+    assert (held_pinned.tokens, held_pinned.below_l1) == (len(pinned), 0)  # all of it, in L1
+    assert held_other.below_l1 > 0 or held_other.tokens < len(other)  # evicted from L1
+    question = [*system, {"role": "user", "content": "Summarize that."}]
+    reply = httpx.post(f"{engine}/v1/chat/completions", json={"model": model, "messages": question,
+                                                              "max_tokens": 4}, timeout=300)
+    assert reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(pinned) // 128 * 128
+    unpinned = subprocess.run([sys.executable, "-m", "kvmesh.cli", "unpin", "--engine", engine, "--all",
+                               "--set", f"socket_dir={fleet.settings[0]['socket_dir']}"],
+                              capture_output=True, text=True, timeout=120)
+    assert unpinned.returncode == 0 and "unpinned" in unpinned.stdout, unpinned.stderr
 
 
 def test_a_stopped_daemon_costs_routing_quality_only(fleet: Fleet, model: str, texts: list[str]) -> None:
