@@ -299,6 +299,11 @@ def _explain_prompt(config: KVMeshConfig, engine: str, prompt_file: Path | None,
 def router(engine: Annotated[list[str] | None, typer.Option(
                "--engine", help="An engine started with kvmesh serve: http://HOST:PORT, or http://HOST:PORT@INSTANCE "
                "to name its kvmesh daemon (local engines' daemons are found by their port). Repeatable.")] = None,
+           decode: Annotated[list[str] | None, typer.Option(
+               "--decode", help="With --prefill: an engine that answers (the same as --engine). Repeatable.")] = None,
+           prefill: Annotated[list[str] | None, typer.Option(
+               "--prefill", help="A kvmesh serve engine that computes prompts only (one token; the answering "
+               "engine loads the prompt from kvmesh and computes its last token). Repeatable.")] = None,
            port: Annotated[int, typer.Option(help="The router's HTTP port.", min=1, max=65535)] = 8100,
            host: Annotated[str, typer.Option(help="The address to listen on.")] = "127.0.0.1",
            policy: Annotated[str, typer.Option(help="cache (lowest estimated time to first token, from what each "
@@ -318,14 +323,16 @@ def router(engine: Annotated[list[str] | None, typer.Option(
 
     config = KVMeshConfig.from_mapping({"autostart_daemon": False}, base=_load_config(set_))
     try:
-        engines = [parse_engine(item) for item in engine or []]
-        routing = Router(engines, policy, config, check_fraction)
+        engines = [parse_engine(item) for item in [*(engine or []), *(decode or [])]]
+        prefills = [parse_engine(item) for item in prefill or []]
+        routing = Router(engines, policy, config, check_fraction, prefill=prefills)
     except (RouterConfigError, ValueError) as err:
         err_console.print(f"[red]kvmesh router: {err}[/red]")
         raise typer.Exit(2) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per forwarded request
-    err_console.print(f"kvmesh router: {len(engines)} engines, policy {policy}, on http://{host}:{port}")
+    pd = f" (prefill/decode: {len(prefills)} prefill engines)" if prefills else ""
+    err_console.print(f"kvmesh router: {len(engines)} engines{pd}, policy {policy}, on http://{host}:{port}")
     uvicorn.run(build_app(routing), host=host, port=port, log_level="warning")
 
 

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -36,8 +37,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _upstream() -> FastAPI:
+def _upstream(received: list[dict] | None = None) -> FastAPI:
     app = FastAPI()
+    received = [] if received is None else received
 
     @app.get("/health")
     async def health() -> Response:
@@ -55,6 +57,9 @@ def _upstream() -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await request.json()
+        received.append(body)
+        if (body.get("kv_transfer_params") or {}).get("do_remote_decode"):  # as kvmesh's connector answers
+            return JSONResponse({"kv_transfer_params": {"do_remote_prefill": True, "kvmesh": {"stored_tokens": 7}}})
         if body.get("stream"):
             async def pieces() -> AsyncIterator[bytes]:
                 for piece in PIECES:
@@ -67,18 +72,26 @@ def _upstream() -> FastAPI:
     return app
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[str]:
+@contextmanager
+def _serving(app: FastAPI) -> Iterator[str]:
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(_upstream(), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    with _serving(_upstream()) as url:
+        yield url
 
 
 def _run(router: Router, requests: list[tuple[str, str, bytes]]) -> list[httpx.Response]:
@@ -151,3 +164,25 @@ def test_engine_arguments_are_checked() -> None:
         Router([])
     with pytest.raises(RouterConfigError, match="--check-fraction"):
         Router([("http://a:1", None)], check_fraction=2.0)
+
+
+def test_prefill_decode_computes_the_prompt_on_a_prefill_engine_then_answers_on_a_decode_engine(tmp_path) -> None:
+    """The prefill engine gets the request for one token, not streamed, marked do_remote_decode; the decode
+    engine gets the client's bytes unchanged and answers; the answer is the decode engine's."""
+    to_prefill: list[dict] = []
+    to_decode: list[dict] = []
+    with _serving(_upstream(to_prefill)) as prefill, _serving(_upstream(to_decode)) as decode:
+        config = KVMeshConfig.from_mapping({"socket_dir": str(tmp_path), "autostart_daemon": False})
+        router = Router([(decode, None)], "cache", config, prefill=[(prefill, None)])
+        asked = {"model": "not-a-local-model", "prompt": "Hello", "stream": True, "max_tokens": 9,
+                 "stream_options": {"include_usage": True}, "kv_transfer_params": {"kvmesh": {"explain": True}}}
+        [reply] = _run(router, [("POST", "/v1/completions", json.dumps(asked).encode())])
+    assert reply.status_code == 200 and reply.headers[ENGINE_HEADER] == decode
+    assert reply.content == b"".join(PIECES)
+    assert to_decode == [asked]
+    assert to_prefill == [{"model": "not-a-local-model", "prompt": "Hello", "max_tokens": 1, "stream": False,
+                           "kv_transfer_params": {"kvmesh": {"explain": True}, "do_remote_decode": True}}]
+    registry = router.metrics.registry
+    assert registry.get_sample_value("kvmesh_router_handoffs_total", {"outcome": "prefilled"}) == 1
+    # the stream's usage says 4 cached where the prefill stored 7 (of a longer prompt): 3 short
+    assert registry.get_sample_value("kvmesh_router_handoff_shortfall_tokens_total") == 3

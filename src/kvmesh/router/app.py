@@ -89,6 +89,12 @@ class RouterMetrics:
                                     "engine to compare", registry=r)
         self.token_mismatches = Counter("kvmesh_router_token_mismatches", "Compared prompts whose tokens "
                                         "differed (the model is then tokenized by its engine)", registry=r)
+        self.handoffs = Counter("kvmesh_router_handoffs", "Prefill/decode: prompts prefilled on a prefill "
+                                "engine, skipped (the decode engine's node held them), or whose prefill failed "
+                                "(the decode engine computed them)", ["outcome"], registry=r)
+        self.shortfall = Counter("kvmesh_router_handoff_shortfall_tokens", "Prefill/decode: prompt tokens the "
+                                 "decode engine computed beyond the last one although the prefill stored them",
+                                 registry=r)
         self.engine_up = Gauge("kvmesh_router_engine_up", "1 when the engine answers its health check",
                                ["engine"], registry=r)
         self.in_flight = Gauge("kvmesh_router_in_flight", "Requests routed to the engine and not finished",
@@ -99,10 +105,11 @@ class Router:
     """The engines, their nodes and loads, the tokenizers, and the choice."""
 
     def __init__(self, engines: list[tuple[str, str | None]], policy: str = "cache",
-                 config: KVMeshConfig | None = None, check_fraction: float = 0.01, seed: int | None = None) -> None:
+                 config: KVMeshConfig | None = None, check_fraction: float = 0.01, seed: int | None = None,
+                 prefill: list[tuple[str, str | None]] | None = None) -> None:
         if not engines:
-            raise RouterConfigError("give at least one --engine URL")
-        urls = [url for url, _ in engines]
+            raise RouterConfigError("give at least one --engine URL (--decode URL with --prefill)")
+        urls = [url for url, _ in [*engines, *(prefill or [])]]
         repeated = sorted({url for url in urls if urls.count(url) > 1})
         if repeated:
             raise RouterConfigError(f"--engine {repeated[0]} is given more than once")
@@ -110,6 +117,9 @@ class Router:
             raise RouterConfigError(f"--check-fraction must be between 0 and 1, got {check_fraction}")
         self.config = config or KVMeshConfig.load()
         self.engines = {url: Engine(url, instance) for url, instance in engines}
+        # prefill/decode: prompts are computed on these first (one token), then answered by ``engines``, which
+        # load the prompt from kvmesh and compute its last token only
+        self.prefill = {url: Engine(url, instance) for url, instance in prefill or []}
         self.chooser = Chooser(policy, random.Random(seed))
         self.policy = policy
         self.check_fraction = check_fraction
@@ -148,7 +158,8 @@ class Router:
             await self.refresh()
 
     async def refresh(self) -> None:
-        await asyncio.gather(*(self.refresh_engine(engine) for engine in list(self.engines.values())))
+        engines = [*self.engines.values(), *self.prefill.values()]
+        await asyncio.gather(*(self.refresh_engine(engine) for engine in engines))
 
     async def refresh_engine(self, engine: Engine) -> None:
         try:
@@ -215,8 +226,8 @@ class Router:
         return [int(t) for t in reply.json()["tokens"]]
 
     # ------------------------------------------------------------------- routing
-    def candidates_for(self, model: object) -> list[Engine]:
-        up = [engine for engine in self.engines.values() if engine.up]
+    def candidates_for(self, model: object, pool: dict[str, Engine] | None = None) -> list[Engine]:
+        up = [engine for engine in (self.engines if pool is None else pool).values() if engine.up]
         serving = [engine for engine in up if engine.model == model]
         return serving or up
 
@@ -258,15 +269,17 @@ class Router:
             engine.node_retry_at = time.monotonic() + NODE_RETRY_SECONDS
             return Held()
 
-    async def choose(self, kind: str, body: dict[str, Any]) -> tuple[list[Candidate], list[int] | None, dict[str, Any]]:
-        """The engines to try, best first; the prompt's tokens; what the router predicted."""
-        engines = self.candidates_for(body.get("model"))
+    async def choose(self, kind: str, body: dict[str, Any], pool: dict[str, Engine] | None = None,
+                     tokens: list[int] | None = None) -> tuple[list[Candidate], list[int] | None]:
+        """The engines of ``pool`` (default: the answering ones) to try, best first; the prompt's tokens."""
+        pool = self.engines if pool is None else pool
+        engines = self.candidates_for(body.get("model"), pool)
         if not engines:
-            return [], None, {}
-        tokens = None
+            return [], None
         helds = [Held()] * len(engines)
+        if self.policy == "cache" or self.prefill:
+            tokens = tokens or await self.tokens_of(PromptRequest.of(kind, body), engines)
         if self.policy == "cache":
-            tokens = await self.tokens_of(PromptRequest.of(kind, body), engines)
             if tokens:
                 salt = body.get("cache_salt")
                 helds = list(await asyncio.gather(*(self._held(e, tokens, salt) for e in engines)))
@@ -279,12 +292,48 @@ class Router:
                                 helds[index] = Held(pending, 0)
         candidates = [Candidate(e.url, e.load, h.tokens, h.below_l1) for e, h in zip(engines, helds)]
         ordered = self.chooser.order(candidates, len(tokens) if tokens else 0)
-        chosen = self.engines[ordered[0].name]
+        chosen = pool[ordered[0].name]
         if tokens and chosen.keys is not None:
             namespace = chosen.keys.namespace_for(self.config.tenant_salt, body.get("cache_salt"))
             if namespace is not None:
                 self.pending.add(chosen.url, _chunk_ends(chosen.keys, tokens, namespace))
-        return ordered, tokens, {"held": ordered[0].held_tokens}
+        return ordered, tokens
+
+    async def prefill_first(self, kind: str, body: dict[str, Any], tokens: list[int] | None,
+                            decode: Candidate, headers: dict[str, str]) -> int | None:
+        """Have a prefill engine compute the prompt (one token; its connector stores every chunk and says
+        how many tokens its node holds), unless the decode engine's node holds all but its last chunk
+        already; the tokens the decode engine should find, or None where no prefill ran."""
+        keys = self.engines[decode.name].keys
+        if tokens and keys is not None and decode.held_tokens >= len(tokens) - keys.chunk_size:
+            self.metrics.handoffs.labels("skipped").inc()
+            return None
+        ordered, _ = await self.choose(kind, body, self.prefill, tokens)
+        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        for candidate in ordered:
+            engine = self.prefill[candidate.name]
+            ticket = engine.load.start(max(len(tokens or ()) - candidate.held_tokens, 0))
+            try:
+                reply = await self.http.post(f"{engine.url}{path}", json=prefill_body(body), headers=headers)
+            except httpx.TransportError as err:
+                engine.up = False
+                log.warning("kvmesh router: prefill engine %s could not be reached (%s)", engine.url, err)
+                continue
+            finally:
+                self._finished(engine, ticket)
+            if reply.status_code != 200:
+                log.warning("kvmesh router: prefill engine %s answered %s: %s; the decode engine computes the "
+                            "prompt", engine.url, reply.status_code, reply.text[:200])
+                break
+            try:
+                params = reply.json().get("kv_transfer_params") or {}
+                stored = (params.get("kvmesh") or {}).get("stored_tokens")
+            except (ValueError, AttributeError):  # not kvmesh's answer: the decode engine finds what it finds
+                stored = None
+            self.metrics.handoffs.labels("prefilled").inc()
+            return int(stored) if isinstance(stored, int) else None
+        self.metrics.handoffs.labels("prefill_failed").inc()
+        return None
 
     async def forward(self, request: Request, kind: str) -> Response:
         arrived = time.perf_counter()
@@ -295,11 +344,19 @@ class Router:
                 raise ValueError("not an object")
         except ValueError as err:
             return _error(400, f"the request body is not a JSON object: {err}")
-        ordered, tokens, predicted = await self.choose(kind, body)
+        ordered, tokens = await self.choose(kind, body)
         self.metrics.decision.observe(time.perf_counter() - arrived)
         if not ordered:
             return _error(503, "no engine is up")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        expected = None  # prefill/decode: the prompt tokens the decode engine should load
+        if self.prefill:
+            stored = await self.prefill_first(kind, body, tokens, ordered[0], headers)
+            if stored is not None:
+                expected = min(stored, len(tokens) - 1) if tokens else None
+                ordered, tokens = await self.choose(kind, body, tokens=tokens)  # its node holds the prompt now
+                if not ordered:
+                    return _error(503, "no engine is up")
         streamed = bool(body.get("stream"))
         prompt_tokens = len(tokens) if tokens else 0
         for attempt, candidate in enumerate(ordered):
@@ -323,18 +380,19 @@ class Router:
             out_headers = {k: v for k, v in reply.headers.items() if k.lower() not in HOP_HEADERS}
             out_headers[ENGINE_HEADER] = engine.url
             if streamed:
-                return StreamingResponse(self._relay(engine, ticket, reply), status_code=reply.status_code,
-                                         headers=out_headers)
+                return StreamingResponse(self._relay(engine, ticket, reply, expected),
+                                         status_code=reply.status_code, headers=out_headers)
             try:
                 content = await reply.aread()
             finally:  # the whole answer at once: no first token to learn the prefill speed from
                 await reply.aclose()
                 self._finished(engine, ticket)
-            self._count_usage(content)
+            self._count_usage(content, expected)
             return Response(content, status_code=reply.status_code, headers=out_headers)
         return _error(503, "no engine could be reached: " + ", ".join(c.name for c in ordered))
 
-    async def _relay(self, engine: Engine, ticket: int, reply: httpx.Response) -> AsyncIterator[bytes]:
+    async def _relay(self, engine: Engine, ticket: int, reply: httpx.Response,
+                     expected: int | None) -> AsyncIterator[bytes]:
         tail = b""
         try:
             async for piece in reply.aiter_raw():
@@ -346,22 +404,38 @@ class Router:
             self._finished(engine, ticket)
             for line in reversed(tail.split(b"\n")):
                 if line.startswith(b"data: {") and b'"usage"' in line:
-                    self._count_usage(line[len(b"data: "):])
+                    self._count_usage(line[len(b"data: "):], expected)
                     break
 
     def _finished(self, engine: Engine, ticket: int) -> None:
         engine.load.finish(ticket)
         self.metrics.in_flight.labels(engine.url).set(len(engine.load.in_flight))
 
-    def _count_usage(self, content: bytes) -> None:
+    def _count_usage(self, content: bytes, expected: int | None = None) -> None:
         try:
             usage = json.loads(content).get("usage") or {}
         except (ValueError, AttributeError):
             return
         details = usage.get("prompt_tokens_details") or {}
         if isinstance(details, dict) and details.get("cached_tokens") is not None:
-            self.metrics.actual.inc(int(details["cached_tokens"]))
+            cached = int(details["cached_tokens"])
+            self.metrics.actual.inc(cached)
             self.metrics.reported_prompt.inc(int(usage.get("prompt_tokens") or 0))
+            if expected is not None:  # a handoff that fell short: the decode engine computed more
+                self.metrics.shortfall.inc(max(expected - cached, 0))
+
+
+def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The request for a prefill engine: one token, not streamed, marked for a decode elsewhere (vLLM's
+    ``do_remote_decode``, as its P/D proxies send it)."""
+    dropped = ("stream", "stream_options", "min_tokens", "n", "best_of")
+    prefill = {key: value for key, value in body.items() if key not in dropped}
+    prefill.update(max_tokens=1, stream=False)
+    if "max_completion_tokens" in body:
+        prefill["max_completion_tokens"] = 1
+    params = body.get("kv_transfer_params")
+    prefill["kv_transfer_params"] = {**(params if isinstance(params, dict) else {}), "do_remote_decode": True}
+    return prefill
 
 
 def _chunk_ends(keys: EngineKeys, tokens: list[int], namespace: Any) -> list[tuple[bytes, int]]:
@@ -417,7 +491,8 @@ def build_app(router: Router) -> FastAPI:
 
     @app.get("/router/engines")
     async def engines() -> Response:
-        return JSONResponse({"policy": router.policy, "engines": [e.describe() for e in router.engines.values()]})
+        return JSONResponse({"policy": router.policy, "engines": [e.describe() for e in router.engines.values()],
+                             "prefill": [e.describe() for e in router.prefill.values()]})
 
     @app.post("/router/engines")
     async def add_engine(request: Request) -> Response:

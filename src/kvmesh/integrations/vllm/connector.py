@@ -201,7 +201,8 @@ class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Nothing waits (saves ran step by step); a request that asked gets its explanation back."""
-        return False, self._scheduler.finished(request.request_id)
+        params = request.kv_transfer_params or {}
+        return False, self._scheduler.finished(request.request_id, remote_decode=bool(params.get("do_remote_decode")))
 
     def request_finished_all_groups(self, request: Request,
                                     block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kvmesh.client import CacheFault, LookupResult
+from kvmesh.client import CacheFault, KVMeshClient, LookupResult
 from kvmesh.config import KVMeshConfig
 from kvmesh.integrations.vllm.blend_plan import BlendPlan, BlendScheduler, PassageSave
 from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
@@ -265,22 +265,45 @@ class SchedulerSide:
                 saves.append(save)
         return self.blend.take_plans(), saves
 
-    def finished(self, req_id: str) -> dict[str, Any] | None:
-        """Forget the request, recording its summary with the daemon; its explanation, if it asked for one."""
+    def finished(self, req_id: str, remote_decode: bool = False) -> dict[str, Any] | None:
+        """Forget the request, recording its summary with the daemon; what its response carries back.
+
+        That is its explanation, if it asked for one.  A prefill for another engine (``remote_decode``:
+        vLLM's ``do_remote_decode``, sent by ``kvmesh router --prefill``) also gets the tokens its node now
+        holds, confirmed by a lookup: this step's saves were committed before vLLM calls this, so the decode
+        engine, asked after this response, finds them (through the same daemon, or Redis written through).
+        """
         tracker = self.trackers.pop(req_id, None)
         self.waiting.pop(req_id, None)
         if self.blend is not None:
             self.blend.finished(req_id)
         if tracker is None:
-            return None
+            return {"do_remote_prefill": True, "kvmesh": {"stored_tokens": 0}} if remote_decode else None
         summary = tracker.explanation.to_dict()
         client = self.link.client()
+        stored = 0
         if client is not None:
             try:
                 client.record_request(req_id, summary)
+                if remote_decode:
+                    stored = self._stored_tokens(client, tracker)
             except ABSORBED as err:
                 self.link.fault("record", f"kvmesh could not record a request's summary: {err}", err)
-        return {"kvmesh": summary} if tracker.asked else None
+        params: dict[str, Any] = {"kvmesh": summary} if tracker.asked else {}
+        if remote_decode:  # vLLM's convention for a finished prefill, so stock P/D proxies pass it on
+            params = {"do_remote_prefill": True, "kvmesh": {**params.get("kvmesh", {}), "stored_tokens": stored}}
+        return params or None
+
+    def _stored_tokens(self, client: KVMeshClient, tracker: RequestTracker) -> int:
+        """The leading tokens of the prompt the node holds now (every part), counted nowhere."""
+        ends = []
+        for part in self.parts:
+            found = client.lookup_with_partials([part.key(k) for k in tracker.keys], count=False,
+                                                root=part(namespace_root(tracker.namespace)), prefetch=False)
+            held = match_prefix(tracker.tokens, tracker.keys, found.hits,
+                                [(p.digest, p.tokens) for p in found.partials], tracker.namespace, part)
+            ends.append(held[-1].end if held else 0)
+        return min(ends)
 
 
 def content_beyond_tokens(request: RequestLike) -> str | None:

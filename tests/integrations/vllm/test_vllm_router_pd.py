@@ -1,0 +1,130 @@
+"""Prefill/decode through kvmesh: ``kvmesh router --prefill P --decode D``, two real engines on one node daemon.
+
+The prefill engine computes the prompt (one token) and its connector stores every chunk; the decode engine
+loads all of the prompt but its last token from the node's L1 and computes that one.  Its answer equals the
+prefill engine's own answer from its own cache at the same depth (prompts of ``128·k + 1`` tokens, so that
+vLLM's own hit, which ends at a block, and kvmesh's, which ends at the last token, are the same depth).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from engine_settings import default_path_settings, stop_settings_daemon
+from kvmesh.bench.servers import EngineServer, EngineSpec, free_port
+from kvmesh.bench.texts import document_token_ids
+from kvmesh.router import ENGINE_HEADER
+
+pytestmark = pytest.mark.slow
+
+MAX_LEN = 2048
+POOL_TOKENS = 4096
+
+
+class PD:
+    def __init__(self, prefill: EngineServer, decode: EngineServer, router: str) -> None:
+        self.prefill, self.decode, self.router = prefill, decode, router
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.router}/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+@pytest.fixture(scope="module")
+def pd(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PD]:
+    base = tmp_path_factory.mktemp("pd")
+    settings = default_path_settings(base, "pd")  # one daemon: the node's L1 carries the prompt from P to D
+    engines = [EngineServer(EngineSpec(model, kvmesh=settings, kv_pool_tokens=POOL_TOKENS, max_model_len=MAX_LEN,
+                                       extra_env={"VLLM_CPU_OMP_THREADS_BIND": core}), base / f"engine-{core}.log")
+               for core in ("0", "1")]
+    process = None
+    try:
+        for engine in engines:
+            engine.start()
+        port = free_port()
+        argv = [sys.executable, "-m", "kvmesh.cli", "router", "--port", str(port), "--prefill", engines[0].base_url,
+                "--decode", engines[1].base_url, "--set", f"socket_dir={settings['socket_dir']}"]
+        with open(base / "router.log", "wb") as log:
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        router = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                listed = httpx.get(f"{router}/router/engines", timeout=5).json()
+                if all(e["daemon"] for e in listed["engines"] + listed["prefill"]):
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, (base / "router.log").read_text()
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the router did not find the daemon: {(base / 'router.log').read_text()}")
+        yield PD(engines[0], engines[1], router)
+    finally:
+        if process is not None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+        for engine in engines:
+            engine.stop()
+        stop_settings_daemon(settings)
+
+
+@pytest.fixture(scope="module")
+def prompts(model: str) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    lengths = (3 * 128 + 1, 5 * 128 + 1)
+    return [doc[:length] for doc, length in zip(document_token_ids(tokenizer, 2, 700, seed=61), lengths)]
+
+
+def test_the_decode_engine_computes_one_prompt_token_and_answers_as_the_engines_own_hit(
+        pd: PD, model: str, prompts: list[list[int]]) -> None:
+    for prompt in prompts:
+        body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0}
+        handed = httpx.post(f"{pd.router}/v1/completions", json=body, timeout=300)
+        assert handed.status_code == 200, handed.text
+        assert handed.headers[ENGINE_HEADER] == pd.decode.base_url
+        usage = handed.json()["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == len(prompt) - 1  # one prompt token computed
+        # the reference: the prefill engine's own answer from its own cache (it computed the prompt once)
+        own = httpx.post(f"{pd.prefill.base_url}/v1/completions", json=body, timeout=300).json()
+        assert own["usage"]["prompt_tokens_details"]["cached_tokens"] == len(prompt) - 1
+        assert handed.json()["choices"][0]["text"] == own["choices"][0]["text"]
+    assert pd.metric('kvmesh_router_handoffs_total{outcome="prefilled"}') == len(prompts)
+    assert pd.metric("kvmesh_router_handoff_shortfall_tokens_total") == 0
+
+
+def test_a_prompt_the_decode_node_holds_skips_the_prefill_and_a_chat_streams_through(
+        pd: PD, model: str, prompts: list[list[int]]) -> None:
+    again = httpx.post(f"{pd.router}/v1/completions", timeout=300,
+                       json={"model": model, "prompt": prompts[0], "max_tokens": 4})
+    assert again.status_code == 200
+    assert pd.metric('kvmesh_router_handoffs_total{outcome="skipped"}') >= 1
+    chat = {"model": model, "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "Tell me about prefill and decode. " * 20}]}
+    with httpx.stream("POST", f"{pd.router}/v1/chat/completions", json=chat, timeout=300) as reply:
+        assert reply.status_code == 200
+        lines = [line for line in reply.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    usage = next(line for line in reversed(lines) if '"usage"' in line and '"prompt_tokens"' in line)
+    details = json.loads(usage[6:])["usage"]
+    assert details["prompt_tokens_details"]["cached_tokens"] == details["prompt_tokens"] - 1
+
+
+def test_a_prefill_engine_that_is_down_leaves_the_prompt_to_the_decode_engine(
+        pd: PD, model: str, prompts: list[list[int]]) -> None:
+    pd.prefill.stop()
+    reply = httpx.post(f"{pd.router}/v1/completions", timeout=300,
+                       json={"model": model, "prompt": list(reversed(prompts[1])), "max_tokens": 4})
+    assert reply.status_code == 200, reply.text
+    assert reply.headers[ENGINE_HEADER] == pd.decode.base_url
