@@ -186,3 +186,23 @@ def test_prefill_decode_computes_the_prompt_on_a_prefill_engine_then_answers_on_
     assert registry.get_sample_value("kvmesh_router_handoffs_total", {"outcome": "prefilled"}) == 1
     # the stream's usage says 4 cached where the prefill stored 7 (of a longer prompt): 3 short
     assert registry.get_sample_value("kvmesh_router_handoff_shortfall_tokens_total") == 3
+
+
+def test_engines_join_and_leave_while_the_router_runs(upstream: str, tmp_path) -> None:
+    other = f"http://127.0.0.1:{_free_port()}"
+    router = _router([other], "cache", tmp_path)
+    body = json.dumps({"model": "not-a-local-model", "prompt": "Hi"}).encode()
+    replies = _run(router, [("POST", "/v1/completions", body),
+                            ("POST", "/router/engines", json.dumps({"url": upstream}).encode()),
+                            ("POST", "/v1/completions", body),
+                            ("POST", "/router/engines", json.dumps({"url": "not a url"}).encode()),
+                            ("DELETE", f"/router/engines?url={upstream}", b""),
+                            ("POST", "/v1/completions", body),
+                            ("GET", "/router/engines", b"")])
+    assert replies[0].status_code == 503  # the only engine is down
+    assert replies[1].json()["up"] is True
+    assert replies[2].status_code == 200 and replies[2].headers[ENGINE_HEADER] == upstream
+    assert replies[3].status_code == 400 and "expected http://HOST:PORT" in replies[3].json()["error"]["message"]
+    assert replies[4].status_code == 200
+    assert replies[5].status_code == 503
+    assert [e["url"] for e in replies[6].json()["engines"]] == [other]
