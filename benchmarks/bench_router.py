@@ -27,6 +27,23 @@ Workloads (``--workload``, comma-separated; each arm starts fresh engines for ea
   cache policy no engine takes more than 65% of the requests).
 - ``burst``: ``--burst-size`` copies of one prompt sent at once, for ``--burst-prompts`` prompts in turn: where
   each copy went and its TTFT.
+- ``pd`` (not in the default list; its own two arms, ``--arms`` picks among them): prefill/decode vs aggregated
+  on one request stream.  ``--pd-long-clients`` clients each send ``--pd-long-requests`` long prompts
+  (``--pd-long-tokens``, a new document each time, ``--pd-long-answer`` tokens answered) while
+  ``--pd-short-clients`` clients each send ``--pd-short-requests`` short prompts (``--pd-short-tokens``) with
+  long answers (``--pd-short-answer``): each client sends its next request once its previous one is answered,
+  all streamed through the router at once.  Arms, each with fresh engines and ONE fresh daemon both share:
+
+  - ``aggregated``: ``--policy cache`` over both engines, each prefilling and decoding;
+  - ``prefill-decode``: ``--prefill`` the core-0 engine (e0), ``--decode`` the core-1 engine (e1): long prompts
+    are computed on e0 (one token), stored in the node's L1, and loaded by e1, which computes their last token
+    only; prompts shorter than a chunk go to e1 directly (the router skips their prefill).
+
+  Reported: TTFT of long and short prompts, the short (decode-heavy) requests' inter-token latency (mean, p99,
+  max over every gap between streamed tokens; also p99 over the gaps that overlap another request's long
+  prefill: from its sending to its first token), the prompt tokens each engine computed (``prompt_tokens -
+  cached_tokens``: 1 for a handed-off prompt) and the router's handoff counters.  On two cores P/D halves the
+  compute each phase gets, so its throughput may well drop: what it can win is decode ITL isolation.
 
 Per arm and workload: requests, failures, requests/s, TTFT (first rounds, returning rounds: mean and p90),
 each engine's share of the requests (the router's ``x-kvmesh-engine`` header), prompt tokens the engines
@@ -40,9 +57,11 @@ A markdown table on stdout; everything (every request too) in the JSON report (`
     .venv/bin/python benchmarks/bench_router.py --report router.json
     .venv/bin/python benchmarks/bench_router.py --workload chat,hot-prefix,burst --redis --report router.json
     .venv/bin/python benchmarks/bench_router.py --users 2 --rounds 2 --arms cache   # a smoke run
+    .venv/bin/python benchmarks/bench_router.py --workload pd --report pd.json
 
 At the default size one arm of chat takes about 2-3 minutes on a 2-core machine (two engine starts of 35-85 s
-each, in parallel where the daemons are private, then the workload).
+each, in parallel where the daemons are private, then the workload); one arm of pd about 3 minutes (engines
+started one after the other: they share a daemon).
 """
 
 from __future__ import annotations
@@ -91,7 +110,14 @@ ARMS: dict[str, tuple[str, bool]] = {  # name: (router policy, one daemon shared
     "cache": ("cache", False),
     "shared": ("round-robin", True),
 }
-WORKLOADS = ("chat", "hot-prefix", "burst")
+# the pd workload's arms: name: (router policy, prefill/decode); both with one daemon shared by both engines
+PD_ARMS: dict[str, tuple[str, bool]] = {
+    "aggregated": ("cache", False),
+    "prefill-decode": ("cache", True),
+}
+WORKLOADS = ("chat", "hot-prefix", "burst", "pd")
+PD_NOTE = ("On 2 cores P/D halves the compute available to each phase (prefill on core 0 only, decode on core 1 "
+           "only), so its throughput may drop; the measurable win is the decode ITL isolation (short_itl_*).")
 ENGINES = 2  # one per core
 # the daemons' counters reported (totals; tiers are added by their label)
 DAEMON_TOKENS = {"lookup": "kvmesh_lookup_tokens_total", "hit": "kvmesh_hit_tokens_total",
@@ -159,10 +185,99 @@ def run_burst(url: str, model: str, prompts: list[list[int]], copies: int, answe
     return RunRecord("burst", None, copies, time.perf_counter() - started, records, [])
 
 
+@dataclass(frozen=True)
+class PDRequest:
+    """One request of the pd workload: its client, long or short, prompt and answer length."""
+
+    index: int
+    client: int
+    kind: str  # "long" (a new long document, a short answer) or "short" (a short prompt, a long answer)
+    prompt: list[int]
+    answer_tokens: int
+
+
+PD_WARM = 3  # pd: warm-up prompts, one for each engine and one through the router (not measured)
+PD_WARM_TOKENS = 600
+
+
+def pd_clients(tokenizer: Tokenizer, args: argparse.Namespace) -> tuple[list[list[PDRequest]], list[list[int]]]:
+    """Each client's requests, in order (the long clients' first, then the short clients'); and the warm-up
+    prompts, cut from the same stream of text as the long prompts (a warm-up never shares a prefix with them)."""
+    longs = document_token_ids(tokenizer, args.pd_long_clients * args.pd_long_requests + PD_WARM,
+                               max(args.pd_long_tokens, PD_WARM_TOKENS), seed=args.seed + 301)
+    warm = [question_prompt(tokenizer, document[:PD_WARM_TOKENS], "Warm up.") for document in longs[-PD_WARM:]]
+    longs = [document[:args.pd_long_tokens] for document in longs[:-PD_WARM]]
+    shorts = document_token_ids(tokenizer, args.pd_short_clients * args.pd_short_requests, args.pd_short_tokens,
+                                seed=args.seed + 302)
+    clients: list[list[PDRequest]] = []
+    index = 0
+    for kind, documents, count, each, answer, question in (
+            ("long", longs, args.pd_long_clients, args.pd_long_requests, args.pd_long_answer,
+             "What is this text about, in a few words?"),
+            ("short", shorts, args.pd_short_clients, args.pd_short_requests, args.pd_short_answer,
+             "Explain this text at length.")):
+        for client in range(count):
+            mine = []
+            for document in documents[client * each:(client + 1) * each]:
+                mine.append(PDRequest(index, len(clients), kind, question_prompt(tokenizer, document, question),
+                                      answer))
+                index += 1
+            clients.append(mine)
+    return clients, warm
+
+
+def run_pd(url: str, model: str, clients: list[list[PDRequest]]) -> tuple[RunRecord, list[dict[str, Any]]]:
+    """Every client at once, each sending its next request when its previous one is answered (streamed).
+
+    Besides the usual records: per request its kind, the prompt tokens the engine reported and computed, and
+    each streamed token's arrival (seconds after the request was sent).
+    """
+    records: list[RequestRecord] = []
+    details: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    started = time.perf_counter()
+
+    def client_loop(requests: list[PDRequest]) -> None:
+        for position, request in enumerate(requests):
+            sent = time.perf_counter() - started
+            detail: dict[str, Any] = {"index": request.index, "client": request.client, "kind": request.kind,
+                                      "sent_at": sent, "answer_tokens": request.answer_tokens}
+            try:
+                reply = stream_completion(url, model, request.prompt, request.answer_tokens)
+            except (EndpointError, OSError, ValueError) as err:
+                record = RequestRecord(request.index, request.client, position, len(request.prompt), sent,
+                                       float("nan"), float("nan"), None, None, "", f"{type(err).__name__}: {err}")
+                detail.update(usage_prompt_tokens=None, computed_prompt_tokens=None, token_times=[])
+            else:
+                record = RequestRecord(request.index, request.client, position, len(request.prompt), sent,
+                                       reply.ttft, reply.latency, reply.inter_token_latency, reply.completion_tokens,
+                                       reply.text, cached_tokens=reply.cached_tokens,
+                                       served_by=reply.headers.get(ENGINE_HEADER))
+                prompt = reply.prompt_tokens if reply.prompt_tokens is not None else len(request.prompt)
+                computed = prompt - reply.cached_tokens if reply.cached_tokens is not None else None
+                detail.update(usage_prompt_tokens=prompt, computed_prompt_tokens=computed,
+                              token_times=[round(t, 5) for t in reply.token_times])
+            with lock:
+                records.append(record)
+                details.append(detail)
+
+    with ThreadPoolExecutor(max_workers=len(clients)) as pool:
+        for future in [pool.submit(client_loop, requests) for requests in clients]:
+            future.result()
+    wall = time.perf_counter() - started
+    order = sorted(range(len(records)), key=lambda i: records[i].index)
+    return (RunRecord("pd", None, len(clients), wall, [records[i] for i in order], []),
+            [details[i] for i in order])
+
+
 # ------------------------------------------------------------------------------------------------- the cluster
 @dataclass
 class Cluster:
-    """Two engines, their daemon(s), optionally a shared Redis, and a router in front: one arm's setup."""
+    """Two engines, their daemon(s), optionally a shared Redis, and a router in front: one arm's setup.
+
+    The pd arms share one daemon; ``prefill-decode``'s router prefills on the first engine (core 0) and
+    answers on the second (core 1).
+    """
 
     arm: str
     model: str
@@ -183,13 +298,17 @@ class Cluster:
     def router_log(self) -> Path:
         return self.work / "router.log"
 
+    @property
+    def prefill_decode(self) -> bool:
+        return self.arm in PD_ARMS and PD_ARMS[self.arm][1]
+
     def daemons(self) -> list[dict[str, object]]:
         """One settings dict per distinct daemon."""
         return list({str(s["instance"]): s for s in self.settings}.values())
 
     def start(self) -> Cluster:
         began = time.monotonic()
-        policy, shared = ARMS[self.arm]
+        policy, shared = (PD_ARMS[self.arm][0], True) if self.arm in PD_ARMS else ARMS[self.arm]
         args = self.args
         self.work.mkdir(parents=True, exist_ok=True)
         tag = f"{self.arm}-{uuid.uuid4().hex[:6]}"
@@ -225,8 +344,11 @@ class Cluster:
         self.router_port = free_port()
         argv = [str(Path(sys.executable).parent / "kvmesh"), "router", "--port", str(self.router_port),
                 "--policy", policy, "--set", f"socket_dir={self.settings[0]['socket_dir']}"]
-        for engine in self.engines:
-            argv += ["--engine", engine.base_url]
+        if self.prefill_decode:  # the core-0 engine prefills, the core-1 engine answers
+            argv += ["--prefill", self.engines[0].base_url, "--decode", self.engines[1].base_url]
+        else:
+            for engine in self.engines:
+                argv += ["--engine", engine.base_url]
         with open(self.router_log, "ab") as log:
             self.router = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True)
@@ -237,7 +359,7 @@ class Cluster:
                 raise RuntimeError(f"the router exited with code {self.router.returncode}:\n{self._router_tail()}")
             try:
                 listing = httpx.get(self.url + "/router/engines", timeout=5.0).json()
-                engines = listing.get("engines", [])
+                engines = listing.get("engines", []) + listing.get("prefill", [])
                 # every engine up and its daemon found (the tokenizer check happens before the search)
                 if len(engines) == ENGINES and all(e["up"] and e["daemon"] for e in engines):
                     return
@@ -311,9 +433,20 @@ def run_arm(arm: str, workload: str, model: str, tokenizer: Tokenizer, work: Pat
         cluster.start()
         print(f"[{arm} / {workload}] engines, daemons and router up in {cluster.started_seconds:.0f} s", flush=True)
         labels = {engine.base_url: f"e{index}" for index, engine in enumerate(cluster.engines)}
+        pd_details: list[dict[str, Any]] = []
+        if workload == "pd":
+            clients, warm = pd_clients(tokenizer, args)
+            # the first store on each engine and the first request through the router (in P/D: the first
+            # handoff) pay one-time costs: not measured
+            for engine, prompt in zip(cluster.engines, warm):
+                stream_completion(engine.base_url, model, prompt, 2)
+            stream_completion(cluster.url, model, warm[-1], 4)
         daemons_before, engines_before = cluster.daemon_counters(), cluster.engine_counters()
+        router_before = cluster.router_counters()
         progress = sys.stdout.isatty()
-        if workload == "chat":
+        if workload == "pd":
+            run, pd_details = run_pd(cluster.url, model, clients)
+        elif workload == "chat":
             run = run_workload(cluster.url, model, chat_requests(tokenizer, args), args.answer_tokens,
                                concurrency=args.concurrency, label=f"{arm} chat", show_progress=progress)
         elif workload == "hot-prefix":
@@ -325,17 +458,24 @@ def run_arm(arm: str, workload: str, model: str, tokenizer: Tokenizer, work: Pat
         print(f"[{arm} / {workload}] {len(run.requests)} requests in {run.wall_seconds:.0f} s", flush=True)
         daemons_after, engines_after = cluster.daemon_counters(), cluster.engine_counters()
         router = cluster.router_counters()
-        return {"arm": arm, "workload": workload, "policy": ARMS[arm][0], "daemons": len(cluster.daemons()),
+        return {"arm": arm, "workload": workload, "policy": _policy(arm), "daemons": len(cluster.daemons()),
                 "engines": labels, "start_seconds": cluster.started_seconds,
                 "run": run, "daemon_delta": _delta(daemons_after, daemons_before),
                 "engine_delta": {labels[url]: _delta(engines_after[url], engines_before[url]) for url in labels},
-                "router_metrics": router, "arm_seconds": time.monotonic() - began, "error": None}
+                "router_metrics": router, "router_delta": _delta(router, router_before),
+                "pd_requests": pd_details, "arm_seconds": time.monotonic() - began, "error": None}
     except (RuntimeError, EndpointError, OSError, httpx.HTTPError) as err:
         print(f"[{arm} / {workload}] failed: {type(err).__name__}: {err}", flush=True)
-        return {"arm": arm, "workload": workload, "policy": ARMS[arm][0], "error": f"{type(err).__name__}: {err}",
+        return {"arm": arm, "workload": workload, "policy": _policy(arm), "error": f"{type(err).__name__}: {err}",
                 "arm_seconds": time.monotonic() - began}
     finally:
         cluster.stop()
+
+
+def _policy(arm: str) -> str:
+    if arm in PD_ARMS:
+        return "prefill/decode" if PD_ARMS[arm][1] else PD_ARMS[arm][0]
+    return ARMS[arm][0]
 
 
 def prometheus_values(base_url: str) -> dict[str, float]:
@@ -362,6 +502,8 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"workload": result["workload"], "arm": result["arm"]}
     if result.get("error"):
         return {**row, "error": result["error"]}
+    if result["workload"] == "pd":
+        return {**row, **pd_columns(result), **counter_columns(result)}
     run: RunRecord = result["run"]
     base = summarize(run)
     ok = [r for r in run.requests if r.error is None]
@@ -386,6 +528,13 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
         "vllm_own_hit_tokens": int(sum(e.get("own", 0.0) for e in engines.values())),
         "vllm_external_hit_tokens": int(sum(e.get("external", 0.0) for e in engines.values())),
     })
+    return {**row, **counter_columns(result)}
+
+
+def counter_columns(result: dict[str, Any]) -> dict[str, Any]:
+    """The daemons' tokens and tier reads, the router's prediction, the arm's time."""
+    daemon = result["daemon_delta"]
+    row: dict[str, Any] = {}
     for name, metric in DAEMON_TOKENS.items():
         row[f"kvmesh_{name}_tokens"] = int(daemon.get(metric, 0.0))
     for metric, value in sorted(daemon.items()):

@@ -8,6 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -140,25 +143,91 @@ class EngineServer:
             return ""
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=30)
-            except ProcessLookupError:
-                pass
-        else:  # the server died; make sure nothing it spawned lingers
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if self.process is not None:
+            stop_process_group(self.process)
         self.process = None
 
     def __enter__(self) -> EngineServer:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.stop()
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Stop a process started in its own session and everything it spawned (SIGTERM, then SIGKILL)."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=timeout)
+        except ProcessLookupError:
+            pass
+    else:  # it died; make sure nothing it spawned lingers
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class RouterServer:
+    """``kvmesh router`` in its own process group; started once every engine is up and its daemon found."""
+
+    def __init__(self, engines: Sequence[str], log_path: Path, socket_dir: str, policy: str = "cache",
+                 prefill: Sequence[str] = (), extra_args: Sequence[str] = (), start_timeout: float = 120.0,
+                 python: str = sys.executable) -> None:
+        self.engines, self.prefill = list(engines), list(prefill)
+        self.log_path, self.socket_dir, self.policy = log_path, socket_dir, policy
+        self.extra_args, self.start_timeout, self.python = list(extra_args), start_timeout, python
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> RouterServer:
+        argv = [self.python, "-m", "kvmesh.cli", "router", "--port", str(self.port), "--policy", self.policy,
+                "--set", f"socket_dir={self.socket_dir}", *self.extra_args]
+        argv += [arg for url in self.engines for arg in ("--engine", url)]
+        argv += [arg for url in self.prefill for arg in ("--prefill", url)]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        deadline = time.monotonic() + self.start_timeout
+        listing: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EndpointError(f"kvmesh router exited with code {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                listing = json.loads(urllib.request.urlopen(f"{self.base_url}/router/engines", timeout=5).read())
+                listed = [*listing.get("engines", []), *listing.get("prefill", [])]  # type: ignore[misc]
+                if len(listed) == len(self.engines) + len(self.prefill) and all(e["up"] and e["daemon"]
+                                                                                 for e in listed):
+                    return self
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise EndpointError(f"kvmesh router did not find every engine and its daemon in {self.start_timeout:.0f} s: "
+                            f"{listing}\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_group(self.process)
+        self.process = None
+
+    def __enter__(self) -> RouterServer:
         return self.start()
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,

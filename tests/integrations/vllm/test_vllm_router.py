@@ -8,11 +8,8 @@ through; a stopped daemon costs routing quality only; a stopped engine is skippe
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +17,7 @@ import httpx
 import pytest
 
 from engine_settings import default_path_settings, observer, stop_settings_daemon
-from kvmesh.bench.servers import EngineServer, EngineSpec, free_port
+from kvmesh.bench.servers import EngineServer, EngineSpec, RouterServer
 from kvmesh.bench.texts import document_token_ids
 from kvmesh.client import KVMeshClient
 from kvmesh.router import ENGINE_HEADER
@@ -34,9 +31,8 @@ POOL_TOKENS = 4096
 
 
 class Fleet:
-    def __init__(self, engines: list[EngineServer], settings: list[dict[str, object]], router: str,
-                 process: subprocess.Popen) -> None:
-        self.engines, self.settings, self.router, self.process = engines, settings, router, process
+    def __init__(self, engines: list[EngineServer], settings: list[dict[str, object]], router: str) -> None:
+        self.engines, self.settings, self.router = engines, settings, router
 
     def post(self, path: str, body: dict[str, object]) -> httpx.Response:
         return httpx.post(f"{self.router}{path}", json=body, timeout=300)
@@ -49,35 +45,16 @@ def fleet(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flee
     engines = [EngineServer(EngineSpec(model, kvmesh=s, kv_pool_tokens=POOL_TOKENS, max_model_len=MAX_LEN,
                                        extra_env={"VLLM_CPU_OMP_THREADS_BIND": core}), base / f"engine-{core}.log")
                for s, core in zip(settings, ("0", "1"))]
-    process = None
+    router = None
     try:
         for engine in engines:
             engine.start()
-        port = free_port()
-        argv = [sys.executable, "-m", "kvmesh.cli", "router", "--port", str(port), "--check-fraction", "1",
-                "--set", f"socket_dir={settings[0]['socket_dir']}"]
-        for engine in engines:
-            argv += ["--engine", engine.base_url]
-        with open(base / "router.log", "wb") as log:
-            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        router = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # up, with both engines' daemons found
-            try:
-                listed = httpx.get(f"{router}/router/engines", timeout=5).json()["engines"]
-                if all(e["daemon"] for e in listed):
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None, (base / "router.log").read_text()
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"the router did not find both daemons: {(base / 'router.log').read_text()}")
-        yield Fleet(engines, settings, router, process)
+        router = RouterServer([e.base_url for e in engines], base / "router.log", str(settings[0]["socket_dir"]),
+                              extra_args=["--check-fraction", "1"]).start()
+        yield Fleet(engines, settings, router.base_url)
     finally:
-        if process is not None:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
+        if router is not None:
+            router.stop()
         for engine in engines:
             engine.stop()
         for s in settings:

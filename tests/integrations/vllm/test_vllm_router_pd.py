@@ -9,18 +9,13 @@ vLLM's own hit, which ends at a block, and kvmesh's, which ends at the last toke
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from engine_settings import default_path_settings, stop_settings_daemon
-from kvmesh.bench.servers import EngineServer, EngineSpec, free_port
+from kvmesh.bench.servers import EngineServer, EngineSpec, RouterServer
 from kvmesh.bench.texts import document_token_ids
 from kvmesh.router import ENGINE_HEADER
 
@@ -46,33 +41,16 @@ def pd(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PD]:
     engines = [EngineServer(EngineSpec(model, kvmesh=settings, kv_pool_tokens=POOL_TOKENS, max_model_len=MAX_LEN,
                                        extra_env={"VLLM_CPU_OMP_THREADS_BIND": core}), base / f"engine-{core}.log")
                for core in ("0", "1")]
-    process = None
+    router = None
     try:
         for engine in engines:
             engine.start()
-        port = free_port()
-        argv = [sys.executable, "-m", "kvmesh.cli", "router", "--port", str(port), "--prefill", engines[0].base_url,
-                "--decode", engines[1].base_url, "--set", f"socket_dir={settings['socket_dir']}"]
-        with open(base / "router.log", "wb") as log:
-            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        router = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                listed = httpx.get(f"{router}/router/engines", timeout=5).json()
-                if all(e["daemon"] for e in listed["engines"] + listed["prefill"]):
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None, (base / "router.log").read_text()
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"the router did not find the daemon: {(base / 'router.log').read_text()}")
-        yield PD(engines[0], engines[1], router)
+        router = RouterServer([engines[1].base_url], base / "router.log", str(settings["socket_dir"]),
+                              prefill=[engines[0].base_url]).start()
+        yield PD(engines[0], engines[1], router.base_url)
     finally:
-        if process is not None:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
+        if router is not None:
+            router.stop()
         for engine in engines:
             engine.stop()
         stop_settings_daemon(settings)
