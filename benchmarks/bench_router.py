@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shlex
@@ -511,7 +512,6 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
     share = Counter(result["engines"].get(r.served_by or "", "?") for r in ok)
     cached = sum(r.cached_tokens or 0 for r in ok)
     prompt = sum(r.prompt_tokens for r in ok)
-    daemon = result["daemon_delta"]
     engines = result["engine_delta"]
     row.update({
         "daemons": result["daemons"], "requests": base["requests"], "failed": base["failed"],
@@ -529,6 +529,72 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
         "vllm_external_hit_tokens": int(sum(e.get("external", 0.0) for e in engines.values())),
     })
     return {**row, **counter_columns(result)}
+
+
+def pd_columns(result: dict[str, Any]) -> dict[str, Any]:
+    """The pd workload's figures: TTFT of long and short prompts, the short requests' inter-token latency,
+    the prompt tokens the engines computed, and the router's handoffs."""
+    run: RunRecord = result["run"]
+    detail = {d["index"]: d for d in result["pd_requests"]}
+    ok = [r for r in run.requests if r.error is None]
+    kind = {r.index: detail[r.index]["kind"] for r in run.requests}
+    longs = [r for r in ok if kind[r.index] == "long"]
+    shorts = [r for r in ok if kind[r.index] == "short"]
+    # another request's long prefill: from its sending to its first token (in P/D: the prefill engine's
+    # compute, then the decode engine's load and its one token)
+    prefills = [(r.sent_at, r.sent_at + r.ttft) for r in longs]
+    gaps: list[float] = []
+    during: list[float] = []
+    for r in shorts:
+        times = [r.sent_at + t for t in detail[r.index]["token_times"]]
+        for begin, end in zip(times, times[1:]):
+            gaps.append(end - begin)
+            if any(begin < stop and end > start for start, stop in prefills):
+                during.append(end - begin)
+    computed = {r.index: detail[r.index]["computed_prompt_tokens"] for r in ok}
+    share = Counter(result["engines"].get(r.served_by or "", "?") for r in ok)
+    router = result["router_delta"]
+    engines = result["engine_delta"]
+
+    def handoffs(outcome: str) -> int:
+        return int(router.get(f"kvmesh_router_handoffs_total{{outcome={outcome}}}", 0.0))
+
+    def mean(values: Sequence[float]) -> float:
+        return statistics.fmean(values) if values else float("nan")
+
+    return {
+        "requests": len(run.requests), "failed": len(run.requests) - len(ok),
+        "req_per_s": len(ok) / run.wall_seconds if run.wall_seconds else float("nan"),
+        "long": len(longs), "short": len(shorts),
+        "long_ttft_mean": mean([r.ttft for r in longs]), "long_ttft_p90": _quantile([r.ttft for r in longs], 0.9),
+        "short_ttft_mean": mean([r.ttft for r in shorts]),
+        "short_ttft_p90": _quantile([r.ttft for r in shorts], 0.9),
+        "short_itl_mean_ms": 1e3 * mean(gaps), "short_itl_p99_ms": 1e3 * _quantile(gaps, 0.99),
+        "short_itl_max_ms": 1e3 * max(gaps, default=float("nan")),
+        "short_itl_p99_ms_in_long_prefill": 1e3 * _quantile(during, 0.99),
+        "short_gaps_in_long_prefill": f"{len(during)}/{len(gaps)}",
+        "short_latency_mean": mean([r.latency for r in shorts]),
+        "share": " ".join(f"{label}:{share.get(label, 0) / max(1, len(ok)):.0%}"
+                          for label in sorted(result["engines"].values())),
+        "long_computed_mean": mean([computed[r.index] for r in longs if computed[r.index] is not None]),
+        "short_computed_mean": mean([computed[r.index] for r in shorts if computed[r.index] is not None]),
+        "computed_1_requests": sum(1 for value in computed.values() if value == 1),
+        "handoffs_prefilled": handoffs("prefilled"), "handoffs_skipped": handoffs("skipped"),
+        "handoffs_prefill_failed": handoffs("prefill_failed"),
+        "handoff_shortfall_tokens": int(router.get("kvmesh_router_handoff_shortfall_tokens_total", 0.0)),
+        "vllm_own_hit_tokens": int(sum(e.get("own", 0.0) for e in engines.values())),
+        "vllm_external_hit_tokens": int(sum(e.get("external", 0.0) for e in engines.values())),
+    }
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    """Linear between the closest ranks, as ``kvmesh.bench.report`` does; NaN for no values."""
+    ordered = sorted(v for v in values if not math.isnan(v))
+    if not ordered:
+        return float("nan")
+    position = q * (len(ordered) - 1)
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def counter_columns(result: dict[str, Any]) -> dict[str, Any]:
@@ -575,6 +641,14 @@ def headlines(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if hot:
         out["hot-prefix cache: max engine share"] = hot["max_share"]
         out["target: hot-prefix max share <= 65%"] = hot["max_share"] <= TARGET_MAX_SHARE
+    aggregated, pd = find("pd", "aggregated"), find("pd", "prefill-decode")
+    if aggregated and pd:
+        for key in ("short_itl_p99_ms", "short_itl_p99_ms_in_long_prefill", "short_itl_mean_ms", "req_per_s",
+                    "long_ttft_mean", "short_ttft_mean"):
+            out[f"pd {key}: prefill-decode / aggregated"] = _ratio(pd[key], aggregated[key])
+    if pd:
+        out["pd prefill-decode: handed-off requests (prefilled) / requests whose engine computed exactly 1 prompt "
+            "token"] = f"{pd['handoffs_prefilled']} / {pd['computed_1_requests']} (of {pd['long']} long prompts)"
     return out
 
 
@@ -603,13 +677,31 @@ MAIN_COLUMNS = ("workload", "arm", "daemons", "requests", "failed", "req_per_s",
                 "cached_share", "vllm_own_hit_tokens", "vllm_external_hit_tokens", "arm_seconds", "error")
 
 
+PD_COLUMNS = ("arm", "requests", "failed", "req_per_s", "long_ttft_mean", "long_ttft_p90", "short_ttft_mean",
+              "short_ttft_p90", "short_itl_mean_ms", "short_itl_p99_ms", "short_itl_max_ms",
+              "short_itl_p99_ms_in_long_prefill", "short_gaps_in_long_prefill", "short_latency_mean", "arm_seconds",
+              "error")
+PD_HANDOFF_COLUMNS = ("arm", "share", "long", "short", "long_computed_mean", "short_computed_mean",
+                      "computed_1_requests", "handoffs_prefilled", "handoffs_skipped", "handoffs_prefill_failed",
+                      "handoff_shortfall_tokens", "vllm_own_hit_tokens", "vllm_external_hit_tokens")
+
+
 def tables(rows: Sequence[dict[str, Any]], bursts: Sequence[dict[str, Any]]) -> str:
-    main = [{k: r[k] for k in MAIN_COLUMNS if k in r} for r in rows]
+    pd = [r for r in rows if r["workload"] == "pd"]
+    main = [{k: r[k] for k in MAIN_COLUMNS if k in r} for r in rows if r["workload"] != "pd"]
     tier_keys = [k for r in rows for k in r if k.startswith(("kvmesh_", "router_")) or k.endswith(
         ("_chunk_hits", "_read_MB"))]
     tiers = [{"workload": r["workload"], "arm": r["arm"], **{k: r.get(k) for k in dict.fromkeys(tier_keys)}}
              for r in rows if "error" not in r]
-    parts = ["## Requests, TTFT (s), shares, cached tokens", markdown_table(main)]
+    parts = ["## Requests, TTFT (s), shares, cached tokens", markdown_table(main)] if main else []
+    if pd:
+        parts += ["## Prefill/decode vs aggregated (pd): requests, TTFT (s) of long and short prompts, the short "
+                  "(decode-heavy) requests' inter-token latency (ms) and latency (s)",
+                  markdown_table([{k: r[k] for k in PD_COLUMNS if k in r} for r in pd]),
+                  f"Note: {PD_NOTE}",
+                  "## pd: engine shares (e0 core 0: the prefill engine in P/D; e1 core 1: the decode engine), "
+                  "prompt tokens computed per request (prompt_tokens - cached_tokens), the router's handoffs",
+                  markdown_table([{k: r[k] for k in PD_HANDOFF_COLUMNS if k in r} for r in pd if "error" not in r])]
     if tiers:
         parts += ["## kvmesh daemons (tokens; chunk hits and MB read per tier) and the router's prediction",
                   markdown_table(tiers)]
