@@ -245,7 +245,7 @@ def run_pd(url: str, model: str, clients: list[list[PDRequest]]) -> tuple[RunRec
                                       "sent_at": sent, "answer_tokens": request.answer_tokens}
             try:
                 reply = stream_completion(url, model, request.prompt, request.answer_tokens)
-            except (EndpointError, OSError, ValueError) as err:
+            except Exception as err:  # noqa: BLE001 - a failed request is a result
                 record = RequestRecord(request.index, request.client, position, len(request.prompt), sent,
                                        float("nan"), float("nan"), None, None, "", f"{type(err).__name__}: {err}")
                 detail.update(usage_prompt_tokens=None, computed_prompt_tokens=None, token_times=[])
@@ -713,7 +713,8 @@ def tables(rows: Sequence[dict[str, Any]], bursts: Sequence[dict[str, Any]]) -> 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of: {', '.join(ARMS)}")
+    parser.add_argument("--arms", default="", help=f"comma-separated, of: {', '.join(ARMS)} (chat, hot-prefix, "
+                        f"burst) and {', '.join(PD_ARMS)} (pd); default: every arm of each workload")
     parser.add_argument("--workload", default="chat", help=f"comma-separated, of: {', '.join(WORKLOADS)}")
     parser.add_argument("--model", help="the model's folder (default: the demo model, `kvmesh model path`)")
     parser.add_argument("--users", type=int, default=12, help="chat: users")
@@ -727,6 +728,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--burst-prompts", type=int, default=3, help="burst: prompts, one burst each")
     parser.add_argument("--burst-size", type=int, default=4, help="burst: copies of a prompt sent at once")
     parser.add_argument("--burst-tokens", type=int, default=1000, help="burst: tokens per prompt")
+    parser.add_argument("--pd-long-clients", type=int, default=2, help="pd: clients sending long prompts")
+    parser.add_argument("--pd-long-requests", type=int, default=10, help="pd: long prompts per long client")
+    parser.add_argument("--pd-long-tokens", type=int, default=1500, help="pd: tokens per long prompt (a new "
+                        "document each, then a question)")
+    parser.add_argument("--pd-long-answer", type=int, default=8, help="pd: tokens answered to a long prompt")
+    parser.add_argument("--pd-short-clients", type=int, default=2, help="pd: clients sending short prompts")
+    parser.add_argument("--pd-short-requests", type=int, default=12, help="pd: short prompts per short client")
+    parser.add_argument("--pd-short-tokens", type=int, default=100, help="pd: tokens per short prompt (before "
+                        "the question)")
+    parser.add_argument("--pd-short-answer", type=int, default=64, help="pd: tokens answered to a short prompt")
     parser.add_argument("--concurrency", type=int, default=2, help="chat, hot-prefix: requests in flight")
     parser.add_argument("--answer-tokens", type=int, default=16, help="tokens generated per request")
     parser.add_argument("--pool-tokens", type=int, default=4096, help="each engine's own KV pool, in tokens")
@@ -742,15 +753,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.arm_list = [a for a in args.arms.split(",") if a]
     args.workload_list = [w for w in args.workload.split(",") if w]
-    if not args.arm_list or set(args.arm_list) - set(ARMS):
-        parser.error(f"--arms: unknown {sorted(set(args.arm_list) - set(ARMS))}; known: {', '.join(ARMS)}")
+    known = [*ARMS, *PD_ARMS]
+    if set(args.arm_list) - set(known):
+        parser.error(f"--arms: unknown {sorted(set(args.arm_list) - set(known))}; known: {', '.join(known)}")
     if not args.workload_list or set(args.workload_list) - set(WORKLOADS):
         parser.error(f"--workload: unknown {sorted(set(args.workload_list) - set(WORKLOADS))}; "
                      f"known: {', '.join(WORKLOADS)}")
-    for name in ("users", "rounds", "hot_users", "burst_prompts", "burst_size", "concurrency", "answer_tokens"):
+    for workload in args.workload_list:
+        if not arms_of(workload, args.arm_list):
+            parser.error(f"--arms names no arm of the {workload} workload: "
+                         f"{', '.join(PD_ARMS if workload == 'pd' else ARMS)}")
+    for name in ("users", "rounds", "hot_users", "burst_prompts", "burst_size", "concurrency", "answer_tokens",
+                 "pd_long_requests", "pd_long_tokens", "pd_long_answer", "pd_short_requests", "pd_short_tokens",
+                 "pd_short_answer"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("pd_long_clients", "pd_short_clients"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
+    if args.pd_long_clients + args.pd_short_clients < 1:
+        parser.error("pd needs at least one client (--pd-long-clients, --pd-short-clients)")
     return args
+
+
+def arms_of(workload: str, arm_list: Sequence[str]) -> list[str]:
+    """The arms a workload runs: those of ``arm_list`` it knows, or all of them where ``arm_list`` is empty."""
+    known = PD_ARMS if workload == "pd" else ARMS
+    return [a for a in arm_list if a in known] if arm_list else list(known)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -765,19 +794,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"the last chat round has {longest} tokens: more than --max-model-len {args.max_model_len} allows "
               f"with {args.answer_tokens} answer tokens", file=sys.stderr)
         return 2
+    if "pd" in args.workload_list:
+        clients, _ = pd_clients(tokenizer, args)
+        for request in (r for requests in clients for r in requests):
+            if len(request.prompt) + request.answer_tokens > args.max_model_len:
+                print(f"a pd {request.kind} prompt has {len(request.prompt)} tokens: more than --max-model-len "
+                      f"{args.max_model_len} allows with {request.answer_tokens} answer tokens", file=sys.stderr)
+                return 2
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-router-") as tmp:
         work = args.workdir or Path(tmp)
-        print(f"bench_router: arms {args.arm_list}, workloads {args.workload_list}, model {model}, work {work}"
+        arms = {workload: arms_of(workload, args.arm_list) for workload in args.workload_list}
+        print(f"bench_router: arms {arms}, model {model}, work {work}"
               + (f"; chat prompts up to {longest} tokens" if longest else ""), flush=True)
         for workload in args.workload_list:
-            for arm in args.arm_list:
+            for arm in arms_of(workload, args.arm_list):
                 results.append(run_arm(arm, workload, model, tokenizer, work / f"{workload}-{arm}", args))
     rows = [summary_row(r) for r in results]
     bursts = [line for r in results for line in burst_detail(r)]
     heads = headlines(rows)
-    print("\n" + tables(rows, bursts))
+    markdown = tables(rows, bursts)
+    print("\n" + markdown)
     if heads:
         print("\n## Headlines\n")
         for name, value in heads.items():
@@ -788,7 +826,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.report.write_text(json.dumps({
             "title": "kvmesh router: policies on two vLLM-CPU engines", "command": command,
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "rows": rows, "headlines": heads, "bursts": bursts,
+            "rows": rows, "headlines": heads, "bursts": bursts, "markdown": markdown,
+            **({"pd_note": PD_NOTE} if "pd" in args.workload_list else {}),
             "results": [{**{k: v for k, v in r.items() if k != "run"},
                          **({"requests": [asdict(q) for q in r["run"].requests],
                              "wall_seconds": r["run"].wall_seconds} if "run" in r else {})} for r in results],

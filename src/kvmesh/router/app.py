@@ -279,21 +279,22 @@ class Router:
         helds = [Held()] * len(engines)
         if self.policy == "cache" or self.prefill:
             tokens = tokens or await self.tokens_of(PromptRequest.of(kind, body), engines)
-        if self.policy == "cache":
-            if tokens:
-                salt = body.get("cache_salt")
-                helds = list(await asyncio.gather(*(self._held(e, tokens, salt) for e in engines)))
-                for index, engine in enumerate(engines):
-                    if engine.keys is not None:
-                        namespace = engine.keys.namespace_for(self.config.tenant_salt, salt)
-                        if namespace is not None:
-                            pending = self.pending.tokens(engine.url, _chunk_ends(engine.keys, tokens, namespace))
-                            if pending > helds[index].tokens:
-                                helds[index] = Held(pending, 0)
+        # a LoRA adapter's requests name the adapter, not the engine's model: their chunks are in a namespace
+        # of the adapter's files, which the router cannot name, so they get no credit
+        base_model = body.get("model") in (None, engines[0].model)
+        if self.policy == "cache" and tokens and base_model:
+            salt = body.get("cache_salt")
+            helds = list(await asyncio.gather(*(self._held(e, tokens, salt) for e in engines)))
+            for index, engine in enumerate(engines):
+                namespace = engine.keys.namespace_for(self.config.tenant_salt, salt) if engine.keys else None
+                if engine.keys is not None and namespace is not None:
+                    pending = self.pending.tokens(engine.url, _chunk_ends(engine.keys, tokens, namespace))
+                    if pending > helds[index].tokens:
+                        helds[index] = Held(pending, 0)
         candidates = [Candidate(e.url, e.load, h.tokens, h.below_l1) for e, h in zip(engines, helds)]
         ordered = self.chooser.order(candidates, len(tokens) if tokens else 0)
         chosen = pool[ordered[0].name]
-        if tokens and chosen.keys is not None:
+        if tokens and base_model and chosen.keys is not None:
             namespace = chosen.keys.namespace_for(self.config.tenant_salt, body.get("cache_salt"))
             if namespace is not None:
                 self.pending.add(chosen.url, _chunk_ends(chosen.keys, tokens, namespace))
