@@ -1,14 +1,17 @@
-"""Prefill/decode through kvmesh: ``kvmesh router --prefill P --decode D``, two real engines on one node daemon.
+"""Prefill/decode through kvmesh: ``kvmesh router --prefill P --decode D``, two real engines, on one node
+daemon or on two sharing a Redis.
 
 The prefill engine computes the prompt (one token) and its connector stores every chunk; the decode engine
-loads all of the prompt but its last token from the node's L1 and computes that one.  Its answer equals the
-prefill engine's own answer from its own cache at the same depth (prompts of ``128·k + 1`` tokens, so that
-vLLM's own hit, which ends at a block, and kvmesh's, which ends at the last token, are the same depth).
+loads all of the prompt but its last token (from the node's L1, or from Redis) and computes that one.  Its
+answer equals the prefill engine's own answer from its own cache at the same depth (prompts of ``128·k + 1``
+tokens, so that vLLM's own hit, which ends at a block, and kvmesh's, which ends at the last token, are the
+same depth).
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 
 import httpx
@@ -18,6 +21,7 @@ from engine_settings import default_path_settings, stop_settings_daemon
 from kvmesh.bench.servers import EngineServer, EngineSpec, RouterServer
 from kvmesh.bench.texts import document_token_ids
 from kvmesh.router import ENGINE_HEADER
+from redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -34,18 +38,26 @@ class PD:
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
-@pytest.fixture(scope="module")
-def pd(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PD]:
+@pytest.fixture(scope="module", params=["one-node", "two-nodes-redis"])
+def pd(request: pytest.FixtureRequest, model: str, tmp_path_factory: pytest.TempPathFactory,
+       redis_server: RedisServer) -> Iterator[PD]:
+    """``one-node``: both engines on one daemon, the prompt handed over in its L1.  ``two-nodes-redis``: a
+    daemon each, sharing a Redis the prefill node writes through (stored before the prefill answers)."""
     base = tmp_path_factory.mktemp("pd")
-    settings = default_path_settings(base, "pd")  # one daemon: the node's L1 carries the prompt from P to D
-    engines = [EngineServer(EngineSpec(model, kvmesh=settings, kv_pool_tokens=POOL_TOKENS, max_model_len=MAX_LEN,
+    if request.param == "one-node":
+        settings = [default_path_settings(base, "pd")] * 2
+    else:
+        shared = {"redis_url": redis_server.url, "redis_namespace": f"pd-{uuid.uuid4().hex[:8]}", "disk_path": ""}
+        settings = [default_path_settings(base, "prefill", redis_write_policy="write_through", **shared),
+                    default_path_settings(base, "decode", **shared)]
+    engines = [EngineServer(EngineSpec(model, kvmesh=s, kv_pool_tokens=POOL_TOKENS, max_model_len=MAX_LEN,
                                        extra_env={"VLLM_CPU_OMP_THREADS_BIND": core}), base / f"engine-{core}.log")
-               for core in ("0", "1")]
+               for s, core in zip(settings, ("0", "1"))]
     router = None
     try:
         for engine in engines:
             engine.start()
-        router = RouterServer([engines[1].base_url], base / "router.log", str(settings["socket_dir"]),
+        router = RouterServer([engines[1].base_url], base / "router.log", str(settings[0]["socket_dir"]),
                               prefill=[engines[0].base_url]).start()
         yield PD(engines[0], engines[1], router.base_url)
     finally:
@@ -53,7 +65,8 @@ def pd(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PD]:
             router.stop()
         for engine in engines:
             engine.stop()
-        stop_settings_daemon(settings)
+        for s in settings[: 1 if request.param == "one-node" else 2]:
+            stop_settings_daemon(s)
 
 
 @pytest.fixture(scope="module")
