@@ -40,3 +40,16 @@ def test_bad_router_arguments_are_refused_naming_them() -> None:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, args
         assert fragment in " ".join(result.output.split()), (args, result.output)
+
+
+def test_prewarm_names_a_file_it_cannot_use_before_it_sends_anything(tmp_path) -> None:
+    runner = CliRunner()
+    (tmp_path / "chat.json").write_text('{"system": "no messages"}')
+    (tmp_path / "doc.txt").write_text("a document")
+    for files, fragment in (([tmp_path / "missing.txt"], "cannot read"), ([tmp_path / "chat.json"], "chat messages")):
+        # the engine's URL answers nothing: the files are read and checked before it is asked
+        result = runner.invoke(app, ["prewarm", "--engine", "http://127.0.0.1:9", *map(str, files)])
+        assert result.exit_code == 1 and fragment in " ".join(result.output.split()), result.output
+    unreachable = runner.invoke(app, ["prewarm", "--engine", "http://127.0.0.1:9", str(tmp_path / "doc.txt")])
+    assert unreachable.exit_code == 1 and "did not answer" in unreachable.output
+    assert runner.invoke(app, ["unpin", "--engine", "http://127.0.0.1:9"]).exit_code == 2  # no file, no --all
