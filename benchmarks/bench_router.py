@@ -37,7 +37,7 @@ Workloads (``--workload``, comma-separated; each arm starts fresh engines for ea
   - ``aggregated``: ``--policy cache`` over both engines, each prefilling and decoding;
   - ``prefill-decode``: ``--prefill`` the core-0 engine (e0), ``--decode`` the core-1 engine (e1): long prompts
     are computed on e0 (one token), stored in the node's L1, and loaded by e1, which computes their last token
-    only; prompts shorter than a chunk go to e1 directly (the router skips their prefill).
+    only; prompts shorter than a chunk go to e1 directly (no prefill: counted as short).
 
   Reported: TTFT of long and short prompts, the short (decode-heavy) requests' inter-token latency (mean, p99,
   max over every gap between streamed tokens; also p99 over the gaps that overlap another request's long
@@ -580,7 +580,7 @@ def pd_columns(result: dict[str, Any]) -> dict[str, Any]:
         "short_computed_mean": mean([computed[r.index] for r in shorts if computed[r.index] is not None]),
         "computed_1_requests": sum(1 for value in computed.values() if value == 1),
         "handoffs_prefilled": handoffs("prefilled"), "handoffs_skipped": handoffs("skipped"),
-        "handoffs_prefill_failed": handoffs("prefill_failed"),
+        "handoffs_short": handoffs("short"), "handoffs_prefill_failed": handoffs("prefill_failed"),
         "handoff_shortfall_tokens": int(router.get("kvmesh_router_handoff_shortfall_tokens_total", 0.0)),
         "vllm_own_hit_tokens": int(sum(e.get("own", 0.0) for e in engines.values())),
         "vllm_external_hit_tokens": int(sum(e.get("external", 0.0) for e in engines.values())),
@@ -682,8 +682,8 @@ PD_COLUMNS = ("arm", "requests", "failed", "req_per_s", "long_ttft_mean", "long_
               "short_itl_p99_ms_in_long_prefill", "short_gaps_in_long_prefill", "short_latency_mean", "arm_seconds",
               "error")
 PD_HANDOFF_COLUMNS = ("arm", "share", "long", "short", "long_computed_mean", "short_computed_mean",
-                      "computed_1_requests", "handoffs_prefilled", "handoffs_skipped", "handoffs_prefill_failed",
-                      "handoff_shortfall_tokens", "vllm_own_hit_tokens", "vllm_external_hit_tokens")
+                      "computed_1_requests", "handoffs_prefilled", "handoffs_skipped", "handoffs_short",
+                      "handoffs_prefill_failed", "handoff_shortfall_tokens", "vllm_own_hit_tokens", "vllm_external_hit_tokens")
 
 
 def tables(rows: Sequence[dict[str, Any]], bursts: Sequence[dict[str, Any]]) -> str:

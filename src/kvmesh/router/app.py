@@ -90,8 +90,9 @@ class RouterMetrics:
         self.token_mismatches = Counter("kvmesh_router_token_mismatches", "Compared prompts whose tokens "
                                         "differed (the model is then tokenized by its engine)", registry=r)
         self.handoffs = Counter("kvmesh_router_handoffs", "Prefill/decode: prompts prefilled on a prefill "
-                                "engine, skipped (the decode engine's node held them), or whose prefill failed "
-                                "(the decode engine computed them)", ["outcome"], registry=r)
+                                "engine, skipped (the decode engine's node held them), short (less than a chunk: "
+                                "computed by the decode engine), or whose prefill failed (the decode engine "
+                                "computed them)", ["outcome"], registry=r)
         self.shortfall = Counter("kvmesh_router_handoff_shortfall_tokens", "Prefill/decode: prompt tokens the "
                                  "decode engine computed beyond the last one although the prefill stored them",
                                  registry=r)
@@ -306,9 +307,16 @@ class Router:
         how many tokens its node holds), unless the decode engine's node holds all but its last chunk
         already; the tokens the decode engine should find, or None where no prefill ran."""
         keys = self.engines[decode.name].keys
-        if tokens and keys is not None and decode.held_tokens >= len(tokens) - keys.chunk_size:
-            self.metrics.handoffs.labels("skipped").inc()
-            return None
+        if tokens and keys is not None:
+            if len(tokens) <= keys.chunk_size:  # less than a chunk: the decode engine computes it about as fast
+                self.metrics.handoffs.labels("short").inc()
+                return None
+            held = decode.held_tokens
+            if self.policy != "cache":  # the choice did not ask the decode engine's node
+                held = (await self._held(self.engines[decode.name], tokens, body.get("cache_salt"))).tokens
+            if held >= len(tokens) - keys.chunk_size:
+                self.metrics.handoffs.labels("skipped").inc()
+                return None
         ordered, _ = await self.choose(kind, body, self.prefill, tokens)
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         for candidate in ordered:
