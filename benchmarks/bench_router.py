@@ -683,7 +683,8 @@ PD_COLUMNS = ("arm", "requests", "failed", "req_per_s", "long_ttft_mean", "long_
               "error")
 PD_HANDOFF_COLUMNS = ("arm", "share", "long", "short", "long_computed_mean", "short_computed_mean",
                       "computed_1_requests", "handoffs_prefilled", "handoffs_skipped", "handoffs_short",
-                      "handoffs_prefill_failed", "handoff_shortfall_tokens", "vllm_own_hit_tokens", "vllm_external_hit_tokens")
+                      "handoffs_prefill_failed", "handoff_shortfall_tokens", "vllm_own_hit_tokens",
+                      "vllm_external_hit_tokens")
 
 
 def tables(rows: Sequence[dict[str, Any]], bursts: Sequence[dict[str, Any]]) -> str:
