@@ -8,6 +8,7 @@ through; a stopped daemon costs routing quality only; a stopped engine is skippe
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -156,11 +157,14 @@ def test_a_prewarmed_and_pinned_prompt_survives_an_l1_flood(fleet: Fleet, model:
     engine = fleet.engines[0].base_url
     command = [sys.executable, "-m", "kvmesh.cli", "prewarm", "--engine", engine, "--pin",
                "--set", f"socket_dir={fleet.settings[0]['socket_dir']}", str(tmp_path / "system.json")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    wide = {**os.environ, "COLUMNS": "200"}  # the table on one line a row
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=wide)
     assert done.returncode == 0, done.stderr
-    assert "system.json" in done.stdout
+    row = next(line for line in done.stdout.splitlines() if "system.json" in line)
+    pinned_chunks, not_pinned = [cell.strip() for cell in row.strip("│ ").split("│")][-2:]
+    assert int(pinned_chunks) >= 2 and not_pinned == "0"  # every chunk of it pinned
     plain = subprocess.run(command[:6] + command[7:-1] + [str(tmp_path / "other.txt")], capture_output=True,
-                           text=True, timeout=300)  # prewarmed, not pinned
+                           text=True, timeout=300, env=wide)  # prewarmed, not pinned
     assert plain.returncode == 0, plain.stderr
     tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
     for doc in document_token_ids(tokenizer, 14, 900, seed=77):  # ~12.6k tokens through the engine
