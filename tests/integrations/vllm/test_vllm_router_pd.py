@@ -47,7 +47,10 @@ def pd(request: pytest.FixtureRequest, model: str, tmp_path_factory: pytest.Temp
     if request.param == "one-node":
         settings = [default_path_settings(base, "pd")] * 2
     else:
-        shared = {"redis_url": redis_server.url, "redis_namespace": f"pd-{uuid.uuid4().hex[:8]}", "disk_path": ""}
+        # the decode node's lookups wait for Redis up to a second: on two busy cores a round trip can take
+        # longer than the 50 ms default, and a lookup that times out is a miss
+        shared = {"redis_url": redis_server.url, "redis_namespace": f"pd-{uuid.uuid4().hex[:8]}", "disk_path": "",
+                  "redis_lookup_timeout_seconds": 1.0}
         settings = [default_path_settings(base, "prefill", redis_write_policy="write_through", **shared),
                     default_path_settings(base, "decode", **shared)]
     engines = [EngineServer(EngineSpec(model, kvmesh=s, kv_pool_tokens=POOL_TOKENS, max_model_len=MAX_LEN,
@@ -102,7 +105,7 @@ def test_a_prompt_the_decode_node_holds_skips_the_prefill_and_a_chat_streams_thr
     assert again.status_code == 200
     assert pd.metric('kvmesh_router_handoffs_total{outcome="skipped"}') >= 1
     chat = {"model": model, "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": "Tell me about prefill and decode. " * 20}]}
+            "messages": [{"role": "user", "content": "Tell me about prefill and decode. " * 40}]}  # > a chunk
     with httpx.stream("POST", f"{pd.router}/v1/chat/completions", json=chat, timeout=300) as reply:
         assert reply.status_code == 200
         lines = [line for line in reply.iter_lines() if line.startswith("data: ")]
