@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shlex
@@ -94,7 +93,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kvmesh.bench.openai_client import EndpointError, stream_completion  # noqa: E402
 from kvmesh.bench.redis_server import RedisServer  # noqa: E402
-from kvmesh.bench.report import markdown_table, summarize  # noqa: E402
+from kvmesh.bench.report import markdown_table, percentile, summarize  # noqa: E402
 from kvmesh.bench.runner import RequestRecord, RunRecord, run_workload  # noqa: E402
 from kvmesh.bench.servers import EngineServer, EngineSpec, free_port  # noqa: E402
 from kvmesh.bench.texts import Tokenizer, document_token_ids, question_prompt  # noqa: E402
@@ -566,12 +565,12 @@ def pd_columns(result: dict[str, Any]) -> dict[str, Any]:
         "requests": len(run.requests), "failed": len(run.requests) - len(ok),
         "req_per_s": len(ok) / run.wall_seconds if run.wall_seconds else float("nan"),
         "long": len(longs), "short": len(shorts),
-        "long_ttft_mean": mean([r.ttft for r in longs]), "long_ttft_p90": _quantile([r.ttft for r in longs], 0.9),
+        "long_ttft_mean": mean([r.ttft for r in longs]), "long_ttft_p90": percentile([r.ttft for r in longs], 0.9),
         "short_ttft_mean": mean([r.ttft for r in shorts]),
-        "short_ttft_p90": _quantile([r.ttft for r in shorts], 0.9),
-        "short_itl_mean_ms": 1e3 * mean(gaps), "short_itl_p99_ms": 1e3 * _quantile(gaps, 0.99),
+        "short_ttft_p90": percentile([r.ttft for r in shorts], 0.9),
+        "short_itl_mean_ms": 1e3 * mean(gaps), "short_itl_p99_ms": 1e3 * percentile(gaps, 0.99),
         "short_itl_max_ms": 1e3 * max(gaps, default=float("nan")),
-        "short_itl_p99_ms_in_long_prefill": 1e3 * _quantile(during, 0.99),
+        "short_itl_p99_ms_in_long_prefill": 1e3 * percentile(during, 0.99),
         "short_gaps_in_long_prefill": f"{len(during)}/{len(gaps)}",
         "short_latency_mean": mean([r.latency for r in shorts]),
         "share": " ".join(f"{label}:{share.get(label, 0) / max(1, len(ok)):.0%}"
@@ -585,16 +584,6 @@ def pd_columns(result: dict[str, Any]) -> dict[str, Any]:
         "vllm_own_hit_tokens": int(sum(e.get("own", 0.0) for e in engines.values())),
         "vllm_external_hit_tokens": int(sum(e.get("external", 0.0) for e in engines.values())),
     }
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    """Linear between the closest ranks, as ``kvmesh.bench.report`` does; NaN for no values."""
-    ordered = sorted(v for v in values if not math.isnan(v))
-    if not ordered:
-        return float("nan")
-    position = q * (len(ordered) - 1)
-    low, high = math.floor(position), math.ceil(position)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def counter_columns(result: dict[str, Any]) -> dict[str, Any]:

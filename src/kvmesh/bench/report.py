@@ -15,7 +15,8 @@ from typing import Any
 from kvmesh.bench.runner import RunRecord
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear between the closest ranks; NaN for no values (NaNs are left out)."""
     ordered = sorted(v for v in values if not math.isnan(v))
     if not ordered:
         return float("nan")
@@ -37,7 +38,7 @@ def summarize(run: RunRecord, references: dict[str, RunRecord] | None = None,
     summary: dict[str, Any] = {
         "system": run.system, "qps": run.qps, "concurrency": run.concurrency, "requests": len(run.requests),
         "failed": len(run.requests) - len(ok), "req_per_s": len(ok) / run.wall_seconds if run.wall_seconds else 0.0,
-        "mean_ttft": _mean([r.ttft for r in ok]), "p90_ttft": _percentile([r.ttft for r in ok], 0.9),
+        "mean_ttft": _mean([r.ttft for r in ok]), "p90_ttft": percentile([r.ttft for r in ok], 0.9),
     }
     if returning:
         first_sent = min(r.sent_at for r in returning)
@@ -45,8 +46,8 @@ def summarize(run: RunRecord, references: dict[str, RunRecord] | None = None,
         summary.update({
             "returning_req_per_s": len(returning) / (last_done - first_sent) if last_done > first_sent else 0.0,
             "returning_mean_ttft": _mean([r.ttft for r in returning]),
-            "returning_p50_ttft": _percentile([r.ttft for r in returning], 0.5),
-            "returning_p90_ttft": _percentile([r.ttft for r in returning], 0.9),
+            "returning_p50_ttft": percentile([r.ttft for r in returning], 0.5),
+            "returning_p90_ttft": percentile([r.ttft for r in returning], 0.9),
         })
         summary["meets_objective"] = summary["returning_p90_ttft"] <= ttft_objective
     if run.samples:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from kvmesh.bench.openai_client import EndpointError, wait_until_ready
 from kvmesh.integrations.vllm.serve import build_serve_command
@@ -96,7 +97,35 @@ class EngineSpec:
         return args + list(self.extra_args)
 
 
-class EngineServer:
+class ProcessServer:
+    """A server process in its own process group, logging to ``log_path``; stopping it stops what it spawned."""
+
+    log_path: Path
+    process: subprocess.Popen | None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_group(self.process)
+        self.process = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.stop()
+
+
+class EngineServer(ProcessServer):
     """A server process in its own process group; stopping it stops everything it spawned."""
 
     def __init__(self, spec: EngineSpec, log_path: Path, port: int | None = None,
@@ -136,23 +165,6 @@ class EngineServer:
             raise EndpointError(f"{err}; last lines of {self.log_path}:\n{self.log_tail()}") from None
         return self
 
-    def log_tail(self, lines: int = 25) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process_group(self.process)
-        self.process = None
-
-    def __enter__(self) -> EngineServer:
-        return self.start()
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self.stop()
 
 
 def stop_process_group(process: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -173,7 +185,7 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 30.0) -> None
             pass
 
 
-class RouterServer:
+class RouterServer(ProcessServer):
     """``kvmesh router`` in its own process group; started once every engine is up and its daemon found."""
 
     def __init__(self, engines: Sequence[str], log_path: Path, socket_dir: str, policy: str = "cache",
@@ -216,20 +228,3 @@ class RouterServer:
         raise EndpointError(f"kvmesh router did not find every engine and its daemon in {self.start_timeout:.0f} s: "
                             f"{listing}\n{self.log_tail()}")
 
-    def log_tail(self, lines: int = 25) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process_group(self.process)
-        self.process = None
-
-    def __enter__(self) -> RouterServer:
-        return self.start()
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self.stop()
