@@ -17,7 +17,6 @@ from typing import Any
 
 import httpx
 
-from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
 from kvmesh.keys import ChunkKey, PartKeys
 from kvmesh.router.nodes import NODE_FAULTS, EngineKeys, NodeLink, find_node
@@ -130,8 +129,7 @@ def _pin(link: NodeLink, engine: EngineKeys, name: str, tokens: list[int], promp
          seconds: float) -> Prewarmed:
     held = link.held(engine, tokens, engine.namespace).tokens
     keys = [key for key in engine.keys(tokens, engine.namespace) if key.end <= held]
-    with KVMeshClient(link.config, check_config=False) as client:
-        reply = client.pin(_part_keys(engine, keys), seconds)
+    reply = link.pin(_part_keys(engine, keys), seconds)
     return Prewarmed(name, prompt_tokens, cached, held, reply.pinned, reply.missing + reply.over_budget)
 
 
@@ -145,8 +143,7 @@ def unpin(config: KVMeshConfig, url: str, paths: list[Path], every: bool = False
         try:
             keys = [] if every else [key for prompt in prompts
                                      for key in engine.keys(_tokens(http, url, model, prompt), engine.namespace)]
-            with KVMeshClient(link.config, check_config=False) as client:
-                return client.unpin(_part_keys(engine, keys), every)
+            return link.unpin(_part_keys(engine, keys), every)
         except NODE_FAULTS as err:
             raise PrewarmError(f"the engine's kvmesh daemon could not be asked: {err}") from None
         finally:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from kvmesh import wire
 from kvmesh.client import CacheFault, ConfigMismatch, KVMeshClient
 from kvmesh.config import KVMeshConfig
-from kvmesh.keys import ChunkKey, Namespace, PartKeys, chunk_keys, model_namespace, namespace_root
+from kvmesh.keys import ChunkKey, Namespace, PartKeys, chunk_keys, model_namespace
 
 log = logging.getLogger("kvmesh.router")
 
@@ -116,34 +117,46 @@ class NodeLink:
                 self._drop()
                 raise
 
+    def pin(self, keys: list[ChunkKey], seconds: float) -> wire.PinEntriesReply:
+        """Keep these entries in this node's L1 for ``seconds`` (``kvmesh prewarm --pin``)."""
+        with self._lock:
+            try:
+                return self._connected().pin(keys, seconds)
+            except NODE_FAULTS:
+                self._drop()
+                raise
+
+    def unpin(self, keys: list[ChunkKey], every: bool = False) -> int:
+        with self._lock:
+            try:
+                return self._connected().unpin(keys, every)
+            except NODE_FAULTS:
+                self._drop()
+                raise
+
     def held(self, engine: EngineKeys, tokens: list[int], namespace: Namespace) -> Held:
         """The leading tokens of ``tokens`` this node holds for ``engine``: a probe, which moves nothing
         between tiers and is not counted as a lookup.  Every part (tensor-parallel rank, KV cache group)
         must hold a chunk for it to count, as in the engine's own lookup."""
-        from kvmesh.integrations.vllm.planner import match_prefix
+        from kvmesh.integrations.vllm.planner import end_at_state, lookup_parts
 
         keys = engine.keys(tokens, namespace)
         if not keys:
             return Held()
-        ends: list[int] = []
-        below: set[int] = set()
         with self._lock:
             try:
-                client = self._connected()
-                for part in PartKeys.every_part(engine.tp_world, engine.groups):
-                    found = client.lookup_with_partials([part.key(k) for k in keys], count=False,
-                                                        root=part(namespace_root(namespace)), prefetch=False)
-                    matched = match_prefix(tokens, keys, found.hits, [(p.digest, p.tokens) for p in found.partials],
-                                           namespace, part)
-                    ends.append(matched[-1].end if matched else 0)
-                    below |= found.below_l1
+                per_part, found = lookup_parts(self._connected(), tokens, keys, namespace,
+                                               PartKeys.every_part(engine.tp_world, engine.groups),
+                                               count=False, prefetch=False)
             except NODE_FAULTS:
                 self._drop()
                 raise
-        end = min(ends)
-        if engine.state_block:  # a hybrid model's hit ends at a stored state: a block's end, before the last token
-            end = min(end, len(tokens) - 1)
-            end -= end % engine.state_block
+        end = min(held[-1].end if held else 0 for held in per_part)
+        if engine.state_block:  # a hybrid model's hit ends at a stored state, as its scheduler cuts it
+            held = [key for key in per_part[0] if key.end <= end]
+            end_at_state(held, len(tokens), engine.state_block)
+            end = held[-1].end if held else 0
+        below = set().union(*(result.below_l1 for result in found))
         below_tokens = sum(min(key.end, end) - key.start for index, key in enumerate(keys)
                            if index in below and key.start < end)
         return Held(end, below_tokens)

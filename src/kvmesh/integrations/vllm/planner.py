@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from kvmesh.client import LookupResult
 from kvmesh.integrations.vllm.explain import Explanation
-from kvmesh.keys import ChunkKey, Namespace, chunk_digest, namespace_root
+from kvmesh.keys import ChunkKey, Namespace, PartKeys, chunk_digest, namespace_root
 from kvmesh.layout import KVGroup
 from kvmesh.page_copy import pages_for_tokens
 from kvmesh.wire import ExtentRef
@@ -137,6 +139,34 @@ def match_prefix(tokens: Sequence[int], keys: Sequence[ChunkKey], hits: int,
             found.append(ChunkKey(digest, start, end))
             break
     return found
+
+
+def lookup_parts(client: Any, tokens: Sequence[int], keys: Sequence[ChunkKey], ns: Namespace,
+                 parts: Sequence[PartKeys], count: bool, prefetch: bool = True
+                 ) -> tuple[list[list[ChunkKey]], list[LookupResult]]:
+    """Each part's stored chunks covering the longest prefix of ``tokens`` (``match_prefix``), and each part's
+    lookup: one lookup per part (tensor-parallel rank, KV cache group), under the part's own keys.
+
+    ``count``: the first part's lookup counts in the daemon's metrics (the others never do); ``prefetch``
+    False: a probe that moves nothing between tiers.  The engine's scheduler, a prefill confirming what it
+    stored, and the router's probe of a node all ask this way.
+    """
+    found = [client.lookup_with_partials([part.key(k) for k in keys], count=count and index == 0,
+                                         root=part(namespace_root(ns)), prefetch=prefetch)
+             for index, part in enumerate(parts)]
+    per_part = [match_prefix(tokens, keys, result.hits, [(p.digest, p.tokens) for p in result.partials], ns, part)
+                for part, result in zip(parts, found)]
+    return per_part, found
+
+
+def end_at_state(hit_keys: list[ChunkKey], prompt_tokens: int, block: int) -> bool:
+    """Drop the hit's last chunks until it ends where a recurrent state is stored: a block's end, before the
+    prompt's last token (models with recurrent state); whether any was dropped."""
+    cut = False
+    while hit_keys and (hit_keys[-1].end > prompt_tokens - 1 or hit_keys[-1].end % block):
+        hit_keys.pop()
+        cut = True
+    return cut
 
 
 def plan_load_chunks(hit_keys: Sequence[ChunkKey], first_token: int, last_token: int,

@@ -32,12 +32,13 @@ from kvmesh.integrations.vllm.planner import (
     RequestTracker,
     SavePlan,
     complete_chunks,
-    match_prefix,
+    end_at_state,
+    lookup_parts,
     plan_group_load,
     plan_group_save,
     plan_load,
 )
-from kvmesh.keys import ChunkKey, Namespace, PartKeys, chunk_keys, namespace_root
+from kvmesh.keys import ChunkKey, Namespace, PartKeys, chunk_keys
 
 log = logging.getLogger("kvmesh.vllm")
 
@@ -131,25 +132,17 @@ class SchedulerSide:
             tracker.explanation.reason = "the kvmesh daemon is not reachable: a miss, computed by the engine"
             return 0
         try:
-            found = [client.lookup_with_partials([part.key(k) for k in tracker.keys],
-                                                 count=waiting is None and part == self.parts[0],
-                                                 root=part(namespace_root(tracker.namespace)))
-                     for part in self.parts]
+            per_part, found = lookup_parts(client, tracker.tokens, tracker.keys, tracker.namespace, self.parts,
+                                           count=waiting is None)
         except ABSORBED as err:
             self.link.fault("lookup", f"kvmesh lookup failed, treating as a miss: {err}", err)
             self.waiting.pop(request.request_id, None)
             tracker.explanation.reason = f"the kvmesh lookup failed ({type(err).__name__}): a miss"
             return 0
-        per_part = [match_prefix(tracker.tokens, tracker.keys, result.hits,
-                                 [(p.digest, p.tokens) for p in result.partials], tracker.namespace, part)
-                    for part, result in zip(self.parts, found)]
         hit_keys = _common_prefix(per_part)
         cut = None
-        if self.shape.has_state:  # a hit ends where a state is stored: a block's end, before the last token
-            block = self.shape.layout.block_size
-            while hit_keys and (hit_keys[-1].end > len(tracker.tokens) - 1 or hit_keys[-1].end % block):
-                hit_keys.pop()
-                cut = "state"
+        if self.shape.has_state and end_at_state(hit_keys, len(tracker.tokens), self.shape.layout.block_size):
+            cut = "state"
         below = [_first_below_l1(hit_keys, result, num_computed_tokens, part)
                  for part, result in zip(self.parts, found)]
         first_below = min((index for index in below if index is not None), default=None)
@@ -296,14 +289,9 @@ class SchedulerSide:
 
     def _stored_tokens(self, client: KVMeshClient, tracker: RequestTracker) -> int:
         """The leading tokens of the prompt the node holds now (every part), counted nowhere."""
-        ends = []
-        for part in self.parts:
-            found = client.lookup_with_partials([part.key(k) for k in tracker.keys], count=False,
-                                                root=part(namespace_root(tracker.namespace)), prefetch=False)
-            held = match_prefix(tracker.tokens, tracker.keys, found.hits,
-                                [(p.digest, p.tokens) for p in found.partials], tracker.namespace, part)
-            ends.append(held[-1].end if held else 0)
-        return min(ends)
+        per_part, _ = lookup_parts(client, tracker.tokens, tracker.keys, tracker.namespace, self.parts,
+                                   count=False, prefetch=False)
+        return min(held[-1].end if held else 0 for held in per_part)
 
 
 def content_beyond_tokens(request: RequestLike) -> str | None:
