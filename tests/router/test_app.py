@@ -206,3 +206,34 @@ def test_engines_join_and_leave_while_the_router_runs(upstream: str, tmp_path) -
     assert replies[4].status_code == 200
     assert replies[5].status_code == 503
     assert [e["url"] for e in replies[6].json()["engines"]] == [other]
+
+
+def test_a_request_naming_a_lora_adapter_gets_no_cache_credit(upstream: str, tmp_path) -> None:
+    """The node holds the prompt under the engine's own namespace; a request for the base model is credited
+    with it, one naming an adapter (whose chunks live in a namespace of the adapter's files) is not."""
+    import torch
+
+    from kvmesh.client import KVMeshClient
+    from kvmesh.keys import chunk_keys, model_namespace
+
+    namespace = model_namespace("lora-test-model", "layout", "")
+    record = {"role": "scheduler", "model": "not-a-local-model", "fingerprint": "lora-test-model",
+              "layout_fingerprint": "layout", "namespace": namespace.hex(), "chunk_size": 16, "partial_chunks": True,
+              "api_port": int(upstream.rsplit(":", 1)[1])}
+    config = KVMeshConfig.from_mapping({"socket_dir": str(tmp_path), "instance": "lora-node", "l1_size": "16MiB",
+                                        "l1_prefault": False, "http_port": 0})
+    prompt = {"model": "not-a-local-model", "prompt": "Hello"}
+    tokens = list(range(len(json.dumps(prompt))))  # what the upstream's /tokenize answers for it
+    keys = chunk_keys(tokens, namespace, 16)
+    with KVMeshClient(config, engine=record) as engine_side:
+        try:
+            engine_side.put(keys, [torch.zeros(2, 16, dtype=torch.bfloat16)] * len(keys))
+            router = _router([upstream], "cache", tmp_path)
+            replies = _run(router, [("POST", "/v1/completions", json.dumps(prompt).encode()),
+                                    ("POST", "/v1/completions", json.dumps({**prompt, "model": "my-lora"}).encode())])
+        finally:
+            engine_side.shutdown_daemon()
+    assert [r.status_code for r in replies] == [200, 200]
+    registry = router.metrics.registry
+    assert registry.get_sample_value("kvmesh_router_predicted_cached_tokens_total") == keys[-1].end  # the first only
+    assert registry.get_sample_value("kvmesh_router_requests_total", {"engine": upstream, "cache": "miss"}) == 1
