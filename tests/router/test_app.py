@@ -37,9 +37,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _upstream(received: list[dict] | None = None) -> FastAPI:
+def _upstream(received: list[dict] | None = None, model: str = "not-a-local-model",
+              tokenized: list[dict] | None = None) -> FastAPI:
     app = FastAPI()
     received = [] if received is None else received
+    tokenized = [] if tokenized is None else tokenized
 
     @app.get("/health")
     async def health() -> Response:
@@ -47,11 +49,12 @@ def _upstream(received: list[dict] | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> Response:
-        return JSONResponse({"data": [{"id": "not-a-local-model"}]})
+        return JSONResponse({"data": [{"id": model}]})
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         body = await request.json()
+        tokenized.append(body)
         return JSONResponse({"tokens": list(range(len(json.dumps(body))))})
 
     @app.post("/v1/completions")
@@ -237,3 +240,20 @@ def test_a_request_naming_a_lora_adapter_gets_no_cache_credit(upstream: str, tmp
     registry = router.metrics.registry
     assert registry.get_sample_value("kvmesh_router_predicted_cached_tokens_total") == keys[-1].end  # the first only
     assert registry.get_sample_value("kvmesh_router_requests_total", {"engine": upstream, "cache": "miss"}) == 1
+
+
+def test_a_tokenizer_that_differs_from_the_engines_is_dropped_for_the_engines_own(tmp_path) -> None:
+    """The engine serves the demo model, whose tokenizer the router loads; this engine's /tokenize answers
+    other tokens, so the check at start counts a mismatch and the router asks the engine for every prompt."""
+    from kvmesh.demo.model import default_model_dir, prepare_demo_model
+
+    model = str(prepare_demo_model(default_model_dir()))
+    tokenized: list[dict] = []
+    with _serving(_upstream(model=model, tokenized=tokenized)) as upstream:
+        router = _router([upstream], "cache", tmp_path)
+        body = json.dumps({"model": model, "prompt": "Which tokens?"}).encode()
+        [reply] = _run(router, [("POST", "/v1/completions", body)])
+    assert reply.status_code == 200
+    assert router.metrics.registry.get_sample_value("kvmesh_router_token_mismatches_total") == 1
+    assert router.tokenizers[model] is None
+    assert tokenized[-1] == {"model": model, "prompt": "Which tokens?"}  # the request's prompt, by the engine
