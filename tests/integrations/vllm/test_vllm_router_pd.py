@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -30,8 +31,15 @@ POOL_TOKENS = 4096
 
 
 class PD:
-    def __init__(self, prefill: EngineServer, decode: EngineServer, router: str) -> None:
+    def __init__(self, prefill: EngineServer, decode: EngineServer, router: str, decode_settings: dict[str, object]
+                 ) -> None:
         self.prefill, self.decode, self.router = prefill, decode, router
+        self.decode_settings = decode_settings
+
+    def decode_daemon_log(self, lines: int = 30) -> str:
+        """The end of the decode node's daemon log (its faults are logged there)."""
+        path = Path(str(self.decode_settings["socket_dir"])) / f"{self.decode_settings['instance']}.log"
+        return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else f"({path} is missing)"
 
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.router}/metrics", timeout=10).text
@@ -47,10 +55,11 @@ def pd(request: pytest.FixtureRequest, model: str, tmp_path_factory: pytest.Temp
     if request.param == "one-node":
         settings = [default_path_settings(base, "pd")] * 2
     else:
-        # the decode node's lookups wait for Redis up to a second: on two busy cores a round trip can take
-        # longer than the 50 ms default, and a lookup that times out is a miss
+        # the decode node's lookups wait for Redis up to 5 s, and reads and writes up to 10 s: on a CI machine's
+        # two busy cores a round trip can take longer than the defaults (50 ms, 2 s), and a call that times out
+        # is a miss (which the test would take for a lost handoff)
         shared = {"redis_url": redis_server.url, "redis_namespace": f"pd-{uuid.uuid4().hex[:8]}", "disk_path": "",
-                  "redis_lookup_timeout_seconds": 1.0}
+                  "redis_lookup_timeout_seconds": 5.0, "redis_timeout_seconds": 10.0}
         settings = [default_path_settings(base, "prefill", redis_write_policy="write_through", **shared),
                     default_path_settings(base, "decode", **shared)]
     engines = [EngineServer(EngineSpec(model, kvmesh=s, kv_pool_tokens=POOL_TOKENS, max_model_len=MAX_LEN,
@@ -62,7 +71,7 @@ def pd(request: pytest.FixtureRequest, model: str, tmp_path_factory: pytest.Temp
             engine.start()
         router = RouterServer([engines[1].base_url], base / "router.log", str(settings[0]["socket_dir"]),
                               prefill=[engines[0].base_url]).start()
-        yield PD(engines[0], engines[1], router.base_url)
+        yield PD(engines[0], engines[1], router.base_url, settings[1])
     finally:
         if router is not None:
             router.stop()
@@ -84,12 +93,15 @@ def prompts(model: str) -> list[list[int]]:
 def test_the_decode_engine_computes_one_prompt_token_and_answers_as_the_engines_own_hit(
         pd: PD, model: str, prompts: list[list[int]]) -> None:
     for prompt in prompts:
-        body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0}
+        body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0,
+                "kv_transfer_params": {"kvmesh": {"explain": True}}}  # a shortfall then says why
         handed = httpx.post(f"{pd.router}/v1/completions", json=body, timeout=300)
         assert handed.status_code == 200, handed.text
         assert handed.headers[ENGINE_HEADER] == pd.decode.base_url
         usage = handed.json()["usage"]
-        assert usage["prompt_tokens_details"]["cached_tokens"] == len(prompt) - 1  # one prompt token computed
+        told = (handed.json().get("kv_transfer_params") or {}).get("kvmesh")
+        assert usage["prompt_tokens_details"]["cached_tokens"] == len(prompt) - 1, (  # one prompt token computed
+            f"the decode engine's kvmesh summary: {told}; its daemon's log ends: {pd.decode_daemon_log()}")
         # the reference: the prefill engine's own answer from its own cache (it computed the prompt once)
         own = httpx.post(f"{pd.prefill.base_url}/v1/completions", json=body, timeout=300).json()
         assert own["usage"]["prompt_tokens_details"]["cached_tokens"] == len(prompt) - 1
