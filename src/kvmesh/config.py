@@ -278,7 +278,8 @@ class KVMeshConfig:
         60, parse_int, "Seconds to wait for an auto-started daemon to answer.")
     http_port: int = _opt(
         9477, parse_int,
-        "Port of the daemon's HTTP endpoint (/metrics for Prometheus, /health); 0 turns it off. "
+        "Port of the daemon's HTTP endpoint (/metrics for Prometheus, /health, the live status page at /); "
+        "0 turns it off. "
         "A port already in use is logged once and skipped.")
     http_host: str = _opt(
         "127.0.0.1", parse_str, "Address the daemon's HTTP endpoint listens on.")

@@ -1,4 +1,5 @@
-"""What the node daemon counts, and the HTTP endpoint that shows it (``/metrics``, ``/health``).
+"""What the node daemon counts, and the HTTP endpoint that shows it (``/metrics``, ``/health``, and the live
+status page: ``/`` and ``/status.json``, ``daemon/status.py``).
 
 Counters live in a registry of the daemon's own (nothing global), so several
 daemons in one test process never collide.
@@ -139,21 +140,28 @@ class _TierCollector:
         yield circuit
 
 
-def start_http(host: str, port: int, metrics: DaemonMetrics,
-               health: Callable[[], dict[str, Any]]) -> ThreadingHTTPServer | None:
-    """Serve /metrics and /health in a background thread; None (with a warning) if the port is taken."""
+def start_http(host: str, port: int, metrics: DaemonMetrics, health: Callable[[], dict[str, Any]],
+               status: Callable[[], dict[str, Any]] | None = None) -> ThreadingHTTPServer | None:
+    """Serve /metrics, /health and (given ``status``) the status page in a background thread; None (with a
+    warning) if the port is taken."""
+    from kvmesh.daemon.status import status_page
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             code = 200
-            if self.path.startswith("/metrics"):
+            path = self.path.split("?", 1)[0]
+            if status is not None and path in ("/", "/status"):
+                body, kind = status_page(), "text/html; charset=utf-8"
+            elif status is not None and path == "/status.json":
+                body, kind = json.dumps(status()).encode(), "application/json"
+            elif self.path.startswith("/metrics"):
                 body, kind = generate_latest(metrics.registry), "text/plain; version=0.0.4"
             elif self.path.startswith("/health"):
                 report = health()
                 body, kind = json.dumps(report).encode(), "application/json"
                 code = 503 if report.get("status") == "unavailable" else 200
             else:
-                self.send_error(404, "try /metrics or /health")
+                self.send_error(404, "try / (the status page), /metrics or /health")
                 return
             self.send_response(code)
             self.send_header("Content-Type", kind)

@@ -30,6 +30,7 @@ from kvmesh.config import KVMeshConfig, masked
 from kvmesh.daemon.affinity import use_every_core
 from kvmesh.daemon.health import daemon_health, store_gauges
 from kvmesh.daemon.metrics import DaemonMetrics, start_http
+from kvmesh.daemon.status import status_snapshot
 from kvmesh.entry import EntryMeta, EntryMetaError
 from kvmesh.socket_dir import UntrustedPath, check_peer, open_private, peer_uid, private_dir
 from kvmesh.store import LeaseTable, TieredStore
@@ -95,12 +96,13 @@ class NodeDaemon:
         self.leases = LeaseTable(self.store.release, config.lease_seconds)
         self._sessions: set[_Session] = set()  # connections that said which engine they serve
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)  # finished requests' summaries
+        self.requests_recorded = 0
         self._started = time.time()
         self.socket_path.unlink(missing_ok=True)
         self._server = _Server(str(self.socket_path), _Handler)
         self._server.daemon = self
         os.chmod(self.socket_path, 0o600)
-        self._http = (start_http(config.http_host, config.http_port, self.metrics, self.health)
+        self._http = (start_http(config.http_host, config.http_port, self.metrics, self.health, self.status)
                       if config.http_port else None)
 
     def serve_forever(self) -> None:
@@ -131,6 +133,13 @@ class NodeDaemon:
         return daemon_health(self.store, self.segment.path, {
             "version": __version__, "pid": os.getpid(), "instance": self.config.instance,
             "uptime_seconds": round(time.time() - self._started, 1)})
+
+    def status(self) -> dict[str, Any]:
+        """What the live status page shows (``daemon/status.py``)."""
+        with self._store_lock:
+            engines = [dict(s.engine) for s in self._sessions]
+        summaries = list(self.recent)
+        return status_snapshot(self.health(), self.store.stats(), engines, summaries, self.requests_recorded)
 
     # ----------------------------------------------------------------- requests
     def handle(self, message: dict[str, Any], session: _Session) -> dict[str, Any]:
@@ -265,6 +274,7 @@ class NodeDaemon:
         engine = session.engine.get("model", "") if session.engine else ""
         self.recent.append({"request_id": request.request_id[:200], "engine": engine, "finished": time.time(),
                             **request.summary})
+        self.requests_recorded += 1
         return wire.Done()
 
     def _op_recent_requests(self, request: wire.RecentRequests, session: _Session) -> wire.RecentRequestsReply:

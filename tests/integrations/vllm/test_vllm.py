@@ -73,7 +73,7 @@ def kvmesh_settings(tmp_path_factory: pytest.TempPathFactory, redis_server: Redi
                     ) -> Iterator[dict[str, object]]:
     settings: dict[str, object] = {
         "instance": f"vllm-test-{uuid.uuid4().hex[:8]}", "socket_dir": str(tmp_path_factory.mktemp("sock")),
-        "l1_size": "256MiB", "l1_prefault": False, "http_port": 0, "chunk_size": BLOCK,
+        "l1_size": "256MiB", "l1_prefault": False, "http_port": free_port(), "chunk_size": BLOCK,
         "save_partial_chunks": False, "verify_loads": True,
         "redis_url": redis_server.url, "redis_namespace": f"vllm-{uuid.uuid4().hex[:6]}",
     }
@@ -167,6 +167,54 @@ def test_a_request_that_asks_gets_why_its_hit_ended_in_its_response(
     with _client(kvmesh_settings) as client:
         (kept,) = client.recent_requests(str(told["_id"]))
     assert kept["reason"] == told["reason"] and kept["prompt_tokens"] == len(unseen)
+
+
+def test_the_status_page_plots_hits_and_lists_misses_as_requests_arrive(
+        engine: EngineServer, prompts: dict[str, list[int]], kvmesh_settings: dict[str, object]) -> None:
+    """The daemon's page (``/`` on its HTTP port) in a real headless chromium: the engine is listed, a miss
+    appears with its reason, and the hit-rate and bytes plots move as requests are served.  The page redraws
+    every 250 ms, so what it shows is read in one script call at a time (an element found earlier may be gone)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from browser import headless_chromium
+
+    def read(page, script: str):
+        return page.execute_script(script)
+
+    def series(page, plot: str, tier: str) -> tuple[int, float | None]:
+        points, latest = read(page, f"""const p = document.querySelector('#{plot} path[data-tier="{tier}"]');
+            return p ? [p.dataset.points, p.dataset.latest] : ["0", "null"];""")
+        return int(points), None if latest == "null" else float(latest)
+
+    def text(page, selector: str) -> str:
+        return read(page, f"const e = document.querySelector('{selector}'); return e ? e.textContent : '';")
+
+    with headless_chromium() as page:
+        page.get(f"http://127.0.0.1:{kvmesh_settings['http_port']}/?interval=250")
+        wait = WebDriverWait(page, 60, poll_frequency=0.1)
+        wait.until(lambda p: int(read(p, "return document.body.dataset.polls")) >= 2)
+        assert text(page, "#status") == "ok"
+        engines = text(page, "#engines tbody")
+        assert engine.model in engines and "scheduler" in engines and "worker" in engines
+        hit_points, _ = series(page, "plot-hit-rate", "l1")
+        bytes_legend = text(page, "#legend-bytes")
+
+        unseen = [int(t) for t in reversed(prompts["C"])]  # never sent: a miss, never stored
+        told = _explained(engine, unseen)
+        item = f'#misses li[data-request-id^="{told["_id"]}"]'
+        wait.until(lambda p: text(p, item))
+        assert text(page, f"{item} .reason") == told["reason"]
+        assert f"of {len(unseen)} prompt tokens" in text(page, item)
+        # the miss's lookup drew a hit-rate point for L1 (0%), and its stored chunks grew L1's bytes
+        wait.until(lambda p: series(p, "plot-hit-rate", "l1")[0] > hit_points)
+        assert series(page, "plot-hit-rate", "l1")[1] == 0.0
+        wait.until(lambda p: text(p, "#legend-bytes") != bytes_legend)
+
+        _ask(engine, prompts["A"])  # stored (if no earlier test did) ...
+        _evict(engine, prompts, "B", "D")  # ... then gone from the engine's own pool: kvmesh serves it from L1
+        _ask(engine, prompts["A"])
+        wait.until(lambda p: (series(p, "plot-hit-rate", "l1")[1] or 0.0) > 0.0)
+        assert "%" in text(page, "#legend-hit-rate")
 
 
 def test_a_new_engine_process_hits_what_the_first_one_stored(
