@@ -83,14 +83,17 @@ def test_explain_prints_a_recent_requests_summary_and_names_an_unknown_one(tmp_p
         try:
             for index in range(3):
                 client.record_request(f"cmpl-{index}-0-ab12", {"prompt_tokens": 1000 + index, "kvmesh_hit_tokens": 512,
-                                                        "reason": f"reason number {index}"})
+                                                        "reason": f"reason number {index}",
+                                                        "hit_tokens_by_tier": {"l1": 256, "disk": 256},
+                                                        "promotion_seconds": 0.0125, "load_seconds": 0.003})
             # the response's id: vLLM's request id without its "-0-<suffix>"
             one = CliRunner().invoke(app, ["explain", "--request", "cmpl-1", "--json", *args])
             assert one.exit_code == 0, one.output
             assert '"prompt_tokens": 1001' in one.output and "reason number 1" in one.output
             assert "cmpl-0" not in one.output
-            table = CliRunner().invoke(app, ["explain", "--recent", "2", *args])
+            table = CliRunner().invoke(app, ["explain", "--recent", "2", *args], env={"COLUMNS": "240"})
             assert "cmpl-2" in table.output and "cmpl-1" in table.output and "cmpl-0" not in table.output
+            assert "512 (l1 256, disk 256)" in table.output and "12.5 + 3.0 ms" in table.output
             missing = CliRunner().invoke(app, ["explain", "--request", "cmpl-9", *args])
             assert missing.exit_code == 1 and "no request 'cmpl-9'" in missing.output
         finally:

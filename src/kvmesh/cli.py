@@ -246,13 +246,19 @@ def explain(set_: SetOption = None,
         console.print_json(json_module.dumps(found))
         return
     table = Table(title=f"kvmesh {config.instance}: recent requests, newest last")
-    for column in ("request", "prompt", "engine hit", "kvmesh hit", "loaded", "blended", "from below L1", "why"):
+    for column in ("request", "prompt", "engine hit", "kvmesh hit (by tier)", "loaded", "blended", "wait + copy",
+                   "why"):
         table.add_column(column, overflow="fold")
     for summary in found:
+        tiers = summary.get("hit_tokens_by_tier") or {}
+        by_tier = ", ".join(f"{tier} {tokens:,}" for tier, tokens in tiers.items())
+        timing = (f"{summary.get('promotion_seconds', 0.0) * 1000:.1f} + {summary.get('load_seconds', 0.0) * 1000:.1f}"
+                  " ms")
         table.add_row(str(summary.get("request_id", "")), f"{summary.get('prompt_tokens', 0):,}",
-                      f"{summary.get('engine_hit_tokens', 0):,}", f"{summary.get('kvmesh_hit_tokens', 0):,}",
-                      f"{summary.get('loaded_tokens', 0):,}", f"{summary.get('blended_tokens', 0):,}",
-                      f"{summary.get('chunks_from_below_l1', 0)} chunks", str(summary.get("reason", "")))
+                      f"{summary.get('engine_hit_tokens', 0):,}",
+                      f"{summary.get('kvmesh_hit_tokens', 0):,}" + (f" ({by_tier})" if by_tier else ""),
+                      f"{summary.get('loaded_tokens', 0):,}", f"{summary.get('blended_tokens', 0):,}", timing,
+                      str(summary.get("reason", "")))
     console.print(table)
 
 

@@ -86,6 +86,16 @@ def chunk_keys(tokens: Sequence[int] | np.ndarray, ns: Namespace, chunk_size: in
     return keys
 
 
+CONTENT_VERSION = b"kvmesh-content-v1"
+
+
+def content_digest(tokens: Sequence[int] | np.ndarray) -> bytes:
+    """Tokens named without a namespace: the daemon remembers which namespaces stored a prompt's first chunk
+    under this name, to tell a request that missed which part of its namespace differs.  Never a key."""
+    data = token_bytes(tokens)
+    return blake3.blake3(CONTENT_VERSION + (len(data) // 4).to_bytes(4, "little") + data).digest(KEY_BYTES)
+
+
 def namespace_root(ns: Namespace) -> bytes:
     """The parent of a namespace's first chunk: where its chain of keys starts.
 

@@ -26,7 +26,7 @@ class ExplainError(ValueError):
 class PromptReport:
     model: str
     tokens: int
-    chunks: list[tuple[ChunkKey, str]]  # every chunk of the prompt and where it is: "L1", "below L1", "missing"
+    chunks: list[tuple[ChunkKey, str]]  # every chunk and where it is: "L1", a lower tier ("disk", "redis"), "missing"
     hit_tokens: int
     reason: str
 
@@ -73,9 +73,10 @@ def explain_prompt(client: Any, engine: dict[str, Any], model: str, tokens: list
     keys = chunk_keys(tokens, ns, chunk_size, include_partial=bool(engine.get("partial_chunks", True)))
     found = client.lookup_with_partials(keys, count=False, root=namespace_root(ns))
     hit_keys = match_prefix(tokens, keys, found.hits, [(p.digest, p.tokens) for p in found.partials], ns)
-    reason = hit_end_reason(len(tokens), keys, hit_keys, [hit_keys], found, None, chunk_size)
+    _, reason = hit_end_reason(len(tokens), keys, hit_keys, [hit_keys], found, None, chunk_size)
     stored = {key.digest for key in hit_keys}
-    where = [(key, ("below L1" if index in found.below_l1 else "L1") if key.digest in stored else "missing")
+    where = [(key, (found.found_in.get(index, "below L1") if index in found.below_l1 else "L1")
+              if key.digest in stored else "missing")
              for index, key in enumerate(keys)]
     named = {key.digest for key in keys}
     extra = [key for key in hit_keys if key.digest not in named]  # a stored partial chunk

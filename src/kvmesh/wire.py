@@ -21,7 +21,7 @@ from kvmesh.wire_codec import ConnectionClosed, ProtocolError, decode, encode
 __all__ = ["PROTOCOL_VERSION", "ConnectionClosed", "ProtocolError", "VersionMismatch", "receive_message",
            "send_message"]
 
-PROTOCOL_VERSION = 9  # bump on any change a client of the previous version would misread
+PROTOCOL_VERSION = 10  # bump on any change a client of the previous version would misread
 _LENGTH = struct.Struct("<I")
 MAX_MESSAGE = 64 * 1024 * 1024
 R = TypeVar("R")
@@ -126,11 +126,22 @@ class HelloReply:
 
 
 @dataclass(frozen=True, slots=True)
+class GoneFrom:
+    """A tier lost a chunk: ``what`` happened (``evicted``, ``dropped as corrupt``) ``ago`` seconds ago."""
+
+    tier: str
+    what: str
+    ago: float
+
+
+@dataclass(frozen=True, slots=True)
 class LookupReply:
     hits: int  # consecutive chunks found in any tier, from the first
     partials: list[PartialFound]
     below_l1: list[int]  # indexes (< hits) of chunks not in L1 yet: their promotion has started
-    miss_evicted_ago: float = -1.0  # seconds since L1 evicted the first chunk not found; -1: not known evicted
+    miss_gone: list[GoneFrom] = field(default_factory=list)  # where the first chunk not found went, oldest first
+    below_l1_tiers: list[str] = field(default_factory=list)  # the tier holding each of below_l1, in its order
+    unavailable: list[str] = field(default_factory=list)  # lower tiers not asked (circuit open) or that failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +163,11 @@ class ReleaseLeaseReply:
 @dataclass(frozen=True, slots=True)
 class DeleteReply:
     deleted: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRequestReply:
+    summary: dict[str, Any]  # as the daemon keeps it (load time added, the namespace part that differs named)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +261,8 @@ class LoadCost:
     tokens: int
     verified: int = 0
     mismatches: int = 0
+    request_id: str = ""  # the engine's request, whose summary the daemon adds this load to
+    rank: int = 0  # ranks load in parallel (a request's load time is the slowest rank's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,13 +333,23 @@ class ReportBlend(Request[Done]):
 
 
 @dataclass(frozen=True, slots=True)
-class RecordRequest(Request[Done]):
-    """What the cache did for one finished request (``explain.Explanation``), kept in the daemon's recent list."""
+class RecordRequest(Request[RecordRequestReply]):
+    """What the cache did for one finished request (``explain.Explanation``), kept in the daemon's recent list.
+
+    ``first_chunk`` names the prompt's first chunk by its tokens alone (``keys.content_digest``) and
+    ``identity`` the parts of the request's namespace (``explain.NamespaceIdentity``): the daemon remembers
+    which namespaces stored which first chunks, so a prompt that missed from its first chunk is told which
+    part of its namespace differs from one that stored the same tokens.  The reply is the summary as kept:
+    with the load time the engine's workers reported under the request's id, and that reason.
+    """
 
     op = "record_request"
-    reply = Done
+    reply = RecordRequestReply
     request_id: str
     summary: dict[str, Any]
+    first_chunk: bytes = b""
+    identity: dict[str, str] = field(default_factory=dict)
+    stored_first_chunk: bool = False  # this request stored its first chunk (the daemon indexes it)
 
 
 @dataclass(frozen=True, slots=True)

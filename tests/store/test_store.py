@@ -101,7 +101,7 @@ def test_a_full_write_queue_drops_stores_instead_of_waiting() -> None:
     class Observer:
         def tier_read(self, *args: object) -> None: ...
         def tier_write(self, *args: object) -> None: ...
-        def dropped_store(self, reason: str) -> None:
+        def dropped_store(self, reason: str, key: bytes | None = None) -> None:
             dropped.append(reason)
 
     lower = _lower()
@@ -276,3 +276,32 @@ def test_an_entry_stays_pinned_in_l1_until_its_disk_write_is_done(tmp_path: Path
     finish.set()
     assert store.flush()
     assert disk.get(first) == RawCodec().encode(_chunk(0), key=first)
+
+
+def test_a_lookup_names_each_chunks_tier_and_the_record_says_where_a_lost_one_went(tmp_path: Path) -> None:
+    """L1 evicts to a disk tier that evicts in turn: the lookup credits the disk with what it holds, and the
+    record of a chunk lost by both says so, tier by tier, oldest first."""
+    chunk_bytes = _chunk(0).numel() * 2
+    disk = DiskTier(tmp_path, 3 * chunk_bytes + 4096)  # three entries (and their headers) at most
+    store = TieredStore(_l1(2 * chunk_bytes), [LowerTier(disk, "write_through")], prefetch=False)
+    keys = [bytes([i]) * 16 for i in range(6)]
+    for i, key in enumerate(keys):  # each store evicts the oldest from L1 (two fit) and from disk (three fit)
+        store.put(key, _chunk(i))
+    located = store.locate(keys[3:])
+    assert located.hits == 3 and located.found_in == {0: "disk"} and located.unavailable == []
+    history = store.evictions.history(keys[0])
+    assert [(g.tier, g.what) for g in history] == [("l1", "evicted"), ("disk", "evicted")]
+    assert history[0].ago >= history[1].ago >= 0
+    assert [(g.tier, g.what) for g in store.evictions.history(keys[3])] == [("l1", "evicted")]
+    store.put(keys[0], _chunk(0))  # stored again: its record is gone
+    assert store.evictions.history(keys[0]) == []
+
+
+def test_a_store_the_write_queue_had_no_room_for_is_recorded_against_the_tier_it_was_meant_for(
+        tmp_path: Path) -> None:
+    disk = DiskTier(tmp_path, 64 * MiB)
+    store = TieredStore(_l1(), [LowerTier(disk, "write_behind")], write_queue_bytes=1)  # no entry fits the queue
+    store.put(b"q" * 16, _chunk(7))
+    assert store.flush() and not disk.contains(b"q" * 16)
+    assert [(g.tier, g.what) for g in store.evictions.history(b"q" * 16)] == [
+        ("disk", "not written (the write queue was full)")]

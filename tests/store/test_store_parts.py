@@ -35,7 +35,7 @@ class Counting(NullObserver):
     def tier_fault(self, tier: str, action: str) -> None:
         self.faults.append((tier, action))
 
-    def dropped_store(self, reason: str) -> None:
+    def dropped_store(self, reason: str, key: bytes | None = None) -> None:
         self.dropped.append(reason)
 
 

@@ -22,7 +22,7 @@ class Drops(NullObserver):
     def __init__(self) -> None:
         self.reasons: list[str] = []
 
-    def dropped_store(self, reason: str) -> None:
+    def dropped_store(self, reason: str, key: bytes | None = None) -> None:
         self.reasons.append(reason)
 
 

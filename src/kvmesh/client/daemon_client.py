@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -71,7 +71,9 @@ class LookupResult:
     hits: int  # consecutive chunks found in any tier, from the first
     partials: list[PartialCandidate]  # partial chunks stored after the last hit
     below_l1: frozenset[int] = frozenset()  # indexes (< hits) of chunks not in L1 yet: promotion has started
-    miss_evicted_ago: float | None = None  # seconds since L1 evicted the first chunk not found (None: not known)
+    miss_gone: tuple[wire.GoneFrom, ...] = ()  # where the first chunk not found went (tier, what, ago), oldest first
+    found_in: dict[int, str] = field(default_factory=dict)  # below_l1 index -> the tier that holds it
+    unavailable: tuple[str, ...] = ()  # lower tiers not asked (circuit open) or that failed during the lookup
 
     def resident(self, index: int) -> bool:
         return index not in self.below_l1
@@ -250,7 +252,9 @@ class KVMeshClient:
                                        root, prefetch))
         found = [PartialCandidate(p.key, p.tokens, p.resident) for p in reply.partials]
         return LookupResult(reply.hits, found, frozenset(reply.below_l1),
-                            None if reply.miss_evicted_ago < 0 else reply.miss_evicted_ago)
+                            tuple(reply.miss_gone),
+                            {index: tier for index, tier in zip(reply.below_l1, reply.below_l1_tiers) if tier},
+                            tuple(reply.unavailable))
 
     # ------------------------------------------------------------------- stores
     def reserve(self, keys: Sequence[ChunkKey], metas: Sequence[EntryMeta],
@@ -346,9 +350,12 @@ class KVMeshClient:
     def report_error(self, kind: str) -> None:
         self._call(wire.ReportError(kind))
 
-    def record_request(self, request_id: str, summary: dict[str, Any]) -> None:
-        """Keep a finished request's summary (``explain.Explanation``) in the daemon's recent list."""
-        self._call(wire.RecordRequest(request_id, summary))
+    def record_request(self, request_id: str, summary: dict[str, Any], first_chunk: bytes = b"",
+                       identity: dict[str, str] | None = None, stored_first_chunk: bool = False) -> dict[str, Any]:
+        """Keep a finished request's summary (``explain.Explanation``) in the daemon's recent list; the summary
+        as kept (``wire.RecordRequest`` says what the daemon adds)."""
+        return self._call(wire.RecordRequest(request_id, summary, first_chunk, identity or {},
+                                             stored_first_chunk)).summary
 
     def recent_requests(self, request_id: str = "", limit: int = 20) -> list[dict[str, Any]]:
         """The daemon's last ``limit`` request summaries (only ``request_id``'s where given), newest last."""

@@ -15,6 +15,7 @@ from typing import Any
 from kvmesh.daemon.metrics import StoreGauges
 from kvmesh.store.tiered import TieredStore
 from kvmesh.tiers.base import TierStats
+from kvmesh.tiers.breaker import circuit_open
 
 FULL_AT = 0.99  # a tier at least this full evicts on every store
 
@@ -55,11 +56,6 @@ def daemon_health(store: TieredStore, segment_path: Path, identity: dict[str, An
             "l1": {"state": l1_state, "bytes_used": l1.bytes_used, "capacity": l1.capacity, "entries": l1.entries,
                    "fill": round(_fill(l1), 4)},
             "tiers": tiers}
-
-
-def circuit_open(tier: Any) -> bool:
-    breaker = getattr(tier, "breaker", None)
-    return breaker is not None and breaker.state.name != "CLOSED"
 
 
 def store_gauges(store: TieredStore) -> StoreGauges:

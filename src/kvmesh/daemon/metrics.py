@@ -88,7 +88,7 @@ class DaemonMetrics:
         self.tier_bytes_written.labels(tier).inc(nbytes)
         self.tier_write_seconds.labels(tier).observe(seconds)
 
-    def dropped_store(self, reason: str) -> None:
+    def dropped_store(self, reason: str, key: bytes | None = None) -> None:
         self.dropped_stores.labels(reason).inc()
 
     def tier_fault(self, tier: str, action: str) -> None:

@@ -20,7 +20,6 @@ import socket
 import socketserver
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +29,7 @@ from kvmesh.config import KVMeshConfig, masked
 from kvmesh.daemon.affinity import use_every_core
 from kvmesh.daemon.health import daemon_health, store_gauges
 from kvmesh.daemon.metrics import DaemonMetrics, start_http
+from kvmesh.daemon.requests import RequestBook
 from kvmesh.daemon.status import status_snapshot
 from kvmesh.entry import EntryMeta, EntryMetaError
 from kvmesh.socket_dir import UntrustedPath, check_peer, open_private, peer_uid, private_dir
@@ -48,7 +48,6 @@ class DaemonAlreadyRunning(RuntimeError):
     """Another daemon holds this instance's lock."""
 
 
-RECENT_REQUESTS = 1000  # finished requests whose summaries the daemon keeps (kvmesh explain --request)
 
 
 @dataclass(eq=False)
@@ -95,8 +94,7 @@ class NodeDaemon:
         self._store_lock = threading.Lock()  # guards the sessions; the store and the leases lock themselves
         self.leases = LeaseTable(self.store.release, config.lease_seconds)
         self._sessions: set[_Session] = set()  # connections that said which engine they serve
-        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)  # finished requests' summaries
-        self.requests_recorded = 0
+        self.requests = RequestBook()  # finished requests' summaries, their loads, who stored which prompt
         self._started = time.time()
         self.socket_path.unlink(missing_ok=True)
         self._server = _Server(str(self.socket_path), _Handler)
@@ -138,8 +136,8 @@ class NodeDaemon:
         """What the live status page shows (``daemon/status.py``)."""
         with self._store_lock:
             engines = [dict(s.engine) for s in self._sessions]
-        summaries = list(self.recent)
-        return status_snapshot(self.health(), self.store.stats(), engines, summaries, self.requests_recorded)
+        return status_snapshot(self.health(), self.store.stats(), engines, self.requests.summaries(),
+                               self.requests.recorded)
 
     # ----------------------------------------------------------------- requests
     def handle(self, message: dict[str, Any], session: _Session) -> dict[str, Any]:
@@ -184,8 +182,10 @@ class NodeDaemon:
             self.metrics.lookups.inc()
             self.metrics.lookup_tokens.inc(sum(tokens))
             self.metrics.hit_tokens.inc(sum(tokens[:hits]))
-        evicted = self.store.evictions.seconds_since(keys[hits]) if hits < len(keys) else None
-        return wire.LookupReply(hits, partials, sorted(located.below_l1), -1.0 if evicted is None else evicted)
+        gone = self.store.evictions.history(keys[hits]) if hits < len(keys) else []
+        below = sorted(located.below_l1)
+        return wire.LookupReply(hits, partials, below, [wire.GoneFrom(g.tier, g.what, g.ago) for g in gone],
+                                [located.found_in.get(index, "") for index in below], located.unavailable)
 
     def _op_reserve(self, request: wire.Reserve, session: _Session) -> wire.ReserveReply:
         for index, item in enumerate(request.items):  # all checked before any is reserved
@@ -207,6 +207,7 @@ class NodeDaemon:
                 self.quiet.arrived([item.key])  # already stored, or no room: it will not be committed
                 if reservation.status is ReserveStatus.NO_ROOM:
                     self.metrics.errors.labels("l1_no_room").inc()
+                    self.store.evictions.record(item.key, "l1", "not stored (L1 had no room: pinned or in use)")
                 results.append(wire.Reserved(reservation.status.value))
         return wire.ReserveReply(results)
 
@@ -257,6 +258,7 @@ class NodeDaemon:
             self.metrics.loaded_tokens.inc(cost.tokens)
             self.metrics.verified_chunks.inc(cost.verified)
             self.metrics.verify_mismatches.inc(cost.mismatches)
+            self.requests.loaded(cost.request_id, cost.rank, cost.seconds, cost.nbytes)
         return wire.ReleaseLeaseReply(known)
 
     def _op_report_error(self, request: wire.ReportError, session: _Session) -> wire.Done:
@@ -270,18 +272,14 @@ class NodeDaemon:
         self.metrics.blend_seconds.observe(max(0.0, request.seconds))
         return wire.Done()
 
-    def _op_record_request(self, request: wire.RecordRequest, session: _Session) -> wire.Done:
+    def _op_record_request(self, request: wire.RecordRequest, session: _Session) -> wire.RecordRequestReply:
         engine = session.engine.get("model", "") if session.engine else ""
-        self.recent.append({"request_id": request.request_id[:200], "engine": engine, "finished": time.time(),
-                            **request.summary})
-        self.requests_recorded += 1
-        return wire.Done()
+        return wire.RecordRequestReply(self.requests.record(
+            request.request_id, engine, request.summary, request.first_chunk, request.identity,
+            request.stored_first_chunk))
 
     def _op_recent_requests(self, request: wire.RecentRequests, session: _Session) -> wire.RecentRequestsReply:
-        wanted = request.request_id  # vLLM's own id of a request is the response's id plus "-<n>-<suffix>"
-        found = [s for s in list(self.recent)
-                 if not wanted or s["request_id"] == wanted or s["request_id"].startswith(wanted + "-")]
-        return wire.RecentRequestsReply(found[-max(1, request.limit):])
+        return wire.RecentRequestsReply(self.requests.find(request.request_id, request.limit))
 
     def _op_delete(self, request: wire.Delete, session: _Session) -> wire.DeleteReply:
         return wire.DeleteReply(sum(self.store.delete(key) for key in request.keys))

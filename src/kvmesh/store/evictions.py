@@ -1,7 +1,8 @@
-"""Which chunks L1 evicted, and when: what lets a lookup say that a missing chunk was stored once.
+"""What left which tier, and when: what lets a lookup say that a missing chunk was stored once.
 
-A bounded record (the newest ``capacity`` evictions); a chunk stored again leaves it.  Told of every eviction by
-L1 under L1's lock, so it only appends to an ordered dict under a lock of its own.
+L1's evictions, a disk tier's evictions and entries dropped as corrupt when read back are recorded per key and
+tier (the newest ``capacity`` keys); a chunk stored again leaves the record.  Told under the tiers' own locks,
+so it only updates an ordered dict under a lock of its own.
 """
 
 from __future__ import annotations
@@ -10,6 +11,16 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Gone:
+    """One tier lost a chunk: ``what`` happened (``evicted``, ``dropped as corrupt``) ``ago`` seconds ago."""
+
+    tier: str
+    what: str
+    ago: float
 
 
 class EvictionLog:
@@ -17,21 +28,27 @@ class EvictionLog:
         self.capacity = capacity
         self._clock = clock
         self._lock = threading.Lock()
-        self._evicted: OrderedDict[bytes, float] = OrderedDict()
+        self._gone: OrderedDict[bytes, dict[str, tuple[str, float]]] = OrderedDict()
 
-    def record(self, key: bytes) -> None:
+    def record(self, key: bytes, tier: str = "l1", what: str = "evicted") -> None:
         with self._lock:
-            self._evicted[key] = self._clock()
-            self._evicted.move_to_end(key)
-            while len(self._evicted) > self.capacity:
-                self._evicted.popitem(last=False)
+            events = self._gone.get(key)
+            if events is None:
+                events = self._gone[key] = {}
+            else:
+                self._gone.move_to_end(key)
+            events[tier] = (what, self._clock())
+            while len(self._gone) > self.capacity:
+                self._gone.popitem(last=False)
 
     def forget(self, key: bytes) -> None:
         with self._lock:
-            self._evicted.pop(key, None)
+            self._gone.pop(key, None)
 
-    def seconds_since(self, key: bytes) -> float | None:
-        """How long ago L1 evicted ``key`` (None: not among the evictions remembered)."""
+    def history(self, key: bytes) -> list[Gone]:
+        """Where ``key`` went, oldest first (empty: not among the keys remembered)."""
         with self._lock:
-            when = self._evicted.get(key)
-        return None if when is None else max(0.0, self._clock() - when)
+            events = dict(self._gone.get(key, {}))
+        now = self._clock()
+        return [Gone(tier, what, max(0.0, now - when))
+                for tier, (what, when) in sorted(events.items(), key=lambda item: item[1][1])]

@@ -39,7 +39,8 @@ class Promoter:
     """Per-key single-flight promotion into L1, and the prefetch threads that start it early."""
 
     def __init__(self, l1: MemoryTier, lower: Sequence[LowerTier], guard: TierGuard, observer: StoreObserver,
-                 tensor_at: Callable[[Extent], torch.Tensor], threads: int, priority: Priority) -> None:
+                 tensor_at: Callable[[Extent], torch.Tensor], threads: int, priority: Priority,
+                 dropped: Callable[..., None] | None = None) -> None:
         if threads < 1:
             raise ValueError(f"prefetch_threads must be at least 1, got {threads}")
         self._l1 = l1
@@ -47,6 +48,7 @@ class Promoter:
         self._guard = guard
         self._observer = observer
         self._tensor_at = tensor_at
+        self._dropped = dropped  # told (key, tier=name) of each corrupt entry dropped: a miss's explanation
         self._lock = threading.Lock()  # guards the tables below
         self.unreadable: dict[bytes, None] = {}  # intact entries of a newer format or codec, oldest first
         self._queued: set[bytes] = set()
@@ -239,3 +241,5 @@ class Promoter:
         log.debug("tier %s: dropping corrupt entry %s: %s", tier.name, key.hex(), err)
         self._guard.fault(tier.name, "corrupt", err)
         self._guard.call(tier.name, "delete", partial(tier.delete, key), False)
+        if self._dropped is not None:
+            self._dropped(key, tier=tier.name)

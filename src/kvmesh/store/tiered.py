@@ -43,10 +43,42 @@ from kvmesh.store.write_behind import WriteBehind
 from kvmesh.store.writer import Pinned, TierWriter
 from kvmesh.tensorbytes import tensor_bytes
 from kvmesh.tiers.base import PartialIndexed, Tier, TierStats
+from kvmesh.tiers.breaker import failing
 from kvmesh.tiers.memory import Extent, MemoryTier, Reservation, ReserveStatus
 
 # a lookup starts promoting at most this many partial candidates found below L1 (the longest that fit)
 PREFETCH_PARTIALS = 4
+
+
+# why a store did not reach the tiers of a write policy, as a miss says it
+DROPPED = {"write_queue_full": ("write_behind", "not written (the write queue was full)"),
+           "evicted_unwritten": ("on_eviction", "not written (evicted from L1 before its write)")}
+
+
+class _DropRecording:
+    """The store's observer: the caller's, with dropped stores also recorded in the store's eviction log."""
+
+    def __init__(self, observer: StoreObserver, store: TieredStore) -> None:
+        self._observer = observer
+        self._store = store
+
+    def tier_read(self, tier: str, nbytes: int, seconds: float) -> None:
+        self._observer.tier_read(tier, nbytes, seconds)
+
+    def tier_write(self, tier: str, nbytes: int, seconds: float) -> None:
+        self._observer.tier_write(tier, nbytes, seconds)
+
+    def dropped_store(self, reason: str, key: bytes | None = None) -> None:
+        self._store._store_dropped(reason, key)
+
+    def encoded(self, codec: str, raw_bytes: int, encoded_bytes: int, seconds: float) -> None:
+        self._observer.encoded(codec, raw_bytes, encoded_bytes, seconds)
+
+    def decoded(self, raw_bytes: int, seconds: float) -> None:
+        self._observer.decoded(raw_bytes, seconds)
+
+    def tier_fault(self, tier: str, action: str) -> None:
+        self._observer.tier_fault(tier, action)
 
 
 class TieredStore:
@@ -65,19 +97,24 @@ class TieredStore:
         self.codec = codec or RawCodec()
         self.lower = [replace(t, codec=t.codec or self.codec) if isinstance(t, LowerTier)
                       else LowerTier(t, codec=self.codec) for t in lower]
-        self.observer = observer or NullObserver()
+        self._outer_observer = observer or NullObserver()
+        self.observer = _DropRecording(self._outer_observer, self)
         self.prefetch_enabled = prefetch
         self.partial_index = partial_index or PartialIndex()  # L1's partial chunks by parent key
         self._guard = TierGuard(self.observer)
         self._admission = Admission(self.lower)
-        self._writer = TierWriter(self.tensor_at, self._guard, self.observer, self.partial_index)
+        self.evictions = EvictionLog()  # what left which tier, and when: a miss's explanation
+        self._writer = TierWriter(self.tensor_at, self._guard, self.observer, self.partial_index,
+                                  lost=self.evictions.record)
         self._lock = threading.Lock()  # guards the reserved partial chunks
         self._reserved_partials: dict[bytes, tuple[bytes, int]] = {}  # reserved, not yet committed
         self._behind: WriteBehind | None = None
         self._write_back: WriteBack | None = None
         self._promoter: Promoter | None = None
-        self.evictions = EvictionLog()  # what L1 evicted, and when: a miss's explanation
         l1.on_evict = self._l1_evicted
+        for below in self.lower:
+            if hasattr(below.tier, "on_evict"):  # a tier that evicts by itself (disk) says what
+                below.tier.on_evict = partial(self.evictions.record, tier=below.tier.name)
         if self.lower:
             # idle: the writer runs only on CPU time nothing else wants (the engine's compute threads share
             # these cores; a writer at their priority slows every forward pass, docs/benchmarks.md)
@@ -87,7 +124,19 @@ class TieredStore:
                                        writer_priority, quiet_gate, write_back=self._write_back)
             # several prefetchers: one chunk's read overlaps another's decode, and decoding uses every core
             self._promoter = Promoter(l1, self.lower, self._guard, self.observer, self.tensor_at,
-                                      prefetch_threads, prefetch_priority)
+                                      prefetch_threads, prefetch_priority,
+                                      dropped=partial(self.evictions.record, what="dropped as corrupt"))
+
+    def _store_dropped(self, reason: str, key: bytes | None = None) -> None:
+        """A store that did not reach a lower tier: counted by the observer, and recorded against the tiers it
+        was meant for (a later miss says so)."""
+        self._outer_observer.dropped_store(reason, key)
+        if key is None:
+            return
+        policy, what = DROPPED.get(reason, (None, None))
+        for lower in self.lower:
+            if what is not None and lower.write_policy == policy:
+                self.evictions.record(key, lower.tier.name, what)
 
     def _l1_evicted(self, key: bytes) -> None:
         """L1 dropped ``key`` (under its lock): remembered, and handed to the write-back if it takes evictions."""
@@ -121,19 +170,30 @@ class TieredStore:
         end = len(keys)
         if self._promoter is not None and self._promoter.unreadable:  # what this node cannot read is a miss
             end = next((i for i in range(count, len(keys)) if keys[i] in self._promoter.unreadable), end)
+        found_in: dict[int, str] = {}
+        unavailable: set[str] = set()
         while position < end:
             rest = keys[position:end]
-            step = max(self._guard.call(t.tier.name, "lookup", partial(t.tier.lookup, rest), 0)
-                       for t in self.lower)
+            steps = []
+            for lower in self.lower:  # a fault is a miss (None here, to name the tier that failed)
+                step = self._guard.call(lower.tier.name, "lookup", partial(lower.tier.lookup, rest), None)
+                if step is None:
+                    unavailable.add(lower.tier.name)
+                steps.append((lower.tier.name, step or 0))
+            step = max(found for _, found in steps)
+            for offset in range(step):  # each chunk is credited to the first tier (in order) that holds it
+                found_in[position + offset] = next(name for name, found in steps if found > offset)
             if step == 0:  # chunks only L1 holds, after some below it (written on eviction, not yet written)
                 step = sum(1 for _ in takewhile(self.l1.contains, rest))
             if step == 0:
                 break
             position += step
+        unavailable.update(t.tier.name for t in self.lower if failing(t.tier))  # skipped, or failed just now
         below = [index for index in range(count, position) if not self.l1.contains(keys[index])]
         if prefetch and self.prefetch_enabled and self._promoter is not None:
             self._promoter.prefetch([keys[index] for index in below])
-        return Located(position, below)
+        return Located(position, below, {index: found_in[index] for index in below if index in found_in},
+                       sorted(unavailable))
 
     def partials(self, parent: bytes, fits: int | None = None, prefetch: bool = True) -> list[tuple[bytes, int]]:
         """(key, tokens) of the partial chunks stored under ``parent`` in any tier, longest first.

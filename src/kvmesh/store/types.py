@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from kvmesh.codecs import Codec
@@ -19,6 +19,8 @@ class Located:
 
     hits: int
     below_l1: list[int]
+    found_in: dict[int, str] = field(default_factory=dict)  # below_l1 index -> the tier that holds it
+    unavailable: list[str] = field(default_factory=list)  # lower tiers not asked (circuit open) or that failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +40,7 @@ class StoreObserver(Protocol):
 
     def tier_write(self, tier: str, nbytes: int, seconds: float) -> None: ...
 
-    def dropped_store(self, reason: str) -> None: ...
+    def dropped_store(self, reason: str, key: bytes | None = None) -> None: ...
 
     def encoded(self, codec: str, raw_bytes: int, encoded_bytes: int, seconds: float) -> None: ...
 
@@ -58,7 +60,7 @@ class NullObserver:
     def tier_write(self, tier: str, nbytes: int, seconds: float) -> None:
         pass
 
-    def dropped_store(self, reason: str) -> None:
+    def dropped_store(self, reason: str, key: bytes | None = None) -> None:
         pass
 
     def encoded(self, codec: str, raw_bytes: int, encoded_bytes: int, seconds: float) -> None:

@@ -46,7 +46,7 @@ class WriteBack:
             lost = key in self._dirty and key not in self._queued
             self._dirty.discard(key)
         if lost:
-            self._observer.dropped_store("evicted_unwritten")
+            self._observer.dropped_store("evicted_unwritten", key)
 
     def due(self, take: Callable[[bytes], bool]) -> int:
         """Hand ``take`` the dirty chunks among the next to be evicted, in eviction order; how many it took.

@@ -70,7 +70,7 @@ class WriteBehind:
             if self._pending + extent.nbytes > self._limit:
                 self._l1.release(key, extent)
                 if policy == "write_behind":
-                    self._observer.dropped_store("write_queue_full")
+                    self._observer.dropped_store("write_queue_full", key)
                 return "full"
             self._pending += extent.nbytes
         self._queue.put((Pinned(key, extent), policy))

@@ -35,11 +35,12 @@ class TierWriter:
     """Encodes pinned entries and puts them into the lower tiers that admit them."""
 
     def __init__(self, tensor_at: Callable[[Extent], torch.Tensor], guard: TierGuard, observer: StoreObserver,
-                 partial_index: PartialIndex) -> None:
+                 partial_index: PartialIndex, lost: Callable[..., None] | None = None) -> None:
         self._tensor_at = tensor_at
         self._guard = guard
         self._observer = observer
         self._partials = partial_index
+        self._lost = lost  # told (key, tier, what) of each entry a tier did not take: a miss's explanation
 
     def write(self, entries: Sequence[Pinned], targets_for: Callable[[bytes], list[LowerTier]]) -> None:
         """Write each entry to ``targets_for(key)``; faults are misses (counted by the guard)."""
@@ -77,6 +78,10 @@ class TierWriter:
         stored = self._guard.call(tier.name, "put", partial(tier.put_many, items), [False] * len(items))
         seconds = time.perf_counter() - started
         written = [(key, parts) for (key, parts), ok in zip(items, stored) if ok]
+        if self._lost is not None and len(written) < len(items):
+            for (key, _), ok in zip(items, stored):
+                if not ok:
+                    self._lost(key, tier.name, "not written (the tier refused it or failed)")
         if written:
             nbytes = sum(memoryview(p).nbytes for _, parts in written for p in parts)
             self._observer.tier_write(tier.name, nbytes, seconds)

@@ -16,6 +16,18 @@ import time
 from collections.abc import Callable
 
 
+def circuit_open(tier: object) -> bool:
+    """Whether ``tier`` has a breaker that is not closed (open, or probing a server that failed)."""
+    breaker = getattr(tier, "breaker", None)
+    return isinstance(breaker, CircuitBreaker) and breaker.state is not BreakerState.CLOSED
+
+
+def failing(tier: object) -> bool:
+    """Whether ``tier``'s last call failed or its breaker keeps calls away (what a miss's explanation says)."""
+    breaker = getattr(tier, "breaker", None)
+    return isinstance(breaker, CircuitBreaker) and breaker.failing
+
+
 class BreakerState(enum.Enum):
     CLOSED = "closed"  # calls go through
     OPEN = "open"  # calls are refused until reset_seconds have passed
@@ -61,6 +73,12 @@ class CircuitBreaker:
             self._state = BreakerState.HALF_OPEN
             self._since = now
             return True
+
+    @property
+    def failing(self) -> bool:
+        """The last call failed, or calls are refused (open, or one probe out)."""
+        with self._lock:
+            return self._failures > 0 or self._state is not BreakerState.CLOSED
 
     def record_success(self) -> None:
         with self._lock:

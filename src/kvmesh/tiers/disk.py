@@ -33,7 +33,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kvmesh.codecs.base import CorruptEntry
@@ -77,6 +77,7 @@ class DiskTier:
         self._sizes: dict[bytes, int] = {}  # committed entries: key -> file size
         self._writing: dict[bytes, int] = {}  # puts in flight: key -> reserved bytes
         self._policy = LRUPolicy()
+        self.on_evict: Callable[[bytes], None] | None = None  # told of each eviction, under the lock (the store)
         self._used = 0  # file bytes of committed entries plus reservations
         self._stats = TierStats(capacity=capacity_bytes)
         self._warned: set[str] = set()
@@ -348,6 +349,8 @@ class DiskTier:
             victims += taken
             freed += sum(nbytes for _, nbytes in taken)
             self._stats.evictions += 1
+            if taken and self.on_evict is not None:
+                self.on_evict(victim)
         return victims
 
     def _take(self, key: bytes) -> list[tuple[bytes, int]]:

@@ -59,8 +59,8 @@ class Engine:
     worker per tensor-parallel rank, each with its own heads' KV."""
 
     def __init__(self, config: KVMeshConfig, seed: int | None = None, world: int = 1,
-                 block_outermost: bool = False) -> None:
-        shape = EngineKVShape(SHAPE.model_identity, SHAPE.layout, world)
+                 block_outermost: bool = False, model: str = SHAPE.model_identity) -> None:
+        shape = EngineKVShape(model, SHAPE.layout, world)
         generator = torch.Generator().manual_seed(seed or 0)
         layers = SHAPE.layout.num_layers
 
@@ -239,6 +239,89 @@ def test_a_request_that_asks_is_told_why_its_hit_ends_where_it_does(tmp_path: Pa
             told.append(target.scheduler.finished(name)["kvmesh"]["reason"])  # type: ignore[index]
         assert told[0].startswith("the kvmesh lookup failed (") and told[0].endswith("): a miss")
         assert told[1] == "the kvmesh daemon is not reachable: a miss, computed by the engine"
+    finally:
+        _stop(config)
+
+
+def test_a_summary_gives_tokens_per_tier_the_promotions_wait_and_the_loads_copy(tmp_path: Path) -> None:
+    """L1 holds the first chunks, disk the rest (evicted from L1 after they were written down): the summary
+    credits each tier its tokens, says how long the promotion took, and the daemon adds the workers' copy time
+    and bytes, reported when they gave the lease back."""
+    config = _config(tmp_path, l1_size="1MiB", l1_eviction="lru", disk_path=str(tmp_path / "disk"),
+                     disk_write_policy="write_through")
+    try:
+        source, target = Engine(config, seed=1), Engine(config)
+        stored = _prompt("tiers")
+        source.compute_and_save(stored, SOURCE_BLOCKS)
+        with KVMeshClient(config) as client:  # fillers push the prompt out of a 1 MiB L1; disk keeps it
+            filler = chunk_keys(list(range(9000, 9000 + 64 * 32)), model_namespace("filler", "x"), 64)
+            for key in filler:
+                assert client.put([key], [torch.zeros(2, 2, 64, 8, 32, dtype=torch.bfloat16)]) == 1
+        again = FakeRequest(stored.request_id + "-again", stored.prompt_token_ids, kv_transfer_params=EXPLAIN)
+        tokens, loads = target.plan_load(again, TARGET_BLOCKS)
+        assert tokens == 4 * CHUNK
+        target.worker.load(loads)
+        told = target.scheduler.finished(again.request_id)["kvmesh"]  # type: ignore[index]
+        assert told["hit_tokens_by_tier"] == {"disk": 4 * CHUNK}
+        assert told["chunks_from_below_l1"] == 4 and told["promotion_seconds"] > 0
+        page_bytes = SHAPE.layout.num_layers * BLOCK * 16 * 2  # a block's pages, every layer, bf16
+        assert told["loaded_bytes"] == 4 * CHUNK // BLOCK * page_bytes and told["load_seconds"] > 0
+        assert told["cause"] == "partial_off"
+        # the same prompt again: in L1 now, no wait
+        once_more = FakeRequest(stored.request_id + "-more", stored.prompt_token_ids, kv_transfer_params=EXPLAIN)
+        tokens, loads = target.plan_load(once_more, TARGET_BLOCKS)
+        target.worker.load(loads)
+        told = target.scheduler.finished(once_more.request_id)["kvmesh"]  # type: ignore[index]
+        assert told["hit_tokens_by_tier"] == {"l1": 4 * CHUNK} and told["promotion_seconds"] == 0
+    finally:
+        _stop(config)
+
+
+def test_a_miss_under_another_namespace_names_the_part_that_differs(tmp_path: Path) -> None:
+    """The same tokens stored by another model, or under another cache_salt: the miss says which part of the
+    namespace differs (the fingerprints shown, a salt only said to differ)."""
+    config = _config(tmp_path)
+    try:
+        ours, theirs = Engine(config, seed=1), Engine(config, seed=2, model="other-model")
+        prompt = _prompt("ns")
+        theirs.compute_and_save(prompt, SOURCE_BLOCKS)
+        mine = FakeRequest("mine", prompt.prompt_token_ids, kv_transfer_params=EXPLAIN)
+        assert ours.matched(mine) == 0
+        told = ours.scheduler.finished(mine.request_id)["kvmesh"]  # type: ignore[index]
+        assert told["cause"] == "namespace"
+        assert re.fullmatch(r"chunk 0 is not stored under this request's namespace, but the same tokens were stored "
+                            r"\d+ s ago under a namespace that differs in the model fingerprint \(this request's "
+                            r"test-model, theirs other-model\)", told["reason"]), told["reason"]
+
+        salted = FakeRequest("salted", prompt.prompt_token_ids, cache_salt="tenant-a-secret")
+        ours.compute_and_save(salted, SOURCE_BLOCKS)
+        other_salt = FakeRequest("other-salt", prompt.prompt_token_ids, cache_salt="tenant-b-secret",
+                                 kv_transfer_params=EXPLAIN)
+        assert ours.matched(other_salt) == 0
+        told = ours.scheduler.finished(other_salt.request_id)["kvmesh"]  # type: ignore[index]
+        assert told["reason"].endswith("differs in the request's cache_salt"), told["reason"]
+        assert "secret" not in str(told)
+
+        fresh = FakeRequest("fresh", [5] * 100, kv_transfer_params=EXPLAIN)  # stored by nobody
+        assert ours.matched(fresh) == 0
+        told = ours.scheduler.finished(fresh.request_id)["kvmesh"]  # type: ignore[index]
+        assert told["cause"] == "not_stored" and "never seen under this namespace" in told["reason"]
+    finally:
+        _stop(config)
+
+
+def test_a_miss_behind_a_dead_redis_says_redis_could_not_be_asked(tmp_path: Path) -> None:
+    from kvmesh.bench.servers import free_port
+
+    config = _config(tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_write_policy="write_through")
+    try:
+        engine = Engine(config, seed=1)
+        request = FakeRequest("behind-dead-redis", _prompt("dead").prompt_token_ids, kv_transfer_params=EXPLAIN)
+        assert engine.matched(request) == 0
+        told = engine.scheduler.finished(request.request_id)["kvmesh"]  # type: ignore[index]
+        assert told["cause"] == "tier_unavailable"
+        assert told["reason"].startswith("chunk 0 (tokens 0-31) is not in the tiers that answered; redis could not "
+                                         "be asked"), told["reason"]
     finally:
         _stop(config)
 
@@ -459,6 +542,12 @@ def test_a_corrupt_disk_entry_is_a_miss(tmp_path: Path) -> None:
         while list((tmp_path / "disk").rglob("*.kv")) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not list((tmp_path / "disk").rglob("*.kv"))  # every corrupt entry was dropped
+        asked = FakeRequest("asked", request.prompt_token_ids, kv_transfer_params=EXPLAIN)
+        assert target.matched(asked) == 0
+        told = target.scheduler.finished(asked.request_id)["kvmesh"]  # type: ignore[index]
+        assert told["cause"] == "dropped"
+        assert re.fullmatch(r"chunk 0 \(tokens 0-31\) was dropped as corrupt from disk \d+ s ago and no tier holds it "
+                            r"now", told["reason"]), told["reason"]
     finally:
         _stop(config)
 

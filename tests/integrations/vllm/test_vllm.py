@@ -133,6 +133,16 @@ def test_served_from_kvmesh_after_eviction_equals_the_engines_own_cache_hit(
     assert answer == reference["A"][1]
 
 
+def _bytes_per_token(server: EngineServer) -> int:
+    """The demo model's KV per token in the engine's dtype: K and V, every layer and KV head."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(server.model, local_files_only=True)
+    head = config.hidden_size // config.num_attention_heads
+    element = 4 if machine_dtype().dtype == "float32" else 2
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head * element
+
+
 def _explained(server: EngineServer, prompt: list[int]) -> dict[str, object]:
     """A completion that asks kvmesh why its hit ended where it did; the summary from its response (and, as
     ``_id``, the response's id)."""
@@ -159,9 +169,14 @@ def test_a_request_that_asks_gets_why_its_hit_ended_in_its_response(
         "every chunk of the prompt is stored; the engine computes the prompt's last token itself" if length % BLOCK == 0
         else f"the prompt's last {length % BLOCK} tokens are fewer than a chunk, and partial chunks are not stored "
              "(save_partial_chunks is off)")
+    # where the hit came from, and what its copy into the engine's pages cost (the workers report it)
+    assert told["hit_tokens_by_tier"] == {"l1": told["kvmesh_hit_tokens"]} and told["promotion_seconds"] == 0
+    assert told["loaded_tokens"] > 0 and told["load_seconds"] > 0
+    blocks = -(-told["loaded_tokens"] // BLOCK)  # whole pages are copied, the last token's block too
+    assert told["loaded_bytes"] == blocks * BLOCK * _bytes_per_token(engine)
     unseen = [int(t) for t in reversed(prompts["B"])]  # never sent: nothing of it is stored
     told = _explained(engine, unseen)
-    assert told["loaded_tokens"] == 0
+    assert told["loaded_tokens"] == 0 and told["cause"] == "not_stored"
     assert str(told["reason"]).startswith(f"chunk 0 (tokens 0-{BLOCK - 1}) is not stored: never seen")
     # the daemon keeps it too, under the response's id: what `kvmesh explain --request ID` prints
     with _client(kvmesh_settings) as client:

@@ -106,6 +106,7 @@ class RequestTracker:
     stored_chunks: int = 0  # leading chunks of ``keys`` known to be stored (hit or saved)
     local_tokens: int = 0  # the engine's own hit, as last presented to the lookup
     asked: bool = False  # the request asked for its explanation in its response
+    identity: dict[str, str] = field(default_factory=dict)  # its namespace's parts (SchedulerSide._identity)
     explanation: Explanation = field(init=False)  # what the cache did for the request (every request has one)
 
     def __post_init__(self) -> None:

@@ -16,15 +16,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import blake3
 
 from kvmesh.client import CacheFault, KVMeshClient, LookupResult
 from kvmesh.config import KVMeshConfig
 from kvmesh.integrations.vllm.blend_plan import BlendPlan, BlendScheduler, PassageSave
 from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
 from kvmesh.integrations.vllm.engine_shape import EngineKVShape
-from kvmesh.integrations.vllm.explain import hit_end_reason, wants_explanation
+from kvmesh.integrations.vllm.explain import hit_end_reason, tokens_by_tier, wants_explanation
 from kvmesh.integrations.vllm.planner import (
     ChunkTransfer,
     LeaseTicket,
@@ -38,7 +40,7 @@ from kvmesh.integrations.vllm.planner import (
     plan_group_save,
     plan_load,
 )
-from kvmesh.keys import ChunkKey, Namespace, PartKeys, chunk_keys
+from kvmesh.keys import ChunkKey, Namespace, PartKeys, chunk_keys, content_digest
 
 log = logging.getLogger("kvmesh.vllm")
 
@@ -66,6 +68,7 @@ class _Waiting:
 
     since: float
     next_check: float
+    found_in: dict[int, str] = field(default_factory=dict)  # where the first lookup found each chunk below L1
 
 
 class SchedulerSide:
@@ -95,6 +98,15 @@ class SchedulerSide:
             salt += f"|lora:{self.lora_identity(request.lora_request)}"
         return self.shape.namespace(salt)
 
+    def _identity(self, request: RequestLike) -> dict[str, str]:
+        """The parts of the request's namespace, for the daemon to name the one that differs from another's
+        (``daemon/requests.py``); salts by a digest only."""
+        lora = request.lora_request
+        return {"model": self.shape.model_identity, "page_format": self.shape.fingerprint(),
+                "tenant_salt": _secret_digest(self.config.tenant_salt),
+                "cache_salt": _secret_digest(request.cache_salt or ""),
+                "lora": self.lora_identity(lora) if lora is not None else ""}
+
     def _tracker(self, request: RequestLike) -> RequestTracker | None:
         tracker = self.trackers.get(request.request_id)
         if tracker is None:
@@ -114,7 +126,7 @@ class SchedulerSide:
             # every request's summary goes to the daemon's recent list (kvmesh explain --request); the request
             # gets it back in its response only where it asked
             tracker = RequestTracker(request.request_id, tokens, self.config.chunk_size, keys, namespace=namespace,
-                                     asked=wants_explanation(request))
+                                     asked=wants_explanation(request), identity=self._identity(request))
             self.trackers[request.request_id] = tracker
         return tracker
 
@@ -129,6 +141,7 @@ class SchedulerSide:
             return None
         client = self.link.client()
         if client is None:
+            tracker.explanation.cause = "daemon_down"
             tracker.explanation.reason = "the kvmesh daemon is not reachable: a miss, computed by the engine"
             return 0
         try:
@@ -137,6 +150,7 @@ class SchedulerSide:
         except ABSORBED as err:
             self.link.fault("lookup", f"kvmesh lookup failed, treating as a miss: {err}", err)
             self.waiting.pop(request.request_id, None)
+            tracker.explanation.cause = "lookup_failed"
             tracker.explanation.reason = f"the kvmesh lookup failed ({type(err).__name__}): a miss"
             return 0
         hit_keys = _common_prefix(per_part)
@@ -146,9 +160,13 @@ class SchedulerSide:
         below = [_first_below_l1(hit_keys, result, num_computed_tokens, part)
                  for part, result in zip(self.parts, found)]
         first_below = min((index for index in below if index is not None), default=None)
+        found_in = {**found[0].found_in, **(waiting.found_in if waiting is not None else {})}
+        if hit_keys and hit_keys[-1].num_tokens < self.config.chunk_size and any(
+                p.digest == self.parts[0](hit_keys[-1].digest) and not p.resident for p in found[0].partials):
+            found_in.setdefault(len(hit_keys) - 1, "below_l1")  # a partial chunk: its index does not say which
         if first_below is not None:
             if waiting is None:
-                waiting = self.waiting[request.request_id] = _Waiting(now, now)
+                waiting = self.waiting[request.request_id] = _Waiting(now, now, found_in)
             if now - waiting.since < self.config.promotion_wait_seconds:
                 waiting.next_check = now + RECHECK_SECONDS
                 return None
@@ -163,9 +181,11 @@ class SchedulerSide:
         told.engine_hit_tokens = num_computed_tokens
         told.kvmesh_hit_tokens = tracker.hit_tokens
         told.chunks_found = len(hit_keys)
-        told.chunks_from_below_l1 = len(found[0].below_l1)
-        told.reason = hit_end_reason(len(tracker.tokens), tracker.keys, hit_keys, per_part, found[0], cut,
-                                     self.config.chunk_size)
+        told.chunks_from_below_l1 = sum(1 for index in range(len(hit_keys)) if index in found_in)
+        told.hit_tokens_by_tier = tokens_by_tier(hit_keys, found_in)
+        told.promotion_seconds = round(now - waiting.since, 6) if waiting is not None else 0.0
+        told.cause, told.reason = hit_end_reason(len(tracker.tokens), tracker.keys, hit_keys, per_part, found[0],
+                                                 cut, self.config.chunk_size)
         tracker.stored_chunks = max(tracker.stored_chunks, min(result.hits for result in found))
         tracker.local_tokens = num_computed_tokens
         loadable = min(tracker.hit_tokens, len(tracker.tokens) - 1)  # the engine computes the last token
@@ -277,7 +297,9 @@ class SchedulerSide:
         stored = 0
         if client is not None:
             try:
-                client.record_request(req_id, summary)
+                first_chunk = content_digest(tracker.tokens[:self.config.chunk_size])
+                summary = client.record_request(req_id, summary, first_chunk, tracker.identity,
+                                                stored_first_chunk=tracker.stored_chunks > 0)
                 if remote_decode:
                     stored = self._stored_tokens(client, tracker)
             except ABSORBED as err:
@@ -292,6 +314,11 @@ class SchedulerSide:
         per_part, _ = lookup_parts(client, tracker.tokens, tracker.keys, tracker.namespace, self.parts,
                                    count=False, prefetch=False)
         return min(held[-1].end if held else 0 for held in per_part)
+
+
+def _secret_digest(value: str) -> str:
+    """A salt as the daemon may see it: equal salts give equal digests, and nothing more ("" for none)."""
+    return blake3.blake3(b"kvmesh-salt-v1" + value.encode("utf-8")).hexdigest()[:16] if value else ""
 
 
 def content_beyond_tokens(request: RequestLike) -> str | None:

@@ -236,7 +236,8 @@ class WorkerSide:
                 verified += 1
                 mismatches += int(not all(torch.equal(layer.index_select(0, blocks.to(layer.device)).cpu(), pages[i])
                                           for i, layer in enumerate(layers)))
-        cost = wire.LoadCost(time.perf_counter() - started, loaded_bytes, plan.num_tokens, verified, mismatches)
+        cost = wire.LoadCost(time.perf_counter() - started, loaded_bytes, plan.num_tokens, verified, mismatches,
+                             plan.req_id, plan.rank)
         try:
             known = client.release_lease(plan.lease.lease_id, cost)
         except ABSORBED as err:
