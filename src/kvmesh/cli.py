@@ -262,6 +262,15 @@ def explain(set_: SetOption = None,
     console.print(table)
 
 
+def _age(seconds: float) -> str:
+    """An entry's age as ``kvmesh explain`` shows it (``?``: the tier does not know)."""
+    if seconds < 0:
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def _explain_prompt(config: KVMeshConfig, engine: str, prompt_file: Path | None, messages_file: Path | None,
                     as_json: bool) -> None:
     """``kvmesh explain --engine URL --prompt-file/--messages-file``: a prompt's chunks, where they are and why."""
@@ -290,13 +299,16 @@ def _explain_prompt(config: KVMeshConfig, engine: str, prompt_file: Path | None,
         console.print_json(json_module.dumps({
             "model": report.model, "prompt_tokens": report.tokens, "stored_tokens": report.hit_tokens,
             "reason": report.reason,
-            "chunks": [{"start": k.start, "end": k.end, "where": w} for k, w in report.chunks]}))
+            "chunks": [{"start": c.key.start, "end": c.key.end, "where": c.tier, "bytes": c.nbytes,
+                        "age_seconds": c.age, "codec": c.codec} for c in report.chunks]}))
         return
     table = Table(title=f"{report.model}: {report.tokens:,} tokens, {report.hit_tokens:,} stored from the start")
-    for column in ("chunk", "tokens", "where"):
+    for column in ("chunk", "tokens", "where", "bytes", "age", "codec"):
         table.add_column(column)
-    for index, (key, where) in enumerate(report.chunks):
-        table.add_row(str(index), f"{key.start}-{key.end - 1}", where)
+    for index, place in enumerate(report.chunks):
+        stored = place.tier != "missing"
+        table.add_row(str(index), f"{place.key.start}-{place.key.end - 1}", place.tier,
+                      f"{place.nbytes:,}" if stored else "", _age(place.age) if stored else "", place.codec)
     console.print(table)
     console.print(f"why the hit ends there: {report.reason}")
 

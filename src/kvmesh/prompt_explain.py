@@ -23,10 +23,21 @@ class ExplainError(ValueError):
 
 
 @dataclass(frozen=True)
+class ChunkPlace:
+    """One chunk of the prompt and where it is stored (tier ``missing``: nowhere)."""
+
+    key: ChunkKey
+    tier: str  # "L1", "disk", "redis", "missing"
+    nbytes: int = 0
+    age: float = -1.0  # seconds (tiers.base.EntryInfo says what it means per tier); -1: not known
+    codec: str = ""
+
+
+@dataclass(frozen=True)
 class PromptReport:
     model: str
     tokens: int
-    chunks: list[tuple[ChunkKey, str]]  # every chunk and where it is: "L1", a lower tier ("disk", "redis"), "missing"
+    chunks: list[ChunkPlace]  # every chunk of the prompt, then a stored partial chunk that continues the hit
     hit_tokens: int
     reason: str
 
@@ -74,11 +85,14 @@ def explain_prompt(client: Any, engine: dict[str, Any], model: str, tokens: list
     found = client.lookup_with_partials(keys, count=False, root=namespace_root(ns))
     hit_keys = match_prefix(tokens, keys, found.hits, [(p.digest, p.tokens) for p in found.partials], ns)
     _, reason = hit_end_reason(len(tokens), keys, hit_keys, [hit_keys], found, None, chunk_size)
-    stored = {key.digest for key in hit_keys}
-    where = [(key, (found.found_in.get(index, "below L1") if index in found.below_l1 else "L1")
-              if key.digest in stored else "missing")
-             for index, key in enumerate(keys)]
     named = {key.digest for key in keys}
-    extra = [key for key in hit_keys if key.digest not in named]  # a stored partial chunk
-    where += [(key, "stored (a partial chunk)") for key in extra]
-    return PromptReport(model, len(tokens), where, hit_keys[-1].end if hit_keys else 0, reason)
+    shown = [*keys, *(key for key in hit_keys if key.digest not in named)]  # a stored partial chunk ends the hit
+    stored = {key.digest for key in hit_keys}
+    places = []
+    for key, info in zip(shown, client.describe_entries([key.digest for key in shown])):
+        if key.digest not in stored or info is None:  # after the hit, or gone since the lookup
+            places.append(ChunkPlace(key, "missing"))
+        else:
+            places.append(ChunkPlace(key, "L1" if info.tier == "l1" else info.tier, info.nbytes, info.age,
+                                     info.codec))
+    return PromptReport(model, len(tokens), places, hit_keys[-1].end if hit_keys else 0, reason)

@@ -166,6 +166,19 @@ class DeleteReply:
 
 
 @dataclass(frozen=True, slots=True)
+class EntryDescription:
+    tier: str
+    nbytes: int
+    age: float  # seconds; -1: not known (tiers.base.EntryInfo says what it means per tier)
+    codec: str
+
+
+@dataclass(frozen=True, slots=True)
+class DescribeEntriesReply:
+    entries: list[EntryDescription | None]  # one per key, None where no tier holds it
+
+
+@dataclass(frozen=True, slots=True)
 class RecordRequestReply:
     summary: dict[str, Any]  # as the daemon keeps it (load time added, the namespace part that differs named)
 
@@ -353,6 +366,16 @@ class RecordRequest(Request[RecordRequestReply]):
 
 
 @dataclass(frozen=True, slots=True)
+class DescribeEntries(Request[DescribeEntriesReply]):
+    """Where each entry is, its bytes, age and codec (``kvmesh explain --engine``): it moves nothing, and reads
+    a lower tier for each key not in L1, so it is for tools, not engines."""
+
+    op = "describe_entries"
+    reply = DescribeEntriesReply
+    keys: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
 class RecentRequests(Request[RecentRequestsReply]):
     """The last ``limit`` requests' summaries (only ``request_id``'s where it is given), newest last."""
 
@@ -406,7 +429,8 @@ class Shutdown(Request[Done]):
 
 REQUESTS: dict[str, type[Request[Any]]] = {cls.op: cls for cls in (
     Hello, Lookup, Reserve, Commit, Abort, Acquire, Release, ReleaseLease,
-    ReportError, ReportBlend, RecordRequest, RecentRequests, Delete, PinEntries, UnpinEntries, Stats, Shutdown)}
+    ReportError, ReportBlend, RecordRequest, RecentRequests, DescribeEntries, Delete, PinEntries, UnpinEntries,
+    Stats, Shutdown)}
 
 
 # ------------------------------------------------------------------------ encoding

@@ -305,3 +305,18 @@ def test_a_store_the_write_queue_had_no_room_for_is_recorded_against_the_tier_it
     assert store.flush() and not disk.contains(b"q" * 16)
     assert [(g.tier, g.what) for g in store.evictions.history(b"q" * 16)] == [
         ("disk", "not written (the write queue was full)")]
+
+
+def test_describe_says_where_each_entry_is_its_bytes_age_and_codec(tmp_path: Path) -> None:
+    chunk_bytes = _chunk(0).numel() * 2
+    disk = DiskTier(tmp_path, 64 * MiB)
+    store = TieredStore(_l1(2 * chunk_bytes), [LowerTier(disk, "write_through", codec=get_codec("lossless"))],
+                        prefetch=False)
+    keys = [bytes([i]) * 16 for i in range(3)]
+    for i, key in enumerate(keys):  # the first leaves L1 for the disk tier (two fit in L1)
+        store.put(key, _chunk(i))
+    on_disk, in_l1, _ = store.describe(keys)
+    assert on_disk is not None and on_disk.tier == "disk" and on_disk.codec == "lossless"
+    assert on_disk.nbytes == os.path.getsize(disk._path(keys[0])) and on_disk.age >= 0
+    assert in_l1 is not None and (in_l1.tier, in_l1.nbytes, in_l1.codec) == ("l1", chunk_bytes, "raw")
+    assert store.describe([b"z" * 16]) == [None]

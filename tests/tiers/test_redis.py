@@ -410,3 +410,20 @@ def test_a_slow_redis_is_a_miss_for_lookups_but_still_serves_reads(redis_server:
 def test_the_lookup_deadline_is_checked_against_the_call_deadline() -> None:
     with pytest.raises(ValueError, match="lookup_timeout_seconds"):
         RedisTier("redis://127.0.0.1:1", timeout_seconds=0.5, lookup_timeout_seconds=1.0)
+
+
+def test_describe_gives_an_entrys_bytes_codec_and_age_whole_or_split(redis_server: RedisServer) -> None:
+    tier = _tier(redis_server, max_value_bytes=SMALL_VALUES, ttl_seconds=3600)
+    chunk = torch.randn(2, 1000, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    encoded = RawCodec().encode(chunk, key=_key(1))  # 256,000 bytes and a header: three parts
+    small = RawCodec().encode(chunk[:, :10], key=_key(2))
+    assert tier.put_many([(_key(1), encoded), (_key(2), small)]) == [True, True]
+    split, whole = tier.describe(_key(1)), tier.describe(_key(2))
+    assert split is not None and (split.tier, split.nbytes, split.codec) == ("redis", len(encoded), "raw")
+    assert whole is not None and (whole.nbytes, whole.codec) == (len(small), "raw")
+    assert 0 <= split.age < 60  # from the TTL's start
+    assert tier.describe(_key(3)) is None
+    untimed = _tier(redis_server)
+    assert untimed.put_many([(_key(4), small)]) == [True]
+    described = untimed.describe(_key(4))
+    assert described is not None and described.age == -1.0  # no TTL: Redis does not say when it was stored

@@ -100,7 +100,8 @@ class ReadSlot:
 
 
 # requests that may take long by design (a flush waits for writes; stats may flush): no deadline
-UNBOUNDED_OPS = frozenset({"stats", "shutdown", "delete"})  # admin calls (stats also flushes), never an engine's
+# admin calls (stats also flushes; describe_entries reads lower tiers), never an engine's
+UNBOUNDED_OPS = frozenset({"stats", "shutdown", "delete", "describe_entries"})
 
 
 class KVMeshClient:
@@ -356,6 +357,10 @@ class KVMeshClient:
         as kept (``wire.RecordRequest`` says what the daemon adds)."""
         return self._call(wire.RecordRequest(request_id, summary, first_chunk, identity or {},
                                              stored_first_chunk)).summary
+
+    def describe_entries(self, keys: Sequence[bytes]) -> list[wire.EntryDescription | None]:
+        """Where each entry is (tier, bytes, age, codec), None where no tier holds it; moves nothing."""
+        return self._call(wire.DescribeEntries(list(keys))).entries if keys else []
 
     def recent_requests(self, request_id: str = "", limit: int = 20) -> list[dict[str, Any]]:
         """The daemon's last ``limit`` request summaries (only ``request_id``'s where given), newest last."""

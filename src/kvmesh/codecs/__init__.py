@@ -118,6 +118,17 @@ def decode_any(data: bytes | memoryview, expected_shape: tuple[int, ...] | None 
         raise UnreadableEntry(f"entry cannot be decoded here: {err}") from None
 
 
+def codec_of(data: bytes | memoryview) -> str:
+    """The name of the codec that wrote an encoded entry, from its first bytes (``HEADER_PEEK`` suffice):
+    ``?`` where they do not read as a kvmesh header (encrypted, damaged, or too short a peek)."""
+    try:
+        header = read_header(data)
+    except (CorruptEntry, UnreadableEntry):
+        return "?"
+    known = _BY_ID.get(header.codec_id)
+    return next((name for name, k in _KNOWN.items() if k is known), f"codec id {header.codec_id}")
+
+
 def entry_view(data: bytes | memoryview) -> str:
     """The KV view an entry was encoded with (a header field; entries of format 1 are read the same)."""
     return read_header(data).view

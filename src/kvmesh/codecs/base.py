@@ -36,6 +36,7 @@ _PREFIX = struct.Struct("<4sH")  # magic, version: the same in every format
 _FIXED = struct.Struct("<4sHHBBBB5IHQQ")
 _FIXED_V1 = struct.Struct("<4sHHBB5IHQQ")  # format 1: no view code
 _HEADER_CHECKSUM = struct.Struct("<I")
+HEADER_PEEK = 4096  # bytes that hold any entry's header (its description and the codec's parameters)
 MAX_KEY = 255  # bytes of a key the header can name (chunk keys are 16)
 
 DTYPE_CODES: dict[str, int] = {"bfloat16": 1, "float16": 2, "float32": 3, "int8": 4}

@@ -278,6 +278,11 @@ class NodeDaemon:
             request.request_id, engine, request.summary, request.first_chunk, request.identity,
             request.stored_first_chunk))
 
+    def _op_describe_entries(self, request: wire.DescribeEntries, session: _Session) -> wire.DescribeEntriesReply:
+        return wire.DescribeEntriesReply([None if info is None else wire.EntryDescription(info.tier, info.nbytes,
+                                                                                          info.age, info.codec)
+                                          for info in self.store.describe(request.keys)])
+
     def _op_recent_requests(self, request: wire.RecentRequests, session: _Session) -> wire.RecentRequestsReply:
         return wire.RecentRequestsReply(self.requests.find(request.request_id, request.limit))
 

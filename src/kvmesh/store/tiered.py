@@ -42,7 +42,7 @@ from kvmesh.store.write_back import WriteBack
 from kvmesh.store.write_behind import WriteBehind
 from kvmesh.store.writer import Pinned, TierWriter
 from kvmesh.tensorbytes import tensor_bytes
-from kvmesh.tiers.base import PartialIndexed, Tier, TierStats
+from kvmesh.tiers.base import EntryInfo, PartialIndexed, Tier, TierStats
 from kvmesh.tiers.breaker import failing
 from kvmesh.tiers.memory import Extent, MemoryTier, Reservation, ReserveStatus
 
@@ -194,6 +194,20 @@ class TieredStore:
             self._promoter.prefetch([keys[index] for index in below])
         return Located(position, below, {index: found_in[index] for index in below if index in found_in},
                        sorted(unavailable))
+
+    def describe(self, keys: Sequence[bytes]) -> list[EntryInfo | None]:
+        """Where each key is (L1 first, then the lower tiers in order), its bytes, age and codec; moves nothing."""
+        described: list[EntryInfo | None] = []
+        for key in keys:
+            info = self.l1.describe(key)
+            for lower in self.lower if info is None else ():
+                describe = getattr(lower.tier, "describe", None)
+                if describe is not None:
+                    info = self._guard.call(lower.tier.name, "describe", partial(describe, key), None)
+                if info is not None:
+                    break
+            described.append(info)
+        return described
 
     def partials(self, parent: bytes, fits: int | None = None, prefetch: bool = True) -> list[tuple[bytes, int]]:
         """(key, tokens) of the partial chunks stored under ``parent`` in any tier, longest first.

@@ -30,6 +30,18 @@ class TierStats:
         return asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class EntryInfo:
+    """One stored entry as ``kvmesh explain`` shows it: where, how large, how old, how encoded."""
+
+    tier: str
+    nbytes: int
+    # seconds: since stored (L1), since written or last read (disk: its mtime), since stored where a TTL tells
+    # (Redis); -1: not known
+    age: float
+    codec: str  # "raw" in L1 (it holds what engines copy); below it as the entry's header names it, "?" unreadable
+
+
 Buffer = bytes | memoryview
 # what a put takes: one buffer, or parts whose concatenation is the entry (written as they lie, no copy)
 Value = Buffer | Sequence[Buffer]

@@ -36,8 +36,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kvmesh.codecs.base import CorruptEntry
-from kvmesh.tiers.base import Buffer, TierStats, Value
+from kvmesh.codecs import codec_of
+from kvmesh.codecs.base import HEADER_PEEK, CorruptEntry
+from kvmesh.tiers.base import Buffer, EntryInfo, TierStats, Value
 from kvmesh.tiers.buffers import parts_of
 from kvmesh.tiers.config import DiskTierConfig
 from kvmesh.tiers.disk_partials import INDEX_SUFFIX, DiskPartials, key_in_name
@@ -105,6 +106,19 @@ class DiskTier:
             self._stats.hits += count
             self._stats.misses += int(count < len(keys))
             return count
+
+    def describe(self, key: bytes) -> EntryInfo | None:
+        """The entry's file: its size, how long since it was written or last read, the codec it names."""
+        with self._lock:
+            if key not in self._sizes:
+                return None
+        try:
+            with open(self._path(key), "rb") as file:
+                stat = os.fstat(file.fileno())
+                head = file.read(HEADER_PEEK)
+        except OSError:  # evicted since, or unreadable: as a lookup would find it, gone
+            return None
+        return EntryInfo(self.name, stat.st_size, max(0.0, time.time() - stat.st_mtime), codec_of(head))
 
     def get(self, key: bytes) -> Buffer | None:
         with self._lock:

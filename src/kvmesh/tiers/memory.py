@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvmesh.tiers.arena import ExtentAllocator
-from kvmesh.tiers.base import TierStats, Value
+from kvmesh.tiers.base import EntryInfo, TierStats, Value
 from kvmesh.tiers.buffers import joined, parts_of
 from kvmesh.tiers.eviction import EvictionPolicy, LRUPolicy
 
@@ -64,6 +64,7 @@ class _Entry:
     extent: Extent
     committed: bool = False
     pins: int = 0
+    committed_at: float = 0.0  # the tier's clock
 
 
 @dataclass
@@ -124,12 +125,21 @@ class MemoryTier:
             self.policy.describe(key, nbytes, start, tokens, previous)
             return Reservation(ReserveStatus.OK, extent)
 
+    def describe(self, key: bytes) -> EntryInfo | None:
+        """A committed entry: its bytes and how long ago it was stored."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or not entry.committed:
+                return None
+            return EntryInfo(self.name, entry.extent.nbytes, max(0.0, self.clock() - entry.committed_at), "raw")
+
     def commit(self, key: bytes) -> None:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or entry.committed:
                 raise KeyError(f"no reservation for key {key.hex()} to commit")
             entry.committed = True
+            entry.committed_at = self.clock()
             self.policy.add(key)
             self._stats.stores += 1
 

@@ -46,9 +46,10 @@ try:  # an optional extra: this module is imported only when a Redis tier is con
 except ImportError as err:  # pragma: no cover - depends on the installation
     raise ImportError("the Redis tier (redis_url) needs the redis package: pip install 'kvmesh[redis]'") from err
 
-from kvmesh.codecs.base import CorruptEntry
+from kvmesh.codecs import codec_of
+from kvmesh.codecs.base import HEADER_PEEK, CorruptEntry
 from kvmesh.store.partials import MAX_CHILDREN_PER_PARENT
-from kvmesh.tiers.base import TierStats, Value
+from kvmesh.tiers.base import EntryInfo, TierStats, Value
 from kvmesh.tiers.breaker import BreakerState, CircuitBreaker
 from kvmesh.tiers.buffers import joined, parts_of
 from kvmesh.tiers.config import RedisTierConfig
@@ -277,6 +278,36 @@ class RedisTier(RedisPartials):
         for at in accepted:
             stored[at] = True
         return stored
+
+    def describe(self, key: bytes) -> EntryInfo | None:
+        """The entry's bytes, the codec its first bytes name and, where entries expire, how long ago it was
+        stored (its TTL's start); a fault is None, as a lookup would find it."""
+        if not self.breaker.allow():
+            return None
+        head = self.redis_key(key)
+        length = 0
+        try:
+            pipe = self._probe.pipeline(transaction=False)
+            pipe.getrange(head, 0, HEADER_PEEK - 1)
+            pipe.strlen(head)
+            pipe.ttl(head)
+            peeked, length, ttl = pipe.execute()
+            if not length:
+                self._ok()
+                return None
+            if peeked[:4] in HEAD_MAGICS:
+                found = parse_head(peeked)
+                if isinstance(found, SplitHead):  # the codec is in the first part's bytes
+                    length = found.length
+                    peeked = self._probe.getrange(self.part_keys(key, found.parts)[0], 0, HEADER_PEEK - 1)
+        except CorruptEntry:
+            return EntryInfo(self.name, int(length), -1.0, "?")
+        except _FAULTS as err:
+            self._fault(err)
+            return None
+        self._ok()
+        age = float(self.ttl_seconds - ttl) if self.ttl_seconds and ttl >= 0 else -1.0
+        return EntryInfo(self.name, int(length), age, codec_of(peeked))
 
     def delete(self, key: bytes) -> bool:
         if not self.breaker.allow():

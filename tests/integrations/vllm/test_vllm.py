@@ -487,6 +487,9 @@ def test_kvmesh_explain_names_a_text_prompts_stored_chunks_through_the_engines_t
         told[name] = json.loads(result.output)
     tokens = told["sent"]["prompt_tokens"]
     assert tokens > 2 * BLOCK and told["sent"]["stored_tokens"] == tokens // BLOCK * BLOCK  # no partial chunks here
-    assert all(chunk["where"] == "L1" for chunk in told["sent"]["chunks"])
+    assert all(chunk["where"] == "L1" and chunk["codec"] == "raw" and chunk["age_seconds"] >= 0 for chunk in
+               told["sent"]["chunks"])
+    assert {chunk["bytes"] for chunk in told["sent"]["chunks"]} == {BLOCK * _bytes_per_token(engine)}
+    assert {chunk["where"] for chunk in told["never"]["chunks"]} == {"missing"}
     assert told["never"]["stored_tokens"] == 0
     assert told["never"]["reason"].startswith(f"chunk 0 (tokens 0-{BLOCK - 1}) is not stored: never seen")
