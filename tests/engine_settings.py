@@ -27,3 +27,15 @@ def observer(settings: dict[str, object]) -> KVMeshConfig:
 
 def stop_settings_daemon(settings: dict[str, object], settle: float = 10.0) -> None:
     stop_daemon(observer(settings), settle=settle)
+
+
+def kv_bytes_per_token(model: str) -> int:
+    """A checkpoint's KV per token in the dtype engines run in here: K and V, every layer and KV head."""
+    from transformers import AutoConfig
+
+    from kvmesh.machine_dtype import machine_dtype
+
+    config = AutoConfig.from_pretrained(model, local_files_only=True)
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = 4 if machine_dtype().dtype == "float32" else 2
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head * element

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvmesh.keys import ChunkKey, Namespace, chunk_keys, namespace_root
+from kvmesh.keys import ChunkKey, PartKeys
+
+TIER_ORDER = ("l1", "disk", "redis")  # nearest first
 
 
 class ExplainError(ValueError):
@@ -72,27 +75,41 @@ def engine_record(engines: list[dict[str, Any]], model: str) -> dict[str, Any]:
                        "pass --set instance=... / socket_dir=... to reach the engine's daemon")
 
 
-def explain_prompt(client: Any, engine: dict[str, Any], model: str, tokens: list[int]) -> PromptReport:
-    from kvmesh.integrations.vllm.explain import hit_end_reason
-    from kvmesh.integrations.vllm.planner import match_prefix
+def _held_end(held: Sequence[ChunkKey]) -> int:
+    return held[-1].end if held else 0
 
-    if int(engine.get("parts", 1)) != 1:
-        raise ExplainError("this engine stores each chunk in several parts (tensor-parallel ranks or KV cache "
-                           "groups); kvmesh explain --engine reads single-part engines")
-    ns = Namespace(bytes.fromhex(engine["namespace"]))
-    chunk_size = int(engine["chunk_size"])
-    keys = chunk_keys(tokens, ns, chunk_size, include_partial=bool(engine.get("partial_chunks", True)))
-    found = client.lookup_with_partials(keys, count=False, root=namespace_root(ns))
-    hit_keys = match_prefix(tokens, keys, found.hits, [(p.digest, p.tokens) for p in found.partials], ns)
-    _, reason = hit_end_reason(len(tokens), keys, hit_keys, [hit_keys], found, None, chunk_size)
-    named = {key.digest for key in keys}
-    shown = [*keys, *(key for key in hit_keys if key.digest not in named)]  # a stored partial chunk ends the hit
+
+def explain_prompt(client: Any, engine: dict[str, Any], model: str, tokens: list[int]) -> PromptReport:
+    """Where each chunk of ``tokens`` is stored under the engine's default namespace, and why the hit ends.
+
+    An engine that stores a chunk in several parts (tensor-parallel ranks, KV cache groups) holds it where
+    every part does: a chunk's tier is its furthest part's (missing if any is), its bytes all parts' together.
+    The lookup is a probe: it moves nothing between tiers and is not counted.
+    """
+    from kvmesh.integrations.vllm.explain import hit_end_reason
+    from kvmesh.integrations.vllm.planner import end_at_state, lookup_parts
+    from kvmesh.router.nodes import EngineKeys
+
+    named = EngineKeys.from_record(engine)
+    parts = PartKeys.every_part(named.tp_world, named.groups)
+    keys = named.keys(tokens, named.namespace)
+    per_part, found = lookup_parts(client, tokens, keys, named.namespace, parts, count=False, prefetch=False)
+    ends = [_held_end(held) for held in per_part]  # every part must hold a chunk: the shortest part's hit
+    hit_keys = list(per_part[ends.index(min(ends))])
+    cut = "state" if named.state_block and end_at_state(hit_keys, len(tokens), named.state_block) else None
+    _, reason = hit_end_reason(len(tokens), keys, hit_keys, per_part, found[0], cut, named.chunk_size)
+    known = {key.digest for key in keys}
+    shown = [*keys, *(key for key in hit_keys if key.digest not in known)]  # a stored partial chunk ends the hit
     stored = {key.digest for key in hit_keys}
+    described = client.describe_entries([part(key.digest) for key in shown for part in parts])
     places = []
-    for key, info in zip(shown, client.describe_entries([key.digest for key in shown])):
-        if key.digest not in stored or info is None:  # after the hit, or gone since the lookup
+    for index, key in enumerate(shown):
+        infos = described[index * len(parts):(index + 1) * len(parts)]
+        if key.digest not in stored or any(info is None for info in infos):  # after the hit, or gone since
             places.append(ChunkPlace(key, "missing"))
-        else:
-            places.append(ChunkPlace(key, "L1" if info.tier == "l1" else info.tier, info.nbytes, info.age,
-                                     info.codec))
+            continue
+        tiers = [info.tier for info in infos]
+        furthest = next((tier for tier in TIER_ORDER[::-1] if tier in tiers), tiers[0])
+        places.append(ChunkPlace(key, "L1" if furthest == "l1" else furthest, sum(info.nbytes for info in infos),
+                                 max(info.age for info in infos), "/".join(sorted({info.codec for info in infos}))))
     return PromptReport(model, len(tokens), places, hit_keys[-1].end if hit_keys else 0, reason)

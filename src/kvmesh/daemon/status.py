@@ -38,7 +38,8 @@ def recent_misses(summaries: Iterable[Mapping[str, Any]], limit: int = MISSES_SH
     misses = [summary for summary in summaries if is_miss(summary)]
     return [{"request_id": s.get("request_id", ""), "model": s.get("engine", ""), "finished": s.get("finished"),
              "prompt_tokens": s.get("prompt_tokens", 0), "engine_hit_tokens": s.get("engine_hit_tokens", 0),
-             "kvmesh_hit_tokens": s.get("kvmesh_hit_tokens", 0), "reason": s.get("reason", "")}
+             "kvmesh_hit_tokens": s.get("kvmesh_hit_tokens", 0), "cause": s.get("cause", ""),
+             "reason": s.get("reason", "")}
             for s in reversed(misses[-limit:])]
 
 

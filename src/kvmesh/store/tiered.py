@@ -188,7 +188,8 @@ class TieredStore:
             if step == 0:
                 break
             position += step
-        unavailable.update(t.tier.name for t in self.lower if failing(t.tier))  # skipped, or failed just now
+        if position < len(keys):  # a miss: the tiers that were skipped or failed just now (its explanation)
+            unavailable.update(t.tier.name for t in self.lower if failing(t.tier))
         below = [index for index in range(count, position) if not self.l1.contains(keys[index])]
         if prefetch and self.prefetch_enabled and self._promoter is not None:
             self._promoter.prefetch([keys[index] for index in below])

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from engine_settings import kv_bytes_per_token
 from kvmesh.bench.openai_client import CompletionResult, stream_completion
 from kvmesh.bench.servers import EngineServer, EngineSpec, free_port
 from kvmesh.bench.texts import document_token_ids, question_prompt
@@ -133,16 +134,6 @@ def test_served_from_kvmesh_after_eviction_equals_the_engines_own_cache_hit(
     assert answer == reference["A"][1]
 
 
-def _bytes_per_token(server: EngineServer) -> int:
-    """The demo model's KV per token in the engine's dtype: K and V, every layer and KV head."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(server.model, local_files_only=True)
-    head = config.hidden_size // config.num_attention_heads
-    element = 4 if machine_dtype().dtype == "float32" else 2
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head * element
-
-
 def _explained(server: EngineServer, prompt: list[int]) -> dict[str, object]:
     """A completion that asks kvmesh why its hit ended where it did; the summary from its response (and, as
     ``_id``, the response's id)."""
@@ -173,7 +164,7 @@ def test_a_request_that_asks_gets_why_its_hit_ended_in_its_response(
     assert told["hit_tokens_by_tier"] == {"l1": told["kvmesh_hit_tokens"]} and told["promotion_seconds"] == 0
     assert told["loaded_tokens"] > 0 and told["load_seconds"] > 0
     blocks = -(-told["loaded_tokens"] // BLOCK)  # whole pages are copied, the last token's block too
-    assert told["loaded_bytes"] == blocks * BLOCK * _bytes_per_token(engine)
+    assert told["loaded_bytes"] == blocks * BLOCK * kv_bytes_per_token(engine.model)
     unseen = [int(t) for t in reversed(prompts["B"])]  # never sent: nothing of it is stored
     told = _explained(engine, unseen)
     assert told["loaded_tokens"] == 0 and told["cause"] == "not_stored"
@@ -218,7 +209,7 @@ def test_the_status_page_plots_hits_and_lists_misses_as_requests_arrive(
         told = _explained(engine, unseen)
         item = f'#misses li[data-request-id^="{told["_id"]}"]'
         wait.until(lambda p: text(p, item))
-        assert text(page, f"{item} .reason") == told["reason"]
+        assert text(page, f"{item} .reason") == told["reason"] and text(page, f"{item} .cause") == "not_stored"
         assert f"of {len(unseen)} prompt tokens" in text(page, item)
         # the miss's lookup drew a hit-rate point for L1 (0%), and its stored chunks grew L1's bytes
         wait.until(lambda p: series(p, "plot-hit-rate", "l1")[0] > hit_points)
@@ -489,7 +480,7 @@ def test_kvmesh_explain_names_a_text_prompts_stored_chunks_through_the_engines_t
     assert tokens > 2 * BLOCK and told["sent"]["stored_tokens"] == tokens // BLOCK * BLOCK  # no partial chunks here
     assert all(chunk["where"] == "L1" and chunk["codec"] == "raw" and chunk["age_seconds"] >= 0 for chunk in
                told["sent"]["chunks"])
-    assert {chunk["bytes"] for chunk in told["sent"]["chunks"]} == {BLOCK * _bytes_per_token(engine)}
+    assert {chunk["bytes"] for chunk in told["sent"]["chunks"]} == {BLOCK * kv_bytes_per_token(engine.model)}
     assert {chunk["where"] for chunk in told["never"]["chunks"]} == {"missing"}
     assert told["never"]["stored_tokens"] == 0
     assert told["never"]["reason"].startswith(f"chunk 0 (tokens 0-{BLOCK - 1}) is not stored: never seen")

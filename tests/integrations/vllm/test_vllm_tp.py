@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from engine_settings import default_path_settings, stop_settings_daemon
+from engine_settings import default_path_settings, kv_bytes_per_token, stop_settings_daemon
 from kvmesh.bench.openai_client import stream_completion
 from kvmesh.bench.servers import EngineServer, EngineSpec
 from kvmesh.bench.texts import document_token_ids
 from kvmesh.client import KVMeshClient
 from kvmesh.config import KVMeshConfig
 from kvmesh.demo.variants import fewer_heads
+from kvmesh.prompt_explain import engine_record, explain_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -106,6 +107,10 @@ def test_two_tensor_parallel_workers_are_served_their_own_heads_after_eviction(
             served[name] = (answer, _metric(settings, "kvmesh_loaded_tokens_total") - before)
         mismatches = _metric(settings, "kvmesh_load_verify_mismatches_total")
         verified = _metric(settings, "kvmesh_load_verified_chunks_total")
+        with _client(settings) as client:  # kvmesh explain --engine: a chunk is stored where both ranks hold it
+            prompt = prompts[REPEATED[0]]
+            report = explain_prompt(client, engine_record(client.info()["engines"], server.model), server.model,
+                                    prompt)
     workers = [e for e in engines if e.get("role") == "worker"]
     assert len(workers) == 2  # both ranks keep a link to the node's daemon
     for name in REPEATED:
@@ -114,3 +119,8 @@ def test_two_tensor_parallel_workers_are_served_their_own_heads_after_eviction(
         assert loaded == len(prompts[name]) - 1, name  # every rank's share of every chunk was there
         assert answer == reference[name][1], name
     assert verified >= 2 * len(REPEATED) and mismatches == 0  # each worker's loaded pages are its stored ones
+    assert report.hit_tokens == len(prompt), report.reason  # every chunk, the partial last one too, on both ranks
+    stored = [place for place in report.chunks if place.tier != "missing"]
+    assert stored and all(place.tier == "L1" and place.codec == "raw" for place in stored)
+    per_token = kv_bytes_per_token(model)  # both ranks' halves of the heads together
+    assert [place.nbytes for place in stored] == [-(-place.key.num_tokens // 128) * 128 * per_token for place in stored]
