@@ -2,10 +2,11 @@
 
 The prompt is tokenized by the engine itself (vLLM's ``/tokenize``, with its chat template for messages), so
 the tokens are the ones a request would carry.  Its chunk keys are computed in the namespace the engine's
-scheduler registered with the daemon (model fingerprint, page format, tenant salt), and one lookup, not
-counted in the daemon's metrics, finds how much is stored; the reason the hit ends there is the one a request
-that asked would get (``integrations.vllm.explain.hit_end_reason``).  A request's own cache salt or LoRA would
-put it in another namespace: this names the engine's default one.
+scheduler registered with the daemon (model fingerprint, page format, tenant salt), and a probe per part (the
+router's: it moves nothing and is not counted) finds how much is stored; the reason the hit ends there is the
+one a request that asked would get (``integrations.vllm.explain.hit_end_reason``).  Each stored chunk is then
+described (``describe_entries``: tier, bytes, age, codec).  A request's own cache salt or LoRA would put it in
+another namespace: this names the engine's default one.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def test_two_tensor_parallel_workers_are_served_their_own_heads_after_eviction(
         mismatches = _metric(settings, "kvmesh_load_verify_mismatches_total")
         verified = _metric(settings, "kvmesh_load_verified_chunks_total")
         with _client(settings) as client:  # kvmesh explain --engine: a chunk is stored where both ranks hold it
-            prompt = prompts[REPEATED[0]]
+            prompt = prompts["two-chunks-and-tail"]
             report = explain_prompt(client, engine_record(client.info()["engines"], server.model), server.model,
                                     prompt)
     workers = [e for e in engines if e.get("role") == "worker"]
