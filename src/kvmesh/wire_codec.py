@@ -64,12 +64,19 @@ class _RecordCodec:
         self.specs = [(f.name, hints[f.name] if hints[f.name] in (bool, int, str) else None,
                        None if hints[f.name] in (bool, int, str) else _reader(hints[f.name]),
                        f.default is not _MISSING or f.default_factory is not _MISSING) for f in fields]
-        self.writers = [(f.name, _writer(hints[f.name])) for f in fields]
+        # an empty collection in a field that defaults to one is left out: the reader restores the default,
+        # and a lookup's reply is then no larger for the explanation fields it leaves empty (most of them)
+        self.writers = [(f.name, _writer(hints[f.name]), f.default_factory in (list, dict, tuple)) for f in fields]
         self.allowed: dict[frozenset[str], frozenset[str]] = {}
 
     def write(self, record: Any) -> dict[str, Any]:
-        return {name: getattr(record, name) if write is None else write(getattr(record, name))
-                for name, write in self.writers}
+        out = {}
+        for name, write, empty_by_default in self.writers:
+            value = getattr(record, name)
+            if empty_by_default and not value:
+                continue
+            out[name] = value if write is None else write(value)
+        return out
 
     def read(self, data: Any, ignore: frozenset[str] = frozenset()) -> Any:
         if type(data) is not dict:

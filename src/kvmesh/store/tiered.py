@@ -180,9 +180,11 @@ class TieredStore:
                 if step is None:
                     unavailable.add(lower.tier.name)
                 steps.append((lower.tier.name, step or 0))
-            step = max(found for _, found in steps)
-            for offset in range(step):  # each chunk is credited to the first tier (in order) that holds it
-                found_in[position + offset] = next(name for name, found in steps if found > offset)
+            step = covered = 0
+            for name, found in steps:  # each chunk is credited to the first tier (in order) that holds it
+                if found > covered:
+                    found_in.update(dict.fromkeys(range(position + covered, position + found), name))
+                    covered = step = found
             if step == 0:  # chunks only L1 holds, after some below it (written on eviction, not yet written)
                 step = sum(1 for _ in takewhile(self.l1.contains, rest))
             if step == 0:
