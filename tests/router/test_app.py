@@ -257,3 +257,41 @@ def test_a_tokenizer_that_differs_from_the_engines_is_dropped_for_the_engines_ow
     assert router.metrics.registry.get_sample_value("kvmesh_router_token_mismatches_total") == 1
     assert router.tokenizers[model] is None
     assert tokenized[-1] == {"model": model, "prompt": "Which tokens?"}  # the request's prompt, by the engine
+
+
+def test_under_round_robin_a_prompt_the_decode_node_holds_skips_the_prefill(tmp_path) -> None:
+    """P/D with a policy that does not ask the nodes to choose: the decode engine's node is still asked whether
+    it holds the prompt, and a held prompt goes to the decode engine alone; one it does not hold is prefilled."""
+    import torch
+
+    from kvmesh.client import KVMeshClient
+    from kvmesh.keys import chunk_keys, model_namespace
+
+    to_prefill: list[dict] = []
+    held = {"model": "not-a-local-model", "prompt": "A prompt the decode node holds"}
+    # the upstream tokenizes any body as 0, 1, 2, ...: a longer prompt goes on past what the node holds
+    other = {"model": "not-a-local-model", "prompt": "A prompt the decode node holds only the start of " * 3}
+    namespace = model_namespace("pd-skip-model", "layout", "")
+    tokens = list(range(len(json.dumps(held))))  # what the upstream's /tokenize answers for it
+    keys = chunk_keys(tokens, namespace, 16)
+    config = KVMeshConfig.from_mapping({"socket_dir": str(tmp_path), "instance": "pd-skip-node", "l1_size": "16MiB",
+                                        "l1_prefault": False, "http_port": 0})
+    with _serving(_upstream(to_prefill)) as prefill, _serving(_upstream()) as decode:
+        record = {"role": "scheduler", "model": "not-a-local-model", "fingerprint": "pd-skip-model",
+                  "layout_fingerprint": "layout", "namespace": namespace.hex(), "chunk_size": 16,
+                  "partial_chunks": True, "api_port": int(decode.rsplit(":", 1)[1])}
+        with KVMeshClient(config, engine=record) as decode_node:
+            try:
+                decode_node.put(keys, [torch.zeros(2, 16, dtype=torch.bfloat16)] * len(keys))
+                router = Router([(decode, None)], "round-robin", KVMeshConfig.from_mapping(
+                    {"socket_dir": str(tmp_path), "autostart_daemon": False}), prefill=[(prefill, None)])
+                replies = _run(router, [("POST", "/v1/completions", json.dumps(held).encode()),
+                                        ("POST", "/v1/completions", json.dumps(other).encode())])
+            finally:
+                decode_node.shutdown_daemon()
+    assert [r.status_code for r in replies] == [200, 200]
+    assert all(r.headers[ENGINE_HEADER] == decode for r in replies)
+    assert [body["prompt"] for body in to_prefill] == [other["prompt"]]  # the held prompt was not prefilled
+    registry = router.metrics.registry
+    assert registry.get_sample_value("kvmesh_router_handoffs_total", {"outcome": "skipped"}) == 1
+    assert registry.get_sample_value("kvmesh_router_handoffs_total", {"outcome": "prefilled"}) == 1
