@@ -478,12 +478,16 @@ def _policy(arm: str) -> str:
     return ARMS[arm][0]
 
 
+DECISION = "kvmesh_router_decision_seconds"  # the one histogram kept: the router's time to choose an engine
+
+
 def prometheus_values(base_url: str) -> dict[str, float]:
-    """A server's ``/metrics`` as ``name{labels}: value`` (histograms and creation times left out)."""
+    """A server's ``/metrics`` as ``name{labels}: value`` (histograms but the decision's, and creation times,
+    left out)."""
     text = httpx.get(base_url + "/metrics", timeout=30.0).text
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.type == "histogram":
+        if family.type == "histogram" and family.name != DECISION:
             continue
         for sample in family.samples:
             if sample.name.endswith("_created"):
@@ -600,8 +604,21 @@ def counter_columns(result: dict[str, Any]) -> dict[str, Any]:
     router = result["router_metrics"]
     row["router_predicted_cached"] = int(router.get("kvmesh_router_predicted_cached_tokens_total", 0.0))
     row["router_reported_cached"] = int(router.get("kvmesh_router_actual_cached_tokens_total", 0.0))
+    row.update(decision_latency(result["router_delta"]))
     row["arm_seconds"] = result["arm_seconds"]
     return row
+
+
+def decision_latency(delta: dict[str, float]) -> dict[str, float | None]:
+    """The router's decisions during the run: their mean, and the bucket bound that holds 99% of them."""
+    count = delta.get(f"{DECISION}_count", 0.0)
+    if not count:
+        return {"decision_mean_ms": None, "decision_p99_at_most_ms": None}
+    buckets = sorted((float(name.split("le=", 1)[1].rstrip("}")), value) for name, value in delta.items()
+                     if name.startswith(f"{DECISION}_bucket{{"))
+    p99 = next((bound for bound, cumulative in buckets if cumulative >= 0.99 * count), float("inf"))
+    return {"decision_mean_ms": round(delta.get(f"{DECISION}_sum", 0.0) / count * 1000, 2),
+            "decision_p99_at_most_ms": round(p99 * 1000, 1)}
 
 
 def _tier(metric: str) -> str:
