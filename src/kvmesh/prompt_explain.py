@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,10 +75,6 @@ def engine_record(engines: list[dict[str, Any]], model: str) -> dict[str, Any]:
                        "pass --set instance=... / socket_dir=... to reach the engine's daemon")
 
 
-def _held_end(held: Sequence[ChunkKey]) -> int:
-    return held[-1].end if held else 0
-
-
 def explain_prompt(client: Any, engine: dict[str, Any], model: str, tokens: list[int]) -> PromptReport:
     """Where each chunk of ``tokens`` is stored under the engine's default namespace, and why the hit ends.
 
@@ -88,15 +83,14 @@ def explain_prompt(client: Any, engine: dict[str, Any], model: str, tokens: list
     The lookup is a probe: it moves nothing between tiers and is not counted.
     """
     from kvmesh.integrations.vllm.explain import hit_end_reason
-    from kvmesh.integrations.vllm.planner import end_at_state, lookup_parts
+    from kvmesh.integrations.vllm.planner import end_at_state, held_by_every_part, lookup_parts
     from kvmesh.router.nodes import EngineKeys
 
     named = EngineKeys.from_record(engine)
     parts = PartKeys.every_part(named.tp_world, named.groups)
     keys = named.keys(tokens, named.namespace)
     per_part, found = lookup_parts(client, tokens, keys, named.namespace, parts, count=False, prefetch=False)
-    ends = [_held_end(held) for held in per_part]  # every part must hold a chunk: the shortest part's hit
-    hit_keys = list(per_part[ends.index(min(ends))])
+    hit_keys = held_by_every_part(per_part)
     cut = "state" if named.state_block and end_at_state(hit_keys, len(tokens), named.state_block) else None
     _, reason = hit_end_reason(len(tokens), keys, hit_keys, per_part, found[0], cut, named.chunk_size)
     known = {key.digest for key in keys}

@@ -12,8 +12,9 @@ import dataclasses
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from kvmesh import wire
@@ -21,6 +22,7 @@ from kvmesh.client import CacheFault, ConfigMismatch, KVMeshClient
 from kvmesh.config import KVMeshConfig
 from kvmesh.keys import ChunkKey, Namespace, PartKeys, chunk_keys, model_namespace
 
+T = TypeVar("T")
 log = logging.getLogger("kvmesh.router")
 
 NODE_FAULTS = (CacheFault, ConfigMismatch, OSError)  # a node that cannot be asked costs routing quality only
@@ -108,54 +110,43 @@ class NodeLink:
             self._client = KVMeshClient(self.config, check_config=False)
         return self._client
 
-    def records(self) -> list[dict[str, Any]]:
-        """The engines connected to this daemon, as they registered."""
+    def _call(self, action: Callable[[KVMeshClient], T]) -> T:
+        """``action`` on this node's connection, one caller at a time; a fault drops the connection (the next
+        call makes a new one) and goes to the caller."""
         with self._lock:
             try:
-                return list(self._connected().info().get("engines", []))
+                return action(self._connected())
             except NODE_FAULTS:
                 self._drop()
                 raise
+
+    def records(self) -> list[dict[str, Any]]:
+        """The engines connected to this daemon, as they registered."""
+        return self._call(lambda client: list(client.info().get("engines", [])))
 
     def pin(self, keys: list[ChunkKey], seconds: float) -> wire.PinEntriesReply:
         """Keep these entries in this node's L1 for ``seconds`` (``kvmesh prewarm --pin``)."""
-        with self._lock:
-            try:
-                return self._connected().pin(keys, seconds)
-            except NODE_FAULTS:
-                self._drop()
-                raise
+        return self._call(lambda client: client.pin(keys, seconds))
 
     def unpin(self, keys: list[ChunkKey], every: bool = False) -> int:
-        with self._lock:
-            try:
-                return self._connected().unpin(keys, every)
-            except NODE_FAULTS:
-                self._drop()
-                raise
+        return self._call(lambda client: client.unpin(keys, every))
 
     def held(self, engine: EngineKeys, tokens: list[int], namespace: Namespace) -> Held:
         """The leading tokens of ``tokens`` this node holds for ``engine``: a probe, which moves nothing
         between tiers and is not counted as a lookup.  Every part (tensor-parallel rank, KV cache group)
         must hold a chunk for it to count, as in the engine's own lookup."""
-        from kvmesh.integrations.vllm.planner import end_at_state, lookup_parts
+        from kvmesh.integrations.vllm.planner import end_at_state, held_by_every_part, lookup_parts
 
         keys = engine.keys(tokens, namespace)
         if not keys:
             return Held()
-        with self._lock:
-            try:
-                per_part, found = lookup_parts(self._connected(), tokens, keys, namespace,
-                                               PartKeys.every_part(engine.tp_world, engine.groups),
-                                               count=False, prefetch=False)
-            except NODE_FAULTS:
-                self._drop()
-                raise
-        end = min(held[-1].end if held else 0 for held in per_part)
+        parts = PartKeys.every_part(engine.tp_world, engine.groups)
+        per_part, found = self._call(lambda client: lookup_parts(client, tokens, keys, namespace, parts,
+                                                                 count=False, prefetch=False))
+        held = held_by_every_part(per_part)
         if engine.state_block:  # a hybrid model's hit ends at a stored state, as its scheduler cuts it
-            held = [key for key in per_part[0] if key.end <= end]
             end_at_state(held, len(tokens), engine.state_block)
-            end = held[-1].end if held else 0
+        end = held[-1].end if held else 0
         below = set().union(*(result.below_l1 for result in found))
         below_tokens = sum(min(key.end, end) - key.start for index, key in enumerate(keys)
                            if index in below and key.start < end)

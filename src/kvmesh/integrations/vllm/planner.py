@@ -160,6 +160,13 @@ def lookup_parts(client: Any, tokens: Sequence[int], keys: Sequence[ChunkKey], n
     return per_part, found
 
 
+def held_by_every_part(per_part: Sequence[list[ChunkKey]]) -> list[ChunkKey]:
+    """The stored prefix every part holds, by its end: the shortest part's (each part's entries are stored,
+    evicted and lost on their own).  What a prefill confirms, the router credits and ``kvmesh explain`` shows."""
+    ends = [held[-1].end if held else 0 for held in per_part]
+    return list(per_part[ends.index(min(ends))])
+
+
 def end_at_state(hit_keys: list[ChunkKey], prompt_tokens: int, block: int) -> bool:
     """Drop the hit's last chunks until it ends where a recurrent state is stored: a block's end, before the
     prompt's last token (models with recurrent state); whether any was dropped."""

@@ -35,6 +35,7 @@ from kvmesh.integrations.vllm.planner import (
     SavePlan,
     complete_chunks,
     end_at_state,
+    held_by_every_part,
     lookup_parts,
     plan_group_load,
     plan_group_save,
@@ -313,7 +314,8 @@ class SchedulerSide:
         """The leading tokens of the prompt the node holds now (every part), counted nowhere."""
         per_part, _ = lookup_parts(client, tracker.tokens, tracker.keys, tracker.namespace, self.parts,
                                    count=False, prefetch=False)
-        return min(held[-1].end if held else 0 for held in per_part)
+        held = held_by_every_part(per_part)
+        return held[-1].end if held else 0
 
 
 def _secret_digest(value: str) -> str:
