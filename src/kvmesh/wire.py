@@ -350,7 +350,7 @@ class RecordRequest(Request[RecordRequestReply]):
     """What the cache did for one finished request (``explain.Explanation``), kept in the daemon's recent list.
 
     ``first_chunk`` names the prompt's first chunk by its tokens alone (``keys.content_digest``) and
-    ``identity`` the parts of the request's namespace (``explain.NamespaceIdentity``): the daemon remembers
+    ``identity`` the parts of the request's namespace (``SchedulerSide._identity``): the daemon remembers
     which namespaces stored which first chunks, so a prompt that missed from its first chunk is told which
     part of its namespace differs from one that stored the same tokens.  The reply is the summary as kept:
     with the load time the engine's workers reported under the request's id, and that reason.

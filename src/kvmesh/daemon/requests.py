@@ -26,7 +26,7 @@ LOADS_KEPT = 4096  # requests whose loads are waiting for their summary (a reque
 FIRST_CHUNKS_KEPT = 65536
 NAMESPACES_PER_CHUNK = 4
 
-# the parts of a namespace as the scheduler names them (explain.NamespaceIdentity), in words
+# the parts of a namespace as the scheduler names them (``SchedulerSide._identity``), in words
 IDENTITY_PARTS = {
     "model": "the model fingerprint",
     "page_format": "the page format",
@@ -58,7 +58,7 @@ def identity_difference(ours: dict[str, str], theirs: dict[str, str]) -> list[st
 
 
 class RequestBook:
-    """Thread-safe; every method is O(1) in the number of requests kept."""
+    """Thread-safe.  Recording and load reports cost O(1); ``find`` and ``summaries`` copy the recent list."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock

@@ -48,8 +48,6 @@ class DaemonAlreadyRunning(RuntimeError):
     """Another daemon holds this instance's lock."""
 
 
-
-
 @dataclass(eq=False)
 class _Session:
     """What one connection holds, to give back when it closes."""
