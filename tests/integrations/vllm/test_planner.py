@@ -14,7 +14,7 @@ from kvmesh.integrations.vllm.planner import (
     plan_load,
     plan_load_chunks,
 )
-from kvmesh.keys import chunk_keys, model_namespace, namespace_root
+from kvmesh.keys import PartKeys, chunk_keys, model_namespace, namespace_root
 from kvmesh.layout import KVGroup, KVLayout
 from kvmesh.wire import ExtentRef
 
@@ -40,6 +40,17 @@ def test_match_prefix_takes_full_hits_then_the_longest_matching_partial() -> Non
     assert [(k.start, k.end) for k in found] == [(0, 256), (256, 356)]
     assert found[1].digest == earlier.digest
     assert match_prefix(TOKENS, keys, 1, [(unrelated.digest, 100)], NS) == keys[:1]
+
+
+def test_every_part_of_an_engine_names_a_stored_partial_chunk_by_the_chunks_own_key() -> None:
+    # two tensor-parallel ranks each stored their own entry of the same partial chunk; both must report the
+    # chunk itself, or the scheduler finds no partial chunk in common and such engines never load one
+    keys = chunk_keys(TOKENS, NS, 256, include_partial=True)
+    earlier = chunk_keys(TOKENS[:356], NS, 256, include_partial=True)[1]
+    parts = PartKeys.every_part(2)
+    found = [match_prefix(TOKENS, keys, 1, [(part(earlier.digest), 100)], NS, part) for part in parts]
+    assert found[0] == found[1] == [keys[0], earlier]
+    assert match_prefix(TOKENS, keys, 1, [(parts[1](earlier.digest), 100)], NS, parts[0]) == keys[:1]
 
 
 def test_match_prefix_ignores_partials_longer_than_the_prompt() -> None:

@@ -125,7 +125,9 @@ def match_prefix(tokens: Sequence[int], keys: Sequence[ChunkKey], hits: int,
     ``hits`` leading chunks of ``keys`` are stored; ``partials`` are stored
     partial chunks that follow the last hit, by their entries' keys (``entry_key`` of the chunk's key:
     a tensor-parallel rank's own).  A partial chunk counts only if it holds exactly this prompt's next
-    tokens (its key is recomputed from them).
+    tokens (its key is recomputed from them).  Every chunk returned is named by the chunk's own key, never a
+    part's entry key, so that the parts of one engine agree on what they found and each caller maps a chunk
+    to a part's entry itself (``PartKeys``).
     """
     found = list(keys[:hits])
     if hits == len(keys):
@@ -136,8 +138,9 @@ def match_prefix(tokens: Sequence[int], keys: Sequence[ChunkKey], hits: int,
         end = start + count
         if end > len(tokens):
             continue
-        if entry_key(chunk_digest(parent, ns, tokens[start:end])) == digest:
-            found.append(ChunkKey(digest, start, end))
+        own = chunk_digest(parent, ns, tokens[start:end])
+        if entry_key(own) == digest:
+            found.append(ChunkKey(own, start, end))
             break
     return found
 
