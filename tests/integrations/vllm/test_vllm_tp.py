@@ -33,7 +33,11 @@ ANSWER = 24
 TP = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"]
 ONE_CORE_EACH = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 REPEATED = {"one-chunk": 2 * BLOCK + 1, "chunk-and-tail": 3 * BLOCK + 1, "two-chunks-and-tail": 5 * BLOCK + 1}
-FILLERS = 2 * len(REPEATED)
+TAIL, CONTINUED = 3 * BLOCK + 50, 3 * BLOCK + 110  # a prompt stored with a partial last chunk, then continued
+# Both engines compute at most TAIL tokens a step, so plain vLLM's cold answer to CONTINUED computes what kvmesh's
+# engine does (the stored TAIL in one step, then the rest): bf16 rounding depends on where a prefill is split.
+SCHEDULING = ["--max-num-batched-tokens", str(TAIL)]
+FILLERS = 2 * len(REPEATED) + 2
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +50,18 @@ def prompts(model: str) -> dict[str, list[int]]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=True)
-    docs = document_token_ids(tokenizer, len(REPEATED) + FILLERS, 700, seed=23)
+    docs = document_token_ids(tokenizer, len(REPEATED) + FILLERS + 1, 700, seed=23)
     named = {name: docs[index][:length] for index, (name, length) in enumerate(REPEATED.items())}
     for index in range(FILLERS):
         named[f"filler-{index}"] = docs[len(REPEATED) + index][:600]
+    named["tail"], named["continued"] = docs[-1][:TAIL], docs[-1][:CONTINUED]
     return named
 
 
 def _spec(model: str, kvmesh: dict[str, object] | None) -> EngineSpec:
     # --kv-cache-memory-bytes is per worker, and each worker holds half the heads: half the tokens' bytes
     return EngineSpec(model, kvmesh=kvmesh, kv_pool_tokens=POOL_TOKENS // 2, max_model_len=MAX_LEN,
-                      extra_args=TP, extra_env=ONE_CORE_EACH, embedded_defaults=True)
+                      extra_args=TP + SCHEDULING, extra_env=ONE_CORE_EACH, embedded_defaults=True)
 
 
 def _ask(server: EngineServer, prompt: list[int]) -> str:
@@ -71,6 +76,7 @@ def reference(model: str, prompts: dict[str, list[int]], tmp_path_factory: pytes
     with EngineServer(_spec(model, None), tmp_path_factory.mktemp("logs") / "plain-tp.log") as server:
         for name in REPEATED:
             answers[name] = (_ask(server, prompts[name]), _ask(server, prompts[name]))
+        answers["continued"] = (_ask(server, prompts["continued"]), "")
     return answers
 
 
@@ -105,6 +111,11 @@ def test_two_tensor_parallel_workers_are_served_their_own_heads_after_eviction(
             before = _metric(settings, "kvmesh_loaded_tokens_total")
             answer = _ask(server, prompts[name])
             served[name] = (answer, _metric(settings, "kvmesh_loaded_tokens_total") - before)
+        _ask(server, prompts["tail"])  # stored with a partial last chunk: each rank its own entry of it
+        _ask(server, next(fillers))
+        _ask(server, next(fillers))
+        before = _metric(settings, "kvmesh_loaded_tokens_total")
+        continued = (_ask(server, prompts["continued"]), _metric(settings, "kvmesh_loaded_tokens_total") - before)
         mismatches = _metric(settings, "kvmesh_load_verify_mismatches_total")
         verified = _metric(settings, "kvmesh_load_verified_chunks_total")
         with _client(settings) as client:  # kvmesh explain --engine: a chunk is stored where both ranks hold it
@@ -118,6 +129,7 @@ def test_two_tensor_parallel_workers_are_served_their_own_heads_after_eviction(
         assert computed[name] == reference[name][0], name  # the same split computes the same answer
         assert loaded == len(prompts[name]) - 1, name  # every rank's share of every chunk was there
         assert answer == reference[name][1], name
+    assert continued == (reference["continued"][0], TAIL)  # both ranks found the stored tail; same answer
     assert verified >= 2 * len(REPEATED) and mismatches == 0  # each worker's loaded pages are its stored ones
     assert report.hit_tokens == len(prompt), report.reason  # every chunk, the partial last one too, on both ranks
     stored = [place for place in report.chunks if place.tier != "missing"]
