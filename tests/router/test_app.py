@@ -295,3 +295,12 @@ def test_under_round_robin_a_prompt_the_decode_node_holds_skips_the_prefill(tmp_
     registry = router.metrics.registry
     assert registry.get_sample_value("kvmesh_router_handoffs_total", {"outcome": "skipped"}) == 1
     assert registry.get_sample_value("kvmesh_router_handoffs_total", {"outcome": "prefilled"}) == 1
+
+
+def test_engines_of_one_model_share_one_prefill_speed(upstream: str, tmp_path) -> None:
+    with _serving(_upstream()) as same, _serving(_upstream(model="another-model")) as other:
+        router = _router([upstream, same, other], "cache", tmp_path)
+        _run(router, [("GET", "/router/engines", b"")])
+    loads = {url: engine.load for url, engine in router.engines.items()}
+    assert loads[upstream].speed is loads[same].speed  # one model: learned together (PrefillSpeed)
+    assert loads[other].speed is not loads[upstream].speed

@@ -15,6 +15,7 @@ from kvmesh.router.policy import (
     Chooser,
     EngineLoad,
     PendingCredit,
+    PrefillSpeed,
 )
 
 
@@ -101,3 +102,70 @@ def test_a_routed_prompt_credits_its_engine_until_the_time_runs_out() -> None:
     assert pending.tokens("b", chunks, now=110.0) == 0
     assert pending.tokens("a", [(b"other", 256), *chunks[1:]], now=110.0) == 0  # from the first chunk only
     assert pending.tokens("a", chunks, now=131.0) == 0
+
+
+PREFIX = [(b"system-0", 256), (b"system-1", 512), (b"system-2", 768)]  # a system prompt every user shares
+
+
+def _prompt(user: int) -> tuple[tuple[bytes, int], ...]:
+    return (*PREFIX, (f"user-{user}".encode(), 1000))
+
+
+def test_a_prefix_requests_in_flight_share_goes_to_an_idle_engine_once_then_both_hold_it() -> None:
+    """a holds the shared system prompt and serves a request with it; b is idle and holds nothing.  The greedy
+    estimate prefers a (a short question against b's whole prefill), but the prefix is in demand: b takes one
+    request, and once b holds the prefix too the estimate balances the two."""
+    a, b = EngineLoad(), EngineLoad()
+    chooser = Chooser("cache")
+    a.start(232, chunks=[digest for digest, _ in _prompt(0)])
+    first = chooser.order([Candidate("a", a, 768, chunks=_prompt(1)), Candidate("b", b, 0, chunks=_prompt(1))], 1000)
+    assert first[0].name == "b"
+    assert chooser.order([Candidate("a", a, 768, chunks=_prompt(1)), Candidate("b", b, 0, chunks=_prompt(1))], 1000,
+                         replicate=False)[0].name == "a"  # what the estimate alone says
+    b.start(1000, chunks=[digest for digest, _ in _prompt(1)])
+    # both busy: no idle engine to replicate on; the estimate decides (a's queue is shorter)
+    busy = chooser.order([Candidate("a", a, 768, chunks=_prompt(2)), Candidate("b", b, 768, chunks=_prompt(2))], 1000)
+    assert busy[0].name == "a"
+
+
+def test_a_conversations_own_history_stays_where_it_is_though_another_engine_idles() -> None:
+    """a holds this user's history (past the shared system prompt) and serves another user sharing only the
+    system prompt: the history is not contended, so the request stays on a."""
+    a, b = EngineLoad(), EngineLoad()
+    chooser = Chooser("cache")
+    a.first_token(a.start(232, chunks=[digest for digest, _ in _prompt(0)]))  # decoding
+    history = (*PREFIX, (b"user-7-history", 1000), (b"user-7-turn", 1100))
+    order = chooser.order([Candidate("a", a, 1000, chunks=history), Candidate("b", b, 768, chunks=history)], 1100)
+    assert order[0].name == "a"
+    # nothing in flight shares the prompt at all: the estimate alone
+    c = EngineLoad()
+    c.start(500, chunks=[b"unrelated"])
+    alone = chooser.order([Candidate("c", c, 768, chunks=_prompt(3)), Candidate("b", EngineLoad(), 0,
+                                                                                chunks=_prompt(3))], 1000)
+    assert alone[0].name == "c"
+
+
+def _learn(load: EngineLoad, seconds: float, tokens: int = 280) -> None:
+    ticket = load.start(tokens, now=0.0)
+    load.first_token(ticket, now=seconds)
+    load.finish(ticket)
+
+
+def test_engines_sharing_a_speed_learn_it_together_so_an_idle_one_is_not_judged_slower() -> None:
+    """b's one slow first token (a noisy measurement) would price it above a forever after; with one speed for
+    both, the idle engine stays the cheaper choice for the next request."""
+    shared = PrefillSpeed()
+    a, b = EngineLoad(speed=shared), EngineLoad(speed=shared)
+    _learn(b, 0.6)  # 2.1 ms a token
+    for _ in range(5):
+        _learn(a, 0.3)  # 1.1 ms a token
+    assert a.prefill_seconds_per_token == b.prefill_seconds_per_token == shared.seconds_per_token
+    a.first_token(a.start(10))  # a decodes one request; b is idle
+    assert Chooser("cache").order([Candidate("a", a, 768), Candidate("b", b, 768)], 1048)[0].name == "b"
+    alone_a, alone_b = EngineLoad(), EngineLoad()  # each its own speed: b, measured slower once, loses
+    _learn(alone_b, 0.6)
+    for _ in range(5):
+        _learn(alone_a, 0.3)
+    alone_a.first_token(alone_a.start(10))
+    assert alone_a.prefill_seconds_per_token < alone_b.prefill_seconds_per_token
+    assert Chooser("cache").order([Candidate("a", alone_a, 768), Candidate("b", alone_b, 768)], 1048)[0].name == "a"

@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from kvmesh.config import KVMeshConfig
 from kvmesh.router import ENGINE_HEADER
 from kvmesh.router.nodes import NODE_FAULTS, EngineKeys, Held, NodeLink, RouterConfigError, find_node
-from kvmesh.router.policy import Candidate, Chooser, EngineLoad, PendingCredit
+from kvmesh.router.policy import Candidate, Chooser, EngineLoad, PendingCredit, PrefillSpeed
 from kvmesh.router.prompts import LocalTokenizer, NotTokenizable, PromptRequest, check_samples
 
 log = logging.getLogger("kvmesh.router")
@@ -126,6 +126,7 @@ class Router:
         self.check_fraction = check_fraction
         self.metrics = RouterMetrics()
         self.pending = PendingCredit()
+        self.speeds: dict[tuple[bool, str], PrefillSpeed] = {}  # (a prefill engine?, model): PrefillSpeed's why
         self.tokenizers: dict[str, LocalTokenizer | None] = {}  # None: the model's engines tokenize
         self.links: dict[str, NodeLink] = {}
         self._checking: set[str] = set()
@@ -169,6 +170,8 @@ class Router:
             if up and engine.model is None:
                 models = await self.http.get(f"{engine.url}/v1/models", timeout=5.0)
                 engine.model = str(models.json()["data"][0]["id"])
+                engine.load.speed = self.speeds.setdefault((engine.url in self.prefill, engine.model),
+                                                           engine.load.speed)
         except (httpx.HTTPError, ValueError, KeyError, IndexError):
             up = False
         if up != engine.up:
@@ -278,6 +281,7 @@ class Router:
         if not engines:
             return [], None
         helds = [Held()] * len(engines)
+        chunks: list[tuple[tuple[bytes, int], ...]] = [()] * len(engines)
         if self.policy == "cache" or self.prefill:
             tokens = tokens or await self.tokens_of(PromptRequest.of(kind, body), engines)
         # a LoRA adapter's requests name the adapter, not the engine's model: their chunks are in a namespace
@@ -289,11 +293,12 @@ class Router:
             for index, engine in enumerate(engines):
                 namespace = engine.keys.namespace_for(self.config.tenant_salt, salt) if engine.keys else None
                 if engine.keys is not None and namespace is not None:
-                    pending = self.pending.tokens(engine.url, _chunk_ends(engine.keys, tokens, namespace))
+                    chunks[index] = tuple(_chunk_ends(engine.keys, tokens, namespace))
+                    pending = self.pending.tokens(engine.url, chunks[index])
                     if pending > helds[index].tokens:
                         helds[index] = Held(pending, 0)
-        candidates = [Candidate(e.url, e.load, h.tokens, h.below_l1) for e, h in zip(engines, helds)]
-        ordered = self.chooser.order(candidates, len(tokens) if tokens else 0)
+        candidates = [Candidate(e.url, e.load, h.tokens, h.below_l1, c) for e, h, c in zip(engines, helds, chunks)]
+        ordered = self.chooser.order(candidates, len(tokens) if tokens else 0, replicate=not self.prefill)
         chosen = pool[ordered[0].name]
         if tokens and base_model and chosen.keys is not None:
             namespace = chosen.keys.namespace_for(self.config.tenant_salt, body.get("cache_salt"))
@@ -321,7 +326,8 @@ class Router:
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         for candidate in ordered:
             engine = self.prefill[candidate.name]
-            ticket = engine.load.start(max(len(tokens or ()) - candidate.held_tokens, 0))
+            ticket = engine.load.start(max(len(tokens or ()) - candidate.held_tokens, 0),
+                                       chunks=[digest for digest, _ in candidate.chunks])
             try:
                 reply = await self.http.post(f"{engine.url}{path}", json=prefill_body(body), headers=headers)
             except httpx.TransportError as err:
@@ -371,7 +377,7 @@ class Router:
         for attempt, candidate in enumerate(ordered):
             engine = self.engines[candidate.name]
             uncached = max(prompt_tokens - candidate.held_tokens, 0)
-            ticket = engine.load.start(uncached)
+            ticket = engine.load.start(uncached, chunks=[digest for digest, _ in candidate.chunks])
             self.metrics.in_flight.labels(engine.url).set(len(engine.load.in_flight))
             upstream = self.http.build_request("POST", f"{engine.url}{request.url.path}", content=raw,
                                                headers=headers)

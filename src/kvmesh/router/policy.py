@@ -7,12 +7,21 @@
                   token) + DECODE_STEP_SECONDS * (e's requests past their first token)
     credit(e)   = tokens in e's node's L1 + BELOW_L1_WEIGHT * tokens below it (disk, Redis)
 
-One rule, no thresholds: a hot prefix stays on the engine that holds it until that engine's queue costs more
-than the prefill another engine would pay, then spills.  A request counts in its engine's load from the
-moment it is routed (every path: streamed, not streamed, retried), so a burst of the same prompt does not all
-land on one engine before any of them started.  Recently routed prompts credit their engine for a short time
+No thresholds: a prompt stays on the engine that holds it until that engine's queue costs more than the
+prefill another engine would pay, then spills.  A request counts in its engine's load from the moment it is
+routed (every path: streamed, not streamed, retried), so a burst of the same prompt does not all land on one
+engine before any of them started.  Recently routed prompts credit their engine for a short time
 (``PendingCredit``): the node stores a prompt's KV only once the engine computed it, and a burst's siblings
 belong with their first.
+
+One exception, for a prefix in demand (a long system prompt every user shares): the estimate is greedy, one
+request at a time, and the engine that holds a hot prefix is always the cheaper choice for the next request
+while its queue is short, so the prefix would never be computed anywhere else and one engine would serve all
+of it while another idles.  So where the best engine's whole advantage is a prefix that requests in flight on
+it share right now (``contended``), and another engine has nothing in flight, the idle engine takes the
+request: it pays the prefix once, and from then on both hold it and the estimate balances them.  A prefix
+only one conversation uses (a chat's own history) is never contended, so returning users stay where their
+history is.
 """
 
 from __future__ import annotations
@@ -37,15 +46,37 @@ class InFlight:
     uncached_tokens: int
     started: float
     first_token: bool = False
+    chunks: tuple[bytes, ...] = ()  # its prompt's chunk keys, first to last (what it shares with others)
+
+
+@dataclass
+class PrefillSpeed:
+    """Seconds a prefill takes per uncached token, learned from first tokens.
+
+    The engines of one model in one pool (the router's engines, or its prefill engines) share one: each engine
+    learning its own from a few requests differed by noise and fixed overheads more than by hardware, and an
+    engine judged slower was never chosen again, so it never learned otherwise (measured: on the hot-prefix
+    workload one engine took every request after the twelfth).  Engines of one model on different hardware
+    are therefore estimated alike.
+    """
+
+    seconds_per_token: float = INITIAL_PREFILL_SECONDS_PER_TOKEN
+
+    def learn(self, measured: float) -> None:
+        self.seconds_per_token += EWMA_WEIGHT * (measured - self.seconds_per_token)
 
 
 @dataclass
 class EngineLoad:
     """What the router knows of one engine's work: its requests in flight and its prefill speed."""
 
-    prefill_seconds_per_token: float = INITIAL_PREFILL_SECONDS_PER_TOKEN
+    speed: PrefillSpeed = field(default_factory=PrefillSpeed)
     in_flight: dict[int, InFlight] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=itertools.count)
+
+    @property
+    def prefill_seconds_per_token(self) -> float:
+        return self.speed.seconds_per_token
 
     def backlog_seconds(self) -> float:
         waiting = sum(r.uncached_tokens for r in self.in_flight.values() if not r.first_token)
@@ -55,10 +86,21 @@ class EngineLoad:
     def estimate(self, prompt_tokens: int, credit: float) -> float:
         return self.backlog_seconds() + self.prefill_seconds_per_token * max(prompt_tokens - credit, 0.0)
 
-    def start(self, uncached_tokens: int, now: float | None = None) -> int:
+    def start(self, uncached_tokens: int, now: float | None = None, chunks: Sequence[bytes] = ()) -> int:
         ticket = next(self._ids)
-        self.in_flight[ticket] = InFlight(uncached_tokens, time.monotonic() if now is None else now)
+        self.in_flight[ticket] = InFlight(uncached_tokens, time.monotonic() if now is None else now,
+                                          chunks=tuple(chunks))
         return ticket
+
+    def contended(self, chunks: Sequence[tuple[bytes, int]]) -> int:
+        """The leading tokens of a prompt (its chunks' keys and ends) that a request in flight here shares."""
+        shared = 0
+        for request in self.in_flight.values():
+            for (digest, end), theirs in zip(chunks, request.chunks):
+                if digest != theirs:
+                    break
+                shared = max(shared, end)
+        return shared
 
     def first_token(self, ticket: int, now: float | None = None) -> None:
         """The request's first token arrived: its prefill is done; learn the engine's speed from it when it
@@ -70,8 +112,7 @@ class EngineLoad:
         alone = not any(not r.first_token for r in self.in_flight.values())
         if alone and request.uncached_tokens >= MIN_MEASURED_TOKENS:
             seconds = (time.monotonic() if now is None else now) - request.started
-            measured = seconds / request.uncached_tokens
-            self.prefill_seconds_per_token += EWMA_WEIGHT * (measured - self.prefill_seconds_per_token)
+            self.speed.learn(seconds / request.uncached_tokens)
 
     def finish(self, ticket: int) -> None:
         self.in_flight.pop(ticket, None)
@@ -85,6 +126,7 @@ class Candidate:
     load: EngineLoad
     held_tokens: int = 0
     below_l1_tokens: int = 0
+    chunks: tuple[tuple[bytes, int], ...] = ()  # the prompt's chunks under this engine's keys: (key, end)
 
     @property
     def credit(self) -> float:
@@ -102,7 +144,9 @@ class Chooser:
         self._turn = itertools.count()
         self._rng = rng or random.Random()
 
-    def order(self, candidates: Sequence[Candidate], prompt_tokens: int) -> list[Candidate]:
+    def order(self, candidates: Sequence[Candidate], prompt_tokens: int, replicate: bool = True) -> list[Candidate]:
+        """``replicate``: whether a contended prefix may go to an idle engine (not where a prefill engine has
+        just stored the prompt for the decode engine chosen next: there the handoff is the point)."""
         if not candidates:
             return []
         turn = next(self._turn)
@@ -115,7 +159,14 @@ class Chooser:
         position = {id(c): i for i, c in enumerate(rotated)}
         key: Callable[[Candidate], tuple[float, int, int]] = lambda c: (  # noqa: E731
             round(c.load.estimate(prompt_tokens, c.credit), 6), len(c.load.in_flight), position[id(c)])
-        return sorted(candidates, key=key)
+        ordered = sorted(candidates, key=key)
+        best = ordered[0]
+        if replicate and best.held_tokens and best.held_tokens <= best.load.contended(best.chunks):
+            idle = [c for c in ordered[1:] if not c.load.in_flight and c.held_tokens < best.held_tokens]
+            if idle:  # a prefix in demand: replicate it on an idle engine (the module's docstring)
+                ordered.remove(idle[0])
+                ordered.insert(0, idle[0])
+        return ordered
 
 
 class PendingCredit:
