@@ -117,12 +117,12 @@ def test_a_prefix_requests_in_flight_share_goes_to_an_idle_engine_once_then_both
     request, and once b holds the prefix too the estimate balances the two."""
     a, b = EngineLoad(), EngineLoad()
     chooser = Chooser("cache")
-    a.start(232, chunks=[digest for digest, _ in _prompt(0)])
+    a.start(232, chunks=_prompt(0))
     first = chooser.order([Candidate("a", a, 768, chunks=_prompt(1)), Candidate("b", b, 0, chunks=_prompt(1))], 1000)
     assert first[0].name == "b"
     assert chooser.order([Candidate("a", a, 768, chunks=_prompt(1)), Candidate("b", b, 0, chunks=_prompt(1))], 1000,
                          replicate=False)[0].name == "a"  # what the estimate alone says
-    b.start(1000, chunks=[digest for digest, _ in _prompt(1)])
+    b.start(1000, chunks=_prompt(1))
     # both busy: no idle engine to replicate on; the estimate decides (a's queue is shorter)
     busy = chooser.order([Candidate("a", a, 768, chunks=_prompt(2)), Candidate("b", b, 768, chunks=_prompt(2))], 1000)
     assert busy[0].name == "a"
@@ -133,13 +133,13 @@ def test_a_conversations_own_history_stays_where_it_is_though_another_engine_idl
     system prompt: the history is not contended, so the request stays on a."""
     a, b = EngineLoad(), EngineLoad()
     chooser = Chooser("cache")
-    a.first_token(a.start(232, chunks=[digest for digest, _ in _prompt(0)]))  # decoding
+    a.first_token(a.start(232, chunks=_prompt(0)))  # decoding
     history = (*PREFIX, (b"user-7-history", 1000), (b"user-7-turn", 1100))
     order = chooser.order([Candidate("a", a, 1000, chunks=history), Candidate("b", b, 768, chunks=history)], 1100)
     assert order[0].name == "a"
     # nothing in flight shares the prompt at all: the estimate alone
     c = EngineLoad()
-    c.start(500, chunks=[b"unrelated"])
+    c.start(500, chunks=[(b"unrelated", 256)])
     alone = chooser.order([Candidate("c", c, 768, chunks=_prompt(3)), Candidate("b", EngineLoad(), 0,
                                                                                 chunks=_prompt(3))], 1000)
     assert alone[0].name == "c"

@@ -300,7 +300,9 @@ class Router:
         candidates = [Candidate(e.url, e.load, h.tokens, h.below_l1, c) for e, h, c in zip(engines, helds, chunks)]
         ordered = self.chooser.order(candidates, len(tokens) if tokens else 0, replicate=not self.prefill)
         chosen = pool[ordered[0].name]
-        if tokens and base_model and chosen.keys is not None:
+        if ordered[0].chunks:  # the cache policy named them for the choice
+            self.pending.add(chosen.url, ordered[0].chunks)
+        elif tokens and base_model and chosen.keys is not None:
             namespace = chosen.keys.namespace_for(self.config.tenant_salt, body.get("cache_salt"))
             if namespace is not None:
                 self.pending.add(chosen.url, _chunk_ends(chosen.keys, tokens, namespace))
@@ -326,8 +328,7 @@ class Router:
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         for candidate in ordered:
             engine = self.prefill[candidate.name]
-            ticket = engine.load.start(max(len(tokens or ()) - candidate.held_tokens, 0),
-                                       chunks=[digest for digest, _ in candidate.chunks])
+            ticket = engine.load.start(max(len(tokens or ()) - candidate.held_tokens, 0), chunks=candidate.chunks)
             try:
                 reply = await self.http.post(f"{engine.url}{path}", json=prefill_body(body), headers=headers)
             except httpx.TransportError as err:
@@ -377,7 +378,7 @@ class Router:
         for attempt, candidate in enumerate(ordered):
             engine = self.engines[candidate.name]
             uncached = max(prompt_tokens - candidate.held_tokens, 0)
-            ticket = engine.load.start(uncached, chunks=[digest for digest, _ in candidate.chunks])
+            ticket = engine.load.start(uncached, chunks=candidate.chunks)
             self.metrics.in_flight.labels(engine.url).set(len(engine.load.in_flight))
             upstream = self.http.build_request("POST", f"{engine.url}{request.url.path}", content=raw,
                                                headers=headers)

@@ -46,7 +46,7 @@ class InFlight:
     uncached_tokens: int
     started: float
     first_token: bool = False
-    chunks: tuple[bytes, ...] = ()  # its prompt's chunk keys, first to last (what it shares with others)
+    chunks: tuple[tuple[bytes, int], ...] = ()  # its prompt's chunks (key, end), first to last: what it shares
 
 
 @dataclass
@@ -86,7 +86,8 @@ class EngineLoad:
     def estimate(self, prompt_tokens: int, credit: float) -> float:
         return self.backlog_seconds() + self.prefill_seconds_per_token * max(prompt_tokens - credit, 0.0)
 
-    def start(self, uncached_tokens: int, now: float | None = None, chunks: Sequence[bytes] = ()) -> int:
+    def start(self, uncached_tokens: int, now: float | None = None,
+              chunks: Sequence[tuple[bytes, int]] = ()) -> int:
         ticket = next(self._ids)
         self.in_flight[ticket] = InFlight(uncached_tokens, time.monotonic() if now is None else now,
                                           chunks=tuple(chunks))
@@ -96,10 +97,10 @@ class EngineLoad:
         """The leading tokens of a prompt (its chunks' keys and ends) that a request in flight here shares."""
         shared = 0
         for request in self.in_flight.values():
-            for (digest, end), theirs in zip(chunks, request.chunks):
-                if digest != theirs:
+            for ours, theirs in zip(chunks, request.chunks):
+                if ours != theirs:
                     break
-                shared = max(shared, end)
+                shared = max(shared, ours[1])
         return shared
 
     def first_token(self, ticket: int, now: float | None = None) -> None:
@@ -162,10 +163,10 @@ class Chooser:
         ordered = sorted(candidates, key=key)
         best = ordered[0]
         if replicate and best.held_tokens and best.held_tokens <= best.load.contended(best.chunks):
-            idle = [c for c in ordered[1:] if not c.load.in_flight and c.held_tokens < best.held_tokens]
-            if idle:  # a prefix in demand: replicate it on an idle engine (the module's docstring)
-                ordered.remove(idle[0])
-                ordered.insert(0, idle[0])
+            idle = next((c for c in ordered[1:] if not c.load.in_flight and c.held_tokens < best.held_tokens), None)
+            if idle is not None:  # a prefix in demand: replicate it on an idle engine (the module's docstring)
+                ordered.remove(idle)
+                ordered.insert(0, idle)
         return ordered
 
 
