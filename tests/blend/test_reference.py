@@ -131,3 +131,24 @@ def test_an_exact_prefix_is_kept_and_the_rest_blended_after_it(model_and_texts) 
     assert reused.recomputed.tolist() == list(range(PASSAGE, 2 * PASSAGE))
     with pytest.raises(ValueError, match="exact prefix"):
         blend_kv(TransformersLayers(model), tokens, [Passage(0, PASSAGE, prefix)], BlendSettings(), prefix)
+
+
+def test_the_question_rule_reads_the_question_and_returns_only_the_blended_tokens(model_and_texts) -> None:
+    """The question after the passages scores them and is then left to the engine: no KV of it is returned, a 100%
+    blend still equals the prefill of the blended tokens, and without a question the rule is kvmesh's."""
+    model, (a, b, c, tail) = model_and_texts
+    tokens = c[:10] + a + b
+    passages = [Passage(10, 10 + PASSAGE, passage_kv(model, a)),
+                Passage(10 + PASSAGE, 10 + 2 * PASSAGE, passage_kv(model, b))]
+    question = tail[:12]
+    asked = blend(model, tokens, passages, "question", 0.25, first_tokens=4, lookahead=question)
+    assert asked.kv.shape[2] == len(tokens) and int(asked.recomputed.max()) < len(tokens)
+    chosen = set(asked.recomputed.tolist())
+    assert set(range(14)) | set(range(58, 62)) <= chosen and len(chosen) == 10 + round(0.25 * 2 * PASSAGE)
+    unasked = blend(model, tokens, passages, "question", 0.25, first_tokens=4)
+    assert unasked.recomputed.tolist() == blend(model, tokens, passages, "kvmesh", 0.25, first_tokens=4
+                                                ).recomputed.tolist()
+    assert set(unasked.recomputed.tolist()) != chosen  # the question moved the choice
+    everything = blend(model, tokens, passages, "question", 1.0, lookahead=question)
+    full = passage_kv(model, tokens)
+    assert torch.allclose(everything.kv, full, atol=1e-4), float((everything.kv - full).abs().max())

@@ -17,9 +17,13 @@ How a prompt is blended (CacheBlend's structure):
 
 Selection rules, at equal budgets: ``cacheblend`` (the largest key deviation at the check layer),
 ``passage-start`` (each passage's first tokens, EPIC's rule: they carry the attention sink a passage computed
-alone has), ``random`` (the control), and ``kvmesh`` (each passage's first ``first_tokens``, then the largest
-deviation).  ``none`` reuses everything and computes only the uncovered tokens, in every layer alone: the
-full-reuse bracket.
+alone has), ``random`` (the control), ``kvmesh`` (each passage's first ``first_tokens``, then the largest
+deviation), and ``question`` (each passage's first ``first_tokens``, then the tokens the prompt's question
+attends to most at the check layer, ProphetKV's idea: what the answer will read is what must be right).  The
+question is ``lookahead``: the prompt's tokens after the blended range, which the engine computes exactly
+afterwards; the rule runs them through the layers up to the check layer only, to score.  Without them it
+falls back to the deviation.  ``none`` reuses everything and computes only the uncovered tokens, in every
+layer alone: the full-reuse bracket.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ import torch.nn.functional as F
 
 from kvmesh.blend.rope import rerotate_keys
 
-RULES = ("cacheblend", "passage-start", "random", "kvmesh", "none")
-QUERY_GROUP = 256  # queries attended together, over the keys up to the group's last position
+RULES = ("cacheblend", "passage-start", "random", "kvmesh", "question", "none")
+QUESTION_TOKENS = 256  # the question's last tokens whose attention scores the reused tokens
+QUERY_GROUP = 256  # queries attended together at most, over the keys up to the group's last position
+QUERY_SPAN = 512  # positions a group's queries span at most: every query attends over the keys up to the last one
 
 
 @dataclass(frozen=True)
@@ -104,14 +110,23 @@ class LayerModel(Protocol):
         """Queries ``[tokens, heads, dim]``, keys and values ``[tokens, kv_heads, dim]``, rotated at ``positions``."""
         ...
 
+    def attention(self, queries: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+                  ) -> torch.Tensor:
+        """Each query (``[tokens, heads, dim]``, at ``positions``, ascending) over the keys and values up to its own
+        position (``[tokens, kv_heads, dim]``, every token of the prompt): ``[tokens, heads, dim]``."""
+        ...
+
     def finish(self, layer: int, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The layer's output states from its input states and the attention's ``[tokens, heads * dim]``."""
         ...
 
 
 def select(settings: BlendSettings, passages: Sequence[Passage], deviation: torch.Tensor,
-           generator: torch.Generator) -> torch.Tensor:
-    """Positions of reused tokens to recompute: a ``fraction`` of them, chosen by the settings' rule."""
+           generator: torch.Generator, attention: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions of reused tokens to recompute: a ``fraction`` of them, chosen by the settings' rule.
+
+    ``deviation`` and ``attention`` (the question's, for the ``question`` rule) hold a score per position.
+    """
     if not passages:
         return torch.zeros(0, dtype=torch.long)
     reused = torch.cat([torch.arange(p.start, p.end) for p in passages])
@@ -124,12 +139,28 @@ def select(settings: BlendSettings, passages: Sequence[Passage], deviation: torc
         return reused[torch.randperm(len(reused), generator=generator)[:budget]]
     if settings.rule == "passage-start":
         return _starts(passages, budget, -(-budget // len(passages)))
-    starts = _starts(passages, budget, settings.first_tokens)  # "kvmesh"
-    rest = torch.ones(deviation.shape[0], dtype=torch.bool)
+    starts = _starts(passages, budget, settings.first_tokens)  # "kvmesh" and "question"
+    score = attention if settings.rule == "question" and attention is not None else deviation
+    rest = torch.ones(score.shape[0], dtype=torch.bool)
     rest[starts] = False
     candidates = reused[rest[reused]]
-    more = candidates[deviation[candidates].topk(min(len(candidates), budget - len(starts))).indices]
+    more = candidates[score[candidates].topk(min(len(candidates), budget - len(starts))).indices]
     return torch.cat((starts, more))
+
+
+def question_attention(queries: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """How much attention the question's ``queries`` (at ``positions``) give each key, summed over heads and queries.
+
+    ``keys`` are every token's up to the last query (``[tokens, kv_heads, dim]``); each query sees the keys up to
+    its own position, as in the model.
+    """
+    queries, positions = queries[-QUESTION_TOKENS:].float(), positions[-QUESTION_TOKENS:]
+    visible = int(positions[-1]) + 1
+    grouped = keys[:visible].float().repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
+    logits = torch.einsum("qhd,khd->hqk", queries, grouped) * queries.shape[-1] ** -0.5
+    hidden = torch.arange(visible).unsqueeze(0) > positions.unsqueeze(1)  # [queries, keys]: not yet seen
+    weights = logits.masked_fill(hidden, float("-inf")).softmax(dim=-1)
+    return weights.sum(dim=(0, 1))
 
 
 def _starts(passages: Sequence[Passage], budget: int, each: int) -> torch.Tensor:
@@ -148,14 +179,41 @@ def _project(model: LayerModel, layer: int, hidden: torch.Tensor, positions: tor
     return q
 
 
+def _query_groups(positions: torch.Tensor) -> list[slice]:
+    """Runs of consecutive queries (``positions`` ascending), each at most ``QUERY_GROUP`` long and spanning fewer
+    than ``QUERY_SPAN`` positions.
+
+    A group's queries all attend over the keys up to its last position, so a group of selected tokens scattered
+    over the prompt would compute (and mask away) scores for the many keys its first queries cannot see; with
+    the span bounded, that waste is at most ``QUERY_SPAN`` keys per query.
+    """
+    starts = positions.tolist()
+    groups, first = [], 0
+    for index, at in enumerate(starts):
+        if index - first == QUERY_GROUP or at - starts[first] >= QUERY_SPAN:
+            groups.append(slice(first, index))
+            first = index
+    if starts:
+        groups.append(slice(first, len(starts)))
+    return groups
+
+
 def _attend(model: LayerModel, layer: int, hidden: torch.Tensor, q: torch.Tensor, positions: torch.Tensor,
             keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """The rest of the layer for the tokens at ``positions``: attention over every token's K/V, then its MLP."""
+    attended = model.attention(q, positions, keys, values)
+    return model.finish(layer, hidden, attended.reshape(len(positions), -1))
+
+
+def torch_attention(q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+                    ) -> torch.Tensor:
+    """``LayerModel.attention`` with torch's fused CPU kernel: queries in groups, each over the keys it may see."""
     out = torch.empty_like(q)
-    for group in torch.split(torch.arange(len(positions)), QUERY_GROUP):
-        # each group of queries (in position order) attends only to the keys up to its last position: about half
-        # the work of every query over every key.  Four dimensions and grouped heads as they are, so torch takes
-        # its fused CPU kernel (three dimensions or repeated heads fall back to one that holds every score).
+    for group in _query_groups(positions):
+        # each group of queries (in position order) attends only to the keys up to its last position, masked
+        # causally: a group spanning few positions wastes little on keys its first queries may not see.  Four
+        # dimensions and grouped heads as they are, so torch takes its fused CPU kernel (three dimensions or
+        # repeated heads fall back to one that holds every score).
         at = positions[group]
         visible = int(at[-1]) + 1
         mask = torch.arange(visible).unsqueeze(0) <= at.unsqueeze(1)  # causal, by position
@@ -163,24 +221,30 @@ def _attend(model: LayerModel, layer: int, hidden: torch.Tensor, q: torch.Tensor
             q[group].transpose(0, 1).unsqueeze(0), keys[:visible].to(q.dtype).transpose(0, 1).unsqueeze(0),
             values[:visible].to(q.dtype).transpose(0, 1).unsqueeze(0), attn_mask=mask,
             enable_gqa=True)[0].transpose(0, 1)
-    return model.finish(layer, hidden, out.reshape(len(positions), -1))
+    return out
 
 
 @torch.inference_mode()
 def blend_kv(model: LayerModel, tokens: Sequence[int], passages: Sequence[Passage],
-             settings: BlendSettings = BlendSettings(), prefix_kv: torch.Tensor | None = None) -> Blended:
+             settings: BlendSettings = BlendSettings(), prefix_kv: torch.Tensor | None = None,
+             lookahead: Sequence[int] = ()) -> Blended:
     """The blended KV of ``tokens`` whose ``passages`` come from storage (module docstring).
 
     ``prefix_kv`` (``[layers, 2, fixed, kv_heads, head_dim]``) is the exact KV of the first ``fixed`` tokens.
+    ``lookahead``: the prompt's tokens after ``tokens`` (its question), read by the ``question`` rule only; their
+    KV is not part of the result.
     """
     started = time.perf_counter()
     count = len(tokens)
+    if settings.rule != "question" or not passages:
+        lookahead = ()
+    tokens = [*tokens, *lookahead]
     fixed = 0 if prefix_kv is None else prefix_kv.shape[2]
     dtype = passages[0].kv.dtype if passages else (prefix_kv.dtype if prefix_kv is not None else model.dtype)
-    out = torch.zeros(model.num_layers, 2, count, model.num_kv_heads, model.head_dim, dtype=dtype)
+    out = torch.zeros(model.num_layers, 2, len(tokens), model.num_kv_heads, model.head_dim, dtype=dtype)
     if prefix_kv is not None:
         out[:, :, :fixed] = prefix_kv
-    covered = torch.zeros(count, dtype=torch.bool)
+    covered = torch.zeros(len(tokens), dtype=torch.bool)
     covered[:fixed] = True
     ordered = sorted(passages, key=lambda p: p.start)
     inv_freq = model.inv_freq() if passages else torch.zeros(0)
@@ -192,8 +256,8 @@ def blend_kv(model: LayerModel, tokens: Sequence[int], passages: Sequence[Passag
         out[:, 0, passage.start:passage.end] = rerotate_keys(passage.kv[:, 0], passage.start - passage.cached_start,
                                                              inv_freq)
         out[:, 1, passage.start:passage.end] = passage.kv[:, 1]
-    uncovered = torch.nonzero(~covered).flatten()
-    computed = torch.arange(fixed, count)
+    uncovered = torch.nonzero(~covered[:count]).flatten()
+    computed = torch.arange(fixed, len(tokens))  # the lookahead's tokens go as far as the check layer
     full_layers = 0 if settings.rule == "none" or not passages else min(settings.check_layer + 1, model.num_layers)
     stored_keys = out[full_layers - 1, 0].clone() if full_layers else None  # the check layer's, as placed
     seconds = {"place": time.perf_counter() - started}
@@ -212,7 +276,11 @@ def blend_kv(model: LayerModel, tokens: Sequence[int], passages: Sequence[Passag
             seconds["full_layers"] = time.perf_counter() - mark
             mark = time.perf_counter()
             deviation = (out[index, 0] - stored_keys).float().pow(2).sum(dim=(1, 2))
-            chosen = select(settings, ordered, deviation, generator)
+            attention = None
+            if lookahead:
+                asking = torch.searchsorted(active, torch.arange(count, len(tokens)))
+                attention = question_attention(q[asking], active[asking], out[index, 0])
+            chosen = select(settings, ordered, deviation, generator, attention)
             recomputed = torch.cat((uncovered, chosen)).unique(sorted=True)
             kept = torch.searchsorted(active, recomputed)
             hidden, q, active = hidden[kept], q[kept], recomputed
@@ -220,4 +288,4 @@ def blend_kv(model: LayerModel, tokens: Sequence[int], passages: Sequence[Passag
             mark = time.perf_counter()
         hidden = _attend(model, index, hidden, q, active, out[index, 0], out[index, 1])
     seconds["selected_layers"] = time.perf_counter() - mark
-    return Blended(out, recomputed, int(covered[fixed:].sum()), seconds)
+    return Blended(out[:, :, :count], recomputed, int(covered[fixed:count].sum()), seconds)

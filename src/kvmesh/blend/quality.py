@@ -21,6 +21,16 @@ def kv_cache(kv: torch.Tensor):
 
 
 @torch.inference_mode()
+def extend_kv(model: Any, kv: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
+    """``kv`` followed by the KV of ``tokens`` computed exactly over it (as an engine computes a prompt's rest)."""
+    if not tokens:
+        return kv
+    cache = model(input_ids=torch.tensor([list(tokens)]), past_key_values=kv_cache(kv), use_cache=True).past_key_values
+    return torch.stack([torch.stack([layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)])
+                        for layer in cache.layers])
+
+
+@torch.inference_mode()
 def continuation_logprobs(model: Any, kv: torch.Tensor, follow: Sequence[int]) -> torch.Tensor:
     """Log-probabilities at each token of ``follow`` read after the KV ``kv`` (teacher-forced)."""
     out = model(input_ids=torch.tensor([list(follow)]), past_key_values=kv_cache(kv), use_cache=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kvmesh.blend.compute import RULES, Blended, BlendSettings, Passage, blend_kv
+from kvmesh.blend.compute import RULES, Blended, BlendSettings, Passage, blend_kv, torch_attention
 from kvmesh.blend.rope import model_inv_freq
 
 __all__ = ["RULES", "Blended", "Passage", "TransformersLayers", "blend", "passage_kv"]
@@ -59,6 +59,10 @@ class TransformersLayers:
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
 
+    def attention(self, queries: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+                  ) -> torch.Tensor:
+        return torch_attention(queries, positions, keys, values)
+
     def finish(self, layer: int, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         decoder = self.layers[layer]
         hidden = hidden + decoder.self_attn.o_proj(attended)
@@ -66,7 +70,9 @@ class TransformersLayers:
 
 
 def blend(model: Any, tokens: Sequence[int], passages: Sequence[Passage], rule: str = "kvmesh",
-          fraction: float = 0.15, check_layer: int = 1, first_tokens: int = 16, seed: int = 0) -> Blended:
-    """The blended KV of ``tokens`` whose ``passages`` come from storage (``compute`` module docstring)."""
+          fraction: float = 0.15, check_layer: int = 1, first_tokens: int = 16, seed: int = 0,
+          lookahead: Sequence[int] = ()) -> Blended:
+    """The blended KV of ``tokens`` whose ``passages`` come from storage (``compute`` module docstring);
+    ``lookahead``, the prompt's question after them, is read by the ``question`` rule only."""
     settings = BlendSettings(rule, fraction, check_layer, first_tokens, seed)
-    return blend_kv(TransformersLayers(model), tokens, passages, settings)
+    return blend_kv(TransformersLayers(model), tokens, passages, settings, lookahead=lookahead)

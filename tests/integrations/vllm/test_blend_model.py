@@ -5,8 +5,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-from kvmesh.integrations.vllm.blend_model import BlendUnavailable, engine_model, why_not_blend
+from kvmesh.blend.compute import torch_attention
+from kvmesh.integrations.vllm.blend_model import BlendUnavailable, EngineAttention, engine_model, why_not_blend
 
 
 def _config(load_format: str = "kvmesh", prefix_caching: bool = False, tp: int = 1,
@@ -37,3 +39,24 @@ def test_an_engine_blends_only_where_the_blend_path_is_exact_about_what_it_reuse
 def test_without_kvmeshs_loader_there_is_no_model_and_the_error_says_how_to_start_vllm() -> None:
     with pytest.raises(BlendUnavailable, match="--load-format kvmesh"):
         engine_model()
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_the_engines_attention_kernel_computes_what_torchs_does_for_scattered_queries(dtype, tolerance) -> None:
+    """Runs of consecutive queries, single ones (decode steps for the kernel) and a prompt's first token."""
+    if not EngineAttention.available():
+        pytest.skip("this vLLM build has no CPU attention kernel")
+    generator = torch.Generator().manual_seed(0)
+    count, heads, kv_heads, dim = 700, 6, 2, 64
+    positions = torch.tensor([0, 1, 2, 40, 41, 42, 43, 130, 255, 256, 257, 400, *range(500, 540), 699])
+    keys = torch.randn(count, kv_heads, dim, generator=generator).to(dtype)
+    values = torch.randn(count, kv_heads, dim, generator=generator).to(dtype)
+    queries = torch.randn(len(positions), heads, dim, generator=generator).to(dtype)
+    engine = EngineAttention(heads, kv_heads, dim, dtype, dim ** -0.5)(queries, positions, keys, values)
+    expected = torch_attention(queries, positions, keys, values)
+    torch.testing.assert_close(engine.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    everything = torch.arange(300, 700)  # one run: the kernel's causal prefill, from the middle of the prompt
+    queries = torch.randn(len(everything), heads, dim, generator=generator).to(dtype)
+    torch.testing.assert_close(
+        EngineAttention(heads, kv_heads, dim, dtype, dim ** -0.5)(queries, everything, keys, values).float(),
+        torch_attention(queries, everything, keys, values).float(), atol=tolerance, rtol=tolerance)

@@ -130,3 +130,25 @@ def test_passages_stored_from_one_prompt_are_blended_into_another_as_the_referen
     assert torch.allclose(blender.pages.read(other, 0, 3 * PASSAGE), alone.kv, atol=2e-4)
     # an exact prefix that failed to load fails the blended range too: vLLM recomputes it all
     assert blender.run(plan, failed_blocks={other[1]}) == set(other[3:9])  # tokens 48..144: blocks 3..8
+
+
+@pytest.mark.parametrize("isa, view", [("vec", "vllm-cpu-vec"), ("amx", "vllm-cpu-amx")])
+def test_vllms_own_cache_writer_packs_the_pages_as_kvmesh_reads_them(isa: str, view: str) -> None:
+    """The blend writes its range with the engine's kernel: the same bytes as kvmesh's own packing, slots past
+    the range untouched."""
+    from kvmesh.integrations.vllm.blend_model import EngineAttention, write_with_engine_kernel
+
+    if not EngineAttention.available():
+        pytest.skip("this vLLM build has no CPU attention kernel")
+    if isa == "amx" and not torch.cpu._is_amx_tile_supported():
+        pytest.skip("this CPU has no AMX")
+    block, head = 128, 64
+    layers = [torch.randn(8, HEADS, block, 2 * head).to(torch.bfloat16) for _ in range(LAYERS)]
+    before = [layer.clone() for layer in layers]
+    blocks = [5, 1, 6, 3]
+    kv = torch.randn(LAYERS, 2, 300, HEADS, head).to(torch.bfloat16)  # tokens 128..428: blocks 1, 6 and 3 (part)
+    assert write_with_engine_kernel(layers, view, block, blocks, block, kv)
+    assert torch.equal(PagesAsTokens(layers, view, block).read(blocks, block, block + 300), kv)
+    for layer, untouched in zip(layers, before):
+        assert torch.equal(layer[5], untouched[5]) and torch.equal(layer[0], untouched[0])
+    assert not write_with_engine_kernel(layers, "cpu-pages", block, blocks, block, kv)  # not a kernel's packing

@@ -2,7 +2,8 @@
 
 ``run`` (from ``start_load_kv``, after the exact prefix was loaded): reads the exact prefix's KV from the
 request's pages, copies each stored passage out of L1, and runs ``compute.blend_kv`` with the engine's own
-layers (``blend_model.VLLMLayers``), then writes the blended K/V of ``[fixed, end)`` into the request's pages.
+layers (``blend_model.VLLMLayers``), then writes the blended K/V of ``[fixed, end)`` into the request's pages
+(with vLLM-CPU's own cache writer where it packs them, ``blend_model.write_with_engine_kernel``).
 A passage that is gone or does not fit this engine is computed instead (one fewer reused).  A fault of the
 cache (the daemon gone) reports the range's blocks as failed, so vLLM recomputes them exactly; anything else
 is a bug and propagates.
@@ -22,7 +23,7 @@ from kvmesh.blend.compute import Passage, blend_kv
 from kvmesh.blend.rope import rerotate_keys
 from kvmesh.client import CacheFault
 from kvmesh.entry import EntryMeta, EntryMetaError
-from kvmesh.integrations.vllm.blend_model import VLLMLayers, engine_model
+from kvmesh.integrations.vllm.blend_model import VLLMLayers, engine_model, write_with_engine_kernel
 from kvmesh.integrations.vllm.blend_plan import BlendPlan, PassageSave
 from kvmesh.integrations.vllm.engine_link import ABSORBED, DaemonLink
 from kvmesh.keys import ChunkKey
@@ -118,7 +119,10 @@ class Blender:
         blended = blend_kv(model, plan.tokens, passages, plan.settings, prefix)
         computed = time.perf_counter()
         write_from = plan.fixed - plan.fixed % size
-        self.pages.write(plan.block_ids, write_from, blended.kv[:, :, write_from:plan.end])
+        blended_range = blended.kv[:, :, write_from:plan.end]
+        if not write_with_engine_kernel(self.pages.layers, self.pages.view, size, plan.block_ids, write_from,
+                                        blended_range):
+            self.pages.write(plan.block_ids, write_from, blended_range)
         written = time.perf_counter()
         phases = blended.seconds
         client = self.link.client()
