@@ -12,8 +12,11 @@ then every passage in order), keys rotated at the positions they had there.  ``-
 code in each passage and puts a question after the passages that asks for two of them; the answer is read
 teacher-forced, and the share of its code tokens the model predicts is reported beside the full prefill's.
 
+``--first-tokens 16,8,4,0`` runs the kvmesh and question rules once with each count of passage-start tokens.
+
     python benchmarks/blend_quality.py --prompts 5
     python benchmarks/blend_quality.py --prompts 8 --stored context --task facts
+    python benchmarks/blend_quality.py --prompts 8 --fractions 0.15 --stored context --first-tokens 16,8,4,0
 """
 
 from __future__ import annotations
@@ -116,6 +119,9 @@ def main() -> None:
     parser.add_argument("--stored", choices=("alone", "context"), default="alone",
                         help="alone: each passage's KV computed by itself at position 0; context: as the vLLM path "
                              "stores it, from the first prompt that held it (the header, then the passages in order)")
+    parser.add_argument("--first-tokens", default="16",
+                        help="each passage's first tokens the kvmesh and question rules always recompute; several "
+                             "(e.g. 16,8,4,0) run those rules once with each")
     parser.add_argument("--task", choices=("continue", "facts"), default="continue",
                         help="continue: another text read on after the passages; facts: each passage holds an "
                              "access code, and a question after them asks for two (the answer read teacher-forced)")
@@ -128,9 +134,12 @@ def main() -> None:
     header = tokenizer(HEADER).input_ids
     docs = document_token_ids(tokenizer, args.prompts * (args.passages + 1), args.passage_tokens + args.follow,
                               seed=17)
-    configs = [("none", 0.0)] + [(rule, float(f)) for f in args.fractions.split(",") for rule in args.rules.split(",")]
-    configs.append(("cacheblend", 1.0))
-    results: dict[tuple[str, float], list[tuple[float, float, int, int, float, float]]] = {c: [] for c in configs}
+    firsts = [int(n) for n in args.first_tokens.split(",")]
+    configs = [("none", 0.0, firsts[0])] + [
+        (rule, float(f), first) for f in args.fractions.split(",") for rule in args.rules.split(",")
+        for first in (firsts if rule in ("kvmesh", "question") else firsts[:1])]
+    configs.append(("cacheblend", 1.0, firsts[0]))
+    results: dict[tuple[str, float, int], list[tuple[float, float, int, int, float, float]]] = {c: [] for c in configs}
     facts_rng, recalled_full = random.Random(5), []
     shuffle = random.Random(3)
     for index in range(args.prompts):
@@ -152,36 +161,41 @@ def main() -> None:
         reference = continuation_logprobs(model, full, follow)
         reference_greedy = greedy(model, full, follow[0], args.greedy)
         recalled_full.append(facts_recalled(reference, follow, task.facts))
-        for rule, fraction in configs:
+        for rule, fraction, first in configs:
             started = time.perf_counter()
-            blended = blend(model, tokens, passages, rule, fraction, lookahead=task.question)
+            blended = blend(model, tokens, passages, rule, fraction, first_tokens=first, lookahead=task.question)
             seconds = time.perf_counter() - started
             # the question computed exactly over the blended KV, as vLLM computes a blended prompt's rest
             answered = extend_kv(model, blended.kv, task.question)
             logprobs = continuation_logprobs(model, answered, follow)
             measured = divergence(reference, logprobs)
             agree = matching_prefix(reference_greedy, greedy(model, answered, follow[0], args.greedy))
-            results[(rule, fraction)].append((measured.kl, measured.top1, agree, len(blended.recomputed),
+            results[(rule, fraction, first)].append((measured.kl, measured.top1, agree, len(blended.recomputed),
                                               seconds / prefill_s, facts_recalled(logprobs, follow, task.facts)))
         print(f"prompt {index + 1}/{args.prompts}: {len(tokens)} tokens, prefill {prefill_s:.2f} s", flush=True)
     print(f"\n{args.prompts} prompts of {args.passages} passages x {args.passage_tokens} tokens (shuffled, "
           f"stored {args.stored}), "
           f"{args.follow} tokens teacher-forced, {args.greedy} greedy; medians over prompts except KL (mean)")
+    if args.task == "facts":
+        print("(--task facts reads the answer to the question, not --follow tokens)")
     facts = args.task == "facts"
     if facts:
         print(f"the full prefill recalls {statistics.mean(recalled_full):.1%} of the answers' code tokens")
-    print("| rule | recompute fraction | mean KL | top-1 agreement | greedy tokens agreeing | tokens recomputed "
-          "after layer 1 | blend time / prefill time |" + (" code tokens recalled |" if facts else ""))
-    print("| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if facts else ""))
-    for (rule, fraction), rows in results.items():
+    print("| rule | recompute fraction | mean KL | KL / full reuse's | top-1 agreement (median, mean) | greedy tokens "
+          "agreeing | tokens recomputed after layer 1 | blend time / prefill time |"
+          + (" code tokens recalled |" if facts else ""))
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if facts else ""))
+    full_reuse = statistics.mean(r[0] for r in results[configs[0]])
+    for (rule, fraction, first), rows in results.items():
         kl = statistics.mean(r[0] for r in rows)
-        top1 = statistics.median(r[1] for r in rows)
+        top1, top1_mean = statistics.median(r[1] for r in rows), statistics.mean(r[1] for r in rows)
         agree = statistics.median(r[2] for r in rows)
         recomputed = statistics.median(r[3] for r in rows)
         cost = statistics.median(r[4] for r in rows)
         recalled = f" {statistics.mean(r[5] for r in rows):.1%} |" if facts else ""
-        print(f"| {rule} | {fraction:.0%} | {kl:.4f} | {top1:.1%} | {agree:.0f}/{args.greedy} | {recomputed:.0f} | "
-              f"{cost:.2f} |{recalled}")
+        named = f"{rule} (first {first})" if rule in ("kvmesh", "question") and len(firsts) > 1 else rule
+        print(f"| {named} | {fraction:.0%} | {kl:.4f} | {kl / full_reuse:.0%} | {top1:.1%}, {top1_mean:.1%} | "
+              f"{agree:.0f}/{args.greedy} | {recomputed:.0f} | {cost:.2f} |{recalled}")
 
 
 if __name__ == "__main__":
