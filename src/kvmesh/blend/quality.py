@@ -20,14 +20,19 @@ def kv_cache(kv: torch.Tensor):
     return cache
 
 
+def cache_tensor(cache: Any) -> torch.Tensor:
+    """A transformers cache's K/V as ``[layers, 2, tokens, kv_heads, head_dim]`` (``kv_cache``'s inverse)."""
+    return torch.stack([torch.stack([layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)])
+                        for layer in cache.layers])
+
+
 @torch.inference_mode()
 def extend_kv(model: Any, kv: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
     """``kv`` followed by the KV of ``tokens`` computed exactly over it (as an engine computes a prompt's rest)."""
     if not tokens:
         return kv
-    cache = model(input_ids=torch.tensor([list(tokens)]), past_key_values=kv_cache(kv), use_cache=True).past_key_values
-    return torch.stack([torch.stack([layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)])
-                        for layer in cache.layers])
+    return cache_tensor(model(input_ids=torch.tensor([list(tokens)]), past_key_values=kv_cache(kv),
+                              use_cache=True).past_key_values)
 
 
 @torch.inference_mode()

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from kvmesh.blend.compute import RULES, Blended, BlendSettings, Passage, blend_kv, torch_attention
+from kvmesh.blend.quality import cache_tensor
 from kvmesh.blend.rope import model_inv_freq
 
 __all__ = ["RULES", "Blended", "Passage", "TransformersLayers", "blend", "passage_kv"]
@@ -22,9 +23,7 @@ def passage_kv(model: Any, tokens: Sequence[int], start: int = 0) -> torch.Tenso
     """The KV of ``tokens`` computed alone at positions ``start ..``: what is stored the first time they are seen."""
     ids = torch.tensor([list(tokens)])
     positions = torch.arange(start, start + len(tokens)).unsqueeze(0)
-    cache = model(input_ids=ids, position_ids=positions, use_cache=True).past_key_values
-    return torch.stack([torch.stack([layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)])
-                        for layer in cache.layers])
+    return cache_tensor(model(input_ids=ids, position_ids=positions, use_cache=True).past_key_values)
 
 
 class TransformersLayers:
