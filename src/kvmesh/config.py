@@ -292,6 +292,12 @@ class KVMeshConfig:
         "Threads that copy KV pages between the engine and shared memory (layers split among them). "
         "Keep 1 on vLLM's CPU backend: extra threads compete with its compute threads (cold prefill ran "
         "70% slower with 2 in bench_longdoc).")
+    load_async: str = _opt(
+        "auto", _choice("auto", "on", "off"),
+        "Load a request's KV while the engine runs its other requests (vLLM's load_async): the request waits "
+        "for its copy, nobody else does. auto: on for CUDA engines (copies on a side stream), off on vLLM's CPU "
+        "backend, where the copy is a few ms of memcpy and waiting for the next step cost a returning request "
+        "1.6-2.3x its time to first token (docs/benchmarks.md). Blended requests always load before their step.")
     gpu_unverified: bool = _opt(
         False, parse_bool,
         "Start the connector in a CUDA engine. kvmesh's GPU copy path is tested on CPU tensors in GPU layouts but "

@@ -59,7 +59,7 @@ class Engine:
     worker per tensor-parallel rank, each with its own heads' KV."""
 
     def __init__(self, config: KVMeshConfig, seed: int | None = None, world: int = 1,
-                 block_outermost: bool = False, model: str = SHAPE.model_identity) -> None:
+                 block_outermost: bool = False, model: str = SHAPE.model_identity, load_async: bool = False) -> None:
         shape = EngineKVShape(model, SHAPE.layout, world)
         generator = torch.Generator().manual_seed(seed or 0)
         layers = SHAPE.layout.num_layers
@@ -77,7 +77,7 @@ class Engine:
         links = [DaemonLink(config) for _ in range(world + 1)]
         for link in links:  # as the connector does while vLLM starts: later calls never start a daemon
             link.connect_at_start()
-        self.scheduler = SchedulerSide(config, shape, links[0])
+        self.scheduler = SchedulerSide(config, shape, links[0], load_async=load_async)
         self.workers = [WorkerSide(config, shape, link, rank) for rank, link in enumerate(links[1:])]
         for worker, layers in zip(self.workers, self.rank_layers):
             worker.register(layers, BLOCKS)
@@ -348,7 +348,7 @@ class _DeviceLikeCopier:
     def pin(self, segment: object) -> None:
         return
 
-    def move(self, jobs, layers, into_engine: bool, wait: bool = True) -> _ManualEvent:
+    def move(self, jobs, layers, into_engine: bool, wait: bool = True, engine_waits: bool = True) -> _ManualEvent:
         from kvmesh.page_copy import move_pages_device
 
         move_pages_device(jobs, layers, into_engine)
@@ -389,6 +389,98 @@ def test_device_saves_still_copying_at_shutdown_are_committed(config: KVMeshConf
     source.worker.settle_saves(wait=True)  # what the connector's shutdown does
     assert not source.worker.pending_saves
     assert target.matched(FakeRequest(request.request_id + "-again", request.prompt_token_ids)) == 4 * CHUNK
+
+
+def _background_load(target: Engine, request: FakeRequest) -> list[Any]:
+    """vLLM's calls for a load_async hit: matched (tokens, True), blocks for the hit, the plan in this step's
+    metadata; later, once the load is done, blocks for the rest of the prompt with no tokens to load."""
+    tokens, background = target.scheduler.matched(request, 0)
+    assert (tokens, background) == (4 * CHUNK, True)
+    target.scheduler.after_alloc(request, FakeBlocks(TARGET_BLOCKS), tokens)
+    loads, _ = target.scheduler.build_meta([], None)
+    assert loads and all(plan.background for plan in loads)
+    return loads
+
+
+def test_a_background_load_is_reported_once_its_copies_are_done_and_never_blocks_the_step(
+        config: KVMeshConfig) -> None:
+    """vLLM's load_async with a device's copier (events the test completes): the step that starts the load does
+    not wait for it; vLLM hears of the request once, after the copies, with its lease released and its pages
+    the stored ones."""
+    source, target = Engine(config, seed=1), Engine(config, load_async=True)
+    copier = target.worker.copier = _DeviceLikeCopier()  # type: ignore[assignment]
+    request = _prompt("background")
+    source.compute_and_save(request, SOURCE_BLOCKS)
+    again = FakeRequest(request.request_id + "-again", request.prompt_token_ids, kv_transfer_params=EXPLAIN)
+    loads = _background_load(target, again)
+    target.worker.load(loads)  # start_load_kv: returns with the copies still "running"
+    assert copier.events and not copier.events[-1].completed
+    assert target.worker.finished_loads() == set()  # this step's get_finished: not done yet
+    assert _metric(config, "kvmesh_load_seconds_count") == 0  # the lease is held: not released before the copy
+    copier.events[-1].completed = True
+    assert target.worker.finished_loads() == {again.request_id}
+    assert target.worker.take_failed_blocks() == set()
+    assert target.worker.finished_loads() == set()  # reported once
+    assert _metric(config, "kvmesh_load_seconds_count") == 1
+    for stored, loaded in zip(source.pages(SOURCE_BLOCKS[:8]), target.pages(TARGET_BLOCKS[:8])):
+        assert torch.equal(stored, loaded)
+    # vLLM allocates the rest of the prompt once the load is done: nothing more to load, the summary keeps its count
+    target.scheduler.after_alloc(again, FakeBlocks(TARGET_BLOCKS), 0)
+    assert target.scheduler.build_meta([], None) == ([], [])
+    summary = target.scheduler.finished(again.request_id)
+    assert summary is not None
+    assert summary["kvmesh"]["loaded_tokens"] == 4 * CHUNK and summary["kvmesh"]["loaded_in_background"] is True
+
+
+def test_a_background_load_on_the_cpu_copies_on_its_own_thread(config: KVMeshConfig) -> None:
+    source, target = Engine(config, seed=2), Engine(config, load_async=True)
+    request = _prompt("cpu-background")
+    source.compute_and_save(request, SOURCE_BLOCKS)
+    again = FakeRequest(request.request_id + "-again", request.prompt_token_ids)
+    target.worker.load(_background_load(target, again))
+    assert target.worker.finished_loads(wait=True) == {again.request_id}
+    assert target.worker._loader is not None  # the copy ran on the worker's copy thread
+    assert target.worker.take_failed_blocks() == set()
+    for stored, loaded in zip(source.pages(SOURCE_BLOCKS[:8]), target.pages(TARGET_BLOCKS[:8])):
+        assert torch.equal(stored, loaded)
+
+
+def test_a_background_load_whose_lease_expires_reports_its_blocks_failed_with_the_request(
+        config: KVMeshConfig) -> None:
+    """lease_seconds=1 here: the lease runs out while the copy "runs"; vLLM must hear of the failed blocks no later
+    than of the request (its contract for async loads)."""
+    source, target = Engine(config, seed=3), Engine(config, load_async=True)
+    copier = target.worker.copier = _DeviceLikeCopier()  # type: ignore[assignment]
+    request = _prompt("expires-background")
+    source.compute_and_save(request, SOURCE_BLOCKS)
+    again = FakeRequest(request.request_id + "-again", request.prompt_token_ids)
+    target.worker.load(_background_load(target, again))
+    time.sleep(1.2)
+    assert _errors(config, "lease_expired") == 1
+    copier.events[-1].completed = True
+    assert target.worker.finished_loads() == {again.request_id}
+    assert target.worker.take_failed_blocks() == set(TARGET_BLOCKS[:8])
+
+
+def test_a_background_load_with_nothing_pinned_is_reported_at_once_and_its_retry_loads_before_its_step(
+        config: KVMeshConfig) -> None:
+    """Every chunk evicted between lookup and lease: the request is reported done in the same step (else it would
+    wait forever) with every block failed; vLLM then frees its blocks and asks again, and the retry is not a
+    background load, so a load that keeps failing is computed instead of retried forever."""
+    source, target = Engine(config, seed=4), Engine(config, load_async=True)
+    request = _prompt("unpinned-background")
+    source.compute_and_save(request, SOURCE_BLOCKS)
+    tokens, background = target.scheduler.matched(request, 0)
+    assert background
+    with KVMeshClient(config) as client:
+        client.delete(target.scheduler.trackers[request.request_id].hit_keys)
+    target.scheduler.after_alloc(request, FakeBlocks(TARGET_BLOCKS), tokens)
+    loads, _ = target.scheduler.build_meta([], None)
+    target.worker.load(loads)
+    assert target.worker.finished_loads() == {request.request_id}
+    assert target.worker.take_failed_blocks() == set(TARGET_BLOCKS[:8])
+    source.compute_and_save(FakeRequest(request.request_id + "-stored", request.prompt_token_ids), SOURCE_BLOCKS)
+    assert target.scheduler.matched(request, 0) == (4 * CHUNK, False)
 
 
 def test_each_tensor_parallel_rank_loads_its_own_heads(config: KVMeshConfig) -> None:

@@ -15,7 +15,8 @@ pins what will be loaded (in L1) under a lease, and ``build_connector_meta`` tel
 pages to load and which newly computed chunks to save.
 
 Worker side (``worker.py``): ``start_load_kv`` copies the leased pages from shared memory into the
-engine's blocks before the forward pass; ``wait_for_save`` copies the pages of chunks computed in this
+engine's blocks before the forward pass (or starts a background load, vLLM's ``load_async``, which
+``get_finished`` reports once copied); ``wait_for_save`` copies the pages of chunks computed in this
 step into shared memory after it.
 
 Failure contract (``engine_link.py``): a fault of the cache (daemon gone or restarted, an expired
@@ -127,6 +128,16 @@ def _message_start_token(vllm_config: VllmConfig) -> int | None:
     return token
 
 
+def loads_in_background(config: KVMeshConfig) -> bool:
+    """``load_async``: ``auto`` is on for CUDA engines, whose copies run on a side stream, and off on vLLM's CPU
+    backend, whose copy thread would take cores from the forward pass."""
+    if config.load_async != "auto":
+        return config.load_async == "on"
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cuda())
+
+
 class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
     """Declares vLLM's ``SupportsHMA``: vLLM keeps its hybrid KV-cache manager on, so sliding-window layers keep
     only their window and models with recurrent state start; every KV cache group is stored (``KVGroup``)."""
@@ -168,7 +179,8 @@ class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
             if self.config.blend and unavailable is not None:
                 log.warning("kvmesh: blend is on, but this engine serves exact prefixes only: %s", unavailable)
             blend = BlendScheduler(self.config, self.link, unavailable, lambda: _message_start_token(vllm_config))
-            self._scheduler = SchedulerSide(self.config, self.shape, self.link, lora_identity, blend=blend)
+            self._scheduler = SchedulerSide(self.config, self.shape, self.link, lora_identity, blend=blend,
+                                            load_async=loads_in_background(self.config))
         else:
             self._worker = WorkerSide(self.config, self.shape, self.link, tensor_parallel_rank(self.shape.tp_world))
         self.link.connect_at_start()  # start or reach the daemon while vLLM starts, not in the first request
@@ -182,7 +194,7 @@ class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
 
     # ------------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self._scheduler.num_new_matched_tokens(request, num_computed_tokens), False
+        return self._scheduler.matched(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         self._scheduler.after_alloc(request, blocks, num_external_tokens)
@@ -231,11 +243,16 @@ class KVMeshConnector(KVConnectorBase_V1, SupportsHMA):
         assert isinstance(metadata, KVMeshConnectorMetadata)
         self._worker.save(metadata.saves, metadata.passage_saves)
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Requests whose background loads are done (vLLM's ``load_async``); kvmesh sends nothing itself."""
+        return None, self._worker.finished_loads() or None
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_failed_blocks()
 
     def shutdown(self) -> None:
         worker = getattr(self, "_worker", None)
         if worker is not None:
+            worker.finished_loads(wait=True)  # leases of background loads still copying: released
             worker.settle_saves(wait=True)  # device saves still copying: committed, not dropped
         self.link.close()

@@ -6,7 +6,9 @@ Copies run on a side stream, after the work already queued on the engine's strea
 forward pass wrote), and the engine's stream waits for them (a load is read by the next forward pass); the
 host waits for their event before it hands the L1 extents back: a load before its lease is released (the
 step needs the pages anyway), a save before its commit, which the worker makes at a later call once the
-event has completed, so the engine's next step never waits for a save.  The copies
+event has completed, so the engine's next step never waits for a save.  A background load (vLLM's
+``load_async``) is not waited for by the engine's stream or the host: its request runs only after the
+worker has seen its event complete.  The copies
 themselves are ``page_copy.move_pages_device``, which the tests run on CPU tensors.
 """
 
@@ -54,9 +56,13 @@ class DeviceCopier:
         self._segment, self._pinned = segment, region
 
     def move(self, jobs: list[PageJob], layers: list[torch.Tensor], into_engine: bool,
-             wait: bool = True) -> torch.cuda.Event:
+             wait: bool = True, engine_waits: bool = True) -> torch.cuda.Event:
         """Queue the copies; with ``wait``, return once they are done, else return their event (a save: its
-        commit waits for the event, the engine does not)."""
+        commit waits for the event, the engine does not).
+
+        Without ``engine_waits`` the engine's stream does not wait for them either: a background load, whose
+        request is not in any step until the worker has seen the event complete.
+        """
         engine_stream = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(engine_stream)  # saves read what the forward pass queued before them
         with torch.cuda.stream(self.stream):
@@ -65,7 +71,8 @@ class DeviceCopier:
             done.record(self.stream)
         # the engine's next work waits for the copies: a load's pages are read, a save's source blocks may be
         # handed to another request and overwritten
-        engine_stream.wait_event(done)
+        if engine_waits:
+            engine_stream.wait_event(done)
         if wait:
             done.synchronize()  # the host memory goes back to the daemon only after the copy
         return done

@@ -35,6 +35,7 @@ class Explanation:
     loaded_bytes: int = 0
     blended_tokens: int = 0  # tokens after the exact hit materialized by blending stored passages (approximate)
     passages_reused: int = 0  # stored passages that blend reused
+    loaded_in_background: bool = False  # vLLM's load_async: the request waited for its copy, no other request did
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -72,6 +72,7 @@ class LoadPlan:
     num_tokens: int  # tokens the request loads (counted once: rank 0's plan of the shape's token_group)
     rank: int = 0
     group: int = 0  # the KV cache group whose pages these are (layout.KVGroup)
+    background: bool = False  # vLLM's load_async: the worker reports it in get_finished once copied
 
     @property
     def unpinned(self) -> list[ChunkLoad]:
@@ -79,11 +80,12 @@ class LoadPlan:
 
 
 def plan_load(req_id: str, transfers: Sequence[ChunkTransfer], lease: LeaseTicket | None,
-              extents: Sequence[ExtentRef], num_tokens: int, rank: int = 0, group: int = 0) -> LoadPlan:
+              extents: Sequence[ExtentRef], num_tokens: int, rank: int = 0, group: int = 0,
+              background: bool = False) -> LoadPlan:
     """Pair each chunk with the extent its lease pinned; the lease pins a prefix, so the rest get None."""
     chunks = [ChunkLoad(transfer, extents[index] if index < len(extents) else None)
               for index, transfer in enumerate(transfers)]
-    return LoadPlan(req_id, lease, chunks, num_tokens, rank, group)
+    return LoadPlan(req_id, lease, chunks, num_tokens, rank, group, background)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,10 +5,10 @@ and answers ``None`` ("ask again"), which vLLM's scheduler takes as "skip this r
 other requests keep being scheduled, and the next step asks again (at most every
 ``RECHECK_SECONDS``, without a daemon round trip in between).  Once the chunks it would load are in
 L1 (or after ``promotion_wait_seconds``, with whatever is in L1 by then), it answers a token count,
-and the lease taken in ``after_alloc`` pins only entries already in L1.  Why this and not
-``load_async``: the load itself is a memcpy from shared memory (milliseconds), so only the slow read
-needs to leave the scheduler's path, and skipping keeps vLLM's block allocation and the worker's
-load exactly as they are for an L1 hit.
+and the lease taken in ``after_alloc`` pins only entries already in L1.  Why "ask again" and not
+``load_async`` for the slow read: a request waiting for its promotion holds no blocks, where one in
+vLLM's ``WAITING_FOR_REMOTE_KVS`` holds all of them.  The copy from L1 itself may still run in the
+background (``load_async`` in the config, ``matched``): it is short, and the request has its blocks by then.
 """
 
 from __future__ import annotations
@@ -75,8 +75,12 @@ class _Waiting:
 class SchedulerSide:
     def __init__(self, config: KVMeshConfig, shape: EngineKVShape, link: DaemonLink,
                  lora_identity: Callable[[Any], str] | None = None,
-                 clock: Callable[[], float] = time.monotonic, blend: BlendScheduler | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, blend: BlendScheduler | None = None,
+                 load_async: bool = False) -> None:
         self.config = config
+        self.load_async = load_async  # exact loads run while the engine steps (vLLM's load_async)
+        self.background: set[str] = set()  # requests whose current load is a background one
+        self.backgrounded: set[str] = set()  # requests whose background load was planned (see ``matched``)
         self.blend = blend  # passages reused wherever they stand (blend_plan.py); None: exact prefixes only
         self.shape = shape
         self.link = link
@@ -203,13 +207,43 @@ class SchedulerSide:
                 return end - num_computed_tokens
         return max(0, loadable - num_computed_tokens)
 
+    def matched(self, request: RequestLike, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """vLLM's ``get_num_new_matched_tokens``: the tokens kvmesh can load, and whether they load in the
+        background (``load_async``): the request waits for its copy, the engine's other requests do not.
+
+        A blend computes on the engine in the request's own step, so it loads before it.  A request asked again
+        after its background load failed whole (vLLM then frees its blocks and asks anew) loads before its step
+        this time, so a load that keeps failing is computed instead of retried forever.
+        """
+        tokens = self.num_new_matched_tokens(request, num_computed_tokens)
+        req_id = request.request_id
+        retry = req_id in self.backgrounded
+        background = bool(tokens) and self.load_async and not retry and not self._blends(req_id)
+        if background:
+            self.background.add(req_id)
+        else:
+            self.background.discard(req_id)
+        return tokens, background
+
+    def _blends(self, req_id: str) -> bool:
+        blend = self.blend.requests.get(req_id) if self.blend is not None else None
+        return blend is not None and bool(blend.end)
+
     def after_alloc(self, request: RequestLike, blocks: BlocksLike, num_external_tokens: int) -> None:
-        """Pin what will be loaded (in L1 only: this never waits) and queue the load for the worker."""
+        """Pin what will be loaded (in L1 only: this never waits) and queue the load for the worker.
+
+        After a background load vLLM calls this once more, with 0 tokens, when it allocates the rest of the
+        prompt's blocks: the load was planned at the first call.
+        """
         tracker = self.trackers.get(request.request_id)
-        if tracker is not None:
+        if tracker is not None and (num_external_tokens or request.request_id not in self.background):
             tracker.explanation.loaded_tokens = num_external_tokens
         if num_external_tokens == 0 or tracker is None:
             return
+        background = request.request_id in self.background
+        if background:
+            self.backgrounded.add(request.request_id)
+        tracker.explanation.loaded_in_background = background
         first, last = tracker.local_tokens, tracker.local_tokens + num_external_tokens
         block_ids = blocks.get_block_ids()
         blends = self.blend
@@ -235,7 +269,7 @@ class SchedulerSide:
             self.pending_loads.append(plan_load(request.request_id, transfers, ticket,
                                                 lease.extents if lease else [],
                                                 num_external_tokens if part == self.counted_part else 0,
-                                                part.rank, part.group))
+                                                part.rank, part.group, background))
 
     def build_meta(self, scheduled: list[tuple[str, int, int]],
                    block_ids_of: Callable[[str], tuple[list[int], ...]] | None
@@ -289,6 +323,8 @@ class SchedulerSide:
         """
         tracker = self.trackers.pop(req_id, None)
         self.waiting.pop(req_id, None)
+        self.background.discard(req_id)
+        self.backgrounded.discard(req_id)
         if self.blend is not None:
             self.blend.finished(req_id)
         if tracker is None:

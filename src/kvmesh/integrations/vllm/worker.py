@@ -2,10 +2,12 @@
 
 ``load`` runs before the forward pass: the pages a lease pinned are copied into the engine's blocks; a
 page that cannot be loaded (not pinned, lease expired, daemon restarted) is reported through
-``take_failed_blocks`` so vLLM recomputes it.  ``save`` runs right after the forward pass that computed
-a chunk, before vLLM may reuse its blocks: one memcpy per layer into a reserved extent, then commit.
-Only faults of the cache are absorbed (a miss, a dropped store); a copy that fails is a bug and
-propagates.
+``take_failed_blocks`` so vLLM recomputes it.  A background load (vLLM's ``load_async``) is only started
+there, on a copy thread (CPU) or a side stream (CUDA); ``finished_loads``, called every step, releases its
+lease once its copies are done and tells vLLM the request may run, which it waits for alone.
+``save`` runs right after the forward pass that computed a chunk, before vLLM may reuse its blocks: one
+memcpy per layer into a reserved extent, then commit.  Only faults of the cache are absorbed (a miss, a
+dropped store); a copy that fails is a bug and propagates.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +62,33 @@ class PendingSave:
 
 
 @dataclass(slots=True)
+class PendingLoad:
+    """A background load whose copies may still run: finished (lease released, request reported) once ``done``."""
+
+    plan: LoadPlan
+    client: Any
+    jobs: list[PageJob]
+    done: Any  # torch.cuda.Event, or a CopyDone; anything with query() and synchronize()
+    started: float
+
+
+class CopyDone:
+    """A CPU copy running on the worker's copy thread, seen as a device event is: ``query`` and ``synchronize``.
+
+    ``synchronize`` re-raises what the copy raised: a copy that fails is a bug, never a miss.
+    """
+
+    def __init__(self, future: Future[None]) -> None:
+        self.future = future
+
+    def query(self) -> bool:
+        return self.future.done()
+
+    def synchronize(self) -> None:
+        self.future.result()
+
+
+@dataclass(slots=True)
 class GroupPages:
     """One KV cache group's layers in this worker, and what an entry of its pages looks like."""
 
@@ -83,6 +112,9 @@ class WorkerSide:
         self.groups: list[GroupPages] = []
         self.copier: DeviceCopier | None = None  # set for an engine whose KV is on a CUDA device
         self.pending_saves: deque[PendingSave] = deque()  # device saves not committed yet, oldest first
+        self.pending_loads: list[PendingLoad] = []  # background loads still copying
+        self.background_requests: set[str] = set()  # requests with background loads, not yet reported finished
+        self._loader: ThreadPoolExecutor | None = None  # the CPU's background copy thread, made on first use
         self.failed_blocks: set[int] = set()
         self._blender: Blender | None = None
         self.pool = ThreadPoolExecutor(config.copy_threads, thread_name_prefix="kvmesh-copy") \
@@ -102,10 +134,24 @@ class WorkerSide:
         if self.copier is None:
             move_pages(jobs, self.groups[group].layers, into_engine, self.pool, self.config.copy_threads)
             return None
-        client = self.link.client()
-        if client is not None and client.segment is not None:
-            self.copier.pin(client.segment)
+        self._pin()
         return self.copier.move(jobs, self.groups[group].layers, into_engine, wait=wait)
+
+    def _pin(self) -> None:
+        client = self.link.client()
+        if self.copier is not None and client is not None and client.segment is not None:
+            self.copier.pin(client.segment)
+
+    def _start_load(self, jobs: list[PageJob], group: int) -> Any:
+        """Start a background load's copies and return what says when they are done; the engine does not wait
+        for them (its request runs only after ``finished_loads`` has seen them done)."""
+        layers = self.groups[group].layers
+        if self.copier is not None:
+            self._pin()
+            return self.copier.move(jobs, layers, into_engine=True, wait=False, engine_waits=False)
+        if self._loader is None:
+            self._loader = ThreadPoolExecutor(1, thread_name_prefix="kvmesh-load")
+        return CopyDone(self._loader.submit(move_pages, jobs, layers, True, self.pool, self.config.copy_threads))
 
     def settle_saves(self, wait: bool = False) -> None:
         """Commit the device saves whose copies have completed (all of them, waiting, with ``wait``), in order."""
@@ -202,6 +248,21 @@ class WorkerSide:
 
     def _load_one(self, plan: LoadPlan) -> None:
         started = time.perf_counter()
+        if plan.background:
+            self.background_requests.add(plan.req_id)  # reported finished even where nothing could be copied
+        prepared = self._pinned_pages(plan)
+        if prepared is None:
+            return
+        client, jobs = prepared
+        if plan.background:
+            self.pending_loads.append(PendingLoad(plan, client, jobs, self._start_load(jobs, plan.group), started))
+            return
+        self._move(jobs, into_engine=True, group=plan.group)
+        self._finish_load(plan, client, jobs, started)
+
+    def _pinned_pages(self, plan: LoadPlan) -> tuple[Any, list[PageJob]] | None:
+        """The copies that bring the plan's pinned pages into the engine's blocks; None where there are none
+        (every block the plan cannot bring is reported failed)."""
         client = self.link.client()
         jobs: list[PageJob] = []
         unpinned = plan.chunks if client is None else plan.unpinned
@@ -211,7 +272,7 @@ class WorkerSide:
             for chunk in unpinned:
                 self.failed_blocks.update(chunk.transfer.block_ids)
         if client is None or plan.lease is None:
-            return
+            return None
         try:
             for chunk in plan.chunks:
                 transfer, extent = chunk.transfer, chunk.extent
@@ -226,8 +287,12 @@ class WorkerSide:
         except ABSORBED as err:  # the daemon restarted since the lease: its offsets name nothing now
             self.link.fault("load", f"kvmesh load failed, vLLM will recompute: {err}", err)
             self._fail_all(plan)
-            return
-        self._move(jobs, into_engine=True, group=plan.group)
+            return None
+        return client, jobs
+
+    def _finish_load(self, plan: LoadPlan, client: Any, jobs: list[PageJob], started: float) -> None:
+        """After the copies: verify them where asked, release the lease, and fail the plan's blocks where the
+        lease expired before the copy was done (its pages may have been reused meanwhile)."""
         layers = self.groups[plan.group].layers
         loaded_bytes = sum(pages.numel() * pages.element_size() for pages, _ in jobs)
         verified = mismatches = 0
@@ -236,6 +301,7 @@ class WorkerSide:
                 verified += 1
                 mismatches += int(not all(torch.equal(layer.index_select(0, blocks.to(layer.device)).cpu(), pages[i])
                                           for i, layer in enumerate(layers)))
+        assert plan.lease is not None
         cost = wire.LoadCost(time.perf_counter() - started, loaded_bytes, plan.num_tokens, verified, mismatches,
                              plan.req_id, plan.rank)
         try:
@@ -248,6 +314,24 @@ class WorkerSide:
                             "recomputes those tokens (raise lease_seconds if this repeats)",
                             LeaseLost(plan.lease.lease_id))
             self._fail_all(plan)
+
+    def finished_loads(self, wait: bool = False) -> set[str]:
+        """The requests whose background loads are done (all of them, waiting, with ``wait``): each lease is
+        released and any failed blocks are reported before vLLM hears the request is done, as it requires."""
+        still = []
+        for pending in self.pending_loads:
+            if wait:
+                pending.done.synchronize()
+            elif not pending.done.query():
+                still.append(pending)
+                continue
+            pending.done.synchronize()  # a CPU copy that raised raises here
+            self._finish_load(pending.plan, pending.client, pending.jobs, pending.started)
+        self.pending_loads = still
+        copying = {pending.plan.req_id for pending in still}
+        done = self.background_requests - copying
+        self.background_requests = copying
+        return done
 
     def _check_fits(self, extent: ExtentRef, pages_needed: int, group: int = 0) -> None:
         """The pinned entry's description against its extent and this engine's pages, before any copy.
