@@ -68,6 +68,19 @@ def test_the_connector_refuses_a_policy_that_fails_requests_on_a_cache_fault() -
             require_recompute_policy(policy)
 
 
+def test_loads_run_in_the_background_where_asked_and_by_default_only_on_cuda() -> None:
+    from vllm.platforms import current_platform
+
+    from kvmesh.config import KVMeshConfig
+    from kvmesh.integrations.vllm.connector import loads_in_background
+
+    assert loads_in_background(KVMeshConfig.from_mapping({"load_async": "on"}))
+    assert not loads_in_background(KVMeshConfig.from_mapping({"load_async": "off"}))
+    assert loads_in_background(KVMeshConfig.from_mapping({})) is bool(current_platform.is_cuda())
+    with pytest.raises(ConfigError, match="load_async.*auto, on, off"):
+        KVMeshConfig.from_mapping({"load_async": "yes"})
+
+
 def test_secrets_reach_vllm_through_its_environment_not_its_command_line() -> None:
     """Every user of the machine reads every command line (ps): a Redis password or a tenant salt there leaks."""
     from kvmesh.config import KVMeshConfig
