@@ -9,7 +9,8 @@ It drives the code a CUDA engine's connector runs (``DeviceCopier``: pinned L1, 
 between CUDA KV tensors in each of vLLM's layouts and a real POSIX shared-memory segment (kvmesh's L1), and
 measures, per layout and block pattern:
 
-* round trips bit-exact (save pages to the segment, load them into other blocks, compare);
+* round trips bit-exact (save pages to the segment, load them into other blocks, compare), loads waited for
+  and background loads (their event polled, as the worker does for vLLM's ``load_async``);
 * saves and loads in GB/s, against a plain pinned ``copy_`` of the same bytes and the device's host-to-device
   peak (one large pinned copy);
 * CPU time per copied block;
@@ -94,6 +95,14 @@ def check_layout(layout: str, pattern: str, segment: SharedSegment, copier: Devi
     copier.move(jobs_load, target, into_engine=True)
     exact = all(torch.equal(t.index_select(0, loaded_blocks.to(device)), s.index_select(0, saved_blocks.to(device)))
                 for s, t in zip(source, target))
+    # a background load (vLLM's load_async): nothing waits for it but its event, which the worker polls
+    background = [torch.zeros_like(layer) for layer in source]
+    done = copier.move(jobs_load, background, into_engine=True, wait=False, engine_waits=False)
+    while not done.query():
+        time.sleep(0.0005)
+    background_exact = all(torch.equal(b.index_select(0, loaded_blocks.to(device)),
+                                       s.index_select(0, saved_blocks.to(device))) for s, b in zip(source, background))
+    del background
     save_s, save_cpu = timed(lambda: copier.move(jobs_save, source, into_engine=False), repeat, device)
     load_s, load_cpu = timed(lambda: copier.move(jobs_load, target, into_engine=True), repeat, device)
     plain_host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
@@ -104,7 +113,8 @@ def check_layout(layout: str, pattern: str, segment: SharedSegment, copier: Devi
                                      torch.cuda.synchronize(device)), repeat, device)
     del host
     gb = nbytes / 1e9
-    return {"layout": layout, "blocks": pattern, "bytes": nbytes, "bit_exact": exact,
+    return {"layout": layout, "blocks": pattern, "bytes": nbytes, "bit_exact": exact and background_exact,
+            "background_load_bit_exact": background_exact,
             "save_GBps": gb / save_s, "load_GBps": gb / load_s,
             "plain_pinned_save_GBps": gb / plain_save_s, "plain_pinned_load_GBps": gb / plain_load_s,
             "save_vs_plain": plain_save_s / save_s, "load_vs_plain": plain_load_s / load_s,
