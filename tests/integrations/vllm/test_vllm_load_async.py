@@ -13,6 +13,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,7 @@ from kvmesh.bench.texts import document_token_ids, question_prompt
 from kvmesh.client import KVMeshClient
 from kvmesh.client.stop import stop_daemon
 from kvmesh.config import KVMeshConfig
+from kvmesh.demo.variants import fewer_heads
 
 pytestmark = pytest.mark.slow
 
@@ -112,3 +114,31 @@ def test_a_background_load_runs_while_another_request_decodes(
     assert len(decoding["D"].token_times) == 96
     assert told["loaded_in_background"] is True and told["loaded_tokens"] >= 3 * BLOCK
     assert _metric(settings, "kvmesh_load_verify_mismatches_total") == 0
+
+
+def test_both_tensor_parallel_workers_report_their_background_loads(
+        demo_model: Path, prompts: dict[str, list[int]], settings: dict[str, object],
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """vLLM runs a request after a background load only once every worker has reported it: each rank loads its
+    own heads under its own lease and reports the request itself (the demo model with 2 KV heads, one each)."""
+    work = tmp_path_factory.mktemp("tp")
+    model = str(fewer_heads(demo_model, work / "demo-2-kv-heads", kv_heads=2))
+    tp = {**settings, "instance": f"{settings['instance']}-tp", "socket_dir": str(work / "sock"),
+          "http_port": free_port()}
+    spec = EngineSpec(model, kvmesh=tp, kv_pool_tokens=POOL_TOKENS // 2, max_model_len=1024,
+                      extra_args=["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"],
+                      extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    try:
+        with EngineServer(spec, work / "engine.log") as server:
+            _ask(server, prompts["A"])
+            engine_hit = _ask(server, prompts["A"]).text
+            _ask(server, prompts["B"])
+            _ask(server, prompts["C"])
+            answer, told = _explained(server, prompts["A"])
+            verified = _metric(tp, "kvmesh_load_verified_chunks_total")
+            mismatches = _metric(tp, "kvmesh_load_verify_mismatches_total")
+    finally:
+        stop_daemon(KVMeshConfig.load({**tp, "autostart_daemon": False}, env={}), settle=10.0)
+    assert told["loaded_in_background"] is True and told["loaded_tokens"] >= 3 * BLOCK
+    assert verified > 0 and mismatches == 0  # both ranks' pages read back as stored
+    assert answer == engine_hit
