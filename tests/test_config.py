@@ -111,3 +111,13 @@ def test_secrets_are_shown_masked() -> None:
     shown_settings = config.shown_dict()
     assert shown_settings["redis_url"] == "redis://***@h:1/0" and shown_settings["tenant_salt"] == "***"
     assert "hunter2" not in str(masked(config.daemon_settings()))
+
+
+def test_a_redis_lookup_may_not_outlast_the_engines_call_that_waits_for_it() -> None:
+    """Past call_timeout_seconds the engine drops its daemon connection (no cache until it is re-made), so a Redis
+    lookup deadline at or past it would turn slow lookups into lost connections instead of misses."""
+    with pytest.raises(ConfigError, match=r"'redis_lookup_timeout_seconds'.*less than call_timeout_seconds \(1.0\)"):
+        KVMeshConfig.from_mapping({"redis_lookup_timeout_seconds": 1.0, "redis_timeout_seconds": 2.0})
+    config = KVMeshConfig.from_mapping({"redis_lookup_timeout_seconds": 5.0, "redis_timeout_seconds": 10.0,
+                                        "call_timeout_seconds": 15.0})
+    assert config.redis_lookup_timeout_seconds < config.call_timeout_seconds

@@ -215,7 +215,7 @@ class KVMeshConfig:
         0.05, parse_float,
         "Deadline of the Redis calls a lookup makes (on the engine's scheduler path): a Redis slower than this "
         "is a miss there, and after repeated misses the breaker keeps lookups away from it. Reads for "
-        "promotions and writes keep redis_timeout_seconds.")
+        "promotions and writes keep redis_timeout_seconds. Must be less than call_timeout_seconds.")
     redis_write_policy: str = _opt(
         "write_behind", _choice("write_behind", "write_through", "on_eviction"), "As disk_write_policy, for Redis.")
     redis_admission: str = _opt(
@@ -374,6 +374,11 @@ class KVMeshConfig:
         _check(0 < self.redis_lookup_timeout_seconds <= self.redis_timeout_seconds, "redis_lookup_timeout_seconds",
                f"must be positive and at most redis_timeout_seconds ({self.redis_timeout_seconds}), "
                f"got {self.redis_lookup_timeout_seconds}")
+        # past the engine's deadline, a lookup waiting for Redis is not a miss but a lost daemon connection: the
+        # engine drops it and runs without cache until it is re-made
+        _check(self.redis_lookup_timeout_seconds < self.call_timeout_seconds, "redis_lookup_timeout_seconds",
+               f"must be less than call_timeout_seconds ({self.call_timeout_seconds}), the engine's deadline for "
+               f"the lookup that waits for it; got {self.redis_lookup_timeout_seconds}")
         _check(not self.redis_url or self.redis_url.split("://")[0] in ("redis", "rediss", "unix"), "redis_url",
                f"must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
         _check(self.write_queue_size >= 0, "write_queue_size", f"must be 0 or more, got {self.write_queue_size}")

@@ -427,3 +427,23 @@ def test_describe_gives_an_entrys_bytes_codec_and_age_whole_or_split(redis_serve
     assert untimed.put_many([(_key(4), small)]) == [True]
     described = untimed.describe(_key(4))
     assert described is not None and described.age == -1.0  # no TTL: Redis does not say when it was stored
+
+
+def test_warm_up_opens_the_lookups_and_the_reads_connections_before_any_call(redis_server: RedisServer) -> None:
+    """A new daemon's first lookup (50 ms deadline) must not also pay for connecting: the daemon warms up."""
+    admin = redis.Redis.from_url(redis_server.url)
+    before = int(admin.info("clients")["connected_clients"])
+    tier = _tier(redis_server)
+    assert int(admin.info("clients")["connected_clients"]) == before  # redis-py connects on first use
+    tier.warm_up()
+    assert int(admin.info("clients")["connected_clients"]) == before + 2  # the lookups' and the reads' own
+    tier.close()
+
+
+def test_warm_up_of_an_unreachable_redis_is_left_to_the_calls(caplog: pytest.LogCaptureFixture) -> None:
+    tier = RedisTier(f"redis://127.0.0.1:{free_port()}/0", namespace=_namespace(), timeout_seconds=0.5)
+    with caplog.at_level(logging.INFO, logger="kvmesh.tiers.redis"):
+        tier.warm_up()  # no exception: a Redis down at start is not the daemon's end
+    assert "not reachable at start" in caplog.text
+    assert tier.breaker.state is BreakerState.CLOSED and tier.stats().errors == 0
+    assert tier.lookup([_key(1)]) == 0 and tier.stats().errors == 1  # the first call counts the fault

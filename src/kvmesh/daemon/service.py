@@ -84,7 +84,7 @@ class NodeDaemon:
         self.quiet = QuietGate(config.write_quiet_seconds)
         l1 = MemoryTier(config.l1_size, self.segment.buffer, policy=EVICTION_POLICIES[config.l1_eviction](),
                         keep_budget=int(config.l1_size * config.l1_pin_fraction))
-        self.store = TieredStore(l1, build_lower_tiers(config),
+        self.store = TieredStore(l1, build_lower_tiers(config, warm_up=True),
                                  None, self.metrics, config.write_queue_size, config.prefetch,
                                  config.prefetch_threads, prefetch_priority=config.prefetch_priority,  # type: ignore[arg-type]
                                  writer_priority=config.write_priority,  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 from kvmesh.codecs import Codec, get_codec
@@ -11,8 +12,10 @@ from kvmesh.tiers.config import DiskTierConfig, RedisTierConfig
 from kvmesh.tiers.encrypted import EncryptedTier, load_keyring
 
 
-def build_lower_tiers(config: KVMeshConfig) -> list[LowerTier]:
+def build_lower_tiers(config: KVMeshConfig, warm_up: bool = False) -> list[LowerTier]:
     """Disk first, then Redis (a lookup and a promotion try them in this order).
+
+    With ``warm_up`` (the daemon), Redis's connections open on a thread now, not inside the first lookup.
 
     Tiers with the same codec spec share one codec object, so the store encodes an entry once for both.
     """
@@ -33,7 +36,10 @@ def build_lower_tiers(config: KVMeshConfig) -> list[LowerTier]:
         # needs the redis extra, and says so when it is missing
         from kvmesh.tiers.redis import RedisTier
 
-        tiers.append(LowerTier(RedisTier.from_config(redis), redis.write_policy,  # type: ignore[arg-type]
+        redis_tier = RedisTier.from_config(redis)
+        if warm_up:  # beside the daemon's start, not inside the first lookup's 50 ms deadline
+            threading.Thread(target=redis_tier.warm_up, name="kvmesh-redis-warm-up", daemon=True).start()
+        tiers.append(LowerTier(redis_tier, redis.write_policy,  # type: ignore[arg-type]
                                redis.admission, codec=codec_for(redis.codec)))  # type: ignore[arg-type]
     keyring = load_keyring(config.encryption_keys, config.encryption_key_file)
     if keyring is not None:  # everything below L1 encrypted at rest (tiers/encrypted.py)

@@ -115,6 +115,20 @@ class RedisTier(RedisPartials):
                    timeout_seconds=config.timeout_seconds, cluster=config.cluster,
                    lookup_timeout_seconds=config.lookup_timeout_seconds)
 
+    def warm_up(self) -> None:
+        """Open the lookups' and the reads' connections now (the daemon calls this on a thread as it starts).
+
+        redis-py connects on a client's first command, so without this a new daemon's first lookup also paid
+        the connection (and a cluster's topology read) inside its short deadline, and on a busy machine missed.
+        A Redis that is down is left to the first call that needs it, which counts the fault as any call does.
+        """
+        try:
+            self._probe.ping()
+            self._client.ping()
+        except _FAULTS as err:
+            log.info("redis tier %s: not reachable at start (%s); its calls are misses while that lasts",
+                     self.name, type(err).__name__)
+
     # ------------------------------------------------------------------ keys
     def redis_key(self, key: bytes) -> str:
         """The Redis key of an entry's head (its parts add ``:<i>``)."""

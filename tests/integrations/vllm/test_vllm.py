@@ -285,9 +285,10 @@ def test_a_second_engine_on_another_node_is_served_through_redis(
         client.flush()  # A's write-behind to Redis is done
     # engine B's daemon waits for Redis up to 5 s in a lookup and 10 s in a read: its first lookup also opens its
     # Redis connection, and on a CI machine's two busy cores that can take longer than the defaults (50 ms, 2 s);
-    # a call past its deadline is a miss by design, which this test would take for KV not shared
+    # a call past its deadline is a miss by design, which this test would take for KV not shared (and the engine
+    # waits for its daemon longer than the daemon waits for Redis, as the configuration requires)
     other = {**kvmesh_settings, "instance": f"{kvmesh_settings['instance']}-b", "socket_dir": str(tmp_path),
-             "redis_lookup_timeout_seconds": 5.0, "redis_timeout_seconds": 10.0}
+             "redis_lookup_timeout_seconds": 5.0, "redis_timeout_seconds": 10.0, "call_timeout_seconds": 15.0}
     spec = EngineSpec(engine.model, kvmesh=other, kv_pool_tokens=POOL_TOKENS, max_model_len=MAX_LEN)
     try:
         with EngineServer(spec, tmp_path / "engine-b.log") as engine_b:

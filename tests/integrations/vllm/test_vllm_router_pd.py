@@ -57,9 +57,10 @@ def pd(request: pytest.FixtureRequest, model: str, tmp_path_factory: pytest.Temp
     else:
         # the decode node's lookups wait for Redis up to 5 s, and reads and writes up to 10 s: on a CI machine's
         # two busy cores a round trip can take longer than the defaults (50 ms, 2 s), and a call that times out
-        # is a miss (which the test would take for a lost handoff)
+        # is a miss (which the test would take for a lost handoff); the engines wait for their daemon longer
+        # still (a lookup past call_timeout_seconds is a lost connection, seen once in CI at 1 s)
         shared = {"redis_url": redis_server.url, "redis_namespace": f"pd-{uuid.uuid4().hex[:8]}", "disk_path": "",
-                  "redis_lookup_timeout_seconds": 5.0, "redis_timeout_seconds": 10.0}
+                  "redis_lookup_timeout_seconds": 5.0, "redis_timeout_seconds": 10.0, "call_timeout_seconds": 15.0}
         settings = [default_path_settings(base, "prefill", redis_write_policy="write_through", **shared),
                     default_path_settings(base, "decode", **shared)]
     engines = [EngineServer(EngineSpec(model, kvmesh=s, kv_pool_tokens=POOL_TOKENS, max_model_len=MAX_LEN,
