@@ -130,7 +130,8 @@ def _message_start_token(vllm_config: VllmConfig) -> int | None:
 
 def loads_in_background(config: KVMeshConfig) -> bool:
     """``load_async``: ``auto`` is on for CUDA engines, whose copies run on a side stream, and off on vLLM's CPU
-    backend, whose copy thread would take cores from the forward pass."""
+    backend, where the copy is milliseconds of memcpy and waiting a step for its report cost a returning request
+    1.6-2.3x its time to first token (docs/benchmarks.md)."""
     if config.load_async != "auto":
         return config.load_async == "on"
     from vllm.platforms import current_platform

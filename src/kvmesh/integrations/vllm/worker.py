@@ -320,12 +320,10 @@ class WorkerSide:
         released and any failed blocks are reported before vLLM hears the request is done, as it requires."""
         still = []
         for pending in self.pending_loads:
-            if wait:
-                pending.done.synchronize()
-            elif not pending.done.query():
+            if not wait and not pending.done.query():
                 still.append(pending)
                 continue
-            pending.done.synchronize()  # a CPU copy that raised raises here
+            pending.done.synchronize()  # waits where asked; a CPU copy that raised raises here
             self._finish_load(pending.plan, pending.client, pending.jobs, pending.started)
         self.pending_loads = still
         copying = {pending.plan.req_id for pending in still}
